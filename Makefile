@@ -1,0 +1,56 @@
+# defectflow: `make demo` and `make test` work on a fresh machine with Python 3.11 and make.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+# CPU TensorFlow by default; `make install EXTRA=gpu` installs the CUDA build instead.
+EXTRA ?= cpu
+PORT ?= 3000
+
+# All state stays in the project data dir, telemetry off (see src/defectflow/environment.py).
+export DEFECTFLOW_HOME ?= $(CURDIR)/.defectflow
+export PREFECT_HOME ?= $(DEFECTFLOW_HOME)/prefect
+export BENTOML_HOME ?= $(DEFECTFLOW_HOME)/bentoml
+export KERAS_HOME ?= $(DEFECTFLOW_HOME)/keras
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+export BENTOML_DO_NOT_TRACK := true
+export TF_CPP_MIN_LOG_LEVEL := 2
+
+.PHONY: install demo test lint clean
+
+$(VENV)/.installed-$(EXTRA): pyproject.toml
+	@[ -x "$(BIN)/python" ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRA),dev]"
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+install: $(VENV)/.installed-$(EXTRA)
+
+demo: install
+	@start=$$(date +%s); \
+	$(BIN)/defectflow data synth --config demo; \
+	$(BIN)/defectflow train --config demo; \
+	sample=$$(ls $(DEFECTFLOW_HOME)/data/synthetic/capsule/test/crack/*.png | head -n 1); \
+	$(BIN)/defectflow serve --port $(PORT) > $(DEFECTFLOW_HOME)/demo-serve.log 2>&1 & server=$$!; \
+	trap 'kill $$server 2>/dev/null; wait $$server 2>/dev/null || true' EXIT; \
+	echo "waiting for the Bento on http://127.0.0.1:$(PORT) (log: $(DEFECTFLOW_HOME)/demo-serve.log)"; \
+	for i in $$(seq 1 180); do curl -sf http://127.0.0.1:$(PORT)/readyz > /dev/null && break; \
+	  kill -0 $$server 2>/dev/null || { cat $(DEFECTFLOW_HOME)/demo-serve.log; exit 1; }; sleep 1; done; \
+	echo "POST /predict $$sample"; \
+	curl -sf -F "image=@$$sample" http://127.0.0.1:$(PORT)/predict > $(DEFECTFLOW_HOME)/demo-prediction.json; \
+	$(BIN)/python -c 'import json,sys; r=json.load(open(sys.argv[1])); m=r["mask_png_base64"]; r["mask_png_base64"]=m[:48]+"... (%d chars)"%len(m); print(json.dumps(r, indent=2))' $(DEFECTFLOW_HOME)/demo-prediction.json; \
+	echo "full answer: $(DEFECTFLOW_HOME)/demo-prediction.json"; \
+	echo "demo finished in $$(( $$(date +%s) - start )) s"
+
+test: install
+	$(BIN)/ruff check src tasks flows tests service.py benchmarks
+	$(BIN)/python -m pytest --cov=defectflow --cov-report=term --cov-report=xml:$(DEFECTFLOW_HOME)/coverage.xml
+
+lint: install
+	$(BIN)/ruff check src tasks flows tests service.py benchmarks
+
+clean:
+	rm -rf $(VENV) $(DEFECTFLOW_HOME)

@@ -1,0 +1,1 @@
+"""Prefect flows of defectflow: each composes tasks from tasks/ and nothing else."""

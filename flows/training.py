@@ -1,0 +1,39 @@
+"""The training pipeline: validate, split, augment, tune, train, evaluate, gate, package."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from tasks.data import augment_data, load_run_config, split_data, validate_data
+from tasks.evaluation import apply_gate, evaluate_model
+from tasks.packaging import package_model
+from tasks.training import train_model, tune_hyperparameters
+
+
+@flow(name="training-pipeline", log_prints=True)
+def training_pipeline(config: str = "default", overrides: list[str] | None = None) -> dict:
+    """Train, evaluate and package a defect model.
+
+    Args:
+        config: name of a file in configs/ (without .yaml) layered over configs/default.yaml.
+        overrides: `key=value` pairs applied last, e.g. ["train.epochs=3"].
+    """
+    cfg, run_dir = load_run_config(config, list(overrides or []))
+    samples = validate_data(cfg, run_dir)
+    rows = split_data(cfg, samples, run_dir)
+    data = augment_data(cfg, samples, rows, run_dir)
+    hyperparameters = tune_hyperparameters(cfg, data, run_dir)
+    model_dir = train_model(cfg, data, hyperparameters, run_dir)
+    evaluation = evaluate_model(cfg, model_dir, rows, run_dir)
+    apply_gate(cfg, evaluation, run_dir)
+    package = package_model(cfg, model_dir, evaluation, run_dir)
+    return {
+        "run_dir": str(run_dir),
+        "model_dir": str(model_dir),
+        "metrics": evaluation.headline(),
+        **package,
+    }
+
+
+if __name__ == "__main__":
+    training_pipeline()

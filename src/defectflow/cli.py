@@ -1,0 +1,117 @@
+"""The `defectflow` command.
+
+    defectflow data synth [key=value ...]      write the embedded synthetic dataset
+    defectflow validate   [key=value ...]      run the Great Expectations gate on data.root
+    defectflow train      [key=value ...]      run the training pipeline (a Prefect flow)
+    defectflow serve      [--bento TAG]        serve a Bento over HTTP (BentoML)
+
+Every command takes `--config NAME` (a file in configs/) and trailing `key=value` overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from defectflow.environment import configure_environment
+
+BENTO_NAME = "defectflow"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="defectflow", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def configurable(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", default="default", help="config name in configs/ (default: default)")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+        return p
+
+    data = sub.add_parser("data", help="dataset commands")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    synth = configurable(data_sub.add_parser("synth", help="write the synthetic MVTec-layout dataset"))
+    synth.add_argument("--overwrite", action="store_true", help="replace an existing synthetic dataset")
+    configurable(sub.add_parser("validate", help="validate data.root with Great Expectations"))
+    configurable(sub.add_parser("train", help="run the training pipeline flow"))
+    serve = sub.add_parser("serve", help="serve a built Bento over HTTP")
+    serve.add_argument("--bento", default=f"{BENTO_NAME}:latest", help="Bento tag (default: newest)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=3000)
+    return parser
+
+
+def cmd_synth(args) -> int:
+    from defectflow.config import load_config
+    from defectflow.data.synthetic import generate_dataset
+
+    cfg = load_config(args.config, args.overrides)
+    s = cfg.data.synth
+    out = Path(s.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        print(f"synthetic dataset already at {out} (use --overwrite to regenerate)")
+        return 0
+    root = generate_dataset(out, image_size=s.image_size, n_train_good=s.n_train_good,
+                            n_test_good=s.n_test_good, n_per_defect=s.n_per_defect, seed=s.seed,
+                            overwrite=args.overwrite)
+    print(f"synthetic dataset written to {root}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from defectflow.config import load_config
+    from defectflow.data.mvtec import class_counts, scan_dataset
+    from defectflow.validation import image_facts, validate_dataset
+
+    cfg = load_config(args.config, args.overrides)
+    samples = scan_dataset(cfg.data.root, cfg.data.good_class)
+    result = validate_dataset(image_facts(samples, cfg.data.good_class), cfg.validation, class_counts(samples))
+    print(result.summary_markdown())
+    if not result.success:
+        print(result.message(), file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_train(args) -> int:
+    from defectflow.config import load_config
+
+    load_config(args.config, args.overrides)  # fail fast, before Prefect starts, on a bad config
+    from flows.training import training_pipeline
+
+    summary = training_pipeline(config=args.config, overrides=list(args.overrides))
+    print("\nartifacts:")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    command = ["bentoml", "serve", args.bento, "--host", args.host, "--port", str(args.port)]
+    bentoml = Path(sys.executable).with_name("bentoml")
+    if bentoml.exists():
+        command[0] = str(bentoml)
+    print("$ " + " ".join(command), flush=True)
+    return subprocess.call(command, env=os.environ.copy())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    configure_environment()
+    from defectflow.config import ConfigError
+    from defectflow.data.mvtec import DatasetError
+
+    handlers = {"validate": cmd_validate, "train": cmd_train, "serve": cmd_serve}
+    handler = cmd_synth if args.command == "data" else handlers[args.command]
+    try:
+        return handler(args)
+    except (ConfigError, DatasetError, FileExistsError) as exc:
+        print(f"defectflow: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Augmentation of image and mask together, with Keras augmentation layers.
+
+Geometric layers run once on the image and mask stacked as one 4-channel tensor, so the mask
+moves exactly with its defect; photometric layers then touch the image only.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import layers, ops
+
+
+class JointAugmentation:
+    def __init__(self, cfg, seed: int = 0):
+        geometric = []
+        flip = {(True, True): "horizontal_and_vertical", (True, False): "horizontal",
+                (False, True): "vertical"}.get((cfg.horizontal_flip, cfg.vertical_flip))
+        if flip:
+            geometric.append(layers.RandomFlip(flip, seed=seed))
+        if cfg.rotation > 0:
+            geometric.append(layers.RandomRotation(cfg.rotation, fill_mode="reflect", seed=seed + 1))
+        if cfg.translation > 0:
+            geometric.append(
+                layers.RandomTranslation(cfg.translation, cfg.translation, fill_mode="reflect", seed=seed + 2)
+            )
+        if cfg.zoom > 0:
+            geometric.append(layers.RandomZoom(cfg.zoom, fill_mode="reflect", seed=seed + 3))
+        photometric = []
+        if cfg.brightness > 0:
+            photometric.append(layers.RandomBrightness(cfg.brightness, value_range=(0, 255), seed=seed + 4))
+        if cfg.contrast > 0:
+            photometric.append(layers.RandomContrast(cfg.contrast, value_range=(0, 255), seed=seed + 5))
+        self.geometric = keras.Sequential(geometric, name="geometric") if geometric else None
+        self.photometric = keras.Sequential(photometric, name="photometric") if photometric else None
+
+    def __call__(self, images, masks):
+        """Batched images (N, H, W, 3) in [0, 255] and masks (N, H, W, 1) in [0, 1]."""
+        if self.geometric is not None:
+            stacked = self.geometric(ops.concatenate([images, masks], axis=-1), training=True)
+            images, masks = stacked[..., :3], stacked[..., 3:]
+        if self.photometric is not None:
+            images = self.photometric(images, training=True)
+        return ops.clip(images, 0.0, 255.0), ops.clip(masks, 0.0, 1.0)
+
+    def describe(self) -> list[str]:
+        return [layer.name for seq in (self.geometric, self.photometric) if seq for layer in seq.layers]
+
+
+def augmentation_preview(augmentation: JointAugmentation, images, masks, count: int):
+    """Augmented samples with their (moved) masks drawn in red, as one RGB grid."""
+    import numpy as np
+
+    from defectflow.plots import image_grid
+    from defectflow.preprocessing import overlay
+
+    count = min(count, len(images))
+    aug_images, aug_masks = augmentation(images[:count], masks[:count])
+    aug_images = np.asarray(aug_images).astype(np.uint8)
+    aug_masks = np.asarray(aug_masks)[..., 0] > 0.5
+    tiles = [overlay(img, m, (255, 0, 0), 0.6) for img, m in zip(aug_images, aug_masks, strict=True)]
+    captions = [[f"augmented #{i}", f"mask px {int(m.sum())}"] for i, m in enumerate(aug_masks)]
+    return image_grid(tiles, captions)

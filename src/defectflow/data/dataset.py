@@ -1,0 +1,46 @@
+"""Turning samples into arrays and tf.data pipelines for training and tuning."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from defectflow.data.mvtec import Sample
+from defectflow.preprocessing import prepare_image, prepare_mask, read_image, read_mask
+
+
+@dataclass
+class ArraySplit:
+    images: np.ndarray  # (N, S, S, 3) float32 in [0, 255]
+    labels: np.ndarray  # (N,) int32 class indices
+    masks: np.ndarray  # (N, S, S, 1) float32 in [0, 1]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def load_split(samples: list[Sample], classes: list[str], size: int) -> ArraySplit:
+    index = {c: i for i, c in enumerate(classes)}
+    images = np.stack([prepare_image(read_image(s.path), size) for s in samples])
+    masks = np.stack(
+        [prepare_mask(read_mask(s.mask_path) if s.mask_path else None, size) for s in samples]
+    )
+    labels = np.array([index[s.label] for s in samples], dtype=np.int32)
+    return ArraySplit(images, labels, masks)
+
+
+def make_dataset(split: ArraySplit, batch_size: int, augment=None, shuffle: bool = False, seed: int = 0):
+    """(image, {"class": label, "mask": mask}) batches; augmentation runs per batch on the fly."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((split.images, split.labels, split.masks))
+    if shuffle:
+        ds = ds.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+    if augment is not None:
+        ds = ds.map(lambda x, y, m: (*augment(x, m), y), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(lambda x, m, y: (x, {"class": y, "mask": m}))
+    else:
+        ds = ds.map(lambda x, y, m: (x, {"class": y, "mask": m}))
+    return ds.prefetch(tf.data.AUTOTUNE)

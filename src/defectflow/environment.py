@@ -1,0 +1,36 @@
+"""Where defectflow keeps its state, and the environment the libraries read it from.
+
+Prefect, BentoML and Keras all default to folders under $HOME and some phone home. Setting
+their variables here, before they are imported, keeps every byte of state under one project
+data dir (default `.defectflow/`, override with DEFECTFLOW_HOME) and telemetry off.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def project_home() -> Path:
+    return Path(os.environ.get("DEFECTFLOW_HOME", ".defectflow")).expanduser().resolve()
+
+
+def configure_environment(home: str | Path | None = None) -> Path:
+    """Set (without overriding what the user already set) the state folders and telemetry flags."""
+    root = Path(home).expanduser().resolve() if home else project_home()
+    defaults = {
+        "DEFECTFLOW_HOME": str(root),
+        "PREFECT_HOME": str(root / "prefect"),
+        "BENTOML_HOME": str(root / "bentoml"),
+        "KERAS_HOME": str(root / "keras"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "BENTOML_DO_NOT_TRACK": "true",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "KERAS_BACKEND": "tensorflow",
+    }
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    for key in ("PREFECT_HOME", "BENTOML_HOME", "KERAS_HOME"):
+        Path(os.environ[key]).mkdir(parents=True, exist_ok=True)
+    return root

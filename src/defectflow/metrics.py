@@ -1,0 +1,72 @@
+"""Every evaluation figure defectflow reports, defined once.
+
+Class figures: overall accuracy, defect-only accuracy (images whose true class is a defect),
+defect-presence accuracy (good vs any defect), image AUROC of P(defect) = 1 - P(good),
+per-class precision/recall/F1 and the confusion matrix (scikit-learn).
+
+Mask figures, per image, then averaged overall and over defect images only:
+Dice and IoU, soft (probabilities against the area-averaged target at model resolution) and
+thresholded (binary mask against the ground truth at the image's own resolution).
+Rule for an image whose true and predicted masks are both empty: Dice = IoU = 1. The
+defect-only means never meet that case, since every defect image has a non-empty mask.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
+
+
+def dice(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    t, p = y_true.astype(np.float64).ravel(), y_pred.astype(np.float64).ravel()
+    total = t.sum() + p.sum()
+    return 1.0 if total == 0 else float(2.0 * (t * p).sum() / total)
+
+
+def iou(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    t, p = y_true.astype(np.float64).ravel(), y_pred.astype(np.float64).ravel()
+    inter = (t * p).sum()
+    union = t.sum() + p.sum() - inter
+    return 1.0 if union == 0 else float(inter / union)
+
+
+def classification_metrics(
+    y_true: np.ndarray, y_pred: np.ndarray, p_defect: np.ndarray, classes: list[str]
+) -> dict:
+    """Class indices (0 = good) and P(defect) per image to the class figures."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    defect = y_true != 0
+    out = {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "presence_accuracy": float(accuracy_score(defect, y_pred != 0)),
+        "defect_accuracy": float(accuracy_score(y_true[defect], y_pred[defect])) if defect.any() else float("nan"),
+        "auroc": float(roc_auc_score(defect, p_defect)) if 0 < defect.sum() < len(defect) else float("nan"),
+        "n_images": int(len(y_true)),
+        "n_defect_images": int(defect.sum()),
+    }
+    labels = list(range(len(classes)))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, zero_division=0
+    )
+    out["per_class"] = {
+        c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(support[i])}
+        for i, c in enumerate(classes)
+    }
+    out["confusion_matrix"] = confusion_matrix(y_true, y_pred, labels=labels).tolist()
+    return out
+
+
+def segmentation_metrics(per_image: list[dict], defect: np.ndarray) -> dict:
+    """Per-image dicts with dice, iou, soft_dice, soft_iou to overall and defect-only means."""
+    out = {}
+    defect = np.asarray(defect, dtype=bool)
+    for key in ("dice", "iou", "soft_dice", "soft_iou"):
+        values = np.array([row[key] for row in per_image], dtype=np.float64)
+        out[key] = float(values.mean()) if len(values) else float("nan")
+        out[f"defect_{key}"] = float(values[defect].mean()) if defect.any() else float("nan")
+    return out

@@ -1,0 +1,158 @@
+"""The one pre- and post-processing path, shared by training, evaluation and serving.
+
+Everything that turns a file or an upload into model input, and model output into an answer,
+lives here, so a model is never fed differently in production than it was in training.
+Pixel normalisation is part of the model itself: inputs here are RGB values in [0, 255].
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+#: Decoding a huge upload would exhaust memory; real inspection images are far smaller.
+MAX_PIXELS = 64_000_000
+
+
+class InvalidImageError(ValueError):
+    """Bytes that are not a decodable image of a supported kind."""
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """PNG, JPEG, BMP or TIFF bytes (gray, RGB, RGBA; 8 or 16 bit) to RGB uint8 (H, W, 3)."""
+    if not data:
+        raise InvalidImageError("empty file: expected a PNG, JPEG, BMP or TIFF image")
+    buffer = np.frombuffer(data, dtype=np.uint8)
+    image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise InvalidImageError("not a decodable image: expected a PNG, JPEG, BMP or TIFF file")
+    return to_rgb8(image, channel_order="bgr")
+
+
+def to_rgb8(image: np.ndarray, channel_order: str = "rgb") -> np.ndarray:
+    """Any 2-D or 3-D gray/colour/alpha array of uint8/uint16/float to RGB uint8."""
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
+        raise InvalidImageError(f"unsupported image shape {image.shape}")
+    if image.shape[0] * image.shape[1] > MAX_PIXELS:
+        raise InvalidImageError(
+            f"image of {image.shape[1]}x{image.shape[0]} pixels exceeds the limit of {MAX_PIXELS}"
+        )
+    if image.dtype == np.uint16:
+        image = (image / 257.0).round().astype(np.uint8)
+    elif image.dtype != np.uint8:
+        if not np.issubdtype(image.dtype, np.floating):
+            raise InvalidImageError(f"unsupported pixel type {image.dtype}")
+        image = (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    if image.shape[2] == 4:
+        code = cv2.COLOR_BGRA2RGB if channel_order == "bgr" else cv2.COLOR_RGBA2RGB
+        return cv2.cvtColor(image, code)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB) if channel_order == "bgr" else image
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    path = Path(path)
+    try:
+        return decode_image(path.read_bytes())
+    except InvalidImageError as exc:
+        raise InvalidImageError(f"{path}: {exc}") from exc
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """A ground-truth mask as uint8 {0, 1} (H, W): any non-zero pixel is defect."""
+    mask = cv2.imdecode(np.fromfile(str(path), dtype=np.uint8), cv2.IMREAD_GRAYSCALE)
+    if mask is None:
+        raise InvalidImageError(f"{path}: not a decodable mask image")
+    return (mask > 0).astype(np.uint8)
+
+
+def prepare_image(image: np.ndarray, size: int) -> np.ndarray:
+    """RGB uint8 (H, W, 3) to the model's input: float32 (size, size, 3) in [0, 255]."""
+    interpolation = cv2.INTER_AREA if min(image.shape[:2]) > size else cv2.INTER_LINEAR
+    return cv2.resize(image, (size, size), interpolation=interpolation).astype(np.float32)
+
+
+def prepare_mask(mask: np.ndarray | None, size: int) -> np.ndarray:
+    """Binary mask to a soft training target (size, size, 1): the defect fraction of each cell.
+
+    Area averaging (not nearest neighbour) keeps defects smaller than a cell visible.
+    """
+    if mask is None:
+        return np.zeros((size, size, 1), np.float32)
+    resized = cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
+    return np.clip(resized, 0.0, 1.0)[:, :, None]
+
+
+@dataclass
+class Prediction:
+    label: str
+    probabilities: dict[str, float]
+    is_defective: bool
+    #: uint8 {0, 1} at the input image's resolution.
+    mask: np.ndarray
+    #: Soft mask probabilities at the model's resolution (for soft metrics).
+    mask_probability: np.ndarray
+
+    @property
+    def defect_area_fraction(self) -> float:
+        return float(self.mask.mean())
+
+    def to_json(self) -> dict:
+        return {
+            "class": self.label,
+            "probabilities": {k: round(v, 6) for k, v in self.probabilities.items()},
+            "is_defective": self.is_defective,
+            "defect_area_fraction": round(self.defect_area_fraction, 6),
+            "mask_png_base64": encode_png(self.mask * 255),
+            "mask_size": [int(self.mask.shape[1]), int(self.mask.shape[0])],
+        }
+
+
+def postprocess(
+    class_probabilities: np.ndarray,
+    mask_probability: np.ndarray,
+    original_hw: tuple[int, int],
+    classes: list[str],
+    mask_threshold: float,
+) -> Prediction:
+    """Model outputs for one image to a Prediction at the input image's resolution.
+
+    The mask is cleared when the class head says `good` (class 0), so the two answers never
+    contradict each other.
+    """
+    probs = np.asarray(class_probabilities, dtype=np.float64)
+    index = int(np.argmax(probs))
+    soft = np.asarray(mask_probability, dtype=np.float32).squeeze()
+    height, width = original_hw
+    full = cv2.resize(soft, (width, height), interpolation=cv2.INTER_LINEAR)
+    is_defective = index != 0
+    mask = (full > mask_threshold).astype(np.uint8) if is_defective else np.zeros((height, width), np.uint8)
+    return Prediction(
+        label=classes[index],
+        probabilities={c: float(p) for c, p in zip(classes, probs, strict=True)},
+        is_defective=is_defective,
+        mask=mask,
+        mask_probability=soft if is_defective else np.zeros_like(soft),
+    )
+
+
+def encode_png(image: np.ndarray) -> str:
+    ok, buf = cv2.imencode(".png", image)
+    if not ok:  # pragma: no cover - cv2 encodes any uint8 array
+        raise RuntimeError("PNG encoding failed")
+    return base64.b64encode(buf.tobytes()).decode("ascii")
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, color=(255, 0, 0), alpha: float = 0.5) -> np.ndarray:
+    """The mask painted over the RGB image, for plots and people."""
+    out = image.copy()
+    region = mask.astype(bool)
+    out[region] = (out[region] * (1 - alpha) + np.array(color) * alpha).astype(np.uint8)
+    return out

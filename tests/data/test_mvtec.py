@@ -1,0 +1,42 @@
+import cv2
+import numpy as np
+import pytest
+
+from defectflow.data.mvtec import DatasetError, class_counts, class_names, scan_dataset
+
+
+def _write(path, value=100, shape=(8, 8, 3)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), np.full(shape, value, np.uint8))
+
+
+def test_scan_pools_train_and_test_and_pairs_masks(tmp_path):
+    _write(tmp_path / "train/good/000.png")
+    _write(tmp_path / "test/good/000.png")
+    _write(tmp_path / "test/crack/000.jpg")
+    _write(tmp_path / "ground_truth/crack/000_mask.png", 255, (8, 8))
+    _write(tmp_path / "test/poke/001.bmp")  # mask missing: kept, validation will flag it
+    (tmp_path / "test/poke/notes.txt").write_text("ignored")
+    samples = scan_dataset(tmp_path)
+    assert class_counts(samples) == {"crack": 1, "good": 2, "poke": 1}
+    assert class_names(samples) == ["good", "crack", "poke"]
+    by_label = {s.label: s for s in samples if s.origin == "test"}
+    assert by_label["crack"].mask_path.name == "000_mask.png"
+    assert by_label["poke"].mask_path is None
+    assert by_label["good"].mask_path is None
+
+
+def test_not_a_dataset(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        scan_dataset(tmp_path / "missing")
+    with pytest.raises(DatasetError, match="MVTec AD layout"):
+        scan_dataset(tmp_path)
+    (tmp_path / "test").mkdir()
+    with pytest.raises(DatasetError, match="no images"):
+        scan_dataset(tmp_path)
+
+
+def test_good_class_required(tmp_path):
+    _write(tmp_path / "test/crack/000.png")
+    with pytest.raises(DatasetError, match="good"):
+        class_names(scan_dataset(tmp_path))

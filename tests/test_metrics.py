@@ -1,0 +1,52 @@
+import math
+
+import numpy as np
+import pytest
+
+from defectflow.metrics import classification_metrics, dice, iou, segmentation_metrics
+
+CLASSES = ["good", "crack", "poke"]
+
+
+def test_dice_and_iou_known_values():
+    t = np.array([1, 1, 0, 0])
+    p = np.array([1, 0, 1, 0])
+    assert dice(t, p) == pytest.approx(0.5)
+    assert iou(t, p) == pytest.approx(1 / 3)
+    assert dice(t, t) == 1.0 and iou(t, t) == 1.0
+
+
+def test_both_empty_counts_as_one():
+    empty = np.zeros((4, 4))
+    assert dice(empty, empty) == 1.0 and iou(empty, empty) == 1.0
+    assert dice(empty, np.ones((4, 4))) == 0.0
+
+
+def test_classification_metrics():
+    y_true = np.array([0, 0, 1, 2, 2])
+    y_pred = np.array([0, 1, 1, 1, 2])
+    p_defect = np.array([0.1, 0.6, 0.9, 0.8, 0.95])
+    m = classification_metrics(y_true, y_pred, p_defect, CLASSES)
+    assert m["accuracy"] == pytest.approx(3 / 5)
+    assert m["defect_accuracy"] == pytest.approx(2 / 3)
+    assert m["presence_accuracy"] == pytest.approx(4 / 5)
+    assert m["auroc"] == pytest.approx(1.0)
+    assert m["confusion_matrix"] == [[1, 1, 0], [0, 1, 0], [0, 1, 1]]
+    assert m["per_class"]["crack"]["precision"] == pytest.approx(1 / 3)
+    assert m["n_defect_images"] == 3
+
+
+def test_auroc_undefined_with_one_class():
+    m = classification_metrics(np.array([0, 0]), np.array([0, 0]), np.array([0.1, 0.2]), CLASSES)
+    assert math.isnan(m["auroc"]) and math.isnan(m["defect_accuracy"])
+
+
+def test_segmentation_means_overall_and_defect_only():
+    rows = [
+        {"dice": 1.0, "iou": 1.0, "soft_dice": 1.0, "soft_iou": 1.0},
+        {"dice": 0.5, "iou": 0.25, "soft_dice": 0.4, "soft_iou": 0.3},
+    ]
+    m = segmentation_metrics(rows, np.array([False, True]))
+    assert m["dice"] == pytest.approx(0.75)
+    assert m["defect_dice"] == pytest.approx(0.5)
+    assert m["defect_soft_iou"] == pytest.approx(0.3)
