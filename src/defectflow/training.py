@@ -115,7 +115,7 @@ def tune(cfg, data: PreparedData, out_dir: Path) -> tuple[dict, list[dict]]:
         tuner.search(train_ds, validation_data=val_ds, epochs=cfg.tune.epochs, verbose=cfg.train.verbose)
     trials = []
     for trial in tuner.oracle.get_best_trials(num_trials=cfg.tune.max_trials):
-        trials.append({"trial": trial.trial_id, **trial.hyperparameters.values, "val_loss": trial.score})
+        trials.append({"trial": trial.trial_id, **trial.hyperparameters.values, "val_loss": float(trial.score)})
     best = {**fixed, **tuner.get_best_hyperparameters(1)[0].values}
     (out_dir / "trials.json").write_text(json.dumps(trials, indent=2))
     return best, trials
