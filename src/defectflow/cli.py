@@ -79,11 +79,17 @@ def cmd_validate(args) -> int:
 
 def cmd_train(args) -> int:
     from defectflow.config import load_config
+    from defectflow.gate import GateFailed
+    from defectflow.validation import DataValidationError
 
     load_config(args.config, args.overrides)  # fail fast, before Prefect starts, on a bad config
     from flows.training import training_pipeline
 
-    summary = training_pipeline(config=args.config, overrides=list(args.overrides))
+    try:
+        summary = training_pipeline(config=args.config, overrides=list(args.overrides))
+    except (DataValidationError, GateFailed) as exc:
+        print(f"defectflow: training stopped: {exc}", file=sys.stderr)
+        return 1
     print("\nartifacts:")
     print(json.dumps(summary, indent=2))
     return 0

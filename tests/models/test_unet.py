@@ -11,7 +11,7 @@ def test_two_heads_shapes():
     assert out["class"].shape == (2, 6)
     assert out["mask"].shape == (2, 32, 32, 1)
     np.testing.assert_allclose(out["class"].sum(axis=1), 1.0, rtol=1e-5)
-    assert 0.0 <= out["mask"].min() and out["mask"].max() <= 1.0
+    assert out["mask"].min() >= 0.0 and out["mask"].max() <= 1.0
 
 
 def test_dice_bce_rewards_overlap_and_ignores_dice_on_empty_targets():

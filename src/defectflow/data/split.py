@@ -6,7 +6,7 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-from sklearn.model_selection import train_test_split
+import numpy as np
 
 from defectflow.data.mvtec import DatasetError, Sample
 
@@ -22,20 +22,29 @@ class SplitSample:
 def stratified_split(
     samples: list[Sample], train: float, val: float, test: float, seed: int
 ) -> list[SplitSample]:
-    labels = [s.label for s in samples]
-    too_few = {c: labels.count(c) for c in set(labels) if labels.count(c) < 3}
+    """Split each class on its own: every class is in every split, in the given proportions.
+
+    (scikit-learn's stratified splitter rounds over the whole set and can leave a small
+    class out of validation or test; per-class rounding cannot.)
+    """
+    by_class: dict[str, list[Sample]] = {}
+    for s in sorted(samples, key=lambda s: str(s.path)):
+        by_class.setdefault(s.label, []).append(s)
+    too_few = {c: len(v) for c, v in by_class.items() if len(v) < 3}
     if too_few:
         raise DatasetError(f"each class needs at least 3 images to split 3 ways; too few: {too_few}")
-    train_part, rest = train_test_split(
-        samples, train_size=train, stratify=labels, random_state=seed
-    )
-    val_share = val / (val + test)
-    val_part, test_part = train_test_split(
-        rest, train_size=val_share, stratify=[s.label for s in rest], random_state=seed
-    )
-    out = [SplitSample(s, "train") for s in train_part]
-    out += [SplitSample(s, "val") for s in val_part]
-    out += [SplitSample(s, "test") for s in test_part]
+    rng = np.random.default_rng(seed)
+    out: list[SplitSample] = []
+    for label in sorted(by_class):
+        members = by_class[label]
+        order = rng.permutation(len(members))
+        n = len(members)
+        n_test = max(1, round(n * test))
+        n_val = max(1, round(n * val))
+        n_val = min(n_val, n - n_test - 1)
+        parts = (("test", order[:n_test]), ("val", order[n_test : n_test + n_val]),
+                 ("train", order[n_test + n_val :]))
+        out += [SplitSample(members[i], name) for name, idx in parts for i in idx]
     return sorted(out, key=lambda x: (SPLITS.index(x.split), str(x.sample.path)))
 
 

@@ -1,0 +1,39 @@
+import pytest
+
+from defectflow.cli import main
+
+
+def test_synth_then_validate(tmp_path, capsys):
+    out = tmp_path / "synth"
+    overrides = [f"data.synth.out={out}", "data.synth.image_size=64", "data.synth.n_train_good=6",
+                 "data.synth.n_test_good=3", "data.synth.n_per_defect=3"]
+    assert main(["data", "synth", *overrides]) == 0
+    assert (out / "test" / "crack").is_dir()
+    assert main(["data", "synth", *overrides]) == 0
+    assert "already" in capsys.readouterr().out
+    assert main(["data", "synth", "--overwrite", *overrides]) == 0
+    assert main(["validate", f"data.root={out}"]) == 0
+    assert "passed" in capsys.readouterr().out.lower()
+
+
+def test_validate_reports_bad_data(tmp_path, capsys):
+    out = tmp_path / "synth"
+    overrides = [f"data.synth.out={out}", "data.synth.image_size=64", "data.synth.n_per_defect=3"]
+    assert main(["data", "synth", *overrides]) == 0
+    next((out / "ground_truth" / "poke").iterdir()).unlink()
+    assert main(["validate", f"data.root={out}"]) == 1
+    assert "poke" in capsys.readouterr().err
+
+
+def test_clear_errors_for_bad_config_and_missing_data(tmp_path, capsys):
+    assert main(["validate", "train.epochs=abc"]) == 2
+    assert "invalid configuration" in capsys.readouterr().err
+    assert main(["validate", f"data.root={tmp_path / 'nowhere'}"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["train", "--config", "nope"]) == 2
+    assert "unknown config" in capsys.readouterr().err
+
+
+def test_usage_error_exits_nonzero():
+    with pytest.raises(SystemExit):
+        main(["bogus"])

@@ -1,0 +1,154 @@
+"""defectflow.registry against a real BentoML 1.4 store in a temporary DEFECTFLOW_HOME.
+
+BentoML fixes its store folder the first time it is used in a process, so the store
+scenario runs in a fresh interpreter (this file, run as a script) with its own
+DEFECTFLOW_HOME; the tests assert on the report it writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers_models import CLASSES, make_tiny_model_dir
+
+from defectflow import registry
+from defectflow.environment import configure_environment
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _scenario(home: Path, first: Path, second: Path) -> dict:
+    """Save two models, list them, look one up, build a Bento of the first (older) one."""
+    configure_environment(home)
+    import bentoml
+
+    report: dict = {"bentoml_home": os.environ["BENTOML_HOME"]}
+    metadata = {"metrics": {"accuracy": 0.75, "defect_dice": 0.5, "loss": 1.0},
+                "classes": CLASSES, "config_sha256": "0" * 64, "data_root": "/data/capsule"}
+    older = registry.save_model(first, "defectflow", metadata, labels={"stage": "candidate"})
+    newer = registry.save_model(second, "defectflow", {"metrics": {"accuracy": 0.5}})
+    report["tags"] = [older, newer]
+    stored = registry.model_dir(older)
+    report["model_dir"] = str(stored)
+    report["model_files"] = sorted(p.name for p in stored.iterdir())
+    report["metadata"] = bentoml.models.get(older).info.metadata
+    report["listed"] = registry.list_models("defectflow")
+    report["listed_unknown"] = registry.list_models("no_such_model")
+    try:
+        registry.model_dir("defectflow:doesnotexist")
+    except LookupError as exc:
+        report["lookup_error"] = str(exc)
+
+    os.environ["DEFECTFLOW_MODEL_TAG"] = "untouched"
+    bento_tag = registry.build_bento(older, REPO_ROOT / "bentofile.yaml", REPO_ROOT)
+    report["env_after_build"] = os.environ["DEFECTFLOW_MODEL_TAG"]
+    bento = bentoml.get(bento_tag)
+    bento_root = Path(bento.path)
+    report["bento"] = {
+        "tag": bento_tag,
+        "models": [str(m.tag) for m in bento.info.all_models],
+        "args": dict(bento.info.args),
+        "labels": dict(bento.info.labels),
+        "files": sorted(str(p.relative_to(bento_root)) for p in bento_root.rglob("*")
+                        if p.is_file()),
+        "requirements": (bento_root / "env/python/requirements.txt").read_text().split(),
+    }
+    # A Bento built from "name:latest" pins the version that was latest at build time.
+    report["latest_bento_models"] = [
+        str(m.tag) for m in bentoml.get(
+            registry.build_bento("defectflow:latest", REPO_ROOT / "bentofile.yaml", REPO_ROOT)
+        ).info.all_models
+    ]
+    return report
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("registry")
+    first = make_tiny_model_dir(root / "first", accuracy=0.75)
+    second = make_tiny_model_dir(root / "second", seed=1)
+    out = root / "report.json"
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("DEFECTFLOW_", "BENTOML_", "PREFECT_", "KERAS_"))}
+    env["DEFECTFLOW_HOME"] = str(root / "home")
+    subprocess.run(
+        [sys.executable, __file__, str(root / "home"), str(first), str(second), str(out)],
+        env=env, cwd=root, check=True, timeout=300,
+    )
+    return json.loads(out.read_text())
+
+
+@pytest.mark.integration
+def test_store_is_under_defectflow_home(report):
+    assert report["bentoml_home"].endswith(os.path.join("home", "bentoml"))
+    assert report["model_dir"].startswith(report["bentoml_home"])
+
+
+@pytest.mark.integration
+def test_save_model_copies_the_artifact_and_metadata(report):
+    older, _ = report["tags"]
+    assert older.startswith("defectflow:")
+    assert {"model.keras", "model.json", "config.yaml", "metrics.json"} <= set(
+        report["model_files"]
+    )
+    assert report["metadata"]["metrics"]["accuracy"] == 0.75
+    assert report["metadata"]["classes"] == CLASSES
+
+
+@pytest.mark.integration
+def test_list_models_newest_first_with_labels_and_metrics(report):
+    older, newer = report["tags"]
+    listed = report["listed"]
+    assert [row["tag"] for row in listed] == [newer, older]
+    assert listed[1]["labels"] == {"stage": "candidate"}
+    assert listed[1]["metrics"] == {"accuracy": 0.75, "defect_dice": 0.5}
+    assert listed[0]["creation_time"] >= listed[1]["creation_time"]
+    assert report["listed_unknown"] == []
+
+
+@pytest.mark.integration
+def test_model_dir_of_unknown_tag_is_a_clear_lookup_error(report):
+    message = report["lookup_error"]
+    assert "defectflow:doesnotexist" in message
+    for tag in report["tags"]:
+        assert tag in message
+
+
+@pytest.mark.integration
+def test_build_bento_pins_the_model_and_packs_the_package(report):
+    older, newer = report["tags"]
+    bento = report["bento"]
+    assert bento["tag"].startswith("defectflow:")
+    assert bento["models"] == [older]
+    assert bento["args"] == {"model_tag": older}
+    assert bento["labels"]["project"] == "defectflow"
+    files = set(bento["files"])
+    assert {"src/service.py", "src/defectflow/__init__.py", "src/defectflow/inference.py",
+            "src/defectflow/preprocessing.py"} <= files
+    assert not any(f.startswith(("src/tests/", "src/.venv/", "src/.defectflow/")) for f in files)
+    assert "tensorflow-cpu==2.21.0" in bento["requirements"]
+    assert "keras==3.15.1" in bento["requirements"]
+    assert report["env_after_build"] == "untouched"
+    assert report["latest_bento_models"] == [newer]
+
+
+def test_save_model_rejects_a_folder_that_is_not_a_model(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.keras"):
+        registry.save_model(tmp_path, "defectflow", {})
+
+
+def test_save_model_rejects_metadata_that_is_not_json(tmp_path):
+    (tmp_path / "model.keras").write_bytes(b"")
+    (tmp_path / "model.json").write_text("{}")
+    with pytest.raises(ValueError, match="JSON-able"):
+        registry.save_model(tmp_path, "defectflow", {"when": object()})
+
+
+if __name__ == "__main__":
+    home, first, second, out = (Path(a) for a in sys.argv[1:5])
+    out.write_text(json.dumps(_scenario(home, first, second), indent=2))

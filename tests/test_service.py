@@ -1,0 +1,200 @@
+"""service.py over real HTTP: `bentoml serve` in a subprocess, on a temporary DEFECTFLOW_HOME.
+
+The module fixture saves a tiny model, builds the Bento pinned to it, then saves a newer
+model (which the Bento must not serve), and serves the Bento on a free port.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import cv2
+import httpx
+import numpy as np
+import pytest
+from helpers_models import CLASSES, make_tiny_model_dir
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BENTOML = Path(sys.executable).with_name("bentoml")
+READY_TIMEOUT_S = 120
+
+pytestmark = pytest.mark.integration
+
+_PACKAGE = """
+import sys
+from pathlib import Path
+from defectflow.environment import configure_environment
+configure_environment()
+from defectflow import registry
+root, repo = Path(sys.argv[1]), Path(sys.argv[2])
+pinned = registry.save_model(root / "pinned", "defectflow", {"metrics": {"accuracy": 0.9}})
+bento = registry.build_bento(pinned, repo / "bentofile.yaml", repo)
+newer = registry.save_model(root / "newer", "defectflow", {"metrics": {"accuracy": 0.1}})
+print(pinned, bento, newer)
+"""
+
+
+def _env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("DEFECTFLOW_", "BENTOML_", "PREFECT_", "KERAS_"))}
+    env.update(DEFECTFLOW_HOME=str(home), BENTOML_HOME=str(home / "bentoml"),
+               KERAS_HOME=str(home / "keras"), BENTOML_DO_NOT_TRACK="true", DO_NOT_TRACK="1",
+               TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def _serve(target: str, env: dict[str, str], log: Path) -> Iterator[str]:
+    """`bentoml serve target` until ready; yields its URL; always stops the server."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(BENTOML), "serve", target, "--host", "127.0.0.1", "--port", str(port)],
+            cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stopping it stops its workers
+        )
+    try:
+        start = time.monotonic()
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"bentoml serve {target} exited {proc.returncode}:\n"
+                            + log.read_text()[-3000:])
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() - start > READY_TIMEOUT_S:
+                pytest.fail(f"bentoml serve {target} not ready after {READY_TIMEOUT_S} s:\n"
+                            + log.read_text()[-3000:])
+            time.sleep(0.25)
+        print(f"\n{target} ready in {time.monotonic() - start:.1f} s")
+        yield url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("service")
+    make_tiny_model_dir(root / "pinned")
+    make_tiny_model_dir(root / "newer", seed=1)
+    env = _env(root / "home")
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", _PACKAGE, str(root), str(REPO_ROOT)],
+                          env=env, cwd=root, check=True, timeout=300, capture_output=True,
+                          text=True)
+    pinned, bento, newer = done.stdout.split()[-3:]
+    print(f"\nsaved and built {bento} in {time.monotonic() - start:.1f} s")
+    return {"root": root, "env": env, "pinned": pinned, "bento": bento, "newer": newer}
+
+
+@pytest.fixture(scope="module")
+def server(store) -> Iterator[str]:
+    with _serve(store["bento"], store["env"], store["root"] / "bento-serve.log") as url:
+        yield url
+
+
+def _png(image: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", image)
+    assert ok
+    return buf.tobytes()
+
+
+_NOISE_PNG = _png(np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+
+
+def _predict(url: str, data: bytes, filename: str = "part.png") -> httpx.Response:
+    return httpx.post(f"{url}/predict", files={"image": (filename, data)}, timeout=60)
+
+
+def _check_prediction(answer: dict, width: int, height: int) -> None:
+    assert answer["class"] in CLASSES
+    assert set(answer["probabilities"]) == set(CLASSES)
+    assert sum(answer["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+    assert answer["class"] == max(answer["probabilities"], key=answer["probabilities"].get)
+    assert answer["mask_size"] == [width, height]
+    mask = cv2.imdecode(np.frombuffer(base64.b64decode(answer["mask_png_base64"]), np.uint8),
+                        cv2.IMREAD_UNCHANGED)
+    assert mask is not None and mask.shape == (height, width)
+    assert set(np.unique(mask)) <= {0, 255}
+    assert 0.0 <= answer["defect_area_fraction"] <= 1.0
+
+
+def test_predict_colour_png_of_another_size_than_the_model(server, store):
+    rgb = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    start = time.monotonic()
+    response = _predict(server, _png(rgb))
+    print(f"\n/predict answered in {1000 * (time.monotonic() - start):.0f} ms")
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    _check_prediction(answer, width=70, height=50)
+    # The Bento serves the model it was built with, not the newest one in the store.
+    assert answer["model"] == store["pinned"] != store["newer"]
+
+
+def test_predict_16_bit_grayscale_png(server):
+    gray = np.random.default_rng(1).integers(0, 65536, (45, 33), dtype=np.uint16)
+    response = _predict(server, _png(gray))
+    assert response.status_code == 200, response.text
+    _check_prediction(response.json(), width=33, height=45)
+
+
+@pytest.mark.parametrize(
+    ("filename", "data", "message"),
+    [
+        ("notes.txt", b"this is not an image\n", "not a decodable image"),
+        ("empty.png", b"", "empty file"),
+        ("truncated.png", _NOISE_PNG[: len(_NOISE_PNG) * 2 // 3], "not a decodable image"),
+    ],
+    ids=["text", "empty", "truncated-png"],
+)
+def test_predict_rejects_what_is_not_an_image(server, filename, data, message):
+    response = _predict(server, data, filename)
+    assert response.status_code == 400
+    assert response.headers["content-type"].startswith("application/json")
+    assert message in response.json()["error"]
+
+
+def test_predict_without_the_image_field_is_a_client_error(server):
+    response = httpx.post(f"{server}/predict", files={"file": ("a.png", b"x")}, timeout=60)
+    assert 400 <= response.status_code < 500
+    assert "image" in response.text
+
+
+def test_openapi_documents_the_endpoint(server):
+    spec = httpx.get(f"{server}/docs.json", timeout=10).json()
+    post = spec["paths"]["/predict"]["post"]
+    assert "multipart/form-data" in post["requestBody"]["content"]
+    assert "mask_png_base64" in post["description"]
+
+
+def test_serve_from_source_uses_defectflow_model_tag(store):
+    env = {**store["env"], "DEFECTFLOW_MODEL_TAG": store["pinned"]}
+    with _serve("service:DefectInspection", env, store["root"] / "source-serve.log") as url:
+        response = _predict(url, _png(np.zeros((20, 24, 3), np.uint8)))
+    assert response.status_code == 200, response.text
+    assert response.json()["model"] == store["pinned"]
+    _check_prediction(response.json(), width=24, height=20)
