@@ -4,6 +4,7 @@
     defectflow validate   [key=value ...]      run the Great Expectations gate on data.root
     defectflow train      [key=value ...]      run the training pipeline (a Prefect flow)
     defectflow serve      [--bento TAG]        serve a Bento over HTTP (BentoML)
+    defectflow deploy     [--cron EXPR]        serve the pipeline as a deployment of a Prefect server
 
 Every command takes `--config NAME` (a file in configs/) and trailing `key=value` overrides.
 """
@@ -42,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--bento", default=f"{BENTO_NAME}:latest", help="Bento tag (default: newest)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=3000)
+    deploy = sub.add_parser("deploy", help="serve the training pipeline as a Prefect deployment")
+    deploy.add_argument("--name", default="training-pipeline", help="deployment name")
+    deploy.add_argument("--cron", default=None, help="schedule, e.g. '0 2 * * *' (default: none)")
     return parser
 
 
@@ -104,13 +108,26 @@ def cmd_serve(args) -> int:
     return subprocess.call(command, env=os.environ.copy())
 
 
+def cmd_deploy(args) -> int:
+    """Blocks, running flow runs that the Prefect server at PREFECT_API_URL schedules."""
+    if not os.environ.get("PREFECT_API_URL"):
+        print("defectflow: error: PREFECT_API_URL is not set: start a server (`prefect server start`) "
+              "and export PREFECT_API_URL=http://127.0.0.1:4200/api", file=sys.stderr)
+        return 2
+    from flows.training import training_pipeline
+
+    training_pipeline.serve(name=args.name, cron=args.cron, tags=["defectflow"],
+                            description="Validate, tune, train, evaluate, gate and package a defect model.")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_environment()
     from defectflow.config import ConfigError
     from defectflow.data.mvtec import DatasetError
 
-    handlers = {"validate": cmd_validate, "train": cmd_train, "serve": cmd_serve}
+    handlers = {"validate": cmd_validate, "train": cmd_train, "serve": cmd_serve, "deploy": cmd_deploy}
     handler = cmd_synth if args.command == "data" else handlers[args.command]
     try:
         return handler(args)
