@@ -12,6 +12,8 @@ if "DEFECTFLOW_TEST_HOME" not in os.environ:
 for _key in ("DEFECTFLOW_HOME", "PREFECT_HOME", "BENTOML_HOME", "KERAS_HOME", "PREFECT_API_URL"):
     os.environ.pop(_key, None)
 os.environ["DEFECTFLOW_HOME"] = os.environ["DEFECTFLOW_TEST_HOME"]
+# Flow and task logs would interleave with pytest's own progress output.
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 from defectflow.environment import configure_environment  # noqa: E402
 

@@ -101,8 +101,11 @@ class TrainConfig:
     learning_rate: float = 1e-3
     #: Weight of the mask loss next to the class loss.
     mask_loss_weight: float = 1.0
-    #: Weigh classes inversely to their frequency (good images dominate real data).
-    balance_classes: bool = True
+    #: Repeat images of rarer classes so each epoch shows every class equally often
+    #: (good images dominate real data).
+    oversample: bool = True
+    #: Alternatively (or also), weigh the class loss inversely to class frequency.
+    balance_classes: bool = False
     early_stopping_patience: int = 5
     #: auto: a GPU when TensorFlow sees one, else the CPU. gpu: fail if there is none.
     device: str = "auto"

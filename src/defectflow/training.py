@@ -69,7 +69,8 @@ class PreparedData:
 
 
 def _datasets(cfg, data: PreparedData, batch_size: int):
-    train = make_dataset(data.train, batch_size, augment=data.augmentation, shuffle=True, seed=cfg.train.seed)
+    train = make_dataset(data.train, batch_size, augment=data.augmentation, shuffle=True, seed=cfg.train.seed,
+                         oversample=cfg.train.oversample)
     val = make_dataset(data.val, batch_size)
     return train, val
 

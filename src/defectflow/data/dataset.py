@@ -30,13 +30,31 @@ def load_split(samples: list[Sample], classes: list[str], size: int) -> ArraySpl
     return ArraySplit(images, labels, masks)
 
 
-def make_dataset(split: ArraySplit, batch_size: int, augment=None, shuffle: bool = False, seed: int = 0):
-    """(image, {"class": label, "mask": mask}) batches; augmentation runs per batch on the fly."""
+def oversampled_indices(labels: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Indices that repeat the images of each smaller class until every class is as large as
+    the largest, so training batches are not dominated by `good` images."""
+    rng = np.random.default_rng(seed)
+    target = int(np.bincount(labels).max())
+    parts = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        parts += [members, rng.choice(members, target - len(members), replace=True)]
+    return rng.permutation(np.concatenate(parts))
+
+
+def make_dataset(split: ArraySplit, batch_size: int, augment=None, shuffle: bool = False, seed: int = 0,
+                 oversample: bool = False):
+    """(image, {"class": label, "mask": mask}) batches; augmentation runs per batch on the fly.
+
+    With `oversample`, an epoch shows every class as often as the largest one; repeated
+    images look different each time through augmentation.
+    """
     import tensorflow as tf
 
-    ds = tf.data.Dataset.from_tensor_slices((split.images, split.labels, split.masks))
+    index = oversampled_indices(split.labels, seed) if oversample else np.arange(len(split))
+    ds = tf.data.Dataset.from_tensor_slices((split.images[index], split.labels[index], split.masks[index]))
     if shuffle:
-        ds = ds.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.shuffle(len(index), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
     if augment is not None:
         ds = ds.map(lambda x, y, m: (*augment(x, m), y), num_parallel_calls=tf.data.AUTOTUNE)

@@ -44,11 +44,16 @@ def build_unet(
         x = _conv_block(x, base_filters * 2**level, f"dec{level}")
     mask = layers.Conv2D(1, 1, activation="sigmoid", name="mask")(x)
 
-    pooled = layers.GlobalAveragePooling2D(name="gap")(bottleneck)
-    # Peak mask probability and mask area: cheap, strong evidence of a (small) defect.
-    mask_peak = layers.GlobalMaxPooling2D(name="mask_peak")(mask)
-    mask_mean = layers.GlobalAveragePooling2D(name="mask_mean")(mask)
-    features = layers.Concatenate(name="class_features")([pooled, mask_peak, mask_mean])
+    # Max pooling keeps the evidence of a defect that covers a few pixels, which average
+    # pooling would dilute; the full-resolution decoder features see the finest detail.
+    features = layers.Concatenate(name="class_features")([
+        layers.GlobalAveragePooling2D(name="gap")(bottleneck),
+        layers.GlobalMaxPooling2D(name="gmp")(bottleneck),
+        layers.GlobalMaxPooling2D(name="decoder_gmp")(x),
+        # Peak mask probability and mask area: direct evidence of a (small) defect.
+        layers.GlobalMaxPooling2D(name="mask_peak")(mask),
+        layers.GlobalAveragePooling2D(name="mask_mean")(mask),
+    ])
     features = layers.Dropout(dropout, name="class_dropout")(features)
     features = layers.Dense(64, activation="relu", name="class_dense")(features)
     logits = layers.Dense(num_classes, name="class_logits")(features)
