@@ -1,10 +1,10 @@
-"""The training pipeline: validate, split, augment, tune, train, evaluate, gate, package."""
+"""The training pipeline: scan, split, validate, augment, tune, train, evaluate, gate, package."""
 
 from __future__ import annotations
 
 from prefect import flow
 
-from tasks.data import augment_data, load_run_config, split_data, validate_data
+from tasks.data import augment_data, load_run_config, scan_data, split_data, validate_data
 from tasks.evaluation import apply_gate, evaluate_model
 from tasks.packaging import package_model
 from tasks.training import train_model, tune_hyperparameters
@@ -19,16 +19,18 @@ def training_pipeline(config: str = "default", overrides: list[str] | None = Non
         overrides: `key=value` pairs applied last, e.g. ["train.epochs=3"].
     """
     cfg, run_dir = load_run_config(config, list(overrides or []))
-    samples = validate_data(cfg, run_dir)
-    rows = split_data(cfg, samples, run_dir)
-    data = augment_data(cfg, samples, rows, run_dir)
+    samples, facts = scan_data(cfg, run_dir)
+    split = split_data(cfg, samples, facts, run_dir)
+    validate_data(cfg, samples, facts, split, run_dir)
+    data = augment_data(cfg, samples, split, run_dir)
     hyperparameters = tune_hyperparameters(cfg, data, run_dir)
     model_dir = train_model(cfg, data, hyperparameters, run_dir)
-    evaluation = evaluate_model(cfg, model_dir, rows, run_dir)
+    evaluation = evaluate_model(cfg, model_dir, split.rows, run_dir)
     apply_gate(cfg, evaluation, run_dir)
     package = package_model(cfg, model_dir, evaluation, run_dir)
     return {
         "run_dir": str(run_dir),
+        "data_fingerprint": split.fingerprint,
         "model_dir": str(model_dir),
         "metrics": evaluation.headline(),
         **package,

@@ -12,11 +12,17 @@ from defectflow.config import load_config
 from defectflow.data.augment import JointAugmentation, augmentation_preview
 from defectflow.data.dataset import load_split
 from defectflow.data.mvtec import class_counts, class_names, scan_dataset
-from defectflow.data.split import SplitSample, select, stratified_split, write_manifest
+from defectflow.data.split import SplitOutcome, select, split_dataset, write_manifest
 from defectflow.plots import save_rgb
 from defectflow.runs import new_run_dir
 from defectflow.training import PreparedData
-from defectflow.validation import image_facts, require_valid, validate_dataset
+from defectflow.validation import (
+    image_facts,
+    require_valid,
+    sha256_by_path,
+    validate_dataset,
+    with_splits,
+)
 
 
 @task(name="load-config", cache_policy=NONE)
@@ -27,35 +33,49 @@ def load_run_config(config: str, overrides: list[str]):
     return cfg, run_dir
 
 
-@task(name="validate-data", cache_policy=NONE)
-def validate_data(cfg, run_dir: Path):
+@task(name="scan-data", cache_policy=NONE)
+def scan_data(cfg, run_dir: Path):
+    """Find the images and masks and read each file once into the facts table."""
     samples = scan_dataset(cfg.data.root, cfg.data.good_class)
     facts = image_facts(samples, cfg.data.good_class)
-    out = run_dir / "validation"
-    out.mkdir(parents=True, exist_ok=True)
-    facts.to_csv(out / "image_facts.csv", index=False)
-    result = validate_dataset(facts, cfg.validation, class_counts(samples), data_docs_dir=out / "data_docs")
-    (out / "summary.md").write_text(result.summary_markdown())
-    create_markdown_artifact(
-        markdown=result.summary_markdown(), key="data-validation", description="Great Expectations gate"
-    )
-    require_valid(result)
-    get_run_logger().info("data valid: %d images, classes %s", len(samples), class_counts(samples))
-    return samples
+    get_run_logger().info("found %d images in %s: %s", len(samples), cfg.data.root, class_counts(samples))
+    return samples, facts
 
 
 @task(name="split-data", cache_policy=NONE)
-def split_data(cfg, samples, run_dir: Path) -> list[SplitSample]:
-    s = cfg.data.split
-    rows = stratified_split(samples, s.train, s.val, s.test, s.seed)
-    write_manifest(rows, run_dir / "manifest.csv")
-    counts = {name: sum(r.split == name for r in rows) for name in ("train", "val", "test")}
-    get_run_logger().info("split %s, manifest %s", counts, run_dir / "manifest.csv")
-    return rows
+def split_data(cfg, samples, facts, run_dir: Path) -> SplitOutcome:
+    """The split of this data version (reused when the same data was split before)."""
+    outcome = split_dataset(samples, sha256_by_path(facts), cfg.data.split, Path(cfg.paths.home) / "manifests")
+    log = get_run_logger()
+    if outcome.problem:
+        log.warning("no split yet: %s", outcome.problem)
+        return outcome
+    write_manifest(outcome.rows, run_dir / "manifest.csv", sha256_by_path(facts))
+    (run_dir / "data_fingerprint.txt").write_text(outcome.fingerprint + "\n")
+    counts = {name: sum(r.split == name for r in outcome.rows) for name in ("train", "val", "test")}
+    log.info("data version %s: split %s (%s), manifest %s", outcome.fingerprint[:12], counts,
+             "reused" if outcome.reused else "new", run_dir / "manifest.csv")
+    return outcome
+
+
+@task(name="validate-data", cache_policy=NONE)
+def validate_data(cfg, samples, facts, split: SplitOutcome, run_dir: Path) -> None:
+    out = run_dir / "validation"
+    result = validate_dataset(with_splits(facts, split.rows), cfg.validation, class_counts(samples),
+                              data_docs_dir=out / "data_docs", facts_csv=out / "image_facts.csv")
+    (out / "summary.md").write_text(result.summary_markdown())
+    docs = result.statistics.get("data_docs")
+    create_markdown_artifact(
+        markdown=result.summary_markdown() + (f"\n\nData Docs: [{docs}](file://{docs})" if docs else ""),
+        key="data-validation", description="Great Expectations gate",
+    )
+    require_valid(result, split.problem)
+    get_run_logger().info("data valid: %d images; Data Docs %s", len(samples), docs)
 
 
 @task(name="augment-data", cache_policy=NONE)
-def augment_data(cfg, samples, rows: list[SplitSample], run_dir: Path) -> PreparedData:
+def augment_data(cfg, samples, split: SplitOutcome, run_dir: Path) -> PreparedData:
+    rows = split.rows
     classes = list(cfg.data.classes) or class_names(samples, cfg.data.good_class)
     size = cfg.model.input_size
     train = load_split(select(rows, "train"), classes, size)

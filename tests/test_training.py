@@ -20,7 +20,7 @@ from defectflow.training import (
     tune,
 )
 
-OVERRIDES = ["model.input_size=32", "model.base_filters=4", "model.depth=2", "tune.max_trials=2",
+OVERRIDES = ["model.backbone=plain", "model.input_size=32", "model.base_filters=4", "model.depth=2", "tune.max_trials=2",
              "tune.epochs=1", "tune.base_filters=[4]", "train.epochs=2", "train.verbose=0"]
 
 
@@ -105,3 +105,14 @@ def test_predictor_rejects_a_folder_that_is_no_model(tmp_path):
 def test_evaluate_needs_samples(prepared):
     with pytest.raises(ValueError, match="empty"):
         evaluate(None, [])
+
+
+def test_lite0_trains_in_two_phases(prepared, tmp_path):
+    _, data, rows = prepared
+    cfg = load_config("default", ["model.backbone=lite0", "model.input_size=32", "model.base_filters=4",
+                                  "train.epochs=2", "train.frozen_epochs=1", "train.verbose=0"])
+    result = train(cfg, data, {"base_filters": 4, "learning_rate": 1e-3, "dropout": 0.0})
+    assert len(result.history["loss"]) == 2
+    model_dir = save_artifact(result, cfg, data.classes, tmp_path / "model")
+    predictions = Predictor.load(model_dir).predict_arrays([np.zeros((40, 50, 3), np.uint8)])
+    assert predictions[0].mask.shape == (40, 50)

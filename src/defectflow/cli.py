@@ -67,16 +67,29 @@ def cmd_synth(args) -> int:
 
 
 def cmd_validate(args) -> int:
+    """The same gate as the flow: facts, split (with leakage checks), suite, Data Docs."""
     from defectflow.config import load_config
     from defectflow.data.mvtec import class_counts, scan_dataset
-    from defectflow.validation import image_facts, validate_dataset
+    from defectflow.data.split import split_dataset
+    from defectflow.validation import image_facts, sha256_by_path, validate_dataset, with_splits
 
     cfg = load_config(args.config, args.overrides)
     samples = scan_dataset(cfg.data.root, cfg.data.good_class)
-    result = validate_dataset(image_facts(samples, cfg.data.good_class), cfg.validation, class_counts(samples))
+    facts = image_facts(samples, cfg.data.good_class)
+    home = Path(cfg.paths.home)
+    split = split_dataset(samples, sha256_by_path(facts), cfg.data.split, home / "manifests")
+    out = home / "validation"
+    result = validate_dataset(with_splits(facts, split.rows), cfg.validation, class_counts(samples),
+                              data_docs_dir=out / "data_docs", facts_csv=out / "image_facts.csv")
     print(result.summary_markdown())
+    print(f"\nData Docs: {result.statistics.get('data_docs')}")
+    if split.fingerprint:
+        print(f"data version: {split.fingerprint}")
     if not result.success:
         print(result.message(), file=sys.stderr)
+        return 1
+    if split.problem:
+        print(f"defectflow: the data cannot be split: {split.problem}", file=sys.stderr)
         return 1
     return 0
 

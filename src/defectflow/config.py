@@ -70,6 +70,13 @@ class ValidationConfig:
     allowed_channels: list[int] = field(default_factory=lambda: [1, 3, 4])
     #: The smallest number of images any class may have (a split needs some of each).
     min_images_per_class: int = 3
+    #: The classes the dataset must have, exactly (e.g. good + the defect folders). Empty: any.
+    #: When given, the checks of `classes_suite` are added to the suite.
+    expected_classes: list[str] = field(default_factory=list)
+    classes_suite: str = "expectations/classes.json"
+    #: Identical files (same bytes) inside one split pass only when True. Identical files in two
+    #: different splits (train/val/test leakage) always fail.
+    allow_duplicates: bool = False
 
 
 @dataclass
@@ -82,14 +89,20 @@ class AugmentConfig:
     zoom: float = 0.05
     brightness: float = 0.1
     contrast: float = 0.1
+    #: Resampling of rotation/translation/zoom: nearest keeps 1-2 px defects sharp.
+    interpolation: str = "nearest"
     #: How many augmented training samples the preview plot shows.
     preview_count: int = 8
 
 
 @dataclass
 class ModelConfig:
+    #: lite0: EfficientNet-Lite0 encoder with ImageNet weights (offline); plain: a small
+    #: encoder from random weights (fast, for tests; learns little on real data).
+    backbone: str = "lite0"
     input_size: int = 128
     base_filters: int = 16
+    #: Encoder depth of the plain backbone (lite0 always downsamples 5 times).
     depth: int = 4
     dropout: float = 0.2
 
@@ -97,6 +110,10 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 20
+    #: First epochs train decoder and heads on a frozen pretrained encoder; the rest fine-tune
+    #: the encoder too (BatchNorm stays frozen) at learning_rate * fine_tune_lr_factor.
+    frozen_epochs: int = 5
+    fine_tune_lr_factor: float = 0.1
     batch_size: int = 8
     learning_rate: float = 1e-3
     #: Weight of the mask loss next to the class loss.
@@ -203,9 +220,12 @@ def check_config(cfg: DictConfig) -> None:
     s = cfg.data.split
     if min(s.train, s.val, s.test) <= 0 or abs(s.train + s.val + s.test - 1.0) > 1e-6:
         raise ConfigError(f"data.split ratios must be > 0 and sum to 1, got {s.train}/{s.val}/{s.test}")
-    if cfg.model.input_size % (2 ** cfg.model.depth):
+    if cfg.model.backbone not in {"lite0", "plain"}:
+        raise ConfigError(f"model.backbone must be lite0 or plain, got {cfg.model.backbone!r}")
+    divisor = 32 if cfg.model.backbone == "lite0" else 2**cfg.model.depth
+    if cfg.model.input_size % divisor:
         raise ConfigError(
-            f"model.input_size={cfg.model.input_size} must be divisible by 2**model.depth={2 ** cfg.model.depth}"
+            f"model.input_size={cfg.model.input_size} must be divisible by {divisor} for the {cfg.model.backbone} backbone"
         )
     if cfg.train.device not in {"auto", "cpu", "gpu"}:
         raise ConfigError(f"train.device must be auto, cpu or gpu, got {cfg.train.device!r}")

@@ -19,7 +19,7 @@ from defectflow.data.augment import JointAugmentation
 from defectflow.data.dataset import ArraySplit, make_dataset
 from defectflow.inference import METRICS_FILE, MODEL_FILE, ModelInfo
 from defectflow.models.losses import DiceBCELoss, WeightedCrossEntropy
-from defectflow.models.unet import build_unet
+from defectflow.models.unet import build_model, set_backbone_trainable
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +91,10 @@ def tune(cfg, data: PreparedData, out_dir: Path) -> tuple[dict, list[dict]]:
     weights = _class_weights(cfg, data)
 
     def build(hp):
-        model = build_unet(
-            cfg.model.input_size,
-            len(data.classes),
-            base_filters=hp.Choice("base_filters", list(cfg.tune.base_filters)),
-            depth=cfg.model.depth,
-            dropout=hp.Choice("dropout", list(cfg.tune.dropout)),
-        )
+        model = _build(cfg, len(data.classes), hp.Choice("base_filters", list(cfg.tune.base_filters)),
+                       hp.Choice("dropout", list(cfg.tune.dropout)))
+        # Trials compare decoders and heads on the frozen encoder: the cheap, telling part.
+        set_backbone_trainable(model, False)
         lr = hp.Choice("learning_rate", list(cfg.tune.learning_rate))
         return compile_model(model, lr, weights, cfg.train.mask_loss_weight)
 
@@ -137,34 +134,43 @@ class TrainResult:
     hyperparameters: dict
 
 
+def _build(cfg, num_classes: int, base_filters: int, dropout: float):
+    return build_model(cfg.model.backbone, cfg.model.input_size, num_classes, base_filters=int(base_filters),
+                       depth=cfg.model.depth, dropout=float(dropout))
+
+
 def train(cfg, data: PreparedData, hyperparameters: dict) -> TrainResult:
+    """Two phases: decoder and heads on the frozen encoder, then everything but BatchNorm."""
     import keras
 
     keras.utils.set_random_seed(cfg.train.seed)
-    model = build_unet(
-        cfg.model.input_size,
-        len(data.classes),
-        base_filters=int(hyperparameters["base_filters"]),
-        depth=cfg.model.depth,
-        dropout=float(hyperparameters["dropout"]),
-    )
-    compile_model(model, float(hyperparameters["learning_rate"]), _class_weights(cfg, data), cfg.train.mask_loss_weight)
+    model = _build(cfg, len(data.classes), hyperparameters["base_filters"], hyperparameters["dropout"])
+    learning_rate = float(hyperparameters["learning_rate"])
     train_ds, val_ds = _datasets(cfg, data, cfg.train.batch_size)
-    callbacks = [
-        keras.callbacks.EarlyStopping(
+    device = select_device(cfg.train.device)
+    frozen = min(cfg.train.frozen_epochs, cfg.train.epochs) if cfg.model.backbone == "lite0" else 0
+    phases = [(False, learning_rate, frozen),
+              (True, learning_rate * (cfg.train.fine_tune_lr_factor if frozen else 1.0), cfg.train.epochs)]
+    history: dict[str, list[float]] = {}
+    start = time.perf_counter()
+    done = 0
+    for trainable, lr, until in phases:
+        if until <= done:
+            continue
+        set_backbone_trainable(model, trainable)
+        compile_model(model, lr, _class_weights(cfg, data), cfg.train.mask_loss_weight)
+        stop = keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=cfg.train.early_stopping_patience, restore_best_weights=True
         )
-    ]
-    device = select_device(cfg.train.device)
-    start = time.perf_counter()
-    with _device(cfg):
-        history = model.fit(
-            train_ds, validation_data=val_ds, epochs=cfg.train.epochs, callbacks=callbacks, verbose=cfg.train.verbose
-        )
+        with _device(cfg):
+            fit = model.fit(train_ds, validation_data=val_ds, initial_epoch=done, epochs=until, callbacks=[stop],
+                            verbose=cfg.train.verbose)
+        for key, values in fit.history.items():
+            history.setdefault(key, []).extend(float(v) for v in values)
+        done = until
     seconds = time.perf_counter() - start
-    log.info("trained %d epochs on %s in %.1f s", len(history.epoch), device, seconds)
-    hist = {k: [float(x) for x in v] for k, v in history.history.items()}
-    return TrainResult(model, hist, seconds, device, dict(hyperparameters))
+    log.info("trained %d epochs on %s in %.1f s", len(history.get("loss", [])), device, seconds)
+    return TrainResult(model, history, seconds, device, dict(hyperparameters))
 
 
 def save_artifact(result: TrainResult, cfg, classes: list[str], out_dir: Path, metrics: dict | None = None) -> Path:

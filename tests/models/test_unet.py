@@ -33,3 +33,27 @@ def test_weighted_cross_entropy_weights_classes():
     weighted = float(WeightedCrossEntropy([1.0, 3.0])(labels, probs))
     assert weighted == pytest.approx(plain * 2.0, rel=1e-5)
     assert WeightedCrossEntropy([1.0, 3.0]).get_config()["class_weights"] == [1.0, 3.0]
+
+
+def test_lite0_unet_two_heads_and_backbone_freezing():
+    import keras
+
+    from defectflow.models.unet import BACKBONE, build_model, set_backbone_trainable
+
+    model = build_model("lite0", 64, 6, base_filters=4, dropout=0.0)
+    out = model.predict_on_batch(np.zeros((1, 64, 64, 3), np.float32))
+    assert out["class"].shape == (1, 6) and out["mask"].shape == (1, 64, 64, 1)
+    encoder = model.get_layer(BACKBONE)
+    set_backbone_trainable(model, False)
+    assert not any(layer.trainable for layer in encoder.layers)
+    set_backbone_trainable(model, True)
+    bn = [layer for layer in encoder.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert bn and not any(layer.trainable for layer in bn)
+    assert any(layer.trainable for layer in encoder.layers if not isinstance(layer, keras.layers.BatchNormalization))
+
+
+def test_unknown_backbone():
+    from defectflow.models.unet import build_model
+
+    with pytest.raises(ValueError, match="lite0 or plain"):
+        build_model("resnet", 64, 6)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,12 +49,64 @@ def stratified_split(
     return sorted(out, key=lambda x: (SPLITS.index(x.split), str(x.sample.path)))
 
 
-MANIFEST_FIELDS = ("path", "label", "split", "mask_path", "origin")
+MANIFEST_FIELDS = ("path", "label", "split", "sha256", "mask_path", "origin")
 
 
-def write_manifest(rows: list[SplitSample], path: Path) -> Path:
+def data_fingerprint(samples: list[Sample], sha256: dict[Path, str], split_cfg) -> str:
+    """The data version: a hash of every file's name, class and content, and of the split
+    settings. Unchanged data gives the same fingerprint wherever the folder lives."""
+    digest = hashlib.sha256()
+    digest.update(f"{split_cfg.train}/{split_cfg.val}/{split_cfg.test}/{split_cfg.seed}\n".encode())
+    for s in sorted(samples, key=lambda s: (s.label, s.origin, s.path.name)):
+        digest.update(f"{s.origin}/{s.label}/{s.path.name}:{sha256[s.path]}\n".encode())
+    return digest.hexdigest()
+
+
+def split_with_manifest(
+    samples: list[Sample], sha256: dict[Path, str], split_cfg, manifest_dir: Path
+) -> tuple[list[SplitSample], str, bool]:
+    """The split of this data version: read from `<manifest_dir>/<fingerprint>.csv` when the
+    same data was split before, else computed and stored there. Returns (rows, fingerprint,
+    reused)."""
+    fingerprint = data_fingerprint(samples, sha256, split_cfg)
+    stored = manifest_dir / f"{fingerprint}.csv"
+    if stored.exists():
+        by_key = {(s.origin, s.label, s.path.name): s for s in samples}
+        rows = [
+            SplitSample(by_key[(r.sample.origin, r.sample.label, r.sample.path.name)], r.split)
+            for r in read_manifest(stored)
+        ]
+        return rows, fingerprint, True
+    rows = stratified_split(samples, split_cfg.train, split_cfg.val, split_cfg.test, split_cfg.seed)
+    write_manifest(rows, stored, sha256)
+    return rows, fingerprint, False
+
+
+@dataclass
+class SplitOutcome:
+    rows: list[SplitSample]
+    fingerprint: str
+    reused: bool = False
+    #: Why there is no split (unreadable files, too few images); the validation gate then
+    #: reports the same problem by file name.
+    problem: str = ""
+
+
+def split_dataset(samples: list[Sample], sha256: dict[Path, str], split_cfg, manifest_dir: Path) -> SplitOutcome:
+    """`split_with_manifest`, or the reason it cannot be done yet."""
+    unreadable = [str(s.path) for s in samples if not sha256.get(s.path)]
+    if unreadable:
+        return SplitOutcome([], "", problem=f"{len(unreadable)} unreadable files, e.g. {unreadable[0]}")
+    try:
+        return SplitOutcome(*split_with_manifest(samples, sha256, split_cfg, manifest_dir))
+    except DatasetError as exc:
+        return SplitOutcome([], "", problem=str(exc))
+
+
+def write_manifest(rows: list[SplitSample], path: Path, sha256: dict[Path, str] | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as fh:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=MANIFEST_FIELDS)
         writer.writeheader()
         for r in rows:
@@ -63,10 +116,12 @@ def write_manifest(rows: list[SplitSample], path: Path) -> Path:
                     "path": str(s.path),
                     "label": s.label,
                     "split": r.split,
+                    "sha256": (sha256 or {}).get(s.path, ""),
                     "mask_path": str(s.mask_path) if s.mask_path else "",
                     "origin": s.origin,
                 }
             )
+    tmp.replace(path)  # never a half-written manifest
     return path
 
 
