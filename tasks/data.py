@@ -10,7 +10,7 @@ from prefect.cache_policies import NONE
 
 from defectflow.config import load_config
 from defectflow.data.augment import JointAugmentation, augmentation_preview
-from defectflow.data.dataset import load_split
+from defectflow.data.dataset import load_split, spread_over_classes
 from defectflow.data.mvtec import class_counts, class_names, scan_dataset
 from defectflow.data.split import SplitOutcome, select, split_dataset, write_manifest
 from defectflow.plots import save_rgb
@@ -81,8 +81,13 @@ def augment_data(cfg, samples, split: SplitOutcome, run_dir: Path) -> PreparedDa
     train = load_split(select(rows, "train"), classes, size)
     val = load_split(select(rows, "val"), classes, size)
     augmentation = JointAugmentation(cfg.augment, seed=cfg.train.seed)
-    preview = augmentation_preview(augmentation, train.images, train.masks, cfg.augment.preview_count)
-    save_rgb(preview, run_dir / "augmentation_preview.png")
+    shown = load_split(spread_over_classes(select(rows, "train"), cfg.augment.preview_count), classes, size)
+    preview = save_rgb(augmentation_preview(augmentation, shown.images, shown.masks, len(shown)),
+                       run_dir / "augmentation_preview.png")
+    create_markdown_artifact(
+        markdown=f"Augmentation: {', '.join(augmentation.describe())}\n\n![preview](file://{preview})\n\n"
+                 f"Preview grid: `{preview}`", key="augmentation-preview",
+    )
     get_run_logger().info(
         "augmentation %s on %d training images (preview %s)",
         augmentation.describe(), len(train), run_dir / "augmentation_preview.png",

@@ -37,3 +37,14 @@ def test_clear_errors_for_bad_config_and_missing_data(tmp_path, capsys):
 def test_usage_error_exits_nonzero():
     with pytest.raises(SystemExit):
         main(["bogus"])
+
+
+def test_data_preview_writes_a_grid(tiny_dataset, tmp_path, capsys):
+    import cv2
+
+    out = tmp_path / "preview.png"
+    assert main(["data", "preview", "--out", str(out), f"data.root={tiny_dataset}", "model.input_size=64",
+                 "augment.preview_count=6"]) == 0
+    image = cv2.imread(str(out))
+    assert image is not None and image.shape[1] == 4 * 160  # four columns of tiles
+    assert str(out) in capsys.readouterr().out

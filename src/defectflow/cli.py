@@ -1,6 +1,7 @@
 """The `defectflow` command.
 
     defectflow data synth [key=value ...]      write the embedded synthetic dataset
+    defectflow data preview [--out PNG]        grid of augmented image/mask pairs
     defectflow validate   [key=value ...]      run the Great Expectations gate on data.root
     defectflow train      [key=value ...]      run the training pipeline (a Prefect flow)
     defectflow serve      [--bento TAG]        serve a Bento over HTTP (BentoML)
@@ -37,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", required=True)
     synth = configurable(data_sub.add_parser("synth", help="write the synthetic MVTec-layout dataset"))
     synth.add_argument("--overwrite", action="store_true", help="replace an existing synthetic dataset")
+    preview = configurable(data_sub.add_parser("preview", help="write a grid PNG of augmented image/mask pairs"))
+    preview.add_argument("--out", type=Path, default=None, help="PNG path (default: <home>/augmentation_preview.png)")
     configurable(sub.add_parser("validate", help="validate data.root with Great Expectations"))
     configurable(sub.add_parser("train", help="run the training pipeline flow"))
     serve = sub.add_parser("serve", help="serve a built Bento over HTTP")
@@ -63,6 +66,24 @@ def cmd_synth(args) -> int:
                             n_test_good=s.n_test_good, n_per_defect=s.n_per_defect, seed=s.seed,
                             overwrite=args.overwrite)
     print(f"synthetic dataset written to {root}")
+    return 0
+
+
+def cmd_preview(args) -> int:
+    from defectflow.config import load_config
+    from defectflow.data.augment import JointAugmentation, augmentation_preview
+    from defectflow.data.dataset import load_split, spread_over_classes
+    from defectflow.data.mvtec import class_names, scan_dataset
+    from defectflow.plots import save_rgb
+
+    cfg = load_config(args.config, args.overrides)
+    samples = scan_dataset(cfg.data.root, cfg.data.good_class)
+    shown = load_split(spread_over_classes(samples, cfg.augment.preview_count),
+                       class_names(samples, cfg.data.good_class), cfg.model.input_size)
+    grid = augmentation_preview(JointAugmentation(cfg.augment, seed=cfg.train.seed), shown.images, shown.masks,
+                                len(shown))
+    out = save_rgb(grid, args.out or Path(cfg.paths.home) / "augmentation_preview.png")
+    print(f"augmentation preview written to {out}")
     return 0
 
 
@@ -141,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     from defectflow.data.mvtec import DatasetError
 
     handlers = {"validate": cmd_validate, "train": cmd_train, "serve": cmd_serve, "deploy": cmd_deploy}
-    handler = cmd_synth if args.command == "data" else handlers[args.command]
+    if args.command == "data":
+        handler = cmd_preview if args.data_command == "preview" else cmd_synth
+    else:
+        handler = handlers[args.command]
     try:
         return handler(args)
     except (ConfigError, DatasetError, FileExistsError) as exc:

@@ -89,6 +89,12 @@ class AugmentConfig:
     zoom: float = 0.05
     brightness: float = 0.1
     contrast: float = 0.1
+    #: Gaussian pixel noise, standard deviation in grey levels (0..255); 0 = off.
+    noise_std: float = 4.0
+    #: Chance that a sample gets each group of transforms (drawn per sample).
+    p_geometric: float = 0.9
+    p_photometric: float = 0.8
+    p_noise: float = 0.3
     #: Resampling of rotation/translation/zoom: nearest keeps 1-2 px defects sharp.
     interpolation: str = "nearest"
     #: How many augmented training samples the preview plot shows.

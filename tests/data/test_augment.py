@@ -6,7 +6,8 @@ from defectflow.data.augment import JointAugmentation, augmentation_preview
 
 
 def _cfg(**kw):
-    return OmegaConf.merge(OmegaConf.structured(AugmentConfig), kw)
+    always = {"p_geometric": 1.0, "p_photometric": 1.0, "p_noise": 1.0, "noise_std": 0.0}
+    return OmegaConf.merge(OmegaConf.structured(AugmentConfig), {**always, **kw})
 
 
 def test_mask_moves_with_the_image():
@@ -38,3 +39,26 @@ def test_photometric_changes_image_only_and_preview():
     np.testing.assert_array_equal(np.asarray(out_masks), masks)
     grid = augmentation_preview(aug, images, masks, count=2)
     assert grid.ndim == 3 and grid.dtype == np.uint8
+
+
+def test_probabilities_are_drawn_per_sample():
+    images = np.zeros((64, 16, 16, 3), np.float32)
+    masks = np.zeros((64, 16, 16, 1), np.float32)
+    masks[:, 2:5, 2:5] = 1
+    never = JointAugmentation(_cfg(p_geometric=0.0, brightness=0.0, contrast=0.0), seed=1)
+    np.testing.assert_array_equal(np.asarray(never(images, masks)[1]), masks)
+    half = JointAugmentation(_cfg(p_geometric=0.5, rotation=0.0, translation=0.0, zoom=0.0,
+                                  vertical_flip=False, brightness=0.0, contrast=0.0), seed=1)
+    flipped = (np.asarray(half(images, masks)[1]) != masks).reshape(64, -1).any(axis=1)
+    assert 5 < flipped.sum() < 59  # about half, never none or all
+
+
+def test_noise_changes_image_only():
+    aug = JointAugmentation(_cfg(horizontal_flip=False, vertical_flip=False, rotation=0.0, translation=0.0,
+                                 zoom=0.0, brightness=0.0, contrast=0.0, noise_std=8.0), seed=0)
+    images = np.full((2, 16, 16, 3), 128.0, np.float32)
+    masks = np.zeros((2, 16, 16, 1), np.float32)
+    out_images, out_masks = aug(images, masks)
+    assert 4 < np.asarray(out_images).std() < 12
+    np.testing.assert_array_equal(np.asarray(out_masks), masks)
+    assert any("noise" in name for name in aug.describe())

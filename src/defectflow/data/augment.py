@@ -1,13 +1,24 @@
 """Augmentation of image and mask together, with Keras augmentation layers.
 
 Geometric layers run once on the image and mask stacked as one 4-channel tensor, so the mask
-moves exactly with its defect; photometric layers then touch the image only.
+moves exactly with its defect; photometric layers and noise then touch the image only. Each
+group is applied to a sample with its configured probability, drawn per sample.
 """
 
 from __future__ import annotations
 
 import keras
 from keras import layers, ops
+
+
+def _per_sample(x, transform, probability: float):
+    """`transform(x)` for a random `probability` share of the samples of batch `x`."""
+    if probability >= 1.0:
+        return transform(x)
+    if probability <= 0.0:
+        return x
+    chosen = keras.random.uniform((ops.shape(x)[0], 1, 1, 1)) < probability
+    return ops.where(chosen, transform(x), x)
 
 
 class JointAugmentation:
@@ -21,13 +32,14 @@ class JointAugmentation:
         if flip:
             geometric.append(layers.RandomFlip(flip, seed=seed))
         if cfg.rotation > 0:
-            geometric.append(layers.RandomRotation(cfg.rotation, fill_mode="reflect", interpolation=interpolation, seed=seed + 1))
+            geometric.append(layers.RandomRotation(cfg.rotation, fill_mode="reflect",
+                                                   interpolation=interpolation, seed=seed + 1))
         if cfg.translation > 0:
-            geometric.append(
-                layers.RandomTranslation(cfg.translation, cfg.translation, fill_mode="reflect", interpolation=interpolation, seed=seed + 2)
-            )
+            geometric.append(layers.RandomTranslation(cfg.translation, cfg.translation, fill_mode="reflect",
+                                                      interpolation=interpolation, seed=seed + 2))
         if cfg.zoom > 0:
-            geometric.append(layers.RandomZoom(cfg.zoom, fill_mode="reflect", interpolation=interpolation, seed=seed + 3))
+            geometric.append(layers.RandomZoom(cfg.zoom, fill_mode="reflect", interpolation=interpolation,
+                                               seed=seed + 3))
         photometric = []
         if cfg.brightness > 0:
             photometric.append(layers.RandomBrightness(cfg.brightness, value_range=(0, 255), seed=seed + 4))
@@ -35,18 +47,28 @@ class JointAugmentation:
             photometric.append(layers.RandomContrast(cfg.contrast, value_range=(0, 255), seed=seed + 5))
         self.geometric = keras.Sequential(geometric, name="geometric") if geometric else None
         self.photometric = keras.Sequential(photometric, name="photometric") if photometric else None
+        self.noise_std = float(cfg.noise_std)
+        self.probabilities = (cfg.p_geometric, cfg.p_photometric, cfg.p_noise)
+
+    def _noise(self, images):
+        return images + keras.random.normal(ops.shape(images), stddev=self.noise_std)
 
     def __call__(self, images, masks):
         """Batched images (N, H, W, 3) in [0, 255] and masks (N, H, W, 1) in [0, 1]."""
+        p_geometric, p_photometric, p_noise = self.probabilities
         if self.geometric is not None:
-            stacked = self.geometric(ops.concatenate([images, masks], axis=-1), training=True)
+            stacked = ops.concatenate([images, masks], axis=-1)
+            stacked = _per_sample(stacked, lambda x: self.geometric(x, training=True), p_geometric)
             images, masks = stacked[..., :3], stacked[..., 3:]
         if self.photometric is not None:
-            images = self.photometric(images, training=True)
+            images = _per_sample(images, lambda x: self.photometric(x, training=True), p_photometric)
+        if self.noise_std > 0:
+            images = _per_sample(images, self._noise, p_noise)
         return ops.clip(images, 0.0, 255.0), ops.clip(masks, 0.0, 1.0)
 
     def describe(self) -> list[str]:
-        return [layer.name for seq in (self.geometric, self.photometric) if seq for layer in seq.layers]
+        names = [layer.name for seq in (self.geometric, self.photometric) if seq for layer in seq.layers]
+        return names + ([f"gaussian_noise(std={self.noise_std})"] if self.noise_std > 0 else [])
 
 
 def augmentation_preview(augmentation: JointAugmentation, images, masks, count: int):

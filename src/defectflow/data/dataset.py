@@ -30,6 +30,20 @@ def load_split(samples: list[Sample], classes: list[str], size: int) -> ArraySpl
     return ArraySplit(images, labels, masks)
 
 
+def spread_over_classes(samples: list[Sample], count: int) -> list[Sample]:
+    """Up to `count` samples taken round-robin over the classes (for previews and plots)."""
+    by_class: dict[str, list[Sample]] = {}
+    for s in samples:
+        by_class.setdefault(s.label, []).append(s)
+    queues = [list(v) for _, v in sorted(by_class.items())]
+    out: list[Sample] = []
+    while len(out) < count and any(queues):
+        for queue in queues:
+            if queue and len(out) < count:
+                out.append(queue.pop(0))
+    return out
+
+
 def oversampled_indices(labels: np.ndarray, seed: int = 0) -> np.ndarray:
     """Indices that repeat the images of each smaller class until every class is as large as
     the largest, so training batches are not dominated by `good` images."""
