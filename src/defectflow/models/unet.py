@@ -30,7 +30,10 @@ def _decoder_block(x, skip, filters: int, name: str):
 
 
 def _heads(x, bottleneck, num_classes: int, dropout: float) -> dict:
-    mask = layers.Conv2D(1, 1, activation="sigmoid", name="mask")(x)
+    # Defects cover ~1 % of the pixels: start the mask head at that prior (sigmoid(-4.6))
+    # instead of 0.5, or early training paints half the image as defect.
+    mask = layers.Conv2D(1, 1, activation="sigmoid", bias_initializer=keras.initializers.Constant(-4.6),
+                         name="mask")(x)
     # Max pooling keeps the evidence of a defect that covers a few pixels, which average
     # pooling would dilute; the full-resolution decoder features see the finest detail.
     features = layers.Concatenate(name="class_features")([
