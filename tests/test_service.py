@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import base64
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -22,10 +19,7 @@ import httpx
 import numpy as np
 import pytest
 from helpers_models import CLASSES, make_tiny_model_dir
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-BENTOML = Path(sys.executable).with_name("bentoml")
-READY_TIMEOUT_S = 120
+from helpers_processes import REPO_ROOT, serve_bento
 
 pytestmark = pytest.mark.integration
 
@@ -52,50 +46,6 @@ def _env(home: Path) -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def _serve(target: str, env: dict[str, str], log: Path) -> Iterator[str]:
-    """`bentoml serve target` until ready; yields its URL; always stops the server."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [str(BENTOML), "serve", target, "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: stopping it stops its workers
-        )
-    try:
-        start = time.monotonic()
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"bentoml serve {target} exited {proc.returncode}:\n"
-                            + log.read_text()[-3000:])
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() - start > READY_TIMEOUT_S:
-                pytest.fail(f"bentoml serve {target} not ready after {READY_TIMEOUT_S} s:\n"
-                            + log.read_text()[-3000:])
-            time.sleep(0.25)
-        print(f"\n{target} ready in {time.monotonic() - start:.1f} s")
-        yield url
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("service")
@@ -113,7 +63,7 @@ def store(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def server(store) -> Iterator[str]:
-    with _serve(store["bento"], store["env"], store["root"] / "bento-serve.log") as url:
+    with serve_bento(store["bento"], store["env"], store["root"] / "bento-serve.log") as url:
         yield url
 
 
@@ -193,7 +143,7 @@ def test_openapi_documents_the_endpoint(server):
 
 def test_serve_from_source_uses_defectflow_model_tag(store):
     env = {**store["env"], "DEFECTFLOW_MODEL_TAG": store["pinned"]}
-    with _serve("service:DefectInspection", env, store["root"] / "source-serve.log") as url:
+    with serve_bento("service:DefectInspection", env, store["root"] / "source-serve.log") as url:
         response = _predict(url, _png(np.zeros((20, 24, 3), np.uint8)))
     assert response.status_code == 200, response.text
     assert response.json()["model"] == store["pinned"]

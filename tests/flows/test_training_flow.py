@@ -1,21 +1,15 @@
 """The training flow for real: Prefect, Great Expectations, KerasTuner, Keras, BentoML and HTTP."""
 
 import base64
-import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-import uuid
 from pathlib import Path
 
 import cv2
+import httpx
 import numpy as np
 import pytest
+from helpers_processes import serve_bento
 
 pytestmark = pytest.mark.integration
 
@@ -30,44 +24,9 @@ def prefect_server():
         yield
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _multipart(field: str, filename: str, data: bytes) -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    body = (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
-        f"Content-Type: application/octet-stream\r\n\r\n"
-    ).encode() + data + f"\r\n--{boundary}--\r\n".encode()
-    return body, f"multipart/form-data; boundary={boundary}"
-
-
 def _post(url: str, filename: str, data: bytes) -> tuple[int, dict]:
-    body, content_type = _multipart("image", filename, data)
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"{}")
-
-
-def _wait_ready(url: str, server: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"server exited with {server.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/readyz", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{url} not ready after {timeout} s")
+    response = httpx.post(f"{url}/predict", files={"image": (filename, data)}, timeout=60)
+    return response.status_code, response.json()
 
 
 def test_flow_trains_packages_and_serves(prefect_server, tiny_dataset, tmp_path):
@@ -90,31 +49,16 @@ def test_flow_trains_packages_and_serves(prefect_server, tiny_dataset, tmp_path)
     assert model.info.metadata["metrics"]["accuracy"] == pytest.approx(summary["metrics"]["accuracy"])
     assert "config_sha256" in model.info.metadata
 
-    port = _free_port()
-    log = (tmp_path / "serve.log").open("w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "defectflow.cli", "serve", "--bento", summary["bento_tag"], "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(), start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(url, server)
+    with serve_bento(summary["bento_tag"], os.environ.copy(), tmp_path / "serve.log") as url:
         image_path = next((tiny_dataset / "test" / "crack").iterdir())
-        status, body = _post(url + "/predict", image_path.name, image_path.read_bytes())
+        status, body = _post(url, image_path.name, image_path.read_bytes())
         assert status == 200, body
         assert body["class"] in ["good", "crack", "faulty_imprint", "poke", "scratch", "squeeze"]
         assert abs(sum(body["probabilities"].values()) - 1.0) < 1e-4
         mask = cv2.imdecode(np.frombuffer(base64.b64decode(body["mask_png_base64"]), np.uint8), cv2.IMREAD_UNCHANGED)
         assert mask.shape == cv2.imread(str(image_path)).shape[:2]
-        status, body = _post(url + "/predict", "notes.txt", b"this is not an image")
+        status, body = _post(url, "notes.txt", b"this is not an image")
         assert 400 <= status < 500, body
-    finally:
-        os.killpg(server.pid, 15)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, 9)
-        log.close()
 
 
 def test_flow_stops_at_the_gate(prefect_server, tiny_dataset):

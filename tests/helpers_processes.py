@@ -1,0 +1,76 @@
+"""Servers the integration tests start as subprocesses, on 127.0.0.1 only, always stopped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float, log: Path | None = None) -> float:
+    """Poll `url` until it answers 200; fail the test if the process dies or time runs out."""
+    start = time.monotonic()
+    tail = (lambda: "\n" + log.read_text()[-3000:]) if log else (lambda: "")
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"{' '.join(map(str, proc.args[:3]))} exited {proc.returncode}" + tail())
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return time.monotonic() - start
+        except httpx.TransportError:
+            pass
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"{url} did not answer within {timeout} s" + tail())
+        time.sleep(0.25)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a process started with start_new_session=True, with its whole process group."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+@contextmanager
+def running(command: list[str], env: dict[str, str], log: Path, cwd: Path = REPO_ROOT) -> Iterator[subprocess.Popen]:
+    with log.open("wb") as out:
+        proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # own process group: stop() reaches workers
+    try:
+        yield proc
+    finally:
+        stop(proc)
+
+
+@contextmanager
+def serve_bento(target: str, env: dict[str, str], log: Path, timeout: float = 120) -> Iterator[str]:
+    """`bentoml serve target` on a free port until /readyz answers; yields its URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [str(BIN / "bentoml"), "serve", target, "--host", "127.0.0.1", "--port", str(port)]
+    with running(command, env, log) as proc:
+        seconds = wait_http(f"{url}/readyz", proc, timeout, log)
+        print(f"\n{target} ready in {seconds:.1f} s")
+        yield url
