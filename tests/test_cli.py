@@ -48,3 +48,14 @@ def test_data_preview_writes_a_grid(tiny_dataset, tmp_path, capsys):
     image = cv2.imread(str(out))
     assert image is not None and image.shape[1] == 4 * 160  # four columns of tiles
     assert str(out) in capsys.readouterr().out
+
+
+def test_serve_refuses_a_busy_port(capsys):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    assert "cannot serve" in capsys.readouterr().err

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -134,12 +133,22 @@ def cmd_train(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    command = ["bentoml", "serve", args.bento, "--host", args.host, "--port", str(args.port)]
+    """Becomes `bentoml serve` (exec): stopping this process stops the server and its workers."""
+    import socket
+
+    with socket.socket() as probe:
+        try:
+            probe.bind((args.host, args.port))
+        except OSError as exc:
+            print(f"defectflow: error: cannot serve on {args.host}:{args.port}: {exc.strerror} "
+                  "(another server running? pick another --port)", file=sys.stderr)
+            return 2
     bentoml = Path(sys.executable).with_name("bentoml")
-    if bentoml.exists():
-        command[0] = str(bentoml)
+    command = [str(bentoml) if bentoml.exists() else "bentoml", "serve", args.bento,
+               "--host", args.host, "--port", str(args.port)]
     print("$ " + " ".join(command), flush=True)
-    return subprocess.call(command, env=os.environ.copy())
+    os.execvpe(command[0], command, os.environ.copy())
+    return 0  # pragma: no cover - exec does not return
 
 
 def cmd_deploy(args) -> int:

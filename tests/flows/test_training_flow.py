@@ -3,13 +3,14 @@
 import base64
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import cv2
 import httpx
 import numpy as np
 import pytest
-from helpers_processes import serve_bento
+from helpers_processes import BIN, free_port, running, wait_http
 
 pytestmark = pytest.mark.integration
 
@@ -49,7 +50,13 @@ def test_flow_trains_packages_and_serves(prefect_server, tiny_dataset, tmp_path)
     assert model.info.metadata["metrics"]["accuracy"] == pytest.approx(summary["metrics"]["accuracy"])
     assert "config_sha256" in model.info.metadata
 
-    with serve_bento(summary["bento_tag"], os.environ.copy(), tmp_path / "serve.log") as url:
+    # Through the CLI, as `make demo` does: it must become the server, so stopping it leaves
+    # nothing listening.
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [str(BIN / "defectflow"), "serve", "--bento", summary["bento_tag"], "--port", str(port)]
+    with running(command, os.environ.copy(), tmp_path / "serve.log") as server:
+        wait_http(f"{url}/readyz", server, 180, tmp_path / "serve.log")
         image_path = next((tiny_dataset / "test" / "crack").iterdir())
         status, body = _post(url, image_path.name, image_path.read_bytes())
         assert status == 200, body
@@ -59,6 +66,8 @@ def test_flow_trains_packages_and_serves(prefect_server, tiny_dataset, tmp_path)
         assert mask.shape == cv2.imread(str(image_path)).shape[:2]
         status, body = _post(url, "notes.txt", b"this is not an image")
         assert 400 <= status < 500, body
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", port))  # free again: no orphaned server
 
 
 def test_flow_stops_at_the_gate(prefect_server, tiny_dataset):
