@@ -45,12 +45,13 @@ def scan_data(cfg, run_dir: Path):
 @task(name="split-data", cache_policy=NONE)
 def split_data(cfg, samples, facts, run_dir: Path) -> SplitOutcome:
     """The split of this data version (reused when the same data was split before)."""
-    outcome = split_dataset(samples, sha256_by_path(facts), cfg.data.split, Path(cfg.paths.home) / "manifests")
+    sha256 = sha256_by_path(facts)
+    outcome = split_dataset(samples, sha256, cfg.data.split, Path(cfg.paths.home) / "manifests")
     log = get_run_logger()
     if outcome.problem:
         log.warning("no split yet: %s", outcome.problem)
         return outcome
-    write_manifest(outcome.rows, run_dir / "manifest.csv", sha256_by_path(facts))
+    write_manifest(outcome.rows, run_dir / "manifest.csv", sha256)
     (run_dir / "data_fingerprint.txt").write_text(outcome.fingerprint + "\n")
     counts = {name: sum(r.split == name for r in outcome.rows) for name in ("train", "val", "test")}
     log.info("data version %s: split %s (%s), manifest %s", outcome.fingerprint[:12], counts,

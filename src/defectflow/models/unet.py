@@ -114,7 +114,5 @@ def build_unet(
     x = _conv_block(x, base_filters * 2**depth, "bottleneck")
     bottleneck = x
     for level in reversed(range(depth)):
-        x = layers.UpSampling2D(name=f"up{level}")(x)
-        x = layers.Concatenate(name=f"skip{level}")([x, skips[level]])
-        x = _conv_block(x, base_filters * 2**level, f"dec{level}")
+        x = _decoder_block(x, skips[level], base_filters * 2**level, f"dec{level}")
     return keras.Model(inputs, _heads(x, bottleneck, num_classes, dropout), name="defectflow_unet")
