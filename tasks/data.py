@@ -14,7 +14,7 @@ from defectflow.data.dataset import load_split, spread_over_classes
 from defectflow.data.mvtec import class_counts, class_names, scan_dataset
 from defectflow.data.split import SplitOutcome, select, split_dataset, write_manifest
 from defectflow.plots import save_rgb
-from defectflow.runs import new_run_dir
+from defectflow.runs import open_run_dir
 from defectflow.training import PreparedData
 from defectflow.validation import (
     image_facts,
@@ -26,11 +26,13 @@ from defectflow.validation import (
 
 
 @task(name="load-config", cache_policy=NONE)
-def load_run_config(config: str, overrides: list[str]):
+def load_run_config(config: str, overrides: list[str], run_id: str | None = None):
+    """The merged config and the run folder; an existing run id resumes that run."""
     cfg = load_config(config, overrides)
-    run_dir = new_run_dir(cfg)
-    get_run_logger().info("run folder %s (config %s, overrides %s)", run_dir, config, overrides or "none")
-    return cfg, run_dir
+    run_dir, resumed = open_run_dir(cfg, run_id)
+    get_run_logger().info("%s run folder %s (config %s, overrides %s)", "resuming" if resumed else "new",
+                          run_dir, config, overrides or "none")
+    return cfg, run_dir, resumed
 
 
 @task(name="scan-data", cache_policy=NONE)
@@ -79,8 +81,7 @@ def augment_data(cfg, samples, split: SplitOutcome, run_dir: Path) -> PreparedDa
     rows = split.rows
     classes = list(cfg.data.classes) or class_names(samples, cfg.data.good_class)
     size = cfg.model.input_size
-    train = load_split(select(rows, "train"), classes, size)
-    val = load_split(select(rows, "val"), classes, size)
+    data = PreparedData(select(rows, "train"), select(rows, "val"), classes)
     augmentation = JointAugmentation(cfg.augment, seed=cfg.train.seed)
     shown = load_split(spread_over_classes(select(rows, "train"), cfg.augment.preview_count), classes, size)
     preview = save_rgb(augmentation_preview(augmentation, shown.images, shown.masks, len(shown)),
@@ -91,6 +92,6 @@ def augment_data(cfg, samples, split: SplitOutcome, run_dir: Path) -> PreparedDa
     )
     get_run_logger().info(
         "augmentation %s on %d training images (preview %s)",
-        augmentation.describe(), len(train), run_dir / "augmentation_preview.png",
+        augmentation.describe(), len(data.train_samples), run_dir / "augmentation_preview.png",
     )
-    return PreparedData(train, val, classes, augmentation)
+    return data

@@ -4,6 +4,7 @@
     defectflow data preview [--out PNG]        grid of augmented image/mask pairs
     defectflow validate   [key=value ...]      run the Great Expectations gate on data.root
     defectflow train      [key=value ...]      run the training pipeline (a Prefect flow)
+    defectflow reproduce  [--seeds 42 43 44]   the pipeline on several split seeds: results table
     defectflow serve      [--bento TAG]        serve a Bento over HTTP (BentoML)
     defectflow deploy     [--cron EXPR]        serve the pipeline as a deployment of a Prefect server
 
@@ -40,7 +41,14 @@ def _parser() -> argparse.ArgumentParser:
     preview = configurable(data_sub.add_parser("preview", help="write a grid PNG of augmented image/mask pairs"))
     preview.add_argument("--out", type=Path, default=None, help="PNG path (default: <home>/augmentation_preview.png)")
     configurable(sub.add_parser("validate", help="validate data.root with Great Expectations"))
-    configurable(sub.add_parser("train", help="run the training pipeline flow"))
+    train = configurable(sub.add_parser("train", help="run the training pipeline flow"))
+    train.add_argument("--run-id", default=None,
+                       help="run folder name; the id of an interrupted run resumes it (default: new)")
+    reproduce = configurable(sub.add_parser("reproduce", help="tune once, then train and evaluate on several "
+                                                              "split seeds; mean ± std table"))
+    reproduce.set_defaults(config="capsule")
+    reproduce.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44], help="data.split.seed values")
+    reproduce.add_argument("--out", type=Path, default=None, help="results folder")
     serve = sub.add_parser("serve", help="serve a built Bento over HTTP")
     serve.add_argument("--bento", default=f"{BENTO_NAME}:latest", help="Bento tag (default: newest)")
     serve.add_argument("--host", default="127.0.0.1")
@@ -114,22 +122,42 @@ def cmd_validate(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
+def _run_pipeline(args, start) -> int:
     from defectflow.config import load_config
     from defectflow.gate import GateFailed
+    from defectflow.runs import RunConflict
     from defectflow.validation import DataValidationError
 
     load_config(args.config, args.overrides)  # fail fast, before Prefect starts, on a bad config
-    from flows.training import training_pipeline
-
     try:
-        summary = training_pipeline(config=args.config, overrides=list(args.overrides))
-    except (DataValidationError, GateFailed) as exc:
+        summary = start()
+    except (DataValidationError, GateFailed, RunConflict) as exc:
         print(f"defectflow: training stopped: {exc}", file=sys.stderr)
         return 1
     print("\nartifacts:")
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def cmd_train(args) -> int:
+    def start():
+        from flows.training import training_pipeline
+
+        return training_pipeline(config=args.config, overrides=list(args.overrides), run_id=args.run_id)
+
+    return _run_pipeline(args, start)
+
+
+def cmd_reproduce(args) -> int:
+    def start():
+        from flows.reproduce import reproduce
+
+        summary = reproduce(config=args.config, seeds=args.seeds, overrides=list(args.overrides),
+                            out_dir=str(args.out) if args.out else None)
+        print((Path(summary["out_dir"]) / "results.md").read_text())
+        return summary
+
+    return _run_pipeline(args, start)
 
 
 def cmd_serve(args) -> int:
@@ -170,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     from defectflow.config import ConfigError
     from defectflow.data.mvtec import DatasetError
 
-    handlers = {"validate": cmd_validate, "train": cmd_train, "serve": cmd_serve, "deploy": cmd_deploy}
+    handlers = {"validate": cmd_validate, "train": cmd_train, "reproduce": cmd_reproduce, "serve": cmd_serve, "deploy": cmd_deploy}
     if args.command == "data":
         handler = cmd_preview if args.data_command == "preview" else cmd_synth
     else:

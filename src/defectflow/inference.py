@@ -44,6 +44,9 @@ class Predictor:
     def load(cls, model_dir: str | Path) -> Predictor:
         import keras
 
+        import defectflow.models.losses  # noqa: F401  (registers the custom layers and losses
+        import defectflow.models.unet  # noqa: F401   that model.keras refers to by name)
+
         model_dir = Path(model_dir)
         missing = [f for f in (MODEL_FILE, MODEL_INFO_FILE) if not (model_dir / f).exists()]
         if missing:

@@ -1,27 +1,54 @@
 """Hyper-parameter search (KerasTuner) and training of the two-head model.
 
-GPU when TensorFlow sees one (or when asked for), CPU otherwise; Keras prints progress per
-epoch and the tuner per trial, so long work is never silent.
+GPU when TensorFlow sees one (or when asked for), CPU otherwise; mixed precision and XLA
+follow the device unless the config forces them. Keras prints progress per epoch and the
+tuner per trial, so long work is never silent.
+
+Training runs in two phases, decoder and heads on the frozen pretrained encoder, then the
+encoder too (BatchNorm frozen) at a lower rate. With a run folder it checkpoints every epoch
+(Keras BackupAndRestore), so a run killed at any moment resumes where it stopped when
+started again with the same run id; the best epoch by `train.monitor` is kept separately
+(ModelCheckpoint) and is what training returns.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import csv
 import json
 import logging
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from omegaconf import OmegaConf
 
 from defectflow.config import save_config
 from defectflow.data.augment import JointAugmentation
-from defectflow.data.dataset import ArraySplit, make_dataset
+from defectflow.data.dataset import ArraySplit, load_split, make_dataset
+from defectflow.data.mvtec import Sample
 from defectflow.inference import METRICS_FILE, MODEL_FILE, ModelInfo
-from defectflow.models.losses import DiceBCELoss, WeightedCrossEntropy
+from defectflow.models.losses import DiceBCELoss, MaskDice, WeightedCrossEntropy
 from defectflow.models.unet import build_model, set_backbone_trainable
 
 log = logging.getLogger(__name__)
+
+#: Tuner hyper-parameter name -> the config key its value is written to.
+HYPERPARAMETER_KEYS = {
+    "backbone": "model.backbone",
+    "input_size": "model.input_size",
+    "base_filters": "model.base_filters",
+    "dropout": "model.dropout",
+    "learning_rate": "train.learning_rate",
+    "fine_tune_lr_factor": "train.fine_tune_lr_factor",
+    "class_loss_weight": "train.class_loss_weight",
+    "mask_loss_weight": "train.mask_loss_weight",
+    "augment_strength": "augment.strength",
+    "batch_size": "train.batch_size",
+}
 
 
 class DeviceError(RuntimeError):
@@ -36,9 +63,55 @@ def select_device(preference: str) -> str:
         raise DeviceError("train.device=gpu but TensorFlow sees no GPU (install defectflow[gpu] and a CUDA driver)")
     if preference != "cpu" and gpus:
         for gpu in gpus:
-            tf.config.experimental.set_memory_growth(gpu, True)
+            with contextlib.suppress(RuntimeError):  # already initialised: growth is set once
+                tf.config.experimental.set_memory_growth(gpu, True)
         return "/GPU:0"
     return "/CPU:0"
+
+
+@dataclass(frozen=True)
+class Acceleration:
+    device: str
+    mixed_precision: bool
+    jit_compile: bool
+
+
+def acceleration(cfg) -> Acceleration:
+    """Device, mixed precision and XLA: `auto` turns the last two on exactly when on a GPU."""
+    device = select_device(cfg.train.device)
+    on_gpu = device.startswith("/GPU")
+
+    def decide(setting: str) -> bool:
+        return on_gpu if setting == "auto" else setting == "on"
+
+    return Acceleration(device, decide(cfg.train.mixed_precision), decide(cfg.train.jit_compile))
+
+
+@contextlib.contextmanager
+def precision_policy(mixed: bool):
+    """Build and train under mixed_float16 (float32 variables), then restore the policy."""
+    import keras
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16" if mixed else "float32")
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seeds Python, NumPy and TensorFlow; `deterministic` also makes TensorFlow's ops
+    deterministic (process-wide). TensorFlow cannot make XLA deterministic, so Keras then
+    compiles without XLA: on a GPU, train.deterministic=false buys the XLA speed-up."""
+    import keras
+    from tensorflow.python.framework import config as tf_config
+
+    keras.utils.set_random_seed(seed)
+    if deterministic:
+        tf_config.enable_op_determinism()
+    else:
+        tf_config.disable_op_determinism()
 
 
 def balanced_class_weights(labels: np.ndarray, num_classes: int) -> list[float]:
@@ -48,78 +121,177 @@ def balanced_class_weights(labels: np.ndarray, num_classes: int) -> list[float]:
     return [float(w) for w in weights]
 
 
-def compile_model(model, learning_rate: float, class_weights: list[float] | None, mask_loss_weight: float):
+def compile_model(model, cfg, learning_rate: float, class_weights: list[float] | None = None,
+                  jit_compile: bool = False):
     import keras
 
+    gamma = cfg.train.focal_gamma if cfg.train.class_loss == "focal" else 0.0
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
-        loss={"class": WeightedCrossEntropy(class_weights), "mask": DiceBCELoss()},
-        loss_weights={"class": 1.0, "mask": mask_loss_weight},
-        metrics={"class": [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]},
+        loss={"class": WeightedCrossEntropy(class_weights, gamma=gamma), "mask": DiceBCELoss()},
+        loss_weights={"class": cfg.train.class_loss_weight, "mask": cfg.train.mask_loss_weight},
+        metrics={"class": [keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+                 "mask": [MaskDice(cfg.eval.mask_threshold)]},
+        jit_compile=jit_compile,
     )
     return model
 
 
+def _validation_score_callback(weights):
+    import keras
+
+    class ValidationScore(keras.callbacks.Callback):
+        """Adds `val_score` (weighted validation class accuracy + mask Dice) to the epoch logs,
+        before early stopping, checkpoints and the tuner read them."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            if logs is not None and "val_class_accuracy" in logs:
+                logs["val_score"] = (weights.class_accuracy * logs["val_class_accuracy"]
+                                     + weights.mask_dice * logs.get("val_mask_dice", 0.0))
+
+    return ValidationScore()
+
+
+def _mode(monitor: str) -> str:
+    return "min" if monitor.endswith("loss") else "max"
+
+
 @dataclass
 class PreparedData:
-    train: ArraySplit
-    val: ArraySplit
+    """Training and validation samples, read into arrays at whichever input size is asked
+    (the tuner may try several); each size is read once."""
+
+    train_samples: list[Sample]
+    val_samples: list[Sample]
     classes: list[str]
-    augmentation: JointAugmentation
+    _arrays: dict = field(default_factory=dict, repr=False)
+
+    def arrays(self, split: str, size: int) -> ArraySplit:
+        if (split, size) not in self._arrays:
+            samples = {"train": self.train_samples, "val": self.val_samples}[split]
+            self._arrays[split, size] = load_split(samples, self.classes, size)
+        return self._arrays[split, size]
 
 
-def _datasets(cfg, data: PreparedData, batch_size: int):
-    train = make_dataset(data.train, batch_size, augment=data.augmentation, shuffle=True, seed=cfg.train.seed,
+def _datasets(cfg, data: PreparedData):
+    size, batch = cfg.model.input_size, cfg.train.batch_size
+    augmentation = JointAugmentation(cfg.augment, seed=cfg.train.seed)
+    train = make_dataset(data.arrays("train", size), batch, augment=augmentation, shuffle=True, seed=cfg.train.seed,
                          oversample=cfg.train.oversample)
-    val = make_dataset(data.val, batch_size)
+    val = make_dataset(data.arrays("val", size), batch, cache=True)
     return train, val
 
 
 def _class_weights(cfg, data: PreparedData) -> list[float] | None:
-    return balanced_class_weights(data.train.labels, len(data.classes)) if cfg.train.balance_classes else None
+    labels = data.arrays("train", cfg.model.input_size).labels
+    return balanced_class_weights(labels, len(data.classes)) if cfg.train.balance_classes else None
 
 
-def tune(cfg, data: PreparedData, out_dir: Path) -> tuple[dict, list[dict]]:
-    """KerasTuner random search over the space in `cfg.tune`; returns best values and all trials."""
+def _build(cfg, num_classes: int):
+    return build_model(cfg.model.backbone, cfg.model.input_size, num_classes, base_filters=cfg.model.base_filters,
+                       depth=cfg.model.depth, dropout=cfg.model.dropout, weights=cfg.model.weights)
+
+
+def apply_hyperparameters(cfg, values: dict):
+    """A copy of `cfg` with tuner values written to their config keys."""
+    unknown = set(values) - set(HYPERPARAMETER_KEYS)
+    if unknown:
+        raise KeyError(f"unknown hyper-parameters {sorted(unknown)}; known: {sorted(HYPERPARAMETER_KEYS)}")
+    out = copy.deepcopy(cfg)  # keeps the structured schema, so values are type-checked
+    for name, value in values.items():
+        OmegaConf.update(out, HYPERPARAMETER_KEYS[name], value, merge=False)
+    return out
+
+
+def hyperparameters_of(cfg) -> dict:
+    """The values of every tunable hyper-parameter in `cfg`."""
+    return {name: OmegaConf.select(cfg, key) for name, key in HYPERPARAMETER_KEYS.items()}
+
+
+TUNER_CLASSES = {"grid": "GridSearch", "random": "RandomSearch", "hyperband": "Hyperband",
+                 "bayesian": "BayesianOptimization"}
+
+
+def tune(cfg, data: PreparedData, out_dir: Path, resume: bool = False) -> tuple[dict, list[dict]]:
+    """KerasTuner search over `cfg.tune.space`; returns the best values and all trials.
+
+    Trials train the decoder and heads on the frozen encoder, the cheap and telling part;
+    the best trial's values then configure the full two-phase training. A resumed run
+    (`resume`) keeps the trials already finished.
+    """
     import keras
     import keras_tuner as kt
 
-    fixed = {"base_filters": cfg.model.base_filters, "learning_rate": cfg.train.learning_rate,
-             "dropout": cfg.model.dropout}
     if not cfg.tune.enabled:
-        return fixed, []
-    weights = _class_weights(cfg, data)
+        return {}, []
+    space = {name: list(values) for name, values in cfg.tune.space.items() if len(values)}
+    num_classes = len(data.classes)
+    objective = kt.Objective(cfg.tune.objective, direction=_mode(cfg.tune.objective))
 
-    def build(hp):
-        model = _build(cfg, len(data.classes), hp.Choice("base_filters", list(cfg.tune.base_filters)),
-                       hp.Choice("dropout", list(cfg.tune.dropout)))
-        # Trials compare decoders and heads on the frozen encoder: the cheap, telling part.
-        set_backbone_trainable(model, False)
-        lr = hp.Choice("learning_rate", list(cfg.tune.learning_rate))
-        return compile_model(model, lr, weights, cfg.train.mask_loss_weight)
+    class DefectHyperModel(kt.HyperModel):
+        def _trial_config(self, hp):
+            values = {name: hp.Choice(name, choices) if len(choices) > 1 else hp.Fixed(name, choices[0])
+                      for name, choices in space.items()}
+            return apply_hyperparameters(cfg, values)
 
+        def build(self, hp):
+            trial_cfg = self._trial_config(hp)
+            model = _build(trial_cfg, num_classes)
+            set_backbone_trainable(model, False)
+            return compile_model(model, trial_cfg, trial_cfg.train.learning_rate, _class_weights(trial_cfg, data))
+
+        def fit(self, hp, model, *args, callbacks=(), **kwargs):
+            trial_cfg = self._trial_config(hp)
+            train_ds, val_ds = _datasets(trial_cfg, data)
+            callbacks = [_validation_score_callback(cfg.train.score_weights), *callbacks]
+            return model.fit(train_ds, validation_data=val_ds, callbacks=callbacks, **kwargs)
+
+    options = {"objective": objective, "directory": str(out_dir), "project_name": "tuner", "overwrite": not resume,
+               "seed": cfg.tune.seed}
+    if cfg.tune.algorithm == "hyperband":
+        options.update(max_epochs=cfg.tune.epochs, factor=cfg.tune.hyperband_factor)
+    else:
+        options.update(max_trials=cfg.tune.max_trials)
     keras.utils.set_random_seed(cfg.tune.seed)
-    tuner = kt.RandomSearch(
-        build,
-        objective=kt.Objective("val_loss", direction="min"),
-        max_trials=cfg.tune.max_trials,
-        seed=cfg.tune.seed,
-        directory=str(out_dir),
-        project_name="tuner",
-        overwrite=True,
-    )
-    train_ds, val_ds = _datasets(cfg, data, cfg.train.batch_size)
-    with _device(cfg):
-        tuner.search(train_ds, validation_data=val_ds, epochs=cfg.tune.epochs, verbose=cfg.train.verbose)
-    trials = []
-    for trial in tuner.oracle.get_best_trials(num_trials=cfg.tune.max_trials):
-        trials.append({"trial": trial.trial_id, **trial.hyperparameters.values, "val_loss": float(trial.score)})
-    best = {**fixed, **tuner.get_best_hyperparameters(1)[0].values}
-    (out_dir / "trials.json").write_text(json.dumps(trials, indent=2))
+    tuner = getattr(kt, TUNER_CLASSES[cfg.tune.algorithm])(DefectHyperModel(), **options)
+    with _device_scope(cfg):
+        search = {} if cfg.tune.algorithm == "hyperband" else {"epochs": cfg.tune.epochs}
+        tuner.search(verbose=cfg.train.verbose, **search)
+    trials = trials_table(tuner, cfg.tune.objective)
+    if not trials:
+        raise RuntimeError("the tuner finished no trial; see the log above for the errors of each trial")
+    best = {name: value for name, value in tuner.get_best_hyperparameters(1)[0].values.items()
+            if name in HYPERPARAMETER_KEYS}
+    write_trials(trials, out_dir)
     return best, trials
 
 
-def _device(cfg):
+def trials_table(tuner, objective: str) -> list[dict]:
+    """One row per finished trial, best first: id, hyper-parameters, objective, epochs."""
+    rows = []
+    for trial in tuner.oracle.get_best_trials(num_trials=len(tuner.oracle.trials)):
+        if trial.score is None:
+            continue
+        values = {k: v for k, v in trial.hyperparameters.values.items() if k in HYPERPARAMETER_KEYS}
+        epochs = trial.hyperparameters.values.get("tuner/epochs")
+        rows.append({"trial": trial.trial_id, **values, objective: round(float(trial.score), 4),
+                     **({"epochs": epochs} if epochs else {})})
+    return rows
+
+
+def write_trials(trials: list[dict], out_dir: Path) -> Path:
+    """trials.csv and trials.json in `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(key for row in trials for key in row))
+    with open(out_dir / "trials.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(trials)
+    (out_dir / "trials.json").write_text(json.dumps(trials, indent=2))
+    return out_dir / "trials.csv"
+
+
+def _device_scope(cfg):
     import tensorflow as tf
 
     return tf.device(select_device(cfg.train.device))
@@ -132,45 +304,148 @@ class TrainResult:
     seconds: float
     device: str
     hyperparameters: dict
+    best_epoch: int | None = None
+    best_score: float | None = None
+    resumed_from_epoch: int = 0
+    mixed_precision: bool = False
+    jit_compile: bool = False
 
 
-def _build(cfg, num_classes: int, base_filters: int, dropout: float):
-    return build_model(cfg.model.backbone, cfg.model.input_size, num_classes, base_filters=int(base_filters),
-                       depth=cfg.model.depth, dropout=float(dropout))
+class _Checkpoints:
+    """Files under RUN/checkpoints: per-phase BackupAndRestore folders, the weights at the end
+    of the frozen phase, and the best epoch so far (weights + its score, in best.json)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.best_weights = root / "best.weights.h5"
+        self.best_json = root / "best.json"
+
+    def backup_dir(self, phase: int) -> Path:
+        return self.root / f"phase{phase}"
+
+    def phase_done(self, phase: int) -> Path:
+        return self.root / f"phase{phase}.done.weights.h5"
+
+    def best(self) -> dict | None:
+        return json.loads(self.best_json.read_text()) if self.best_json.exists() else None
+
+    def resumable_epoch(self, phase: int) -> int:
+        meta = self.backup_dir(phase) / "training_metadata.json"
+        return int(json.loads(meta.read_text())["epoch"]) if meta.exists() else 0
 
 
-def train(cfg, data: PreparedData, hyperparameters: dict) -> TrainResult:
-    """Two phases: decoder and heads on the frozen encoder, then everything but BatchNorm."""
+def _best_tracker(checkpoints: _Checkpoints, monitor: str):
     import keras
 
-    keras.utils.set_random_seed(cfg.train.seed)
-    model = _build(cfg, len(data.classes), hyperparameters["base_filters"], hyperparameters["dropout"])
-    learning_rate = float(hyperparameters["learning_rate"])
-    train_ds, val_ds = _datasets(cfg, data, cfg.train.batch_size)
-    device = select_device(cfg.train.device)
-    frozen = min(cfg.train.frozen_epochs, cfg.train.epochs) if cfg.model.backbone == "lite0" else 0
-    phases = [(False, learning_rate, frozen),
-              (True, learning_rate * (cfg.train.fine_tune_lr_factor if frozen else 1.0), cfg.train.epochs)]
+    class BestRecord(keras.callbacks.Callback):
+        """Keeps best.json in step with ModelCheckpoint's best file, so a resumed run knows
+        the score to beat (ModelCheckpoint itself forgets it)."""
+
+        def __init__(self, best: float | None):
+            super().__init__()
+            self.best = best
+
+        def on_epoch_end(self, epoch, logs=None):
+            value = (logs or {}).get(monitor)
+            if value is None:
+                return
+            better = self.best is None or (value < self.best if _mode(monitor) == "min" else value > self.best)
+            if better:
+                self.best = float(value)
+                tmp = checkpoints.best_json.with_suffix(".tmp")
+                tmp.write_text(json.dumps({"epoch": epoch + 1, "monitor": monitor, "value": self.best}))
+                tmp.replace(checkpoints.best_json)
+
+    record = checkpoints.best()
+    return BestRecord(record["value"] if record else None)
+
+
+def train(cfg, data: PreparedData, run_dir: Path | None = None) -> TrainResult:
+    """Two phases: decoder and heads on the frozen encoder, then everything but BatchNorm.
+
+    With `run_dir`, every epoch is checkpointed under run_dir/checkpoints and a run started
+    again on the same folder resumes from its last finished epoch.
+    """
+    import keras
+
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
+    accel = acceleration(cfg)
+    with precision_policy(accel.mixed_precision):
+        model = _build(cfg, len(data.classes))
+    train_ds, val_ds = _datasets(cfg, data)
+    monitor = cfg.train.monitor
+    pretrained = cfg.model.backbone != "plain"
+    frozen = min(cfg.train.frozen_epochs, cfg.train.epochs) if pretrained else 0
+    learning_rate = float(cfg.train.learning_rate)
+    phases = [(1, False, learning_rate, frozen),
+              (2, True, learning_rate * (cfg.train.fine_tune_lr_factor if frozen else 1.0), cfg.train.epochs)]
+    checkpoints = _Checkpoints(run_dir / "checkpoints") if run_dir else None
+    resumed_from = 0
     history: dict[str, list[float]] = {}
     start = time.perf_counter()
     done = 0
-    for trainable, lr, until in phases:
+    jit_used = False
+    for phase, trainable, lr, until in phases:
         if until <= done:
             continue
         set_backbone_trainable(model, trainable)
-        compile_model(model, lr, _class_weights(cfg, data), cfg.train.mask_loss_weight)
-        stop = keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=cfg.train.early_stopping_patience, restore_best_weights=True
-        )
-        with _device(cfg):
-            fit = model.fit(train_ds, validation_data=val_ds, initial_epoch=done, epochs=until, callbacks=[stop],
+        compile_model(model, cfg, lr, _class_weights(cfg, data), accel.jit_compile)
+        if checkpoints and checkpoints.phase_done(phase).exists():
+            model.load_weights(checkpoints.phase_done(phase))
+            log.info("phase %d already finished in an earlier attempt: its weights are loaded", phase)
+            resumed_from, done = until, until
+            continue
+        callbacks = [_validation_score_callback(cfg.train.score_weights),
+                     keras.callbacks.EarlyStopping(monitor=monitor, mode=_mode(monitor),
+                                                   patience=cfg.train.early_stopping_patience)]
+        if checkpoints:
+            epoch = checkpoints.resumable_epoch(phase)
+            if epoch > done:
+                resumed_from = epoch
+                log.info("resuming phase %d from the checkpoint after epoch %d", phase, epoch)
+            tracker = _best_tracker(checkpoints, monitor)
+            callbacks += [
+                keras.callbacks.BackupAndRestore(str(checkpoints.backup_dir(phase)), delete_checkpoint=False),
+                keras.callbacks.ModelCheckpoint(str(checkpoints.best_weights), monitor=monitor, mode=_mode(monitor),
+                                                save_best_only=True, save_weights_only=True,
+                                                initial_value_threshold=tracker.best),
+                tracker,
+            ]
+            if cfg.train.tensorboard:
+                callbacks.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), update_freq="epoch"))
+        with _device_scope(cfg):
+            fit = model.fit(train_ds, validation_data=val_ds, initial_epoch=done, epochs=until, callbacks=callbacks,
                             verbose=cfg.train.verbose)
         for key, values in fit.history.items():
             history.setdefault(key, []).extend(float(v) for v in values)
+        jit_used = bool(model.jit_compile)  # Keras turns XLA off where it cannot run it
+        if checkpoints:
+            model.save_weights(checkpoints.phase_done(phase))
         done = until
+    best = checkpoints.best() if checkpoints else None
+    if best and checkpoints.best_weights.exists():
+        with warnings.catch_warnings():  # its optimizer state is from its own phase: not needed
+            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+            model.load_weights(checkpoints.best_weights)
+        log.info("kept the best epoch by %s: epoch %d (%.4f)", monitor, best["epoch"], best["value"])
     seconds = time.perf_counter() - start
-    log.info("trained %d epochs on %s in %.1f s", len(history.get("loss", [])), device, seconds)
-    return TrainResult(model, history, seconds, device, dict(hyperparameters))
+    log.info("trained %d epochs on %s in %.1f s", len(history.get("loss", [])), accel.device, seconds)
+    if accel.mixed_precision:
+        model = _float32_copy(cfg, model, len(data.classes))
+    return TrainResult(model, history, seconds, accel.device, hyperparameters_of(cfg),
+                       best_epoch=best["epoch"] if best else None, best_score=best["value"] if best else None,
+                       resumed_from_epoch=resumed_from, mixed_precision=accel.mixed_precision,
+                       jit_compile=jit_used)
+
+
+def _float32_copy(cfg, model, num_classes: int):
+    """The same weights in a float32 model: mixed precision is a training device trick, and a
+    float16 graph would be slow (and less exact) on the CPUs that serve it."""
+    with precision_policy(False):
+        plain = _build(cfg, num_classes)
+    plain.set_weights(model.get_weights())
+    return plain
 
 
 def save_artifact(result: TrainResult, cfg, classes: list[str], out_dir: Path, metrics: dict | None = None) -> Path:
@@ -182,7 +457,10 @@ def save_artifact(result: TrainResult, cfg, classes: list[str], out_dir: Path, m
     save_config(cfg, out_dir / "config.yaml")
     (out_dir / "training.json").write_text(json.dumps(
         {"history": result.history, "seconds": result.seconds, "device": result.device,
-         "hyperparameters": result.hyperparameters}, indent=2))
+         "hyperparameters": result.hyperparameters, "best_epoch": result.best_epoch,
+         "best_score": result.best_score, "monitor": cfg.train.monitor,
+         "resumed_from_epoch": result.resumed_from_epoch, "mixed_precision": result.mixed_precision,
+         "jit_compile": result.jit_compile}, indent=2))
     if metrics is not None:
         (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     return out_dir

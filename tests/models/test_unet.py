@@ -55,5 +55,31 @@ def test_lite0_unet_two_heads_and_backbone_freezing():
 def test_unknown_backbone():
     from defectflow.models.unet import build_model
 
-    with pytest.raises(ValueError, match="lite0 or plain"):
+    with pytest.raises(ValueError, match="expected lite0, mobilenetv2, efficientnetb0 or plain"):
         build_model("resnet", 64, 6)
+
+
+def test_mask_attention_pooling_averages_features_under_the_mask():
+    from defectflow.models.unet import MaskAttentionPooling
+
+    features = np.zeros((1, 4, 4, 2), np.float32)
+    features[0, 1, 2] = [10.0, -3.0]  # the defect's features
+    features[0, 0, 0] = [99.0, 99.0]  # elsewhere: must not count
+    mask = np.zeros((1, 8, 8, 1), np.float32)
+    mask[0, 3, 5] = 1.0  # one pixel at full resolution, inside feature cell (1, 2)
+    pooled = np.asarray(MaskAttentionPooling()([features, mask]))
+    np.testing.assert_allclose(pooled, [[10.0, -3.0]], rtol=1e-2)
+
+
+def test_class_head_pools_features_under_the_mask_and_survives_saving(tmp_path):
+    import keras
+
+    from defectflow.models.unet import build_model
+
+    model = build_model("lite0", 64, 6, base_filters=4, dropout=0.0)
+    names = {layer.name for layer in model.layers}
+    assert {"decoder_under_mask", "stride8_under_mask", "stride16_under_mask"} <= names
+    x = np.random.default_rng(0).uniform(0, 255, (1, 64, 64, 3)).astype(np.float32)
+    model.save(tmp_path / "m.keras")
+    again = keras.saving.load_model(tmp_path / "m.keras", compile=False)
+    np.testing.assert_allclose(again.predict_on_batch(x)["class"], model.predict_on_batch(x)["class"], rtol=1e-5)

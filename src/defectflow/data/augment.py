@@ -26,28 +26,31 @@ class JointAugmentation:
         # Nearest neighbour: bilinear resampling blurs defects that are one or two pixels
         # wide, and a model trained on blurred defects learns nothing about sharp ones.
         interpolation = cfg.interpolation
+        k = float(cfg.strength)  # one knob for the tuner: scales every magnitude below
+        rotation, translation, zoom = cfg.rotation * k, cfg.translation * k, cfg.zoom * k
+        brightness, contrast = min(cfg.brightness * k, 1.0), min(cfg.contrast * k, 1.0)
         geometric = []
         flip = {(True, True): "horizontal_and_vertical", (True, False): "horizontal",
                 (False, True): "vertical"}.get((cfg.horizontal_flip, cfg.vertical_flip))
         if flip:
             geometric.append(layers.RandomFlip(flip, seed=seed))
-        if cfg.rotation > 0:
-            geometric.append(layers.RandomRotation(cfg.rotation, fill_mode="reflect",
+        if rotation > 0:
+            geometric.append(layers.RandomRotation(rotation, fill_mode="reflect",
                                                    interpolation=interpolation, seed=seed + 1))
-        if cfg.translation > 0:
-            geometric.append(layers.RandomTranslation(cfg.translation, cfg.translation, fill_mode="reflect",
+        if translation > 0:
+            geometric.append(layers.RandomTranslation(translation, translation, fill_mode="reflect",
                                                       interpolation=interpolation, seed=seed + 2))
-        if cfg.zoom > 0:
-            geometric.append(layers.RandomZoom(cfg.zoom, fill_mode="reflect", interpolation=interpolation,
+        if zoom > 0:
+            geometric.append(layers.RandomZoom(zoom, fill_mode="reflect", interpolation=interpolation,
                                                seed=seed + 3))
         photometric = []
-        if cfg.brightness > 0:
-            photometric.append(layers.RandomBrightness(cfg.brightness, value_range=(0, 255), seed=seed + 4))
-        if cfg.contrast > 0:
-            photometric.append(layers.RandomContrast(cfg.contrast, value_range=(0, 255), seed=seed + 5))
+        if brightness > 0:
+            photometric.append(layers.RandomBrightness(brightness, value_range=(0, 255), seed=seed + 4))
+        if contrast > 0:
+            photometric.append(layers.RandomContrast(contrast, value_range=(0, 255), seed=seed + 5))
         self.geometric = keras.Sequential(geometric, name="geometric") if geometric else None
         self.photometric = keras.Sequential(photometric, name="photometric") if photometric else None
-        self.noise_std = float(cfg.noise_std)
+        self.noise_std = float(cfg.noise_std) * k
         self.probabilities = (cfg.p_geometric, cfg.p_photometric, cfg.p_noise)
 
     def _noise(self, images):

@@ -57,11 +57,12 @@ def oversampled_indices(labels: np.ndarray, seed: int = 0) -> np.ndarray:
 
 
 def make_dataset(split: ArraySplit, batch_size: int, augment=None, shuffle: bool = False, seed: int = 0,
-                 oversample: bool = False):
+                 oversample: bool = False, cache: bool = False):
     """(image, {"class": label, "mask": mask}) batches; augmentation runs per batch on the fly.
 
     With `oversample`, an epoch shows every class as often as the largest one; repeated
-    images look different each time through augmentation.
+    images look different each time through augmentation. `cache` keeps the finished batches
+    (for data without augmentation, e.g. validation, on a device that would wait for them).
     """
     import tensorflow as tf
 
@@ -75,4 +76,6 @@ def make_dataset(split: ArraySplit, batch_size: int, augment=None, shuffle: bool
         ds = ds.map(lambda x, m, y: (x, {"class": y, "mask": m}))
     else:
         ds = ds.map(lambda x, y, m: (x, {"class": y, "mask": m}))
+        if cache:
+            ds = ds.cache()
     return ds.prefetch(tf.data.AUTOTUNE)

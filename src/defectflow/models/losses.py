@@ -1,4 +1,4 @@
-"""Losses for the two heads."""
+"""Losses of the two heads, and the mask Dice Keras reports while training."""
 
 from __future__ import annotations
 
@@ -34,19 +34,54 @@ class DiceBCELoss(keras.losses.Loss):
 
 @keras.saving.register_keras_serializable(package="defectflow")
 class WeightedCrossEntropy(keras.losses.Loss):
-    """Sparse categorical cross-entropy with a weight per class (for imbalanced data)."""
+    """Sparse categorical cross-entropy with a weight per class (for imbalanced data); with
+    `gamma` > 0 it is the focal loss, (1 - p_true)^gamma * CE, which down-weights the images
+    the model already gets right."""
 
-    def __init__(self, class_weights: list[float] | None = None, name: str = "weighted_ce", **kwargs):
+    def __init__(self, class_weights: list[float] | None = None, gamma: float = 0.0, name: str = "weighted_ce",
+                 **kwargs):
         super().__init__(name=name, **kwargs)
         self.class_weights = list(class_weights) if class_weights is not None else None
+        self.gamma = float(gamma)
 
     def call(self, y_true, y_pred):
         y_true = ops.cast(ops.reshape(y_true, (-1,)), "int32")
         ce = keras.losses.sparse_categorical_crossentropy(y_true, y_pred)
+        if self.gamma > 0:
+            p_true = ops.exp(-ce)
+            ce = ops.power(1.0 - p_true, self.gamma) * ce
         if self.class_weights is None:
             return ce
         weights = ops.take(ops.convert_to_tensor(self.class_weights, dtype=ce.dtype), y_true)
         return ce * weights
 
     def get_config(self):
-        return {**super().get_config(), "class_weights": self.class_weights}
+        return {**super().get_config(), "class_weights": self.class_weights, "gamma": self.gamma}
+
+
+@keras.saving.register_keras_serializable(package="defectflow")
+class MaskDice(keras.metrics.Metric):
+    """Dice of the thresholded mask, pooled over all pixels of all images seen (a cheap
+    training-time proxy of the per-image Dice that `defectflow.metrics` reports)."""
+
+    def __init__(self, threshold: float = 0.5, name: str = "dice", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.threshold = threshold
+        self.intersection = self.add_variable(shape=(), initializer="zeros", name="intersection")
+        self.total = self.add_variable(shape=(), initializer="zeros", name="total")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        y_true = ops.cast(y_true > 0.5, "float32")
+        y_pred = ops.cast(y_pred > self.threshold, "float32")
+        self.intersection.assign_add(ops.sum(y_true * y_pred))
+        self.total.assign_add(ops.sum(y_true) + ops.sum(y_pred))
+
+    def result(self):
+        return ops.where(self.total > 0, 2.0 * self.intersection / ops.maximum(self.total, 1.0), 1.0)
+
+    def reset_state(self):
+        self.intersection.assign(0.0)
+        self.total.assign(0.0)
+
+    def get_config(self):
+        return {**super().get_config(), "threshold": self.threshold}

@@ -1,17 +1,53 @@
 """Two-head U-Nets: one encoder, a decoder that draws the defect mask, and a class head.
 
-`build_model` picks the encoder: `lite0` (EfficientNet-Lite0 with ImageNet weights, read
-offline) or `plain` (a small convolutional encoder trained from scratch, for tests and tiny
-runs: from random weights it learns little on real data).
+`build_model` picks the encoder: a pretrained one from `defectflow.models.backbones`
+(`lite0`, EfficientNet-Lite0 with ImageNet weights read offline, is the default) or `plain`
+(a small convolutional encoder trained from scratch, for tests and tiny runs: from random
+weights it learns little on real data).
 
-The class head reads the bottleneck (what the whole image looks like) together with the
-decoder's mask (where a defect is), so a small defect the mask finds also informs the class.
+The class head reads the bottleneck (what the whole image looks like) together with
+mask-attention pooling: encoder and decoder features averaged under the predicted mask, i.e.
+what the defect itself looks like. A defect covering 0.5 % of the image is invisible to
+global average pooling; under its own mask it is the whole signal.
 """
 
 from __future__ import annotations
 
 import keras
-from keras import layers
+from keras import layers, ops
+
+from defectflow.models.backbones import BACKBONE, build_encoder, random_init_warning
+from defectflow.models.efficientnet_lite import FEATURE_NAMES
+
+
+@keras.saving.register_keras_serializable(package="defectflow")
+class MaskAttentionPooling(layers.Layer):
+    """Features (N, h, w, C) averaged with weights from a mask (N, H, W, 1), H = k * h.
+
+    The mask is max-pooled to the feature resolution so a one-pixel defect keeps its full
+    weight, and its gradient is stopped: the mask is learnt from the mask loss only, the
+    class loss must not bend it into whatever helps classification.
+    """
+
+    def __init__(self, epsilon: float = 1e-3, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = epsilon
+
+    def call(self, inputs):
+        features, weights = inputs
+        weights = ops.stop_gradient(ops.cast(weights, features.dtype))
+        factor = weights.shape[1] // features.shape[1]
+        if factor > 1:
+            weights = ops.max_pool(weights, pool_size=factor, strides=factor)
+        weighted = ops.sum(features * weights, axis=(1, 2))
+        return weighted / (ops.sum(weights, axis=(1, 2)) + self.epsilon)
+
+    def compute_output_shape(self, input_shape):
+        features_shape = input_shape[0]
+        return (features_shape[0], features_shape[-1])
+
+    def get_config(self):
+        return {**super().get_config(), "epsilon": self.epsilon}
 
 
 def _conv_block(x, filters: int, name: str):
@@ -29,21 +65,26 @@ def _decoder_block(x, skip, filters: int, name: str):
     return _conv_block(x, filters, name)
 
 
-def _heads(x, bottleneck, num_classes: int, dropout: float) -> dict:
+def _heads(x, bottleneck, num_classes: int, dropout: float, attended: dict | None = None) -> dict:
+    """`x`: full-resolution decoder features; `attended`: more feature maps to pool under the mask."""
     # Defects cover ~1 % of the pixels: start the mask head at that prior (sigmoid(-4.6))
-    # instead of 0.5, or early training paints half the image as defect.
+    # instead of 0.5, or early training paints half the image as defect. float32 output
+    # under mixed precision: the Dice sums over 65k pixels overflow float16.
     mask = layers.Conv2D(1, 1, activation="sigmoid", bias_initializer=keras.initializers.Constant(-4.6),
-                         name="mask")(x)
-    # Max pooling keeps the evidence of a defect that covers a few pixels, which average
-    # pooling would dilute; the full-resolution decoder features see the finest detail.
-    features = layers.Concatenate(name="class_features")([
+                         dtype="float32", name="mask")(x)
+    pooled = [
         layers.GlobalAveragePooling2D(name="gap")(bottleneck),
         layers.GlobalMaxPooling2D(name="gmp")(bottleneck),
+        # Max pooling keeps the evidence of a defect that covers a few pixels.
         layers.GlobalMaxPooling2D(name="decoder_gmp")(x),
+        MaskAttentionPooling(name="decoder_under_mask")([x, mask]),
         # Peak mask probability and mask area: direct evidence of a (small) defect.
         layers.GlobalMaxPooling2D(name="mask_peak")(mask),
         layers.GlobalAveragePooling2D(name="mask_mean")(mask),
-    ])
+    ]
+    for name, features in (attended or {}).items():
+        pooled.append(MaskAttentionPooling(name=f"{name}_under_mask")([features, mask]))
+    features = layers.Concatenate(name="class_features", dtype="float32")(pooled)
     features = layers.Dropout(dropout, name="class_dropout")(features)
     features = layers.Dense(128, activation="relu", name="class_dense")(features)
     logits = layers.Dense(num_classes, name="class_logits")(features)
@@ -51,25 +92,24 @@ def _heads(x, bottleneck, num_classes: int, dropout: float) -> dict:
     return {"class": probabilities, "mask": mask}
 
 
-#: Name prefix of the pretrained encoder's layers (what `set_backbone_trainable` touches).
-BACKBONE = "backbone"
-
-
-def build_lite0_unet(input_size: int, num_classes: int, base_filters: int = 16, dropout: float = 0.2,
-                     weights: str | None = "imagenet") -> keras.Model:
-    """EfficientNet-Lite0 encoder (strides 2..32), U-Net decoder back to full resolution."""
-    from defectflow.models.efficientnet_lite import FEATURE_NAMES, build_lite0
-
-    lite0 = build_lite0((input_size, input_size, 3), include_top=False, weights=weights)
-    encoder = keras.Model(lite0.inputs, {n: lite0.get_layer(n).output for n in FEATURE_NAMES}, name=BACKBONE)
+def build_pretrained_unet(backbone: str, input_size: int, num_classes: int, base_filters: int = 16,
+                          dropout: float = 0.2, weights: str | None = "imagenet") -> keras.Model:
+    """Pretrained encoder (strides 2..32), U-Net decoder back to full resolution."""
+    encoder = build_encoder(backbone, input_size, weights)
     inputs = keras.Input((input_size, input_size, 3), name="image")
     feats = encoder(inputs)
     x = feats[FEATURE_NAMES[-1]]
     bottleneck = x
+    decoded = {}
     for level, name in reversed(list(enumerate(FEATURE_NAMES[:-1]))):
         x = _decoder_block(x, feats[name], base_filters * 2 ** (level + 1), f"dec{level + 1}")
+        decoded[level + 1] = x
     x = _decoder_block(x, None, base_filters, "dec0")
-    return keras.Model(inputs, _heads(x, bottleneck, num_classes, dropout), name="defectflow_lite0_unet")
+    # Under the mask: the encoder's mid-level features (what texture the defect has) and the
+    # decoder at stride 4 (its shape at a scale where cracks and pokes differ).
+    attended = {"stride8": feats["stride8"], "stride16": feats["stride16"], "dec2": decoded[2]}
+    return keras.Model(inputs, _heads(x, bottleneck, num_classes, dropout, attended),
+                       name=f"defectflow_{backbone}_unet")
 
 
 def set_backbone_trainable(model: keras.Model, trainable: bool) -> None:
@@ -85,12 +125,11 @@ def set_backbone_trainable(model: keras.Model, trainable: bool) -> None:
 
 
 def build_model(backbone: str, input_size: int, num_classes: int, base_filters: int = 16, depth: int = 4,
-                dropout: float = 0.2) -> keras.Model:
-    if backbone == "lite0":
-        return build_lite0_unet(input_size, num_classes, base_filters, dropout)
+                dropout: float = 0.2, weights: str | None = "imagenet") -> keras.Model:
     if backbone == "plain":
+        random_init_warning("plain")
         return build_unet(input_size, num_classes, base_filters, depth, dropout)
-    raise ValueError(f"unknown model.backbone {backbone!r}: expected lite0 or plain")
+    return build_pretrained_unet(backbone, input_size, num_classes, base_filters, dropout, weights)
 
 
 def build_unet(
@@ -115,4 +154,5 @@ def build_unet(
     bottleneck = x
     for level in reversed(range(depth)):
         x = _decoder_block(x, skips[level], base_filters * 2**level, f"dec{level}")
-    return keras.Model(inputs, _heads(x, bottleneck, num_classes, dropout), name="defectflow_unet")
+    attended = {"enc_mid": skips[depth // 2]}
+    return keras.Model(inputs, _heads(x, bottleneck, num_classes, dropout, attended), name="defectflow_unet")

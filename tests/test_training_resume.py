@@ -1,0 +1,73 @@
+"""A training run killed with SIGKILL resumes from its last checkpoint when started again on
+the same run folder (what `defectflow train --run-id ID` does)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from tests.helpers_processes import REPO_ROOT
+
+EPOCHS = 30
+SCRIPT = """
+import json, sys
+from pathlib import Path
+from defectflow.config import load_config
+from defectflow.data.mvtec import class_names, scan_dataset
+from defectflow.data.split import select, stratified_split
+from defectflow.training import PreparedData, save_artifact, train
+
+root, run_dir = sys.argv[1], Path(sys.argv[2])
+cfg = load_config("tiny", [f"data.root={root}", "train.epochs=EPOCHS", "train.frozen_epochs=0",
+                           "train.early_stopping_patience=1000", "train.verbose=0"])
+samples = scan_dataset(root)
+rows = stratified_split(samples, 0.5, 0.25, 0.25, seed=0)
+data = PreparedData(select(rows, "train"), select(rows, "val"), class_names(samples))
+result = train(cfg, data, run_dir)
+save_artifact(result, cfg, data.classes, run_dir / "model")
+""".replace("EPOCHS", str(EPOCHS))
+
+
+def _start(tiny_dataset, run_dir):
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src")}
+    return subprocess.Popen([sys.executable, "-c", SCRIPT, str(tiny_dataset), str(run_dir)], env=env,
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _epochs_saved(run_dir) -> int:
+    meta = run_dir / "checkpoints" / "phase2" / "training_metadata.json"
+    try:
+        return int(json.loads(meta.read_text())["epoch"])
+    except (OSError, ValueError, KeyError):
+        return 0  # absent, or caught mid-write
+
+
+def test_sigkilled_training_resumes_from_its_last_checkpoint(tiny_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _start(tiny_dataset, run_dir)
+    deadline = time.monotonic() + 240
+    while _epochs_saved(run_dir) < 3:
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint after 240 s"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = _epochs_saved(run_dir)
+    assert 3 <= killed_at < EPOCHS, "the run finished before it could be killed"
+    assert not (run_dir / "model").exists()
+
+    again = _start(tiny_dataset, run_dir)
+    out, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, out.decode()[-3000:]
+    record = json.loads((run_dir / "model" / "training.json").read_text())
+    # Resumed after (at least) the epoch saved when it was killed, not from scratch: the
+    # second attempt ran only the remaining epochs.
+    assert record["resumed_from_epoch"] >= killed_at
+    assert len(record["history"]["loss"]) == EPOCHS - record["resumed_from_epoch"]
+    assert np.isfinite(record["history"]["loss"]).all()
+    assert record["best_epoch"] is not None and 1 <= record["best_epoch"] <= EPOCHS
