@@ -36,18 +36,15 @@ GOAL_P50_MS = 25.0
 BATCHES = (1, 16)
 
 
+def _np_percentile(values: list[float], q: float) -> float:
+    import numpy as np
+
+    return float(np.percentile(values, q))
+
+
 def _print(row: dict) -> dict:
     print(json.dumps(row), flush=True)
     return row
-
-
-def _percentile(values: list[float], q: float) -> float:
-    """Linear interpolation between the closest ranks (numpy's default)."""
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    low = int(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
 def _load_model(args):
@@ -114,7 +111,7 @@ def _latency(model, input_size: int, batch: int, repeats: int, warmup: int) -> l
         p50 = statistics.median(ms)
         rows.append(_print({
             "what": f"forward {name}", "batch": batch, "n": len(ms),
-            "p50_ms": round(p50, 2), "p99_ms": round(_percentile(ms, 99), 2),
+            "p50_ms": round(p50, 2), "p99_ms": round(_np_percentile(ms, 99), 2),
             "min_ms": round(min(ms), 2), "max_ms": round(max(ms), 2),
             "images_per_s": round(batch * 1000 / p50, 1),
         }))

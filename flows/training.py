@@ -1,11 +1,11 @@
-"""The training pipeline: scan, split, validate, augment, tune, train, evaluate, gate, package."""
+"""The training pipeline: scan, split, validate, augment, tune, train, calibrate, evaluate, gate, package."""
 
 from __future__ import annotations
 
 from prefect import flow
 
 from tasks.data import augment_data, load_run_config, scan_data, split_data, validate_data
-from tasks.evaluation import apply_gate, evaluate_model
+from tasks.evaluation import apply_gate, calibrate_thresholds, evaluate_model
 from tasks.packaging import package_model
 from tasks.training import train_model, tune_hyperparameters
 
@@ -26,6 +26,7 @@ def training_pipeline(config: str = "default", overrides: list[str] | None = Non
     data = augment_data(cfg, samples, split, run_dir)
     hyperparameters = tune_hyperparameters(cfg, data, run_dir, resumed)
     model_dir = train_model(cfg, data, hyperparameters, run_dir)
+    calibrate_thresholds(cfg, model_dir, split.rows, run_dir)
     evaluation = evaluate_model(cfg, model_dir, split.rows, run_dir)
     apply_gate(cfg, evaluation, run_dir)
     package = package_model(cfg, model_dir, evaluation, run_dir)

@@ -111,6 +111,15 @@ def test_postprocess_good_clears_mask():
     assert pred.mask.sum() == 0 and pred.mask_probability.sum() == 0
 
 
+def test_defect_threshold_decides_presence_then_the_defect_class():
+    soft = np.full((8, 8, 1), 0.9, np.float32)
+    probs = np.array([0.45, 0.30, 0.25])  # argmax: good; P(defect) = 0.55
+    assert postprocess(probs, soft, (8, 8), CLASSES, 0.5).label == "good"
+    assert postprocess(probs, soft, (8, 8), CLASSES, 0.5, defect_threshold=0.5).label == "crack"
+    strict = postprocess(probs, soft, (8, 8), CLASSES, 0.5, defect_threshold=0.6)
+    assert strict.label == "good" and strict.mask.sum() == 0
+
+
 def test_encode_png_and_overlay():
     image = np.zeros((4, 4, 3), np.uint8)
     mask = np.eye(4, dtype=np.uint8)

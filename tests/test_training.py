@@ -101,9 +101,10 @@ def test_tuner_algorithms_write_a_trials_table(prepared, tiny_dataset, tmp_path,
         assert len({(t["base_filters"], t["batch_size"]) for t in trials}) == len(trials)
 
 
-def test_tuning_disabled_returns_no_values(prepared, tiny_dataset, tmp_path):
+@pytest.mark.parametrize("settings", [["tune.enabled=false"], ["tune.space.base_filters=[]", "tune.space.learning_rate=[]"]])
+def test_no_tuning_returns_no_values(prepared, tiny_dataset, tmp_path, settings):
     data, _ = prepared
-    best, trials = tune(tiny_config(tiny_dataset, "tune.enabled=false"), data, tmp_path)
+    best, trials = tune(tiny_config(tiny_dataset, *settings), data, tmp_path)
     assert best == {} and trials == []
 
 

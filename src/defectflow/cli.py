@@ -4,6 +4,7 @@
     defectflow data preview [--out PNG]        grid of augmented image/mask pairs
     defectflow validate   [key=value ...]      run the Great Expectations gate on data.root
     defectflow train      [key=value ...]      run the training pipeline (a Prefect flow)
+    defectflow evaluate   RUN_DIR              calibrate thresholds (val) and evaluate (test) a run's model
     defectflow reproduce  [--seeds 42 43 44]   the pipeline on several split seeds: results table
     defectflow serve      [--bento TAG]        serve a Bento over HTTP (BentoML)
     defectflow deploy     [--cron EXPR]        serve the pipeline as a deployment of a Prefect server
@@ -44,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     train = configurable(sub.add_parser("train", help="run the training pipeline flow"))
     train.add_argument("--run-id", default=None,
                        help="run folder name; the id of an interrupted run resumes it (default: new)")
+    evaluate = sub.add_parser("evaluate", help="calibrate and evaluate the model of a finished run again")
+    evaluate.add_argument("run_dir", type=Path, help="a run folder (.defectflow/runs/<run id>)")
+    evaluate.add_argument("--no-calibrate", action="store_true", help="keep the thresholds the model has")
     reproduce = configurable(sub.add_parser("reproduce", help="tune once, then train and evaluate on several "
                                                               "split seeds; mean ± std table"))
     reproduce.set_defaults(config="capsule")
@@ -148,6 +152,31 @@ def cmd_train(args) -> int:
     return _run_pipeline(args, start)
 
 
+def cmd_evaluate(args) -> int:
+    """The run's model on the run's own split: thresholds from val, figures on test."""
+    from defectflow.calibration import calibrate_model
+    from defectflow.config import from_yaml
+    from defectflow.data.split import read_manifest, select
+    from defectflow.evaluation import evaluate_model_dir
+
+    run = args.run_dir
+    missing = [p for p in (run / "config.yaml", run / "manifest.csv", run / "model" / "model.json") if not p.exists()]
+    if missing:
+        print(f"defectflow: error: {run} is not a finished run folder (missing {', '.join(map(str, missing))})",
+              file=sys.stderr)
+        return 2
+    cfg = from_yaml((run / "config.yaml").read_text())
+    rows = read_manifest(run / "manifest.csv")
+    if cfg.eval.calibrate and not args.no_calibrate:
+        thresholds = calibrate_model(run / "model", select(rows, "val"), cfg.train.batch_size, run / "calibration.json")
+        print(thresholds.markdown() + "\n")
+    result = evaluate_model_dir(run / "model", select(rows, "test"), run / "evaluation", cfg.train.batch_size,
+                                cfg.eval.plot_count)
+    print(result.markdown())
+    print(f"\nconfusion matrix (rows: true {result.metrics['classes']}): {result.metrics['confusion_matrix']}")
+    return 0
+
+
 def cmd_reproduce(args) -> int:
     def start():
         from flows.reproduce import reproduce
@@ -198,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     from defectflow.config import ConfigError
     from defectflow.data.mvtec import DatasetError
 
-    handlers = {"validate": cmd_validate, "train": cmd_train, "reproduce": cmd_reproduce, "serve": cmd_serve, "deploy": cmd_deploy}
+    handlers = {"validate": cmd_validate, "train": cmd_train, "reproduce": cmd_reproduce, "evaluate": cmd_evaluate,
+                "serve": cmd_serve, "deploy": cmd_deploy}
     if args.command == "data":
         handler = cmd_preview if args.data_command == "preview" else cmd_synth
     else:

@@ -205,8 +205,10 @@ class TuneConfig:
 
 @dataclass
 class EvalConfig:
-    #: Probability above which a mask pixel counts as defect.
+    #: Probability above which a mask pixel counts as defect (when not calibrated).
     mask_threshold: float = 0.5
+    #: Choose the P(defect) and mask thresholds on the validation split after training.
+    calibrate: bool = True
     #: How many test predictions the error-analysis plot shows.
     plot_count: int = 12
 

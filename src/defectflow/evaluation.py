@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from defectflow.data.mvtec import Sample
-from defectflow.inference import Predictor
+from defectflow.inference import METRICS_FILE, Predictor
 from defectflow.metrics import classification_metrics, dice, iou, segmentation_metrics
 from defectflow.plots import confusion_matrix_image, image_grid, save_rgb
 from defectflow.preprocessing import overlay, prepare_mask, read_image, read_mask
@@ -79,6 +79,16 @@ def evaluate(predictor: Predictor, samples: list[Sample], batch_size: int = 8, p
     result = Evaluation(metrics, per_image)
     if plot_dir is not None:
         _plots(result, tiles, plot_dir)
+    return result
+
+
+def evaluate_model_dir(model_dir: Path, samples: list[Sample], out_dir: Path, batch_size: int = 8,
+                       plot_count: int = 12) -> Evaluation:
+    """Evaluate the model in `model_dir` on `samples`; figures and plots into `out_dir`, and the
+    metrics beside the model too (metrics.json), so they travel with it."""
+    result = evaluate(Predictor.load(model_dir), samples, batch_size, plot_dir=out_dir, plot_count=plot_count)
+    result.save(out_dir)
+    (Path(model_dir) / METRICS_FILE).write_text(json.dumps(result.metrics, indent=2))
     return result
 
 

@@ -25,14 +25,22 @@ METRICS_FILE = "metrics.json"
 class ModelInfo:
     classes: list[str]
     input_size: int
+    #: Mask probability that counts as defect.
     mask_threshold: float
+    #: P(defect) above which an image is defective; None: the most probable class decides.
+    defect_threshold: float | None = None
+    #: How the thresholds were set: "config", or what they were calibrated on.
+    thresholds_from: str = "config"
 
     def save(self, model_dir: Path) -> None:
-        (model_dir / MODEL_INFO_FILE).write_text(json.dumps(self.__dict__, indent=2))
+        path = Path(model_dir) / MODEL_INFO_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.__dict__, indent=2))
+        tmp.replace(path)  # a reader never sees half a file
 
     @classmethod
     def load(cls, model_dir: Path) -> ModelInfo:
-        return cls(**json.loads((model_dir / MODEL_INFO_FILE).read_text()))
+        return cls(**json.loads((Path(model_dir) / MODEL_INFO_FILE).read_text()))
 
 
 class Predictor:
@@ -58,20 +66,26 @@ class Predictor:
     def classes(self) -> list[str]:
         return self.info.classes
 
-    def predict_arrays(self, images: list[np.ndarray], batch_size: int = 8) -> list[Prediction]:
-        """RGB uint8 images of any size to predictions at each image's own resolution."""
-        out: list[Prediction] = []
+    def raw_outputs(self, images: list[np.ndarray], batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+        """Class probabilities (N, C) and mask probabilities (N, S, S, 1) at model resolution."""
+        probs, masks = [], []
         size = self.info.input_size
         for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            batch = np.stack([prepare_image(img, size) for img in chunk])
+            batch = np.stack([prepare_image(img, size) for img in images[start : start + batch_size]])
             outputs = self.model.predict_on_batch(batch)
-            probs, masks = np.asarray(outputs["class"]), np.asarray(outputs["mask"])
-            out += [
-                postprocess(p, m, img.shape[:2], self.classes, self.info.mask_threshold)
-                for p, m, img in zip(probs, masks, chunk, strict=True)
-            ]
-        return out
+            probs.append(np.asarray(outputs["class"]))
+            masks.append(np.asarray(outputs["mask"]))
+        return np.concatenate(probs), np.concatenate(masks)
+
+    def predict_arrays(self, images: list[np.ndarray], batch_size: int = 8) -> list[Prediction]:
+        """RGB uint8 images of any size to predictions at each image's own resolution."""
+        if not images:
+            return []
+        probs, masks = self.raw_outputs(images, batch_size)
+        return [
+            postprocess(p, m, img.shape[:2], self.classes, self.info.mask_threshold, self.info.defect_threshold)
+            for p, m, img in zip(probs, masks, images, strict=True)
+        ]
 
     def predict_bytes(self, data: bytes) -> Prediction:
         """An uploaded file to a prediction; InvalidImageError when it is not an image."""

@@ -121,14 +121,20 @@ def postprocess(
     original_hw: tuple[int, int],
     classes: list[str],
     mask_threshold: float,
+    defect_threshold: float | None = None,
 ) -> Prediction:
     """Model outputs for one image to a Prediction at the input image's resolution.
 
-    The mask is cleared when the class head says `good` (class 0), so the two answers never
-    contradict each other.
+    Class: with `defect_threshold` (chosen on validation data, see `defectflow.calibration`),
+    the image is defective when P(defect) = 1 - P(good) exceeds it, and then its class is the
+    most probable defect class; without, the most probable class. The mask is cleared when
+    the answer is `good` (class 0), so the two answers never contradict each other.
     """
     probs = np.asarray(class_probabilities, dtype=np.float64)
-    index = int(np.argmax(probs))
+    if defect_threshold is None:
+        index = int(np.argmax(probs))
+    else:
+        index = 1 + int(np.argmax(probs[1:])) if 1.0 - probs[0] > defect_threshold else 0
     soft = np.asarray(mask_probability, dtype=np.float32).squeeze()
     height, width = original_hw
     full = cv2.resize(soft, (width, height), interpolation=cv2.INTER_LINEAR)

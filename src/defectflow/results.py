@@ -46,6 +46,20 @@ def markdown(runs: list[dict], summary: dict) -> str:
     return "\n".join(lines)
 
 
+def pooled_confusion(runs: list[dict]) -> tuple[list[str], np.ndarray] | None:
+    """The confusion matrices of all runs added up (rows: true class), when the runs carry them."""
+    matrices = [np.asarray(run["confusion_matrix"]) for run in runs if "confusion_matrix" in run]
+    if not matrices or len(matrices) != len(runs):
+        return None
+    return runs[0]["classes"], np.sum(matrices, axis=0)
+
+
+def confusion_markdown(classes: list[str], matrix: np.ndarray) -> str:
+    lines = ["| true \\ predicted | " + " | ".join(classes) + " |", "|---|" + "---|" * len(classes)]
+    lines += [f"| {c} | " + " | ".join(str(int(v)) for v in row) + " |" for c, row in zip(classes, matrix, strict=True)]
+    return "\n".join(lines)
+
+
 def write(runs: list[dict], out_dir: Path) -> dict:
     """results.json, results.csv (one row per run) and results.md in `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -57,5 +71,9 @@ def write(runs: list[dict], out_dir: Path) -> dict:
         for run in runs:
             writer.writerow({"seed": run["seed"], **{k: run["metrics"][k] for k in HEADLINE},
                              "run_dir": run.get("run_dir", "")})
-    (out_dir / "results.md").write_text(markdown(runs, summary) + "\n")
+    text = markdown(runs, summary)
+    pooled = pooled_confusion(runs)
+    if pooled:
+        text += "\n\nConfusion matrix, test splits of all runs added up:\n\n" + confusion_markdown(*pooled)
+    (out_dir / "results.md").write_text(text + "\n")
     return summary

@@ -225,6 +225,10 @@ def tune(cfg, data: PreparedData, out_dir: Path, resume: bool = False) -> tuple[
     if not cfg.tune.enabled:
         return {}, []
     space = {name: list(values) for name, values in cfg.tune.space.items() if len(values)}
+    if not space:
+        log.warning("tune.space is empty (tuner file %r): nothing to search, training with the configured values",
+                    cfg.tune.space_file)
+        return {}, []
     num_classes = len(data.classes)
     objective = kt.Objective(cfg.tune.objective, direction=_mode(cfg.tune.objective))
 
@@ -307,6 +311,8 @@ class TrainResult:
     best_epoch: int | None = None
     best_score: float | None = None
     resumed_from_epoch: int = 0
+    #: Epochs trained by this attempt (a resumed run trains only the remaining ones).
+    epochs_trained: int = 0
     mixed_precision: bool = False
     jit_compile: bool = False
 
@@ -329,6 +335,23 @@ class _Checkpoints:
 
     def best(self) -> dict | None:
         return json.loads(self.best_json.read_text()) if self.best_json.exists() else None
+
+    @property
+    def history_csv(self) -> Path:
+        return self.root / "history.csv"
+
+    def history(self) -> dict[str, list[float]]:
+        """Every epoch of every attempt (Keras CSVLogger, appended), the last row per epoch."""
+        if not self.history_csv.exists():
+            return {}
+        with open(self.history_csv, newline="") as f:
+            rows = {int(row["epoch"]): row for row in csv.DictReader(f)}
+        out: dict[str, list[float]] = {}
+        for epoch in sorted(rows):
+            for key, value in rows[epoch].items():
+                if key != "epoch" and value not in ("", None):
+                    out.setdefault(key, []).append(float(value))
+        return out
 
     def resumable_epoch(self, phase: int) -> int:
         meta = self.backup_dir(phase) / "training_metadata.json"
@@ -411,6 +434,7 @@ def train(cfg, data: PreparedData, run_dir: Path | None = None) -> TrainResult:
                                                 save_best_only=True, save_weights_only=True,
                                                 initial_value_threshold=tracker.best),
                 tracker,
+                keras.callbacks.CSVLogger(str(checkpoints.history_csv), append=True),
             ]
             if cfg.train.tensorboard:
                 callbacks.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), update_freq="epoch"))
@@ -423,6 +447,9 @@ def train(cfg, data: PreparedData, run_dir: Path | None = None) -> TrainResult:
         if checkpoints:
             model.save_weights(checkpoints.phase_done(phase))
         done = until
+    epochs_trained = len(history.get("loss", []))
+    if checkpoints:  # the whole run, including epochs of interrupted attempts
+        history = checkpoints.history() or history
     best = checkpoints.best() if checkpoints else None
     if best and checkpoints.best_weights.exists():
         with warnings.catch_warnings():  # its optimizer state is from its own phase: not needed
@@ -430,12 +457,13 @@ def train(cfg, data: PreparedData, run_dir: Path | None = None) -> TrainResult:
             model.load_weights(checkpoints.best_weights)
         log.info("kept the best epoch by %s: epoch %d (%.4f)", monitor, best["epoch"], best["value"])
     seconds = time.perf_counter() - start
-    log.info("trained %d epochs on %s in %.1f s", len(history.get("loss", [])), accel.device, seconds)
+    log.info("trained %d epochs on %s in %.1f s", epochs_trained, accel.device, seconds)
     if accel.mixed_precision:
         model = _float32_copy(cfg, model, len(data.classes))
     return TrainResult(model, history, seconds, accel.device, hyperparameters_of(cfg),
                        best_epoch=best["epoch"] if best else None, best_score=best["value"] if best else None,
-                       resumed_from_epoch=resumed_from, mixed_precision=accel.mixed_precision,
+                       resumed_from_epoch=resumed_from, epochs_trained=epochs_trained,
+                       mixed_precision=accel.mixed_precision,
                        jit_compile=jit_used)
 
 
@@ -459,7 +487,8 @@ def save_artifact(result: TrainResult, cfg, classes: list[str], out_dir: Path, m
         {"history": result.history, "seconds": result.seconds, "device": result.device,
          "hyperparameters": result.hyperparameters, "best_epoch": result.best_epoch,
          "best_score": result.best_score, "monitor": cfg.train.monitor,
-         "resumed_from_epoch": result.resumed_from_epoch, "mixed_precision": result.mixed_precision,
+         "resumed_from_epoch": result.resumed_from_epoch, "epochs_trained": result.epochs_trained,
+         "mixed_precision": result.mixed_precision,
          "jit_compile": result.jit_compile}, indent=2))
     if metrics is not None:
         (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))

@@ -1,6 +1,7 @@
 """The training flow for real: Prefect, Great Expectations, KerasTuner, Keras, BentoML and HTTP."""
 
 import base64
+import json
 import os
 import shutil
 import socket
@@ -35,7 +36,7 @@ def test_flow_trains_packages_and_serves(prefect_server, tiny_dataset, tmp_path)
 
     summary = training_pipeline(config="tiny", overrides=[f"data.root={tiny_dataset}", *TINY])
     run_dir = Path(summary["run_dir"])
-    for name in ("config.yaml", "manifest.csv", "augmentation_preview.png", "trials.json",
+    for name in ("config.yaml", "manifest.csv", "augmentation_preview.png", "trials.json", "calibration.json",
                  "training_curves.png", "gate.json", "package.json"):
         assert (run_dir / name).exists(), name
     assert (run_dir / "validation" / "data_docs" / "index.html").exists()
@@ -90,3 +91,56 @@ def test_flow_stops_on_invalid_data(prefect_server, tiny_dataset, tmp_path):
     (broken / "test" / "scratch" / "000.png").write_bytes(b"truncated")
     with pytest.raises(DataValidationError, match="scratch/000.png"):
         training_pipeline(config="tiny", overrides=[f"data.root={broken}", *TINY])
+
+
+def test_reproduce_tunes_once_and_summarizes_every_seed(prefect_server, tiny_dataset, tmp_path):
+    import json
+
+    from flows.reproduce import reproduce
+
+    out = tmp_path / "results"
+    summary = reproduce(config="tiny", seeds=[1, 2], overrides=[f"data.root={tiny_dataset}"], out_dir=str(out))
+    assert [run["seed"] for run in summary["runs"]] == [1, 2]
+    assert summary["tuned"] == {"base_filters": 4}  # configs/tuner/tiny.yaml's one value
+    first, second = (Path(run["run_dir"]) for run in summary["runs"])
+    assert (first / "trials.csv").exists() and not (second / "trials.csv").exists()  # tuned once
+    from defectflow.config import from_yaml
+
+    assert from_yaml((second / "config.yaml").read_text()).tune.enabled is False
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["summary"]["accuracy"]["values"] == [r["metrics"]["accuracy"] for r in summary["runs"]]
+    assert "mean ± std (n=2)" in (out / "results.md").read_text()
+
+
+def test_a_run_id_resumes_and_refuses_another_config(prefect_server, tiny_dataset):
+    from defectflow.runs import RunConflict
+    from flows.training import training_pipeline
+
+    overrides = [f"data.root={tiny_dataset}", *TINY, "package.build_bento=false"]
+    first = training_pipeline(config="tiny", overrides=overrides, run_id="resume-me")
+    again = training_pipeline(config="tiny", overrides=overrides, run_id="resume-me")
+    assert first["run_dir"] == again["run_dir"]
+    training = json.loads((Path(again["run_dir"]) / "model" / "training.json").read_text())
+    assert training["resumed_from_epoch"] == 1 and training["epochs_trained"] == 0  # nothing trained twice
+    assert len(training["history"]["loss"]) == 1
+    with pytest.raises(RunConflict):
+        training_pipeline(config="tiny", overrides=[*overrides, "train.epochs=2"], run_id="resume-me")
+
+
+def test_cli_evaluates_a_finished_run_again(prefect_server, tiny_dataset, tmp_path, capsys):
+    from defectflow.cli import main
+    from defectflow.inference import ModelInfo
+    from flows.training import training_pipeline
+
+    run_dir = Path(training_pipeline(config="tiny", overrides=[f"data.root={tiny_dataset}", *TINY,
+                                                                "package.build_bento=false", "eval.calibrate=false"])["run_dir"])
+    assert ModelInfo.load(run_dir / "model").defect_threshold is None  # calibration was off
+    capsys.readouterr()
+    assert main(["evaluate", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "P(defect)" in out and "| accuracy |" in out
+    assert ModelInfo.load(run_dir / "model").defect_threshold is not None
+    metrics = json.loads((run_dir / "evaluation" / "metrics.json").read_text())
+    assert metrics == json.loads((run_dir / "model" / "metrics.json").read_text())
+    assert main(["evaluate", str(tmp_path)]) == 2
+    assert "not a finished run folder" in capsys.readouterr().err

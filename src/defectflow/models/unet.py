@@ -50,19 +50,19 @@ class MaskAttentionPooling(layers.Layer):
         return {**super().get_config(), "epsilon": self.epsilon}
 
 
-def _conv_block(x, filters: int, name: str):
-    for i in (1, 2):
+def _conv_block(x, filters: int, name: str, convs: int = 2):
+    for i in range(1, convs + 1):
         x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv{i}")(x)
         x = layers.BatchNormalization(name=f"{name}_bn{i}")(x)
         x = layers.Activation("relu", name=f"{name}_relu{i}")(x)
     return x
 
 
-def _decoder_block(x, skip, filters: int, name: str):
+def _decoder_block(x, skip, filters: int, name: str, convs: int = 2):
     x = layers.UpSampling2D(name=f"{name}_up")(x)
     if skip is not None:
         x = layers.Concatenate(name=f"{name}_skip")([x, skip])
-    return _conv_block(x, filters, name)
+    return _conv_block(x, filters, name, convs)
 
 
 def _heads(x, bottleneck, num_classes: int, dropout: float, attended: dict | None = None) -> dict:
@@ -94,17 +94,27 @@ def _heads(x, bottleneck, num_classes: int, dropout: float, attended: dict | Non
 
 def build_pretrained_unet(backbone: str, input_size: int, num_classes: int, base_filters: int = 16,
                           dropout: float = 0.2, weights: str | None = "imagenet") -> keras.Model:
-    """Pretrained encoder (strides 2..32), U-Net decoder back to full resolution."""
+    """Pretrained encoder (strides 2..32), U-Net decoder back to full resolution.
+
+    The decoder is light on purpose: on a CPU the encoder costs ~0.5 GFLOP at 256 px, and a
+    textbook decoder (two 3x3 convolutions per level, the 1280-channel head as the deepest
+    skip) costs ten times that. So the head is first projected to 8 x base_filters channels,
+    the coarse levels (16 and 32 px at 256 px input, cheap) keep two convolutions, and the
+    three finest levels have one each, the full-resolution one at half width.
+    """
     encoder = build_encoder(backbone, input_size, weights)
     inputs = keras.Input((input_size, input_size, 3), name="image")
     feats = encoder(inputs)
-    x = feats[FEATURE_NAMES[-1]]
-    bottleneck = x
+    bottleneck = feats[FEATURE_NAMES[-1]]
+    x = layers.Conv2D(base_filters * 8, 1, use_bias=False, name="head_proj")(bottleneck)
+    x = layers.Activation("relu", name="head_proj_relu")(layers.BatchNormalization(name="head_proj_bn")(x))
+    widths = {4: (base_filters * 8, 2), 3: (base_filters * 4, 2), 2: (base_filters * 2, 1), 1: (base_filters, 1)}
     decoded = {}
     for level, name in reversed(list(enumerate(FEATURE_NAMES[:-1]))):
-        x = _decoder_block(x, feats[name], base_filters * 2 ** (level + 1), f"dec{level + 1}")
+        filters, convs = widths[level + 1]
+        x = _decoder_block(x, feats[name], filters, f"dec{level + 1}", convs)
         decoded[level + 1] = x
-    x = _decoder_block(x, None, base_filters, "dec0")
+    x = _decoder_block(x, None, max(base_filters // 2, 4), "dec0", convs=1)
     # Under the mask: the encoder's mid-level features (what texture the defect has) and the
     # decoder at stride 4 (its shape at a scale where cracks and pokes differ).
     attended = {"stride8": feats["stride8"], "stride16": feats["stride16"], "dec2": decoded[2]}
