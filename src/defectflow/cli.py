@@ -167,7 +167,7 @@ def cmd_evaluate(args) -> int:
         return 2
     cfg = from_yaml((run / "config.yaml").read_text())
     rows = read_manifest(run / "manifest.csv")
-    if cfg.eval.calibrate and not args.no_calibrate:
+    if not args.no_calibrate:  # whatever the run did: this command is how thresholds are redone
         thresholds = calibrate_model(run / "model", select(rows, "val"), cfg.train.batch_size, run / "calibration.json")
         print(thresholds.markdown() + "\n")
     result = evaluate_model_dir(run / "model", select(rows, "test"), run / "evaluation", cfg.train.batch_size,
