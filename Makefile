@@ -46,7 +46,7 @@ demo: install
 	echo "demo finished in $$(( $$(date +%s) - start )) s"
 
 # Tune once, then train and evaluate on 3 split seeds of the real MVTec capsule copy in
-# ../shared (about an hour on 2 CPU cores); prints and writes the mean ± std table.
+# ../shared (about 90 minutes on 2 CPU cores); prints and writes the mean ± std table.
 reproduce-capsule: install
 	@[ -d ../shared/data/mvtec_capsule/capsule ] || { echo "no ../shared/data/mvtec_capsule/capsule: nothing to reproduce"; exit 1; }
 	/usr/bin/time -v $(BIN)/defectflow reproduce --config capsule --seeds 42 43 44
