@@ -51,10 +51,10 @@ class Thresholds:
         ])
 
 
-def _best(grid, score) -> tuple[float, float]:
-    scored = [(score(t), -abs(t - 0.5), t) for t in grid]
-    best = max(scored)
-    return float(best[2]), float(best[0])
+def _best(scores: dict[float, float]) -> tuple[float, float]:
+    """The threshold with the highest score (ties: nearest 0.5) and that score."""
+    value, _, threshold = max((score, -abs(t - 0.5), t) for t, score in scores.items())
+    return float(threshold), float(value)
 
 
 def choose_thresholds(predictor, samples: list[Sample], batch_size: int = 8) -> Thresholds:
@@ -66,11 +66,8 @@ def choose_thresholds(predictor, samples: list[Sample], batch_size: int = 8) -> 
     is_defect = np.array([s.label != predictor.classes[0] for s in samples])
     p_defect = 1.0 - probs[:, 0]
 
-    def presence(t: float) -> float:
-        return float(np.mean((p_defect > t) == is_defect))
-
     argmax_presence = float(np.mean((probs.argmax(axis=1) != 0) == is_defect))
-    defect_threshold, val_presence = _best(DEFECT_GRID, presence)
+    defect_threshold, val_presence = _best({t: float(np.mean((p_defect > t) == is_defect)) for t in DEFECT_GRID})
 
     # Soft masks of the defect images at each image's resolution, once.
     pairs = []
@@ -80,12 +77,15 @@ def choose_thresholds(predictor, samples: list[Sample], batch_size: int = 8) -> 
             pairs.append((read_mask(sample.mask_path), cv2.resize(soft[..., 0], (width, height),
                                                                   interpolation=cv2.INTER_LINEAR)))
 
-    def defect_dice(t: float) -> float:
-        return float(np.mean([dice(truth, full > t) for truth, full in pairs])) if pairs else 0.0
-
-    mask_threshold, val_dice = _best(MASK_GRID, defect_dice) if pairs else (0.5, float("nan"))
-    return Thresholds(defect_threshold, mask_threshold, val_presence, argmax_presence, val_dice,
-                      defect_dice(0.5) if pairs else float("nan"), len(samples))
+    if pairs:
+        # 0.5 is in the grid: its score is also the figure at the default threshold.
+        dice_by_threshold = {t: float(np.mean([dice(truth, full > t) for truth, full in pairs])) for t in MASK_GRID}
+        mask_threshold, val_dice = _best(dice_by_threshold)
+        default_dice = dice_by_threshold[0.5]
+    else:
+        mask_threshold, val_dice, default_dice = 0.5, float("nan"), float("nan")
+    return Thresholds(defect_threshold, mask_threshold, val_presence, argmax_presence, val_dice, default_dice,
+                      len(samples))
 
 
 def calibrate_model(model_dir, samples: list[Sample], batch_size: int = 8, record=None) -> Thresholds:

@@ -258,7 +258,7 @@ def tune(cfg, data: PreparedData, out_dir: Path, resume: bool = False) -> tuple[
         options.update(max_trials=cfg.tune.max_trials)
     keras.utils.set_random_seed(cfg.tune.seed)
     tuner = getattr(kt, TUNER_CLASSES[cfg.tune.algorithm])(DefectHyperModel(), **options)
-    with _device_scope(cfg):
+    with _device_scope(select_device(cfg.train.device)):
         search = {} if cfg.tune.algorithm == "hyperband" else {"epochs": cfg.tune.epochs}
         tuner.search(verbose=cfg.train.verbose, **search)
     trials = trials_table(tuner, cfg.tune.objective)
@@ -295,10 +295,10 @@ def write_trials(trials: list[dict], out_dir: Path) -> Path:
     return out_dir / "trials.csv"
 
 
-def _device_scope(cfg):
+def _device_scope(device: str):
     import tensorflow as tf
 
-    return tf.device(select_device(cfg.train.device))
+    return tf.device(device)
 
 
 @dataclass
@@ -438,7 +438,7 @@ def train(cfg, data: PreparedData, run_dir: Path | None = None) -> TrainResult:
             ]
             if cfg.train.tensorboard:
                 callbacks.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), update_freq="epoch"))
-        with _device_scope(cfg):
+        with _device_scope(accel.device):
             fit = model.fit(train_ds, validation_data=val_ds, initial_epoch=done, epochs=until, callbacks=callbacks,
                             verbose=cfg.train.verbose)
         for key, values in fit.history.items():
