@@ -6,21 +6,53 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from defectflow.data.mvtec import Sample
 from defectflow.inference import METRICS_FILE, Predictor
-from defectflow.metrics import classification_metrics, dice, iou, segmentation_metrics
-from defectflow.plots import confusion_matrix_image, image_grid, save_rgb
+from defectflow.metrics import (
+    classification_metrics,
+    dice,
+    expected_calibration_error,
+    iou,
+    reliability_bins,
+    segmentation_metrics,
+)
+from defectflow.plots import (
+    confusion_matrix_image,
+    error_analysis_grid,
+    image_grid,
+    reliability_diagram_image,
+    save_rgb,
+)
 from defectflow.preprocessing import overlay, prepare_mask, read_image, read_mask
 
 HEADLINE = ("accuracy", "defect_accuracy", "presence_accuracy", "auroc", "defect_dice", "defect_iou", "dice", "iou")
+#: Where `Evaluation.save` keeps the predicted masks of the worst cases (PNG, 0/255).
+WORST_MASKS_DIR = "worst_masks"
+
+
+def error_rank(row: dict) -> tuple | None:
+    """Sort key of an error case, smallest = worst; None for a correct answer on a good image.
+
+    Misclassified images come first, the most confidently wrong first; then correctly
+    classified defect images, lowest Dice first.
+    """
+    if row["true"] != row["predicted"]:
+        return (0, -row.get("confidence", 0.0))
+    if row.get("true_area", 0.0) > 0 or row.get("mask_path"):
+        return (1, row["dice"])
+    return None
 
 
 @dataclass
 class Evaluation:
     metrics: dict
     per_image: list[dict] = field(default_factory=list)
+    #: per_image index -> predicted mask (uint8 {0, 1}, image resolution) of the worst cases
+    #: only (see `error_rank`), at most `plot_count` of them: what the error analysis shows.
+    predicted_masks: dict[int, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     def headline(self) -> dict[str, float]:
         return {k: self.metrics[k] for k in HEADLINE}
@@ -33,12 +65,49 @@ class Evaluation:
             lines.append(f"| {c} | {row['precision']:.3f} | {row['recall']:.3f} | {row['f1']:.3f} | {row['support']} |")
         return "\n".join(lines)
 
+    def reliability(self, n_bins: int = 10) -> list[dict] | None:
+        """Reliability bins of the per-image confidences; None when the rows carry none
+        (evaluations written before confidences were recorded)."""
+        rows = [r for r in self.per_image if "confidence" in r]
+        if not rows:
+            return None
+        return reliability_bins([r["confidence"] for r in rows], [r["true"] == r["predicted"] for r in rows], n_bins)
+
+    def worst_cases(self, count: int | None = None) -> list[tuple[dict, np.ndarray]]:
+        """(per-image row, predicted mask) of the worst cases whose masks were kept, worst first."""
+        ranked = sorted(
+            (i for i in self.predicted_masks if error_rank(self.per_image[i]) is not None),
+            key=lambda i: error_rank(self.per_image[i]),
+        )
+        return [(self.per_image[i], self.predicted_masks[i]) for i in ranked[:count]]
+
     def save(self, out_dir: Path) -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "per_image.json").write_text(json.dumps(self.per_image, indent=1))
+        masks_dir = out_dir / WORST_MASKS_DIR
+        # Masks of an earlier evaluation in the same folder would pair with the wrong rows.
+        for stale in masks_dir.glob("*.png") if masks_dir.is_dir() else []:
+            stale.unlink()
+        for index, mask in self.predicted_masks.items():
+            masks_dir.mkdir(exist_ok=True)
+            if not cv2.imwrite(str(masks_dir / f"{index:05d}.png"), mask.astype(np.uint8) * 255):
+                raise OSError(f"could not write {masks_dir / f'{index:05d}.png'}")
         path = out_dir / "metrics.json"
         path.write_text(json.dumps(self.metrics, indent=2))
         return path
+
+    @classmethod
+    def load(cls, out_dir: Path) -> Evaluation:
+        """What `save` wrote: metrics, per-image rows (if any) and the worst cases' masks (if any)."""
+        out_dir = Path(out_dir)
+        metrics = json.loads((out_dir / "metrics.json").read_text())
+        rows_file = out_dir / "per_image.json"
+        per_image = json.loads(rows_file.read_text()) if rows_file.exists() else []
+        masks = {}
+        for png in sorted((out_dir / WORST_MASKS_DIR).glob("*.png")) if (out_dir / WORST_MASKS_DIR).is_dir() else []:
+            if png.stem.isdigit() and int(png.stem) < len(per_image):
+                masks[int(png.stem)] = read_mask(png)
+        return cls(metrics, per_image, masks)
 
 
 def evaluate(predictor: Predictor, samples: list[Sample], batch_size: int = 8, plot_dir: Path | None = None,
@@ -48,6 +117,7 @@ def evaluate(predictor: Predictor, samples: list[Sample], batch_size: int = 8, p
     classes = predictor.classes
     size = predictor.info.input_size
     per_image, y_true, y_pred, p_defect, tiles = [], [], [], [], []
+    worst: list[tuple[tuple, int, np.ndarray]] = []  # (error_rank, index, predicted mask), bounded
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
         images = [read_image(s.path) for s in chunk]
@@ -56,8 +126,13 @@ def evaluate(predictor: Predictor, samples: list[Sample], batch_size: int = 8, p
             soft_truth = prepare_mask(truth, size)[:, :, 0]
             row = {
                 "path": str(sample.path),
+                "mask_path": str(sample.mask_path) if sample.mask_path else None,
                 "true": sample.label,
                 "predicted": pred.label,
+                # The probability of the class answered (with a calibrated P(defect) threshold
+                # that need not be the most probable one): what calibration is measured on.
+                "confidence": pred.probabilities[pred.label],
+                "probabilities": dict(pred.probabilities),
                 "p_defect": 1.0 - pred.probabilities[classes[0]],
                 "dice": dice(truth, pred.mask),
                 "iou": iou(truth, pred.mask),
@@ -66,6 +141,11 @@ def evaluate(predictor: Predictor, samples: list[Sample], batch_size: int = 8, p
                 "true_area": float(truth.mean()),
                 "predicted_area": pred.defect_area_fraction,
             }
+            rank = error_rank(row)
+            if rank is not None and plot_count > 0:
+                worst.append((rank, len(per_image), pred.mask))
+                worst.sort(key=lambda w: (w[0], w[1]))
+                del worst[plot_count:]
             per_image.append(row)
             y_true.append(classes.index(sample.label))
             y_pred.append(classes.index(pred.label))
@@ -75,8 +155,9 @@ def evaluate(predictor: Predictor, samples: list[Sample], batch_size: int = 8, p
     y_true_a = np.array(y_true)
     metrics = classification_metrics(y_true_a, np.array(y_pred), np.array(p_defect), classes)
     metrics.update(segmentation_metrics(per_image, y_true_a != 0))
+    result = Evaluation(metrics, per_image, {index: mask for _, index, mask in worst})
+    metrics["expected_calibration_error"] = expected_calibration_error(result.reliability())
     metrics["classes"] = classes
-    result = Evaluation(metrics, per_image)
     if plot_dir is not None:
         _plots(result, tiles, plot_dir)
     return result
@@ -95,8 +176,13 @@ def evaluate_model_dir(model_dir: Path, samples: list[Sample], out_dir: Path, ba
 def _plots(result: Evaluation, tiles, plot_dir: Path) -> None:
     save_rgb(confusion_matrix_image(result.metrics["confusion_matrix"], result.metrics["classes"]),
              plot_dir / "confusion_matrix.png")
+    save_rgb(reliability_diagram_image(result.reliability(), result.metrics["expected_calibration_error"]),
+             plot_dir / "reliability.png")
     # Mistakes first: that is what a person reviewing a model wants to see.
     tiles = sorted(tiles, key=lambda t: (t[1]["true"] == t[1]["predicted"], t[1]["dice"]))
     captions = [[f"true {r['true']}", f"pred {r['predicted']}", f"dice {r['dice']:.2f}"] for _, r in tiles]
     if tiles:
         save_rgb(image_grid([t for t, _ in tiles], captions), plot_dir / "predictions.png")
+    worst = result.worst_cases()
+    if worst:
+        save_rgb(error_analysis_grid(worst), plot_dir / "error_analysis.png")

@@ -70,3 +70,39 @@ def segmentation_metrics(per_image: list[dict], defect: np.ndarray) -> dict:
         out[key] = float(values.mean()) if len(values) else float("nan")
         out[f"defect_{key}"] = float(values[defect].mean()) if defect.any() else float("nan")
     return out
+
+
+def reliability_bins(confidence, correct, n_bins: int = 10) -> list[dict]:
+    """Top-label calibration in `n_bins` equal-width confidence bins over [0, 1].
+
+    `confidence`: the probability the model gave the class it answered, per image; `correct`:
+    whether that answer was right. Bin i holds confidences in [i/n, (i+1)/n), the last bin also
+    1.0. Each bin: lower, upper, count, confidence (mean), accuracy (NaN for an empty bin).
+    """
+    conf = np.asarray(confidence, dtype=np.float64).ravel()
+    hit = np.asarray(correct, dtype=np.float64).ravel()
+    if conf.shape != hit.shape:
+        raise ValueError(f"{conf.size} confidences but {hit.size} correctness flags")
+    if ((conf < 0) | (conf > 1)).any():
+        raise ValueError("confidences must lie in [0, 1]")
+    index = np.minimum((conf * n_bins).astype(int), n_bins - 1)
+    bins = []
+    for i in range(n_bins):
+        members = index == i
+        count = int(members.sum())
+        bins.append({
+            "lower": i / n_bins,
+            "upper": (i + 1) / n_bins,
+            "count": count,
+            "confidence": float(conf[members].mean()) if count else float("nan"),
+            "accuracy": float(hit[members].mean()) if count else float("nan"),
+        })
+    return bins
+
+
+def expected_calibration_error(bins: list[dict]) -> float:
+    """ECE from `reliability_bins`: the count-weighted mean |accuracy - confidence| (NaN if no images)."""
+    total = sum(b["count"] for b in bins)
+    if total == 0:
+        return float("nan")
+    return float(sum(b["count"] / total * abs(b["accuracy"] - b["confidence"]) for b in bins if b["count"]))

@@ -1,0 +1,385 @@
+"""The evaluation report a person reads to see why a model was, or was not, promoted.
+
+`write_report` writes, into one folder:
+
+- `report.html`: self-contained (inline CSS, every figure a base64 PNG data URI, no scripts,
+  nothing fetched), so it can be mailed, attached or opened from an artifact store as is;
+- `report.md`: the same summary in Markdown, figures linked as the PNG files beside it;
+- `report_*.png`: those figures.
+
+Contents: the promotion decision (banner and the checks behind it), headline metrics with the
+champion beside the challenger and their difference, per-class precision/recall/F1, the
+confusion matrix, training curves, the reliability diagram with the expected calibration
+error, and the worst cases (image | true mask | predicted mask).
+
+The decision is the gate's dict: {"passed", "promoted", "message", "champion",
+"checks": [{"metric", "kind", "value", "threshold", "champion_value", "tolerance", "passed"}]}.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import math
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from defectflow.evaluation import Evaluation
+from defectflow.plots import (
+    confusion_matrix_image,
+    curves_image,
+    error_analysis_grid,
+    reliability_diagram_image,
+    save_rgb,
+)
+from defectflow.results import LABELS
+
+ECE_LABEL = "expected calibration error (top label, 10 bins)"
+#: The headline metrics of the report, in order.
+REPORT_METRICS = ("accuracy", "presence_accuracy", "defect_accuracy", "auroc", "defect_dice", "defect_iou",
+                  "dice", "iou", "expected_calibration_error")
+LOWER_IS_BETTER = {"expected_calibration_error"}
+#: Training history series drawn, (chart title, preferred keys); absent keys are skipped.
+CURVES = (("loss", ["loss", "val_loss", "class_loss", "val_class_loss"]),
+          ("class accuracy and mask Dice", ["class_accuracy", "val_class_accuracy", "mask_dice", "val_mask_dice"]))
+
+
+def metric_label(key: str) -> str:
+    return ECE_LABEL if key == "expected_calibration_error" else LABELS.get(key, key)
+
+
+def _number(value) -> float | None:
+    """A metric value as a float, None when missing or not a number (NaN included)."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(value) else value
+
+
+def _fmt(value, digits: int = 4) -> str:
+    number = _number(value)
+    return "—" if number is None else f"{number:.{digits}f}"
+
+
+def _difference(challenger, champion) -> float | None:
+    a, b = _number(challenger), _number(champion)
+    return None if a is None or b is None else a - b
+
+
+def metrics_table_rows(challenger: Evaluation, champion: Evaluation | None = None) -> list[dict]:
+    """The headline metrics as rows for a table (e.g. a Prefect table artifact): metric (its
+    readable name), challenger, and with a champion also champion and difference (challenger
+    minus champion). Values rounded to 4 digits; None where a metric is missing or undefined."""
+    rows = []
+    for key in REPORT_METRICS:
+        value = _number(challenger.metrics.get(key))
+        row = {"metric": metric_label(key), "challenger": None if value is None else round(value, 4)}
+        if champion is not None:
+            theirs = _number(champion.metrics.get(key))
+            diff = _difference(value, theirs)
+            row["champion"] = None if theirs is None else round(theirs, 4)
+            row["difference"] = None if diff is None else round(diff, 4)
+        rows.append(row)
+    return rows
+
+
+def load_history(path: str | Path) -> dict[str, list[float]]:
+    """Training history from a model's training.json ("history") or a Keras CSVLogger file."""
+    path = Path(path)
+    if path.suffix == ".json":
+        return json.loads(path.read_text())["history"]
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    keys = [k for k in (rows[0] if rows else {}) if k != "epoch"]
+    return {k: [float(r[k]) for r in rows] for k in keys}
+
+
+# ---------------------------------------------------------------- Markdown
+
+
+def _decision_dict(decision) -> dict | None:
+    """The decision dict, also from a `gate.GateDecision` (which gives it with `to_dict()`)."""
+    return decision if decision is None or isinstance(decision, dict) else decision.to_dict()
+
+
+def _decision_line(decision: dict | None) -> str:
+    if decision is None:
+        return "**Decision: none recorded** (evaluation only)"
+    verdict = "PROMOTED" if decision["promoted"] else "NOT PROMOTED"
+    line = f"**Decision: {verdict}** — {decision['message']}"
+    if decision.get("champion"):
+        line += f" (champion: `{decision['champion']}`)"
+    return line
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _check_cells(check: dict) -> list[str]:
+    return [metric_label(check["metric"]), check.get("kind", "absolute"), _fmt(check.get("value")),
+            _fmt(check.get("threshold")), _fmt(check.get("champion_value")), _fmt(check.get("tolerance")),
+            "pass" if check["passed"] else "FAIL"]
+
+
+CHECK_HEADER = ["check", "kind", "challenger", "threshold", "champion", "tolerance", "result"]
+
+
+def _per_class_rows(challenger: Evaluation, champion: Evaluation | None) -> tuple[list[str], list[list[str]]]:
+    ours = challenger.metrics.get("per_class", {})
+    theirs = champion.metrics.get("per_class", {}) if champion is not None else {}
+    header = ["class", "precision", "recall", "F1", "support"]
+    if champion is not None:
+        header += ["champion precision", "champion recall", "champion F1"]
+    rows = []
+    for name in [*ours, *(c for c in theirs if c not in ours)]:
+        row = ours.get(name, {})
+        cells = [name, _fmt(row.get("precision"), 3), _fmt(row.get("recall"), 3), _fmt(row.get("f1"), 3),
+                 str(row.get("support", "—"))]
+        if champion is not None:
+            other = theirs.get(name, {})
+            cells += [_fmt(other.get("precision"), 3), _fmt(other.get("recall"), 3), _fmt(other.get("f1"), 3)]
+        rows.append(cells)
+    return header, rows
+
+
+def summary_markdown(challenger: Evaluation, champion: Evaluation | None = None, decision: dict | None = None,
+                     images: dict[str, str] | None = None, title: str = "defectflow evaluation") -> str:
+    """The Markdown summary: decision line first, then the metric tables; `images` (caption ->
+    link) are appended as image links when given (report.md links the PNGs beside it)."""
+    decision = _decision_dict(decision)
+    parts = [_decision_line(decision), "", f"## {title}", ""]
+    header = ["metric", "challenger"] + (["champion", "difference"] if champion is not None else [])
+    rows = []
+    for row in metrics_table_rows(challenger, champion):
+        cells = [row["metric"], _fmt(row["challenger"])]
+        if champion is not None:
+            diff = row["difference"]
+            cells += [_fmt(row["champion"]), "—" if diff is None else f"{diff:+.4f}"]
+        rows.append(cells)
+    parts += ["### Metrics", "", _md_table(header, rows), ""]
+    m = challenger.metrics
+    parts += [f"Test images: {m.get('n_images', len(challenger.per_image))}, "
+              f"of which defective: {m.get('n_defect_images', '—')}. "
+              f"Expected calibration error: {_fmt(m.get('expected_calibration_error'))} "
+              "(count-weighted mean |accuracy − confidence| over 10 confidence bins; 0 = calibrated).", ""]
+    if decision is not None and decision.get("checks"):
+        parts += ["### Promotion checks", "", _md_table(CHECK_HEADER, [_check_cells(c) for c in decision["checks"]]),
+                  ""]
+    parts += ["### Per class", "", _md_table(*_per_class_rows(challenger, champion)), ""]
+    for caption, link in (images or {}).items():
+        parts += [f"### {caption}", "", f"![{caption}]({link})", ""]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+# ---------------------------------------------------------------- HTML
+
+CSS = """
+body{font-family:-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1200px;
+color:#222;padding:0 16px;line-height:1.4}
+h1{font-size:1.6em;margin-bottom:4px}h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:32px}
+table{border-collapse:collapse;margin:8px 0 16px}th,td{border:1px solid #ccc;padding:4px 10px;text-align:right}
+th{background:#f2f2f2}.text{text-align:left}
+.banner{padding:14px 18px;border-radius:6px;margin:16px 0;font-size:1.1em}
+.banner strong{font-size:1.3em;display:block;margin-bottom:4px}
+.promoted{background:#e3f5e1;border:2px solid #2e7d32}.rejected{background:#fdeaea;border:2px solid #c62828}
+.held{background:#fff4e0;border:2px solid #ef8f00}
+.neutral{background:#f2f2f2;border:2px solid #888}
+tr.fail td{background:#fdeaea}tr.wrong td{color:#c62828}.better{color:#2e7d32}.worse{color:#c62828}
+.note{color:#666;font-size:.9em}img{max-width:100%;border:1px solid #ddd}
+.figures{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}
+.figures figure{margin:0}figcaption{color:#666;font-size:.9em}
+"""
+
+
+def _e(value) -> str:
+    return html.escape(str(value))
+
+
+def _html_table(header: list[str] | None, rows: list[list[str]], row_classes: list[str] | None = None,
+                text_columns: int = 1) -> str:
+    """Cells are HTML already (escaped by the caller); the first `text_columns` columns are
+    left-aligned text, the rest right-aligned numbers."""
+    def cells(tag: str, row: list[str]) -> str:
+        text = ' class="text"'
+        return "".join(f"<{tag}{text if i < text_columns else ''}>{c}</{tag}>" for i, c in enumerate(row))
+
+    out = ["<table>" + (f"<thead><tr>{cells('th', header)}</tr></thead>" if header else "") + "<tbody>"]
+    for i, row in enumerate(rows):
+        cls = f' class="{row_classes[i]}"' if row_classes and row_classes[i] else ""
+        out.append(f"<tr{cls}>{cells('td', row)}</tr>")
+    return "\n".join(out) + "</tbody></table>"
+
+
+def _img(png: Path, alt: str) -> str:
+    data = base64.b64encode(png.read_bytes()).decode("ascii")
+    return f'<img alt="{_e(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _banner(decision: dict | None) -> str:
+    """Green: promoted; red: the gate failed; amber: the gate passed but the model was not
+    promoted (e.g. promotion switched off)."""
+    if decision is None:
+        return '<div class="banner neutral"><strong>No promotion decision</strong>evaluation only</div>'
+    checks = decision.get("checks", [])
+    failed = [c for c in checks if not c["passed"]]
+    passed = decision.get("passed", not failed)
+    if decision["promoted"]:
+        css, verdict = "promoted", "Promoted"
+    else:
+        css, verdict = ("held", "Not promoted (gate passed)") if passed else ("rejected", "Not promoted")
+    details = [f"gate checks: {len(checks) - len(failed)} of {len(checks)} passed"]
+    details.append(f"champion: {_e(decision['champion'])}" if decision.get("champion") else "no champion compared")
+    if decision.get("champion_note"):
+        details.append(_e(decision["champion_note"]))
+    return (f'<div class="banner {css}"><strong>{verdict}</strong>{_e(decision["message"])}'
+            f'<div class="note">{" · ".join(details)}</div></div>')
+
+
+def _metrics_html(challenger: Evaluation, champion: Evaluation | None, champion_name: str | None) -> str:
+    header = ["metric", "challenger"]
+    if champion is not None:
+        header += [f"champion{' (' + _e(champion_name) + ')' if champion_name else ''}", "difference"]
+    rows = []
+    for key, row in zip(REPORT_METRICS, metrics_table_rows(challenger, champion), strict=True):
+        cells = [_e(row["metric"]), _fmt(row["challenger"])]
+        if champion is not None:
+            diff = row["difference"]
+            if diff is None:
+                cells += [_fmt(row["champion"]), "—"]
+            else:
+                good = -diff if key in LOWER_IS_BETTER else diff
+                cls = "better" if good > 0 else "worse" if good < 0 else ""
+                cells += [_fmt(row["champion"]), f'<span class="{cls}">{diff:+.4f}</span>']
+        rows.append(cells)
+    return _html_table(header, rows)
+
+
+def _worst_table(cases: list[tuple[dict, np.ndarray]]) -> str:
+    rows = [[str(i + 1), _e("/".join(Path(r["path"]).parts[-3:])), _e(r["true"]), _e(r["predicted"]),
+             _fmt(r.get("confidence"), 3), _fmt(r.get("p_defect"), 3), _fmt(r.get("dice"), 3)]
+            for i, (r, _) in enumerate(cases)]
+    classes = ["wrong" if r["true"] != r["predicted"] else "" for r, _ in cases]
+    return _html_table(["#", "image", "true", "predicted", "confidence", "P(defect)", "Dice"], rows, classes,
+                       text_columns=4)
+
+
+def _figure(png: Path, caption: str) -> str:
+    return f"<figure>{_img(png, caption)}<figcaption>{_e(caption)}</figcaption></figure>"
+
+
+def write_report(out_dir: str | Path, challenger: Evaluation, champion: Evaluation | None = None,
+                 decision: dict | None = None, history: dict[str, list[float]] | None = None,
+                 title: str = "defectflow evaluation", info: dict | None = None,
+                 error_count: int = 12) -> dict[str, Path]:
+    """Write report.html, report.md and their figures into `out_dir`; returns their paths by
+    name: "html", "markdown", and those figures that were drawn: "confusion_matrix",
+    "champion_confusion_matrix", "reliability", "training_curves", "error_analysis".
+
+    `champion`: the current production model evaluated on the same images (metrics suffice);
+    `decision`: the gate's decision dict (module docstring) or an object with `to_dict()`
+    giving it; `history`: training history
+    series by name (see `load_history`); `info`: extra facts shown at the top (run, data...);
+    `error_count`: at most this many worst cases in the error analysis.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    decision = _decision_dict(decision)
+    m = challenger.metrics
+    champion_name = decision.get("champion") if decision else None
+    paths: dict[str, Path] = {}
+    notes: dict[str, str] = {}
+
+    if "confusion_matrix" in m:
+        paths["confusion_matrix"] = save_rgb(confusion_matrix_image(m["confusion_matrix"], m["classes"]),
+                                             out_dir / "report_confusion_matrix.png")
+    if champion is not None and "confusion_matrix" in champion.metrics:
+        paths["champion_confusion_matrix"] = save_rgb(
+            confusion_matrix_image(champion.metrics["confusion_matrix"], champion.metrics["classes"]),
+            out_dir / "report_confusion_matrix_champion.png")
+    bins = challenger.reliability()
+    if bins is not None:
+        paths["reliability"] = save_rgb(reliability_diagram_image(bins, m.get("expected_calibration_error",
+                                                                                float("nan"))),
+                                        out_dir / "report_reliability.png")
+    else:
+        notes["reliability"] = "This evaluation recorded no per-image confidences, so no reliability diagram."
+    if history:
+        charts = [curves_image(history, keys, size=(560, 320), title=name) for name, keys in CURVES
+                  if any(history.get(k) for k in keys)]
+        if charts:
+            paths["training_curves"] = save_rgb(np.hstack(charts), out_dir / "report_training_curves.png")
+    if not history or "training_curves" not in paths:
+        notes["training_curves"] = "No training history was given."
+    cases = challenger.worst_cases(error_count)
+    if cases:
+        try:
+            paths["error_analysis"] = save_rgb(error_analysis_grid(cases), out_dir / "report_error_analysis.png")
+        except (OSError, ValueError) as exc:  # images moved or deleted since the evaluation
+            notes["error_analysis"] = f"The images of the worst cases could not be read: {exc}"
+    elif any(r["true"] != r["predicted"] for r in challenger.per_image):
+        notes["error_analysis"] = "This evaluation kept no predicted masks, so no error analysis."
+    else:
+        notes["error_analysis"] = "No errors to show: every image was classified correctly and no defect mask kept."
+
+    captions = {"confusion_matrix": "Confusion matrix (rows: true class, columns: predicted)",
+                "champion_confusion_matrix": "Confusion matrix of the champion",
+                "reliability": "Reliability diagram",
+                "training_curves": "Training curves",
+                "error_analysis": "Worst cases: image | true mask | predicted mask"}
+    links = {captions[k]: p.name for k, p in paths.items()}
+    markdown = summary_markdown(challenger, champion, decision, links, title)
+    paths["markdown"] = out_dir / "report.md"
+    paths["markdown"].write_text(markdown, encoding="utf-8")
+
+    facts = {"test images": m.get("n_images", len(challenger.per_image)),
+             "defective test images": m.get("n_defect_images", "—"),
+             **(info or {}),
+             "generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}
+    class_header, class_rows = _per_class_rows(challenger, champion)
+    body = [f"<h1>{_e(title)}</h1>", _banner(decision),
+            _html_table(None, [[_e(k), _e(v)] for k, v in facts.items()], text_columns=2)]
+    if decision is not None and decision.get("checks"):
+        checks = decision["checks"]
+        body += ["<h2>Why: the promotion checks</h2>",
+                 '<p class="note">absolute: a fixed threshold; champion: measured against the champion within '
+                 "the tolerance. Failed checks in red.</p>",
+                 _html_table(CHECK_HEADER, [[_e(c) for c in _check_cells(check)] for check in checks],
+                             ["" if c["passed"] else "fail" for c in checks], text_columns=2)]
+    body += ["<h2>Metrics</h2>", _metrics_html(challenger, champion, champion_name),
+             '<p class="note">' + ("Difference = challenger − champion; green where the challenger is better (for "
+                                   "the calibration error, lower is better). " if champion is not None else "")
+             + "Defect-only figures average over images whose true class is a defect.</p>",
+             "<h2>Per class</h2>", _html_table([_e(h) for h in class_header], [[_e(c) for c in r] for r in class_rows]),
+             "<h2>Confusion matrix</h2>", '<div class="figures">']
+    body += [_figure(paths[k], captions[k]) for k in ("confusion_matrix", "champion_confusion_matrix") if k in paths]
+    body += ["</div>", "<h2>Calibration</h2>",
+             f"<p>Expected calibration error: <b>{_fmt(m.get('expected_calibration_error'))}</b> — the "
+             "count-weighted mean gap between confidence (probability of the class answered) and accuracy over 10 "
+             "equal-width confidence bins; 0 means the confidences can be taken at face value.</p>"]
+    body += [_figure(paths["reliability"], captions["reliability"])] if "reliability" in paths else [
+        f'<p class="note">{_e(notes["reliability"])}</p>']
+    body += ["<h2>Training curves</h2>"]
+    body += [_figure(paths["training_curves"], captions["training_curves"])] if "training_curves" in paths else [
+        f'<p class="note">{_e(notes["training_curves"])}</p>']
+    body += ["<h2>Error analysis</h2>",
+             '<p class="note">Misclassified images first (most confident first), then defect images with the '
+             "lowest Dice. Green: true mask, red: predicted mask.</p>"]
+    if "error_analysis" in paths:
+        body += [_figure(paths["error_analysis"], captions["error_analysis"]), _worst_table(cases)]
+    else:
+        body += [f'<p class="note">{_e(notes["error_analysis"])}</p>']
+    page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{_e(title)}</title><style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+    paths["html"] = out_dir / "report.html"
+    paths["html"].write_text(page, encoding="utf-8")
+    return paths
