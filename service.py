@@ -1,10 +1,11 @@
 """The defectflow HTTP service (BentoML 1.4): POST an image, get its defect class and mask.
 
-    bentoml serve service:DefectInspection        # from the repository, model from the store
+    bentoml serve service:DefectInspection        # from the repository: the production model
     bentoml serve defectflow:latest                # a built Bento (see defectflow.registry)
 
 The model is the one a built Bento pins (Bento argument `model_tag`), else the
-DEFECTFLOW_MODEL_TAG environment variable, else the newest `defectflow` model in the store.
+DEFECTFLOW_MODEL_TAG environment variable, else the production model of the registry
+(`defectflow models list`) — never simply the newest model in the store.
 All logic lives in the `defectflow` package; this file only wires it to HTTP.
 """
 
@@ -18,10 +19,21 @@ import bentoml
 from pydantic import Field
 
 from defectflow.preprocessing import InvalidImageError
+from defectflow.registry import MODEL_TAG_ENV, production_tag
 
-MODEL_TAG = getattr(bentoml.use_arguments(), "model_tag", None) or os.environ.get(
-    "DEFECTFLOW_MODEL_TAG", "defectflow:latest"
-)
+
+def _model_tag() -> str:
+    pinned = getattr(bentoml.use_arguments(), "model_tag", None) or os.environ.get(MODEL_TAG_ENV)
+    if pinned:
+        return pinned
+    production = production_tag()
+    if production is None:
+        raise RuntimeError("no production model in the registry: train one (`defectflow train`) or promote "
+                           f"one (`defectflow models promote TAG`), or set {MODEL_TAG_ENV}")
+    return production
+
+
+MODEL_TAG = _model_tag()
 
 
 @bentoml.service(name="defectflow", workers=1, traffic={"timeout": 60})

@@ -40,7 +40,8 @@ def reproduce(config: str = "capsule", seeds: list[int] | None = None, overrides
         out_dir: where results.{md,csv,json} go (default: <paths.home>/results/<config>-<time>).
     """
     seeds = list(seeds or [42, 43, 44])
-    base = [*(overrides or []), "package.build_bento=false"]
+    # A study of the recipe, not a release: models are registered as candidates, never promoted.
+    base = [*(overrides or []), "package.build_bento=false", "gate.promote=false"]
     runs, tuned = [], None
     for seed in seeds:
         extra = [f"data.split.seed={seed}"]

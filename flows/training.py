@@ -1,23 +1,34 @@
-"""The training pipeline: scan, split, validate, augment, tune, train, calibrate, evaluate, gate, package."""
+"""The training pipeline: scan, split, validate, augment, tune, train, calibrate, evaluate
+challenger and champion, gate, register, promote, package, report."""
 
 from __future__ import annotations
 
 from prefect import flow
+from prefect.states import Completed
 
 from tasks.data import augment_data, load_run_config, scan_data, split_data, validate_data
-from tasks.evaluation import apply_gate, calibrate_thresholds, evaluate_model
-from tasks.packaging import package_model
+from tasks.evaluation import (
+    apply_gate,
+    calibrate_thresholds,
+    evaluate_champion,
+    evaluate_model,
+    write_evaluation_report,
+)
+from tasks.packaging import promote_model, register_model
 from tasks.training import train_model, tune_hyperparameters
 
 
 @flow(name="training-pipeline", log_prints=True)
-def training_pipeline(config: str = "default", overrides: list[str] | None = None, run_id: str | None = None) -> dict:
-    """Train, evaluate and package a defect model.
+def training_pipeline(config: str = "default", overrides: list[str] | None = None, run_id: str | None = None):
+    """Train a defect model and promote it to production only if it is not worse than production.
 
     Args:
         config: name of a file in configs/ (without .yaml) layered over configs/default.yaml.
         overrides: `key=value` pairs applied last, e.g. ["train.epochs=3"].
         run_id: name of the run folder; the id of an unfinished run resumes it.
+
+    A challenger the gate rejects ends the run Completed with a "not promoted: ..." message
+    and production untouched; errors end it Failed.
     """
     cfg, run_dir, resumed = load_run_config(config, list(overrides or []), run_id)
     samples, facts = scan_data(cfg, run_dir)
@@ -28,16 +39,22 @@ def training_pipeline(config: str = "default", overrides: list[str] | None = Non
     model_dir = train_model(cfg, data, hyperparameters, run_dir)
     calibrate_thresholds(cfg, model_dir, split.rows, run_dir)
     evaluation = evaluate_model(cfg, model_dir, split.rows, run_dir)
-    apply_gate(cfg, evaluation, run_dir)
-    package = package_model(cfg, model_dir, evaluation, run_dir)
-    return {
+    champion = evaluate_champion(cfg, model_dir, split.rows, run_dir)
+    decision = apply_gate(cfg, evaluation, champion, run_dir)
+    model_tag = register_model(cfg, model_dir, evaluation, decision, split.fingerprint, run_dir)
+    package = promote_model(cfg, model_tag, decision, run_dir)
+    report = write_evaluation_report(cfg, evaluation, champion, decision, model_tag, run_dir)
+    summary = {
         "run_dir": str(run_dir),
         "data_fingerprint": split.fingerprint,
         "model_dir": str(model_dir),
         "hyperparameters": hyperparameters,
         "metrics": evaluation.headline(),
+        "champion": decision.champion,
+        "report": report["html"],
         **package,
     }
+    return Completed(message=decision.message, data=summary)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Evaluation tasks: metrics on the test split and the gate."""
+"""Evaluation tasks: thresholds, the challenger and the champion on the same test split, the gate."""
 
 from __future__ import annotations
 
@@ -6,13 +6,16 @@ import json
 from pathlib import Path
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
 from defectflow.calibration import calibrate_model
 from defectflow.data.split import SplitSample, select
-from defectflow.evaluation import Evaluation, evaluate_model_dir
-from defectflow.gate import GateDecision, decide, require_pass
+from defectflow.evaluation import Evaluation, evaluate, evaluate_model_dir
+from defectflow.gate import GateDecision, decide
+from defectflow.inference import ModelInfo, Predictor
+from defectflow.registry import RegistryError, production_tag, verify_model
+from defectflow.report import load_history, metrics_table_rows, summary_markdown, write_report
 
 
 @task(name="calibrate-thresholds", cache_policy=NONE)
@@ -31,6 +34,7 @@ def calibrate_thresholds(cfg, model_dir: Path, rows: list[SplitSample], run_dir:
 
 @task(name="evaluate-model", cache_policy=NONE)
 def evaluate_model(cfg, model_dir: Path, rows: list[SplitSample], run_dir: Path) -> Evaluation:
+    """The new model (challenger) on the test split, through the serving code path."""
     result = evaluate_model_dir(model_dir, select(rows, "test"), run_dir / "evaluation", cfg.train.batch_size,
                                 cfg.eval.plot_count)
     create_markdown_artifact(markdown=result.markdown(), key="test-metrics", description="Test split metrics")
@@ -38,11 +42,71 @@ def evaluate_model(cfg, model_dir: Path, rows: list[SplitSample], run_dir: Path)
     return result
 
 
+@task(name="evaluate-champion", cache_policy=NONE)
+def evaluate_champion(cfg, challenger_dir: Path, rows: list[SplitSample], run_dir: Path) -> dict:
+    """The production model re-evaluated on the challenger's test split, in this run.
+
+    Returns {"tag", "evaluation", "note"}: no tag when there is no production model yet; no
+    evaluation (and a note saying why) when it cannot be compared with the challenger.
+    """
+    logger = get_run_logger()
+    tag = production_tag(cfg.package.model_name)
+    if tag is None:
+        logger.info("no production model yet: the absolute thresholds alone decide")
+        return {"tag": None, "evaluation": None, "note": None}
+    try:
+        champion_dir = verify_model(tag)
+        champion_classes = ModelInfo.load(champion_dir).classes
+    except (RegistryError, OSError, ValueError) as exc:
+        note = f"champion {tag} could not be evaluated: {exc}"
+        logger.warning(note)
+        return {"tag": tag, "evaluation": None, "note": note}
+    classes = ModelInfo.load(challenger_dir).classes
+    if champion_classes != classes:
+        note = f"champion {tag} predicts other classes ({', '.join(champion_classes)}): not comparable"
+        logger.warning(note)
+        return {"tag": tag, "evaluation": None, "note": note}
+    # Read-only on the store: the figures go to the run folder, never into the model's folder.
+    result = evaluate(Predictor.load(champion_dir), select(rows, "test"), cfg.train.batch_size,
+                      plot_dir=run_dir / "champion_evaluation", plot_count=cfg.eval.plot_count)
+    result.save(run_dir / "champion_evaluation")
+    logger.info("champion %s on the same test split: %s", tag, {k: round(v, 4) for k, v in result.headline().items()})
+    return {"tag": tag, "evaluation": result, "note": None}
+
+
 @task(name="gate", cache_policy=NONE)
-def apply_gate(cfg, evaluation: Evaluation, run_dir: Path) -> GateDecision:
-    decision = decide(evaluation.metrics, cfg.gate)
-    (run_dir / "gate.json").write_text(json.dumps({"passed": decision.passed, "checks": decision.checks}, indent=2))
-    create_markdown_artifact(markdown=decision.message() + "\n\n" + decision.markdown(), key="gate-decision")
-    get_run_logger().info(decision.message())
-    require_pass(decision)
+def apply_gate(cfg, evaluation: Evaluation, champion: dict, run_dir: Path) -> GateDecision:
+    """Absolute floors, then not worse than the champion beyond the tolerance. Never raises on a
+    rejection: a rejected challenger is a normal outcome, recorded with every reason."""
+    champion_eval = champion["evaluation"]
+    decision = decide(evaluation.metrics, cfg.gate, champion_eval.metrics if champion_eval else None,
+                      champion["tag"], champion["note"])
+    decision.promoted = decision.passed and cfg.gate.promote
+    (run_dir / "gate.json").write_text(json.dumps(decision.to_dict(), indent=2))
+    create_markdown_artifact(markdown=decision.markdown(), key="gate-decision",
+                             description="Promotion decision with every check")
+    get_run_logger().info(decision.message)
     return decision
+
+
+@task(name="write-report", cache_policy=NONE)
+def write_evaluation_report(cfg, evaluation: Evaluation, champion: dict, decision: GateDecision, model_tag: str,
+                            run_dir: Path) -> dict:
+    """The page a person reads: the decision and its reasons, champion beside challenger, figures."""
+    champion_eval = champion["evaluation"]
+    training_file = run_dir / "model" / "training.json"
+    paths = write_report(
+        run_dir / "report", evaluation, champion_eval, decision,
+        history=load_history(training_file) if training_file.exists() else None,
+        title=f"defectflow: {model_tag}",
+        info={"model": model_tag, "champion": champion["tag"] or "none (first model)", "run": run_dir.name,
+              "data": str(cfg.data.root), "test images": evaluation.metrics["n_images"]},
+        error_count=cfg.eval.plot_count)
+    create_markdown_artifact(markdown=summary_markdown(evaluation, champion_eval, decision,
+                                                       title=f"{model_tag}: evaluation")
+                             + f"\n\nFull report: `{paths['html']}`",
+                             key="evaluation-report", description="Decision, metrics, champion beside challenger")
+    create_table_artifact(table=metrics_table_rows(evaluation, champion_eval), key="metrics-comparison",
+                          description=f"Test split metrics of {model_tag} beside the champion {champion['tag']}")
+    get_run_logger().info("report: %s", paths["html"])
+    return {k: str(v) for k, v in paths.items()}

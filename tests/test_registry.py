@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ def _scenario(home: Path, first: Path, second: Path) -> dict:
     report: dict = {"bentoml_home": os.environ["BENTOML_HOME"]}
     metadata = {"metrics": {"accuracy": 0.75, "defect_dice": 0.5, "loss": 1.0},
                 "classes": CLASSES, "config_sha256": "0" * 64, "data_root": "/data/capsule"}
-    older = registry.save_model(first, "defectflow", metadata, labels={"stage": "candidate"})
+    older = registry.save_model(first, "defectflow", metadata, labels={"line": "3"})
     newer = registry.save_model(second, "defectflow", {"metrics": {"accuracy": 0.5}})
     report["tags"] = [older, newer]
     stored = registry.model_dir(older)
@@ -105,7 +106,8 @@ def test_list_models_newest_first_with_labels_and_metrics(report):
     older, newer = report["tags"]
     listed = report["listed"]
     assert [row["tag"] for row in listed] == [newer, older]
-    assert listed[1]["labels"] == {"stage": "candidate"}
+    assert listed[1]["labels"] == {"project": "defectflow", "line": "3"}
+    assert [row["stage"] for row in listed] == ["candidate", "candidate"]
     assert listed[1]["metrics"] == {"accuracy": 0.75, "defect_dice": 0.5}
     assert listed[0]["creation_time"] >= listed[1]["creation_time"]
     assert report["listed_unknown"] == []
@@ -147,6 +149,76 @@ def test_save_model_rejects_metadata_that_is_not_json(tmp_path):
     (tmp_path / "model.json").write_text("{}")
     with pytest.raises(ValueError, match="JSON-able"):
         registry.save_model(tmp_path, "defectflow", {"when": object()})
+
+
+@pytest.fixture
+def three_models(tmp_path) -> list[str]:
+    """Three saved models under a model name of their own (the session store is shared)."""
+    name = f"stages{uuid.uuid4().hex[:8]}"
+    return [registry.save_model(make_tiny_model_dir(tmp_path / str(i), seed=i), name, {"metrics": {"accuracy": i}})
+            for i in range(3)]
+
+
+def test_promote_keeps_exactly_one_production_and_archives_the_previous(three_models):
+    a, b, c = three_models
+    name = a.split(":")[0]
+    assert registry.production_tag(name) is None
+    assert registry.promote(a, reason="first")["previous"] is None
+    event = registry.promote(b, reason="better")
+    assert (event["tag"], event["previous"], event["reason"]) == (b, a, "better")
+    stages = {row["tag"]: row["stage"] for row in registry.list_models(name)}
+    assert stages == {a: "archived", b: "production", c: "candidate"}
+    assert registry.production_tag(name) == b
+    assert [e["action"] for e in registry.history(name)] == ["promote", "promote"]
+
+
+def test_rollback_restores_the_previous_production_model(three_models):
+    a, b, _ = three_models
+    name = a.split(":")[0]
+    registry.promote(a)
+    registry.promote(b)
+    event = registry.rollback(name, reason="b misbehaves")
+    assert (event["action"], event["tag"], event["previous"]) == ("rollback", a, b)
+    assert registry.production_tag(name) == a
+    assert registry.stage_of(b) == "archived"
+    with pytest.raises(registry.RegistryError, match="no earlier production model"):
+        registry.rollback(name)
+    assert registry.production_tag(name) == a
+
+
+def test_archive_refuses_the_production_model(three_models):
+    a, _, c = three_models
+    registry.promote(a)
+    with pytest.raises(registry.RegistryError, match="is the production model"):
+        registry.archive(a)
+    registry.archive(c, reason="never used")
+    assert registry.stage_of(c) == "archived"
+    registry.promote(c)  # an archived model can come back
+    assert registry.stage_of(c) == "production" and registry.stage_of(a) == "archived"
+
+
+def test_a_damaged_or_unknown_model_is_never_promoted(three_models):
+    a, b, _ = three_models
+    name = a.split(":")[0]
+    registry.promote(a)
+    book = (registry.registry_dir() / f"{name}.json").read_bytes()
+    weights = registry.model_dir(b) / "model.keras"
+    weights.write_bytes(weights.read_bytes()[:-10])  # a truncated copy
+    with pytest.raises(registry.IncompleteModel, match=r"model.keras changed since it was saved"):
+        registry.promote(b)
+    with pytest.raises(registry.ModelNotFound, match="is not in the BentoML model store"):
+        registry.promote(f"{name}:doesnotexist")
+    (registry.model_dir(b) / "model.json").unlink()
+    with pytest.raises(registry.IncompleteModel, match="missing model.json"):
+        registry.verify_model(b)
+    assert (registry.registry_dir() / f"{name}.json").read_bytes() == book
+    assert registry.production_tag(name) == a
+
+
+def test_code_revision_names_a_commit_or_the_version(tmp_path):
+    revision = registry.code_revision()
+    assert len(revision.split("-")[0]) == 40 or revision.startswith("defectflow ")
+    assert registry.code_revision(tmp_path).startswith("defectflow ")  # not a git checkout
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ root, repo = Path(sys.argv[1]), Path(sys.argv[2])
 pinned = registry.save_model(root / "pinned", "defectflow", {"metrics": {"accuracy": 0.9}})
 bento = registry.build_bento(pinned, repo / "bentofile.yaml", repo)
 newer = registry.save_model(root / "newer", "defectflow", {"metrics": {"accuracy": 0.1}})
+registry.promote(pinned)  # production is the older model: serving must not pick "latest"
 print(pinned, bento, newer)
 """
 
@@ -141,8 +142,8 @@ def test_openapi_documents_the_endpoint(server):
     assert "mask_png_base64" in post["description"]
 
 
-def test_serve_from_source_uses_defectflow_model_tag(store):
-    env = {**store["env"], "DEFECTFLOW_MODEL_TAG": store["pinned"]}
+def test_serve_from_source_resolves_the_production_model(store):
+    env = {k: v for k, v in store["env"].items() if k != "DEFECTFLOW_MODEL_TAG"}
     with serve_bento("service:DefectInspection", env, store["root"] / "source-serve.log") as url:
         response = _predict(url, _png(np.zeros((20, 24, 3), np.uint8)))
     assert response.status_code == 200, response.text

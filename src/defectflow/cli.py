@@ -4,7 +4,9 @@
     defectflow data preview [--out PNG]        grid of augmented image/mask pairs
     defectflow validate   [key=value ...]      run the Great Expectations gate on data.root
     defectflow train      [key=value ...]      run the training pipeline (a Prefect flow)
+    defectflow evaluate   [--model TAG] [--json] evaluate a stored model (default: production) on data.root
     defectflow evaluate   RUN_DIR              calibrate thresholds (val) and evaluate (test) a run's model
+    defectflow models     list | show TAG | promote TAG | rollback | archive TAG | history
     defectflow reproduce  [--seeds 42 43 44]   the pipeline on several split seeds: results table
     defectflow serve      [--bento TAG]        serve a Bento over HTTP (BentoML)
     defectflow deploy     [--cron EXPR]        serve the pipeline as a deployment of a Prefect server
@@ -45,16 +47,44 @@ def _parser() -> argparse.ArgumentParser:
     train = configurable(sub.add_parser("train", help="run the training pipeline flow"))
     train.add_argument("--run-id", default=None,
                        help="run folder name; the id of an interrupted run resumes it (default: new)")
-    evaluate = sub.add_parser("evaluate", help="calibrate and evaluate the model of a finished run again")
-    evaluate.add_argument("run_dir", type=Path, help="a run folder (.defectflow/runs/<run id>)")
-    evaluate.add_argument("--no-calibrate", action="store_true", help="keep the thresholds the model has")
+    evaluate = sub.add_parser(
+        "evaluate", help="evaluate a stored model (default: production) on the test split of data.root "
+                         "(the model's own config, then key=value overrides), or the model of a run folder; "
+                         "writes a report")
+    evaluate.add_argument("targets", nargs="*", metavar="RUN_DIR | key=value",
+                          help="a run folder, or config overrides such as data.root=/path")
+    evaluate.add_argument("--model", default=None, help="model tag (default: the production model)")
+    evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    evaluate.add_argument("--out", type=Path, default=None, help="report folder")
+    evaluate.add_argument("--no-calibrate", action="store_true",
+                          help="with a run folder: keep the thresholds the model has")
+    models = sub.add_parser("models", help="the model registry: stages, promotion, rollback")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    for name, text in (("list", "models with stage and metrics, newest first"),
+                       ("history", "promotions, rollbacks and archivals, oldest first")):
+        p = models_sub.add_parser(name, help=text)
+        p.add_argument("--name", default="defectflow", help="model name (default: defectflow)")
+        p.add_argument("--json", action="store_true")
+    show = models_sub.add_parser("show", help="everything recorded about a model")
+    show.add_argument("tag")
+    show.add_argument("--json", action="store_true")
+    promote = models_sub.add_parser("promote", help="make a model the production model")
+    promote.add_argument("tag")
+    promote.add_argument("--reason", default="promoted by hand")
+    rollback = models_sub.add_parser("rollback", help="restore the previous production model")
+    rollback.add_argument("--name", default="defectflow")
+    rollback.add_argument("--reason", default="rolled back by hand")
+    archive = models_sub.add_parser("archive", help="mark a model archived")
+    archive.add_argument("tag")
+    archive.add_argument("--reason", default="archived by hand")
     reproduce = configurable(sub.add_parser("reproduce", help="tune once, then train and evaluate on several "
                                                               "split seeds; mean ± std table"))
     reproduce.set_defaults(config="capsule")
     reproduce.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44], help="data.split.seed values")
     reproduce.add_argument("--out", type=Path, default=None, help="results folder")
     serve = sub.add_parser("serve", help="serve a built Bento over HTTP")
-    serve.add_argument("--bento", default=f"{BENTO_NAME}:latest", help="Bento tag (default: newest)")
+    serve.add_argument("--bento", default=None,
+                       help="Bento tag (default: the Bento of the production model, else service.py from source)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=3000)
     deploy = sub.add_parser("deploy", help="serve the training pipeline as a Prefect deployment")
@@ -128,18 +158,19 @@ def cmd_validate(args) -> int:
 
 def _run_pipeline(args, start) -> int:
     from defectflow.config import load_config
-    from defectflow.gate import GateFailed
     from defectflow.runs import RunConflict
     from defectflow.validation import DataValidationError
 
     load_config(args.config, args.overrides)  # fail fast, before Prefect starts, on a bad config
     try:
         summary = start()
-    except (DataValidationError, GateFailed, RunConflict) as exc:
+    except (DataValidationError, RunConflict) as exc:
         print(f"defectflow: training stopped: {exc}", file=sys.stderr)
         return 1
     print("\nartifacts:")
     print(json.dumps(summary, indent=2))
+    if summary.get("decision"):  # a rejected challenger is an outcome, not an error: exit 0
+        print(f"\n{summary['decision']}")
     return 0
 
 
@@ -153,13 +184,28 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    """A stored model (read-only) or a run's model (thresholds redone on val), on a test split."""
+    run_dirs = [Path(t) for t in args.targets if "=" not in t]
+    overrides = [t for t in args.targets if "=" in t]
+    if len(run_dirs) > 1 or (run_dirs and args.model):
+        print("defectflow: error: give one run folder, or --model TAG, not both", file=sys.stderr)
+        return 2
+    if run_dirs:
+        return _evaluate_run(args, run_dirs[0], overrides)
+    return _evaluate_stored_model(args, overrides)
+
+
+def _evaluate_run(args, run: Path, overrides: list[str]) -> int:
     """The run's model on the run's own split: thresholds from val, figures on test."""
     from defectflow.calibration import calibrate_model
     from defectflow.config import from_yaml
     from defectflow.data.split import read_manifest, select
     from defectflow.evaluation import evaluate_model_dir
 
-    run = args.run_dir
+    if overrides:
+        print("defectflow: error: a run folder is evaluated on its own split: no key=value overrides",
+              file=sys.stderr)
+        return 2
     missing = [p for p in (run / "config.yaml", run / "manifest.csv", run / "model" / "model.json") if not p.exists()]
     if missing:
         print(f"defectflow: error: {run} is not a finished run folder (missing {', '.join(map(str, missing))})",
@@ -169,11 +215,195 @@ def cmd_evaluate(args) -> int:
     rows = read_manifest(run / "manifest.csv")
     if not args.no_calibrate:  # whatever the run did: this command is how thresholds are redone
         thresholds = calibrate_model(run / "model", select(rows, "val"), cfg.train.batch_size, run / "calibration.json")
-        print(thresholds.markdown() + "\n")
+        if not args.json:
+            print(thresholds.markdown() + "\n")
     result = evaluate_model_dir(run / "model", select(rows, "test"), run / "evaluation", cfg.train.batch_size,
                                 cfg.eval.plot_count)
-    print(result.markdown())
-    print(f"\nconfusion matrix (rows: true {result.metrics['classes']}): {result.metrics['confusion_matrix']}")
+    report = _write_evaluation_report(args.out or run / "report", result, None, None, f"run {run.name}",
+                                      history_file=run / "model" / "training.json")
+    _print_evaluation(args, {"model": str(run / "model"), "stage": None, "data_root": cfg.data.root}, result,
+                      None, report)
+    return 0
+
+
+def _evaluate_stored_model(args, overrides: list[str]) -> int:
+    """Never writes to the store: figures and the report go to --out."""
+    import time
+
+    from omegaconf import OmegaConf
+
+    from defectflow.config import from_yaml
+    from defectflow.data.mvtec import class_names, scan_dataset
+    from defectflow.data.split import select, split_dataset
+    from defectflow.evaluation import evaluate
+    from defectflow.gate import decide
+    from defectflow.inference import CONFIG_FILE, Predictor
+    from defectflow.registry import (
+        DEFAULT_MODEL_NAME,
+        production_tag,
+        resolve_tag,
+        stage_of,
+        verify_model,
+    )
+    from defectflow.validation import image_facts, sha256_by_path
+
+    production = production_tag(DEFAULT_MODEL_NAME)
+    if args.model is None and production is None:
+        print("defectflow: error: no production model: pass --model TAG (see `defectflow models list`)",
+              file=sys.stderr)
+        return 2
+    tag = resolve_tag(args.model or production)
+    model_path = verify_model(tag)
+    cfg = from_yaml((model_path / CONFIG_FILE).read_text())
+    if overrides:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    predictor = _load_predictor(Predictor, model_path, tag)
+    samples = scan_dataset(cfg.data.root, cfg.data.good_class)
+    data_classes = class_names(samples, cfg.data.good_class)
+    if sorted(data_classes) != sorted(predictor.classes):
+        print(f"defectflow: error: model {tag} predicts {', '.join(predictor.classes)} but {cfg.data.root} has "
+              f"classes {', '.join(data_classes)}", file=sys.stderr)
+        return 2
+    home = Path(os.environ["DEFECTFLOW_HOME"])
+    split = split_dataset(samples, sha256_by_path(image_facts(samples, cfg.data.good_class)), cfg.data.split,
+                         home / "manifests")
+    test = select(split.rows, "test")
+    if not test:
+        print(f"defectflow: error: the split of {cfg.data.root} has no test images", file=sys.stderr)
+        return 2
+    out = args.out or home / "evaluations" / f"{tag.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    result = evaluate(predictor, test, cfg.train.batch_size, plot_dir=out, plot_count=cfg.eval.plot_count)
+    result.save(out)
+    champion, decision = None, None
+    if production and production != tag:  # shown beside it, as the gate would compare them
+        champion_predictor = _load_predictor(Predictor, verify_model(production), production)
+        if sorted(champion_predictor.classes) == sorted(predictor.classes):
+            champion = evaluate(champion_predictor, test, cfg.train.batch_size)
+            decision = decide(result.metrics, cfg.gate, champion.metrics, production)
+    report = _write_evaluation_report(out, result, champion, decision, f"model {tag}", champion_tag=production,
+                                      history_file=model_path / "training.json")
+    _print_evaluation(args, {"model": tag, "stage": stage_of(tag), "data_root": str(cfg.data.root)}, result,
+                      champion and {"model": production, "metrics": champion.headline()}, report, decision)
+    return 0
+
+
+def _load_predictor(predictor_cls, path: Path, tag: str):
+    try:
+        return predictor_cls.load(path)
+    except Exception as exc:  # noqa: BLE001 - any loader failure means the same to the user
+        from defectflow.registry import IncompleteModel
+
+        raise IncompleteModel(f"model {tag} cannot be loaded: {type(exc).__name__}: {str(exc).splitlines()[0]}") \
+            from None
+
+
+def _write_evaluation_report(out: Path, result, champion, decision, title: str, champion_tag: str | None = None,
+                             history_file: Path | None = None) -> dict:
+    from defectflow.report import load_history, write_report
+
+    info = {"evaluated": title, "production model": champion_tag or "none",
+            "test images": result.metrics["n_images"]}
+    history = load_history(history_file) if history_file and history_file.exists() else None
+    return write_report(out, result, champion, decision, history=history, title=f"defectflow: {title}", info=info)
+
+
+def _print_evaluation(args, about: dict, result, champion: dict | None, report: dict, decision=None) -> None:
+    headline = result.headline()
+    if args.json:
+        print(json.dumps({**about, "n_images": result.metrics["n_images"], "metrics": headline,
+                          "per_class": result.metrics["per_class"],
+                          "confusion_matrix": result.metrics["confusion_matrix"],
+                          "champion": champion, "gate": decision.to_dict() if decision else None,
+                          "report": {k: str(v) for k, v in report.items()}}, indent=2))
+        return
+    print(f"{about['model']} ({about['stage'] or 'run model'}) on {result.metrics['n_images']} test images "
+          f"of {about['data_root']}")
+    rows = [[k, f"{v:.4f}"] + ([f"{champion['metrics'][k]:.4f}", f"{v - champion['metrics'][k]:+.4f}"]
+                                if champion else []) for k, v in headline.items()]
+    headers = ["metric", "value"] + (["production", "difference"] if champion else [])
+    print(_table(headers, rows))
+    print("\n" + _table(["class", "precision", "recall", "F1", "support"],
+                        [[c, f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", r["support"]]
+                         for c, r in result.metrics["per_class"].items()]))
+    if decision is not None:
+        print(f"\nagainst production {champion['model']}: {decision.message}")
+    print(f"\nreport: {report['html']}")
+
+
+def _table(headers: list[str], rows: list[list]) -> str:
+    cells = [[str(c) for c in row] for row in [headers, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def cmd_models(args) -> int:
+    from defectflow import registry
+
+    command = args.models_command
+    if command == "list":
+        rows = registry.list_models(args.name)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        elif not rows:
+            print(f"no {args.name!r} models in the store")
+        else:
+            metrics = ("accuracy", "presence_accuracy", "defect_accuracy", "defect_dice", "auroc")
+            print(_table(["tag", "stage", "created", "accuracy", "presence", "defect acc", "defect Dice", "AUROC",
+                          "gate"],
+                         [[r["tag"], r["stage"], r["creation_time"].replace("T", " ")[:19],
+                           *(f"{r['metrics'][m]:.3f}" if m in r["metrics"] else "-" for m in metrics),
+                           r["gate"][:60]] for r in rows]))
+    elif command == "history":
+        events = registry.history(args.name)
+        if args.json:
+            print(json.dumps(events, indent=2))
+        else:
+            print(_table(["time", "action", "tag", "previous", "user", "reason"],
+                         [[e["time"], e["action"], e["tag"], e["previous"] or "-", e["user"], e["reason"][:70]]
+                          for e in events]) if events else f"no promotions of {args.name!r} yet")
+    elif command == "show":
+        return _show_model(args)
+    elif command == "promote":
+        event = registry.promote(args.tag, reason=args.reason)
+        print(f"{event['tag']} is production (previous: {event['previous'] or 'none'})")
+    elif command == "rollback":
+        event = registry.rollback(args.name, reason=args.reason)
+        print(f"rolled back: {event['tag']} is production again; {event['previous']} archived")
+    elif command == "archive":
+        event = registry.archive(args.tag, reason=args.reason)
+        print(f"{event['tag']} archived")
+    return 0
+
+
+def _show_model(args) -> int:
+    from defectflow import registry
+
+    tag = registry.resolve_tag(args.tag)
+    metadata = registry.model_metadata(tag)
+    path = registry.model_dir(tag)
+    try:
+        registry.verify_model(tag)
+        integrity = "complete (every file matches its recorded SHA-256)"
+    except registry.IncompleteModel as exc:
+        integrity = f"DAMAGED: {exc}"
+    about = {"tag": tag, "stage": registry.stage_of(tag), "path": str(path), "integrity": integrity,
+             **{k: v for k, v in metadata.items() if k not in ("config", "evaluation", "files")},
+             "files": {f: (path / f).stat().st_size for f in metadata.get("files", {}) if (path / f).exists()}}
+    if args.json:
+        print(json.dumps({**about, "config": metadata.get("config")}, indent=2, default=str))
+        return 0
+    gate = about.pop("gate", None) or {}
+    metrics = about.pop("metrics", None) or {}
+    files = about.pop("files")
+    for key, value in about.items():
+        print(f"{key + ':':<20} {value if not isinstance(value, (dict, list)) else json.dumps(value)}")
+    if metrics:
+        print("\n" + _table(["metric", "value"], [[k, f"{v:.4f}"] for k, v in metrics.items()]))
+    if gate:
+        print(f"\ngate: {gate.get('message', '')}")
+    print("\n" + _table(["file", "bytes"], [[f, n] for f, n in files.items()]))
     return 0
 
 
@@ -200,8 +430,22 @@ def cmd_serve(args) -> int:
             print(f"defectflow: error: cannot serve on {args.host}:{args.port}: {exc.strerror} "
                   "(another server running? pick another --port)", file=sys.stderr)
             return 2
+    target = args.bento
+    if target is None:
+        from defectflow.config import REPO_ROOT
+        from defectflow.registry import DEFAULT_MODEL_NAME, bento_of, production_tag
+
+        production = production_tag(DEFAULT_MODEL_NAME)
+        if production is None:
+            print("defectflow: error: no production model to serve: train one or `defectflow models promote TAG`",
+                  file=sys.stderr)
+            return 2
+        # service.py from source resolves the production model itself.
+        target = bento_of(production, BENTO_NAME) or "service:DefectInspection"
+        os.chdir(REPO_ROOT)
+        print(f"serving the production model {production}")
     bentoml = Path(sys.executable).with_name("bentoml")
-    command = [str(bentoml) if bentoml.exists() else "bentoml", "serve", args.bento,
+    command = [str(bentoml) if bentoml.exists() else "bentoml", "serve", target,
                "--host", args.host, "--port", str(args.port)]
     print("$ " + " ".join(command), flush=True)
     os.execvpe(command[0], command, os.environ.copy())
@@ -226,16 +470,17 @@ def main(argv: list[str] | None = None) -> int:
     configure_environment()
     from defectflow.config import ConfigError
     from defectflow.data.mvtec import DatasetError
+    from defectflow.registry import RegistryError
 
     handlers = {"validate": cmd_validate, "train": cmd_train, "reproduce": cmd_reproduce, "evaluate": cmd_evaluate,
-                "serve": cmd_serve, "deploy": cmd_deploy}
+                "models": cmd_models, "serve": cmd_serve, "deploy": cmd_deploy}
     if args.command == "data":
         handler = cmd_preview if args.data_command == "preview" else cmd_synth
     else:
         handler = handlers[args.command]
     try:
         return handler(args)
-    except (ConfigError, DatasetError, FileExistsError) as exc:
+    except (ConfigError, DatasetError, FileExistsError, RegistryError) as exc:
         print(f"defectflow: error: {exc}", file=sys.stderr)
         return 2
 

@@ -214,12 +214,41 @@ class EvalConfig:
 
 
 @dataclass
+class GateTolerance:
+    """How far a challenger may trail the production model (champion) on each gated metric."""
+
+    accuracy: float = 0.01
+    presence_accuracy: float = 0.01
+    defect_dice: float = 0.02
+
+
+@dataclass
 class GateConfig:
-    """Absolute thresholds a new model must reach to be packaged."""
+    """Absolute thresholds a new model must reach, and the champion/challenger comparison."""
 
     min_accuracy: float = 0.0
     min_presence_accuracy: float = 0.0
     min_defect_dice: float = 0.0
+    tolerance: GateTolerance = field(default_factory=GateTolerance)
+    #: A challenger that passes becomes the production model (else it stays a candidate).
+    promote: bool = True
+
+
+@dataclass
+class ExportConfig:
+    """The compact inference artifact packaged with the model."""
+
+    #: tflite: TensorFlow Lite (model.tflite beside model.keras) | none
+    format: str = "tflite"
+    #: float16 (weights; 9.0 MB for the 256-px lite0 model) | dynamic (int8 weights, float
+    #: activations; 4.9 MB, further from Keras) | none (float32; 17.9 MB). See defectflow.export.
+    quantization: str = "float16"
+    #: What serving loads: auto (the compact artifact when it passed the parity check and is faster)
+    #: | keras | tflite
+    serve: str = "auto"
+    #: Parity with the Keras model on the test split, below which the artifact is not served.
+    min_class_agreement: float = 0.99
+    max_dice_difference: float = 0.01
 
 
 @dataclass
@@ -240,6 +269,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     gate: GateConfig = field(default_factory=GateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     package: PackageConfig = field(default_factory=PackageConfig)
 
 
@@ -310,7 +340,9 @@ def check_config(cfg: DictConfig) -> None:
         OmegaConf.update(cfg, key, {"True": "on", "False": "off"}.get(value, value))
     choices = {"train.device": ("auto", "cpu", "gpu"), "train.mixed_precision": ("auto", "on", "off"),
                "train.jit_compile": ("auto", "on", "off"), "train.class_loss": ("ce", "focal"),
-               "tune.algorithm": ("grid", "random", "hyperband", "bayesian")}
+               "tune.algorithm": ("grid", "random", "hyperband", "bayesian"),
+               "export.format": ("tflite", "none"), "export.quantization": ("dynamic", "float16", "none"),
+               "export.serve": ("auto", "keras", "tflite")}
     for key, allowed in choices.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:

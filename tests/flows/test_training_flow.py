@@ -34,7 +34,8 @@ def _post(url: str, filename: str, data: bytes) -> tuple[int, dict]:
 def test_flow_trains_packages_and_serves(prefect_server, tiny_dataset, tmp_path):
     from flows.training import training_pipeline
 
-    summary = training_pipeline(config="tiny", overrides=[f"data.root={tiny_dataset}", *TINY])
+    summary = training_pipeline(config="tiny", overrides=[f"data.root={tiny_dataset}", *TINY,
+                                                          "package.model_name=servetest"])
     run_dir = Path(summary["run_dir"])
     for name in ("config.yaml", "manifest.csv", "augmentation_preview.png", "trials.json", "calibration.json",
                  "training_curves.png", "gate.json", "package.json"):
@@ -42,8 +43,8 @@ def test_flow_trains_packages_and_serves(prefect_server, tiny_dataset, tmp_path)
     assert (run_dir / "validation" / "data_docs" / "index.html").exists()
     assert (run_dir / "evaluation" / "confusion_matrix.png").exists()
     assert set(summary["metrics"]) >= {"accuracy", "presence_accuracy", "defect_accuracy", "defect_dice"}
-    assert summary["model_tag"].startswith("defectflow:")
-    assert summary["bento_tag"]
+    assert summary["model_tag"].startswith("servetest:")
+    assert summary["promoted"] and summary["bento_tag"]  # the first model of its name: floors alone decide
 
     import bentoml
 
@@ -71,15 +72,46 @@ def test_flow_trains_packages_and_serves(prefect_server, tiny_dataset, tmp_path)
         probe.bind(("127.0.0.1", port))  # free again: no orphaned server
 
 
-def test_flow_stops_at_the_gate(prefect_server, tiny_dataset):
-    from defectflow.gate import GateFailed
-    from defectflow.registry import list_models
+def test_champion_and_challenger_on_the_same_split(prefect_server, tiny_dataset):
+    import bentoml
+
+    from defectflow import registry
     from flows.training import training_pipeline
 
-    before = {m["tag"] for m in list_models("defectflow")}
-    with pytest.raises(GateFailed, match="accuracy = .* < 1.0100"):
-        training_pipeline(config="tiny", overrides=[f"data.root={tiny_dataset}", *TINY, "gate.min_accuracy=1.01"])
-    assert {m["tag"] for m in list_models("defectflow")} == before
+    overrides = [f"data.root={tiny_dataset}", *TINY, "package.model_name=gatetest", "package.build_bento=false"]
+    first = training_pipeline(config="tiny", overrides=overrides)
+    assert first["promoted"] and first["champion"] is None
+    assert registry.production_tag("gatetest") == first["model_tag"]
+    metadata = bentoml.models.get(first["model_tag"]).info.metadata
+    for key in ("metrics", "config", "data_fingerprint", "manifest_sha256", "code_revision", "training_seconds",
+                "files", "gate"):
+        assert metadata.get(key) is not None, key
+    assert metadata.get("parent") is None
+    assert metadata["data_fingerprint"] == first["data_fingerprint"]
+    assert metadata["config"]["package"]["model_name"] == "gatetest"
+    assert "no production model yet" in metadata["gate"]["message"]
+
+    # A challenger that must beat the champion by a full point cannot: rejected, yet Completed.
+    state = training_pipeline(config="tiny", overrides=[*overrides, "gate.tolerance.accuracy=-1.0"],
+                              return_state=True)
+    assert state.is_completed()
+    assert state.message.startswith("not promoted: accuracy") and "champion" in state.message
+    second = state.result()
+    assert not second["promoted"] and second["champion"] == first["model_tag"]
+    assert registry.production_tag("gatetest") == first["model_tag"]  # production untouched
+    assert registry.stage_of(second["model_tag"]) == "candidate"
+    rejected = bentoml.models.get(second["model_tag"]).info.metadata
+    assert rejected["parent"] == first["model_tag"] and rejected["gate"]["passed"] is False
+
+    # The champion was re-evaluated in this run, on this run's test split.
+    run_dir = Path(second["run_dir"])
+    champion_metrics = json.loads((run_dir / "champion_evaluation" / "metrics.json").read_text())
+    challenger_metrics = json.loads((run_dir / "evaluation" / "metrics.json").read_text())
+    assert champion_metrics["n_images"] == challenger_metrics["n_images"]
+    gate = json.loads((run_dir / "gate.json").read_text())
+    champion_checks = [c for c in gate["checks"] if c["kind"] == "champion"]
+    assert {c["metric"]: c["champion_value"] for c in champion_checks} == {
+        k: pytest.approx(champion_metrics[k]) for k in ("accuracy", "presence_accuracy", "defect_dice")}
 
 
 def test_flow_stops_on_invalid_data(prefect_server, tiny_dataset, tmp_path):
@@ -138,9 +170,51 @@ def test_cli_evaluates_a_finished_run_again(prefect_server, tiny_dataset, tmp_pa
     capsys.readouterr()
     assert main(["evaluate", str(run_dir)]) == 0
     out = capsys.readouterr().out
-    assert "P(defect)" in out and "| accuracy |" in out
+    assert "P(defect)" in out and "\naccuracy " in out
+    assert (run_dir / "report" / "report.html").exists()
     assert ModelInfo.load(run_dir / "model").defect_threshold is not None
     metrics = json.loads((run_dir / "evaluation" / "metrics.json").read_text())
     assert metrics == json.loads((run_dir / "model" / "metrics.json").read_text())
     assert main(["evaluate", str(tmp_path)]) == 2
     assert "not a finished run folder" in capsys.readouterr().err
+
+
+def test_cli_evaluates_a_stored_model_without_touching_the_registry(prefect_server, tiny_dataset, tmp_path, capsys):
+    from defectflow import registry
+    from defectflow.cli import main
+    from flows.training import training_pipeline
+
+    summary = training_pipeline(config="tiny", overrides=[f"data.root={tiny_dataset}", *TINY,
+                                                          "package.build_bento=false"])
+    tag = summary["model_tag"]
+    book = registry.registry_dir() / "defectflow.json"
+    before = (book.read_bytes(), registry.file_digests(registry.model_dir(tag)))
+    capsys.readouterr()
+    assert main(["evaluate", "--model", tag, "--json", "--out", str(tmp_path / "report")]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["model"] == tag and answer["n_images"] == summary_n_images(summary)
+    assert answer["metrics"] == pytest.approx(summary["metrics"], nan_ok=True)  # same split, same figures
+    assert (tmp_path / "report" / "report.html").exists()
+    assert (book.read_bytes(), registry.file_digests(registry.model_dir(tag))) == before
+
+    # Bad input: one clear line, non-zero exit, registry unchanged.
+    other = tmp_path / "other"
+    shutil.copytree(tiny_dataset, other)
+    shutil.copytree(other / "test" / "poke", other / "test" / "dent")
+    assert main(["evaluate", "--model", tag, f"data.root={other}"]) == 2
+    assert "predicts good, crack" in capsys.readouterr().err
+    assert main(["evaluate", "--model", "defectflow:nosuchversion"]) == 2
+    assert "is not in the BentoML model store" in capsys.readouterr().err
+    copy = tmp_path / "copy"
+    shutil.copytree(registry.model_dir(tag), copy, ignore=shutil.ignore_patterns("model.yaml"))
+    damaged = registry.save_model(copy, "damagedtest", registry.model_metadata(tag))
+    (registry.model_dir(damaged) / "model.keras").write_bytes(b"not a model")
+    assert main(["evaluate", "--model", damaged]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "damaged" in err and len(err.splitlines()) == 1
+    assert main(["models", "promote", damaged]) == 2
+    assert (book.read_bytes(), registry.file_digests(registry.model_dir(tag))) == before
+
+
+def summary_n_images(summary: dict) -> int:
+    return json.loads((Path(summary["run_dir"]) / "evaluation" / "metrics.json").read_text())["n_images"]
