@@ -1,13 +1,18 @@
 """Loading a trained model artifact and predicting with it.
 
 A model artifact is a folder: `model.keras` (weights and graph), `model.json` (classes, input
-size, mask threshold) and `config.yaml` (the merged config that trained it). Evaluation,
-serving and the command line all predict through `Predictor`, so they share one code path.
+size, thresholds, serving format), `config.yaml` (the merged config that trained it) and, once
+exported, `model.tflite` (the compact TensorFlow Lite copy, see `defectflow.export`).
+Evaluation, serving and the command line all predict through `Predictor`, so they share one
+code path whichever of the two formats runs the forward pass.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,9 +21,14 @@ import numpy as np
 from defectflow.preprocessing import Prediction, decode_image, postprocess, prepare_image
 
 MODEL_FILE = "model.keras"
+TFLITE_FILE = "model.tflite"
 MODEL_INFO_FILE = "model.json"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
+#: What `Predictor.load` can run: the Keras model or its TensorFlow Lite export.
+FORMATS = ("keras", "tflite")
+#: The model's outputs, by name; every backend returns them under these names.
+OUTPUT_NAMES = ("class", "mask")
 
 
 @dataclass
@@ -31,6 +41,11 @@ class ModelInfo:
     defect_threshold: float | None = None
     #: How the thresholds were set: "config", or what they were calibrated on.
     thresholds_from: str = "config"
+    #: The format `Predictor.load` runs by default: keras | tflite (chosen at export).
+    serving_format: str = "keras"
+    #: The TensorFlow Lite artifact: file, quantization, size and its parity with the Keras
+    #: model on the test split (see `defectflow.export`); None until exported.
+    tflite: dict | None = None
 
     def save(self, model_dir: Path) -> None:
         path = Path(model_dir) / MODEL_INFO_FILE
@@ -43,24 +58,120 @@ class ModelInfo:
         return cls(**json.loads((Path(model_dir) / MODEL_INFO_FILE).read_text()))
 
 
-class Predictor:
-    def __init__(self, model, info: ModelInfo):
-        self.model = model
-        self.info = info
+class KerasBackend:
+    """The forward pass of `model.keras`."""
 
-    @classmethod
-    def load(cls, model_dir: str | Path) -> Predictor:
+    format = "keras"
+
+    def __init__(self, path: Path):
         import keras
 
         import defectflow.models.losses  # noqa: F401  (registers the custom layers and losses
         import defectflow.models.unet  # noqa: F401   that model.keras refers to by name)
 
+        self.model = keras.saving.load_model(path, compile=False)
+
+    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        outputs = self.model.predict_on_batch(batch)
+        return np.asarray(outputs["class"]), np.asarray(outputs["mask"])
+
+
+class TFLiteBackend:
+    """The forward pass of `model.tflite` (TensorFlow Lite interpreter, XNNPACK on the CPU).
+
+    `per_image` (the default) invokes the interpreter once per image of a batch: with XNNPACK
+    that is as fast as one invocation for the whole batch, a little faster even (float16
+    capsule model, 2 cores: 112 vs 107 images/s at batch 8 and 16), and the input tensor keeps
+    its shape (the whole-batch way resizes and reallocates it whenever the batch size changes).
+    """
+
+    format = "tflite"
+
+    def __init__(self, path: Path, num_threads: int | None = None, per_image: bool = True):
+        import tensorflow as tf
+
+        with warnings.catch_warnings():
+            # TF 2.21 announces that tf.lite.Interpreter moves to the ai_edge_litert package;
+            # it is still TensorFlow's working interpreter here, so the notice is noise.
+            warnings.filterwarnings("ignore", message=r"(?s).*tf\.lite\.Interpreter is deprecated",
+                                    category=UserWarning)
+            self.model = tf.lite.Interpreter(model_path=str(path), num_threads=num_threads or _cpu_count())
+        signatures = self.model.get_signature_list()
+        if len(signatures) != 1:
+            raise ValueError(f"{path}: expected one signature, found {sorted(signatures)}")
+        ((key, signature),) = signatures.items()
+        if len(signature["inputs"]) != 1:
+            raise ValueError(f"{path}: expected one input (the image), found {signature['inputs']}")
+        self._input = signature["inputs"][0]
+        self._runner = self.model.get_signature_runner(key)
+        self._names = _output_names(self._runner, path)
+        self.per_image = per_image
+        # An interpreter must not run two invocations at once; a server may call from threads.
+        self._lock = threading.Lock()
+
+    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        # The runner resizes the input tensor (and reallocates) whenever the batch size changes.
+        chunks = [batch[i : i + 1] for i in range(len(batch))] if self.per_image else [batch]
+        probs, masks = [], []
+        with self._lock:
+            for chunk in chunks:
+                outputs = self._runner(**{self._input: chunk})
+                probs.append(outputs[self._names["class"]])
+                masks.append(outputs[self._names["mask"]])
+        return np.concatenate(probs), np.concatenate(masks)
+
+
+def _output_names(runner, path: Path) -> dict[str, str]:
+    """Model output name -> signature output name: by name when the export kept the names
+    (it does, from the Keras model's output dict), else by rank, class (N, C) vs mask (N, H, W, 1)."""
+    details = runner.get_output_details()
+    if set(OUTPUT_NAMES) <= set(details):
+        return {name: name for name in OUTPUT_NAMES}
+    by_rank = {len(d["shape_signature"]): name for name, d in details.items()}
+    if len(details) == 2 and set(by_rank) == {2, 4}:
+        return {"class": by_rank[2], "mask": by_rank[4]}
+    raise ValueError(f"{path}: cannot tell the class and mask outputs apart among {sorted(details)}")
+
+
+def _cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class Predictor:
+    def __init__(self, backend, info: ModelInfo):
+        #: Batch (N, S, S, 3) float32 in [0, 255] -> class probs (N, C), mask probs (N, S, S, 1).
+        self.backend = backend
+        self.info = info
+
+    @classmethod
+    def load(cls, model_dir: str | Path, format: str | None = None) -> Predictor:
+        """The model in `model_dir`, run as `format` (keras | tflite); None: the format its
+        model.json chose for serving (keras unless an export chose tflite)."""
         model_dir = Path(model_dir)
-        missing = [f for f in (MODEL_FILE, MODEL_INFO_FILE) if not (model_dir / f).exists()]
-        if missing:
-            raise FileNotFoundError(f"{model_dir} is not a defectflow model: missing {missing}")
-        model = keras.saving.load_model(model_dir / MODEL_FILE, compile=False)
-        return cls(model, ModelInfo.load(model_dir))
+        if not (model_dir / MODEL_INFO_FILE).exists():
+            raise FileNotFoundError(f"{model_dir} is not a defectflow model: missing {MODEL_INFO_FILE}")
+        info = ModelInfo.load(model_dir)
+        format = format or info.serving_format
+        if format not in FORMATS:
+            raise ValueError(f"unknown model format {format!r}: expected one of {', '.join(FORMATS)}")
+        if format == "tflite":
+            if not (model_dir / TFLITE_FILE).exists():
+                raise FileNotFoundError(f"{model_dir} has no {TFLITE_FILE}: export it first "
+                                        "(defectflow.export.export_tflite) or load format='keras'")
+            return cls(TFLiteBackend(model_dir / TFLITE_FILE), info)
+        if not (model_dir / MODEL_FILE).exists():
+            raise FileNotFoundError(f"{model_dir} is not a defectflow model: missing {MODEL_FILE}")
+        return cls(KerasBackend(model_dir / MODEL_FILE), info)
+
+    @property
+    def format(self) -> str:
+        return self.backend.format
+
+    @property
+    def model(self):
+        """The underlying keras.Model or tf.lite.Interpreter."""
+        return self.backend.model
 
     @property
     def classes(self) -> list[str]:
@@ -72,20 +183,23 @@ class Predictor:
         size = self.info.input_size
         for start in range(0, len(images), batch_size):
             batch = np.stack([prepare_image(img, size) for img in images[start : start + batch_size]])
-            outputs = self.model.predict_on_batch(batch)
-            probs.append(np.asarray(outputs["class"]))
-            masks.append(np.asarray(outputs["mask"]))
+            class_probs, mask_probs = self.backend(batch)
+            probs.append(class_probs)
+            masks.append(mask_probs)
         return np.concatenate(probs), np.concatenate(masks)
+
+    def predictions(self, images: list[np.ndarray], probs: np.ndarray, masks: np.ndarray) -> list[Prediction]:
+        """`raw_outputs` of `images` to predictions at each image's own resolution."""
+        return [
+            postprocess(p, m, img.shape[:2], self.classes, self.info.mask_threshold, self.info.defect_threshold)
+            for p, m, img in zip(probs, masks, images, strict=True)
+        ]
 
     def predict_arrays(self, images: list[np.ndarray], batch_size: int = 8) -> list[Prediction]:
         """RGB uint8 images of any size to predictions at each image's own resolution."""
         if not images:
             return []
-        probs, masks = self.raw_outputs(images, batch_size)
-        return [
-            postprocess(p, m, img.shape[:2], self.classes, self.info.mask_threshold, self.info.defect_threshold)
-            for p, m, img in zip(probs, masks, images, strict=True)
-        ]
+        return self.predictions(images, *self.raw_outputs(images, batch_size))
 
     def predict_bytes(self, data: bytes) -> Prediction:
         """An uploaded file to a prediction; InvalidImageError when it is not an image."""
