@@ -1,4 +1,4 @@
-"""The training pipeline: scan, split, validate, augment, tune, train, calibrate, evaluate
+"""The training pipeline: scan, split, validate, augment, tune, train, calibrate, export, evaluate
 challenger and champion, gate, register, promote, package, report."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from tasks.evaluation import (
     evaluate_model,
     write_evaluation_report,
 )
+from tasks.export import export_compact_model
 from tasks.packaging import promote_model, register_model
 from tasks.training import train_model, tune_hyperparameters
 
@@ -38,6 +39,8 @@ def training_pipeline(config: str = "default", overrides: list[str] | None = Non
     hyperparameters = tune_hyperparameters(cfg, data, run_dir, resumed)
     model_dir = train_model(cfg, data, hyperparameters, run_dir)
     calibrate_thresholds(cfg, model_dir, split.rows, run_dir)
+    # Before evaluation, so the figures come from the format that will serve.
+    compact = export_compact_model(cfg, model_dir, split.rows, run_dir)
     evaluation = evaluate_model(cfg, model_dir, split.rows, run_dir)
     champion = evaluate_champion(cfg, model_dir, split.rows, run_dir)
     decision = apply_gate(cfg, evaluation, champion, run_dir)
@@ -50,6 +53,7 @@ def training_pipeline(config: str = "default", overrides: list[str] | None = Non
         "model_dir": str(model_dir),
         "hyperparameters": hyperparameters,
         "metrics": evaluation.headline(),
+        "serving_format": compact["format"],
         "champion": decision.champion,
         "report": report["html"],
         **package,

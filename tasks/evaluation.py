@@ -100,6 +100,7 @@ def write_evaluation_report(cfg, evaluation: Evaluation, champion: dict, decisio
         history=load_history(training_file) if training_file.exists() else None,
         title=f"defectflow: {model_tag}",
         info={"model": model_tag, "champion": champion["tag"] or "none (first model)", "run": run_dir.name,
+              "serving format": ModelInfo.load(run_dir / "model").serving_format,
               "data": str(cfg.data.root), "test images": evaluation.metrics["n_images"]},
         error_count=cfg.eval.plot_count)
     create_markdown_artifact(markdown=summary_markdown(evaluation, champion_eval, decision,

@@ -14,6 +14,7 @@ from prefect.cache_policies import NONE
 from defectflow.config import REPO_ROOT, resolve_path, to_yaml
 from defectflow.evaluation import Evaluation
 from defectflow.gate import GateDecision
+from defectflow.inference import ModelInfo
 from defectflow.registry import build_bento, code_revision, promote, save_model, sha256_file
 
 
@@ -28,6 +29,7 @@ def register_model(cfg, model_dir: Path, evaluation: Evaluation, decision: GateD
         "evaluation": {k: v for k, v in evaluation.metrics.items() if k != "classes"},
         "classes": evaluation.metrics["classes"],
         "input_size": int(cfg.model.input_size),
+        "serving_format": ModelInfo.load(model_dir).serving_format,
         "config": OmegaConf.to_container(cfg, resolve=True),
         "config_sha256": hashlib.sha256(to_yaml(cfg).encode()).hexdigest(),
         "data_root": str(resolve_path(cfg.data.root)),

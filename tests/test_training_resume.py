@@ -9,8 +9,7 @@ import sys
 import time
 
 import numpy as np
-
-from tests.helpers_processes import REPO_ROOT
+from helpers_processes import REPO_ROOT
 
 EPOCHS = 30
 SCRIPT = """

@@ -38,8 +38,12 @@ def test_flow_trains_packages_and_serves(prefect_server, tiny_dataset, tmp_path)
                                                           "package.model_name=servetest"])
     run_dir = Path(summary["run_dir"])
     for name in ("config.yaml", "manifest.csv", "augmentation_preview.png", "trials.json", "calibration.json",
-                 "training_curves.png", "gate.json", "package.json"):
+                 "training_curves.png", "gate.json", "package.json", "export.json", "report/report.html",
+                 "report/report.md"):
         assert (run_dir / name).exists(), name
+    export = json.loads((run_dir / "export.json").read_text())
+    assert export["parity"]["passed"] and export["parity"]["n_images"] > 0  # on the test split
+    assert summary["serving_format"] == export["format"]
     assert (run_dir / "validation" / "data_docs" / "index.html").exists()
     assert (run_dir / "evaluation" / "confusion_matrix.png").exists()
     assert set(summary["metrics"]) >= {"accuracy", "presence_accuracy", "defect_accuracy", "defect_dice"}
