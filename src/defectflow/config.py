@@ -252,6 +252,32 @@ class ExportConfig:
 
 
 @dataclass
+class ServeBatchConfig:
+    """BentoML adaptive batching of the model's forward pass across concurrent requests."""
+
+    max_batch_size: int = 16
+    max_latency_ms: int = 100
+
+
+@dataclass
+class ServeConfig:
+    """What the HTTP service accepts. Read from the served model's config; the environment
+    variable DEFECTFLOW_SERVE_OVERRIDES ("serve.max_upload_bytes=1000000 ...") overrides it."""
+
+    #: Larger uploads are refused (413) before decoding.
+    max_upload_bytes: int = 20_000_000
+    #: Width x height above which an image is refused (decompression-bomb guard), read from the header.
+    max_pixels: int = 40_000_000
+    allowed_formats: list[str] = field(default_factory=lambda: ["png", "jpeg", "bmp", "tiff"])
+    #: Images in one /predict_batch call.
+    max_batch_images: int = 32
+    batch: ServeBatchConfig = field(default_factory=ServeBatchConfig)
+    #: When this environment variable is set, every endpoint but the health checks needs
+    #: `Authorization: Bearer <its value>`.
+    auth_token_env: str = "DEFECTFLOW_API_TOKEN"
+
+
+@dataclass
 class PackageConfig:
     model_name: str = "defectflow"
     build_bento: bool = True
@@ -270,6 +296,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     package: PackageConfig = field(default_factory=PackageConfig)
 
 
