@@ -3,23 +3,41 @@
     bentoml serve service:DefectInspection        # from the repository: the production model
     bentoml serve defectflow:latest                # a built Bento (see defectflow.registry)
 
-The model is the one a built Bento pins (Bento argument `model_tag`), else the
-DEFECTFLOW_MODEL_TAG environment variable, else the production model of the registry
-(`defectflow models list`) — never simply the newest model in the store.
+Two BentoML services: `DefectInspection` answers HTTP (decode, checks, answer) and
+`DefectModel` runs the forward pass with BentoML adaptive batching, so concurrent requests
+share forward passes. The model is the one a built Bento pins (Bento argument `model_tag`),
+else the DEFECTFLOW_MODEL_TAG environment variable, else the production model of the
+registry (`defectflow models list`), never simply the newest in the store.
 All logic lives in the `defectflow` package; this file only wires it to HTTP.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
+import time
+import uuid
 from pathlib import Path
 from typing import Annotated
 
 import bentoml
+import numpy as np
+from fastapi import FastAPI
 from pydantic import Field
 
-from defectflow.preprocessing import InvalidImageError
+from defectflow.preprocessing import InvalidImageError, decode_image
 from defectflow.registry import MODEL_TAG_ENV, production_tag
+from defectflow.serving import (
+    ServingSettings,
+    answer,
+    json_log_line,
+    metadata,
+    model_input,
+    pack_outputs,
+    prediction_record,
+    unpack_outputs,
+)
 
 
 def _model_tag() -> str:
@@ -34,38 +52,172 @@ def _model_tag() -> str:
 
 
 MODEL_TAG = _model_tag()
+MODEL = bentoml.models.BentoModel(MODEL_TAG)
+SETTINGS = ServingSettings.for_model(Path(MODEL.resolve().path))
+
+# One JSON object per prediction on stdout, apart from BentoML's own access log.
+prediction_log = logging.getLogger("defectflow.predictions")
+if not prediction_log.handlers:
+    _handler = logging.StreamHandler(sys.stdout)
+    _handler.setFormatter(logging.Formatter("%(message)s"))
+    prediction_log.addHandler(_handler)
+    prediction_log.setLevel(logging.INFO)
+    prediction_log.propagate = False
+
+prediction_latency = bentoml.metrics.Histogram(
+    name="defectflow_prediction_latency_seconds",
+    documentation="Time from upload received to answer ready, per image endpoint call",
+    labelnames=["endpoint"],
+    buckets=(0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0),
+)
+predictions_by_class = bentoml.metrics.Counter(
+    name="defectflow_predictions_total",
+    documentation="Images answered, by predicted class",
+    labelnames=["predicted_class"],
+)
+rejected_uploads = bentoml.metrics.Counter(
+    name="defectflow_rejected_uploads_total",
+    documentation="Uploads refused with a 4xx answer, by status",
+    labelnames=["status"],
+)
+
+
+@bentoml.service(name="defectflow-model", workers=1, traffic={"timeout": 60})
+class DefectModel:
+    """The forward pass only: uint8 model inputs (N, S, S, 3) in, packed outputs out."""
+
+    model_ref = MODEL
+
+    def __init__(self) -> None:
+        from defectflow.inference import Predictor  # TensorFlow loads here, not at build
+
+        self.predictor = Predictor.load(self.model_ref.path)
+        size = self.predictor.info.input_size
+        # Warm-up: the first call builds kernels; /readyz answers only after it.
+        self.predictor.backend(np.zeros((1, size, size, 3), np.float32))
+        self.ready = True
+
+    def __is_ready__(self) -> bool:
+        return getattr(self, "ready", False)
+
+    @bentoml.api(batchable=True, max_batch_size=int(SETTINGS.serve.batch.max_batch_size),
+                 max_latency_ms=int(SETTINGS.serve.batch.max_latency_ms))
+    def forward(self, images: np.ndarray) -> np.ndarray:
+        probs, masks = self.predictor.backend(images.astype(np.float32))
+        return pack_outputs(np.asarray(probs), np.asarray(masks))
+
+
+info_app = FastAPI(title="defectflow model information")
 
 
 @bentoml.service(name="defectflow", workers=1, traffic={"timeout": 60})
+@bentoml.asgi_app(info_app, path="/")
 class DefectInspection:
     # A class-level model reference: `bentoml build` packs this model into the Bento.
-    model_ref = bentoml.models.BentoModel(MODEL_TAG)
+    model_ref = MODEL
+    model = bentoml.depends(DefectModel)
 
     def __init__(self) -> None:
-        from defectflow.inference import Predictor  # Keras/TensorFlow load here, not at build
+        from defectflow.inference import ModelInfo
+        from defectflow.registry import stage_of
 
         self.model_tag = str(self.model_ref.tag)
-        self.predictor = Predictor.load(self.model_ref.path)
+        self.info = ModelInfo.load(self.model_ref.path)
+        try:  # the registry is on the build machine, not in a container
+            self.stage = stage_of(self.model_tag)
+        except Exception:  # noqa: BLE001
+            self.stage = None
+        self.metadata = metadata(self.model_tag, self.stage, Path(self.model_ref.path), SETTINGS,
+                                 self.info.serving_format)
+
+    @info_app.get("/metadata")
+    def model_metadata(self) -> dict:
+        """The serving model: tag, registry stage, classes, input size, thresholds, test
+        metrics, config digest and upload limits."""
+        return self.metadata
+
+    def _predict_images(self, images: list[np.ndarray]) -> list:
+        from defectflow.preprocessing import postprocess
+
+        size = self.info.input_size
+        packed = self.model.forward(np.stack([model_input(img, size) for img in images]))
+        probs, masks = unpack_outputs(packed, len(self.info.classes), size)
+        return [postprocess(p, m, img.shape[:2], self.info.classes, self.info.mask_threshold,
+                            self.info.defect_threshold) for p, m, img in zip(probs, masks, images, strict=True)]
+
+    def _decode(self, upload: Path) -> np.ndarray:
+        return decode_image(upload.read_bytes())
+
+    def _log(self, record: dict) -> None:
+        prediction_log.info(json_log_line(record))
 
     @bentoml.api(route="/predict")
     def predict(
         self,
-        image: Annotated[
-            Path, Field(description="The image file (PNG, JPEG, BMP or TIFF; 8 or 16 bit).")
-        ],
+        image: Annotated[Path, Field(description="The image file (PNG, JPEG, BMP or TIFF; gray, RGB, RGBA; "
+                                                 "8 or 16 bit), as multipart/form-data field `image`.")],
         ctx: bentoml.Context,
+        overlay: Annotated[bool, Field(description="Also return `overlay_png_base64`: the image with the "
+                                                   "mask painted red.")] = False,
     ) -> dict:
-        """Classify an image and localise its defect. Send the image as multipart/form-data
-        field `image` (PNG, JPEG, BMP or TIFF). The answer: `class` (the most likely class),
+        """Classify an image and localise its defect. The answer: `class` (the decided class),
         `probabilities` (per class, summing to 1), `is_defective`, `defect_area_fraction`,
         `mask_png_base64` (a PNG mask at the input's size, 255 = defect), `mask_size`
-        ([width, height]) and `model` (the model tag). An upload that is not a decodable
-        image gets HTTP 400 and {"error": "..."}.
+        ([width, height]), `model` (the model tag), `request_id`, and `overlay_png_base64` when
+        asked. An upload that is not an acceptable image gets a 4xx status and {"error": "..."}.
         """
+        started = time.perf_counter()
+        request_id = ctx.request.headers.get("x-request-id") or uuid.uuid4().hex
+        ctx.response.headers["X-Request-ID"] = request_id
+        image_array = None
         try:
-            prediction = self.predictor.predict_bytes(image.read_bytes())
+            image_array = self._decode(image)
+            prediction = self._predict_images([image_array])[0]
         except InvalidImageError as exc:
             # Not `raise InvalidArgument`: BentoML 1.4.39 answers those with a JSON list.
             ctx.response.status_code = 400
-            return {"error": f"invalid image: {exc}"}
-        return {**prediction.to_json(), "model": self.model_tag}
+            rejected_uploads.labels(status="400").inc()
+            self._log(prediction_record(request_id, "/predict", self.model_tag, started, None, None, 400, str(exc)))
+            return {"error": f"invalid image: {exc}", "request_id": request_id}
+        result = {**answer(prediction, image_array, self.model_tag, overlay), "request_id": request_id}
+        prediction_latency.labels(endpoint="/predict").observe(time.perf_counter() - started)
+        predictions_by_class.labels(predicted_class=result["class"]).inc()
+        self._log(prediction_record(request_id, "/predict", self.model_tag, started, image_array, result, 200))
+        return result
+
+    @bentoml.api(route="/predict_batch")
+    def predict_batch(
+        self,
+        images: Annotated[list[Path], Field(description="Several image files, each as a multipart/form-data "
+                                                        "field `images`.")],
+        ctx: bentoml.Context,
+    ) -> dict:
+        """Classify several images in one call (one forward pass for all). The answer:
+        `results`, one object per image in upload order, each as `/predict` answers it, and
+        `model`. One unacceptable image fails the whole call with a 4xx status and
+        {"error": "..."} naming it: nothing is half done.
+        """
+        started = time.perf_counter()
+        request_id = ctx.request.headers.get("x-request-id") or uuid.uuid4().hex
+        ctx.response.headers["X-Request-ID"] = request_id
+        limit = int(SETTINGS.serve.max_batch_images)
+        if not images or len(images) > limit:
+            ctx.response.status_code = 413 if images else 400
+            rejected_uploads.labels(status=str(ctx.response.status_code)).inc()
+            return {"error": f"send between 1 and {limit} images as fields `images`, got {len(images)}",
+                    "request_id": request_id}
+        arrays = []
+        for index, upload in enumerate(images):
+            try:
+                arrays.append(self._decode(upload))
+            except InvalidImageError as exc:
+                ctx.response.status_code = 400
+                rejected_uploads.labels(status="400").inc()
+                return {"error": f"image {index} ({upload.name}): invalid image: {exc}", "request_id": request_id}
+        results = [answer(p, a, self.model_tag) for p, a in zip(self._predict_images(arrays), arrays, strict=True)]
+        prediction_latency.labels(endpoint="/predict_batch").observe(time.perf_counter() - started)
+        for index, (array, result) in enumerate(zip(arrays, results, strict=True)):
+            predictions_by_class.labels(predicted_class=result["class"]).inc()
+            self._log(prediction_record(f"{request_id}/{index}", "/predict_batch", self.model_tag, started, array,
+                                        result, 200))
+        return {"results": results, "model": self.model_tag, "request_id": request_id}

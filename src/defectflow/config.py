@@ -256,7 +256,8 @@ class ServeBatchConfig:
     """BentoML adaptive batching of the model's forward pass across concurrent requests."""
 
     max_batch_size: int = 16
-    max_latency_ms: int = 100
+    #: An upper bound, not a wait: a request that would wait longer is refused with 503.
+    max_latency_ms: int = 5000
 
 
 @dataclass

@@ -1,0 +1,127 @@
+"""What the HTTP service needs beyond the Predictor, kept free of HTTP and BentoML.
+
+- `ServingSettings`: the `serve:` section of the served model's config, with the
+  DEFECTFLOW_SERVE_OVERRIDES environment variable ("serve.max_upload_bytes=1000 ...") on top.
+- `pack_outputs` / `unpack_outputs`: the model's two outputs in one array, so one batched
+  forward pass (BentoML adaptive batching splits a batch's output along the first axis) can
+  carry both the class probabilities and the mask.
+- `prediction_record` and `json_log_line`: the structured log line of one prediction.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from defectflow.inference import CONFIG_FILE, METRICS_FILE, ModelInfo
+from defectflow.preprocessing import Prediction, encode_png, overlay, prepare_image
+
+OVERRIDES_ENV = "DEFECTFLOW_SERVE_OVERRIDES"
+
+
+@dataclass
+class ServingSettings:
+    serve: object  # the `serve` DictConfig
+    config_sha256: str
+
+    @classmethod
+    def for_model(cls, model_dir: Path) -> ServingSettings:
+        """The model's own config (schema defaults for keys an older model lacks) + overrides."""
+        import hashlib
+
+        from omegaconf import OmegaConf
+
+        from defectflow.config import ConfigError, from_yaml
+
+        path = Path(model_dir) / CONFIG_FILE
+        text = path.read_text() if path.exists() else ""
+        cfg = from_yaml(text)
+        overrides = os.environ.get(OVERRIDES_ENV, "").split()
+        bad = [o for o in overrides if not o.startswith("serve.") or "=" not in o]
+        if bad:
+            raise ConfigError(f"{OVERRIDES_ENV} takes serve.key=value pairs, got: {' '.join(bad)}")
+        if overrides:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+        return cls(serve=cfg.serve, config_sha256=hashlib.sha256(text.encode()).hexdigest())
+
+
+def model_input(image: np.ndarray, size: int) -> np.ndarray:
+    """One decoded RGB image as the model's uint8 input (size, size, 3): a quarter of the
+    float32 bytes between the HTTP process and the model process, and exact (values are whole)."""
+    return prepare_image(image, size).round().astype(np.uint8)
+
+
+def pack_outputs(class_probs: np.ndarray, mask_probs: np.ndarray) -> np.ndarray:
+    """(N, C) and (N, S, S, 1) to one float32 (N, C + S*S) array."""
+    n = class_probs.shape[0]
+    return np.concatenate([class_probs.reshape(n, -1), mask_probs.reshape(n, -1)], axis=1).astype(np.float32)
+
+
+def unpack_outputs(packed: np.ndarray, n_classes: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    packed = np.asarray(packed)
+    if packed.ndim != 2 or packed.shape[1] != n_classes + size * size:
+        raise ValueError(f"model output of shape {packed.shape} does not fit {n_classes} classes and a {size}px mask")
+    return packed[:, :n_classes], packed[:, n_classes:].reshape(-1, size, size, 1)
+
+
+def answer(prediction: Prediction, image: np.ndarray, model_tag: str, with_overlay: bool = False) -> dict:
+    """The JSON answer for one image."""
+    out = {**prediction.to_json(), "model": model_tag}
+    if with_overlay:
+        import cv2
+
+        painted = overlay(image, prediction.mask, (255, 0, 0), 0.5)
+        out["overlay_png_base64"] = encode_png(cv2.cvtColor(painted, cv2.COLOR_RGB2BGR))
+    return out
+
+
+def metadata(model_tag: str, stage: str | None, model_dir: Path, settings: ServingSettings, serving_format: str) -> dict:
+    """What `GET /metadata` answers: enough to know exactly what is serving."""
+    info = ModelInfo.load(model_dir)
+    try:
+        metrics = json.loads((Path(model_dir) / METRICS_FILE).read_text())
+    except (OSError, ValueError):
+        metrics = {}
+    headline = ("accuracy", "presence_accuracy", "defect_accuracy", "auroc", "defect_dice", "defect_iou")
+    return {
+        "model": model_tag,
+        "stage": stage,
+        "classes": info.classes,
+        "input_size": info.input_size,
+        "serving_format": serving_format,
+        "thresholds": {"defect": info.defect_threshold, "mask": info.mask_threshold, "from": info.thresholds_from},
+        "metrics": {k: metrics[k] for k in headline if k in metrics},
+        "config_sha256": settings.config_sha256,
+        "limits": {"max_upload_bytes": settings.serve.max_upload_bytes, "max_pixels": settings.serve.max_pixels,
+                   "allowed_formats": list(settings.serve.allowed_formats),
+                   "max_batch_images": settings.serve.max_batch_images},
+    }
+
+
+def prediction_record(request_id: str, endpoint: str, model_tag: str, started: float, image: np.ndarray | None,
+                      result: dict | None, status: int, error: str | None = None) -> dict:
+    record = {
+        "event": "prediction",
+        "request_id": request_id,
+        "endpoint": endpoint,
+        "model": model_tag,
+        "status": status,
+        "latency_ms": round((time.perf_counter() - started) * 1000.0, 2),
+    }
+    if image is not None:
+        record["image_size"] = [int(image.shape[1]), int(image.shape[0])]
+    if result is not None:
+        record["class"] = result["class"]
+        record["confidence"] = round(float(result["probabilities"][result["class"]]), 6)
+    if error is not None:
+        record["error"] = error
+    return record
+
+
+def json_log_line(record: dict) -> str:
+    return json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **record}, separators=(",", ":"))
