@@ -213,7 +213,7 @@ class DefectInspection:
             except InvalidImageError as exc:
                 ctx.response.status_code = 400
                 rejected_uploads.labels(status="400").inc()
-                return {"error": f"image {index} ({upload.name}): invalid image: {exc}", "request_id": request_id}
+                return {"error": f"image {index} (counting from 0): invalid image: {exc}", "request_id": request_id}
         results = [answer(p, a, self.model_tag) for p, a in zip(self._predict_images(arrays), arrays, strict=True)]
         prediction_latency.labels(endpoint="/predict_batch").observe(time.perf_counter() - started)
         for index, (array, result) in enumerate(zip(arrays, results, strict=True)):

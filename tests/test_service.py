@@ -142,6 +142,83 @@ def test_openapi_documents_the_endpoint(server):
     assert "mask_png_base64" in post["description"]
 
 
+def test_predict_batch_answers_each_image_in_order(server):
+    sizes = [(30, 40), (64, 64), (21, 55)]
+    images = [np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8) for i, (h, w) in enumerate(sizes)]
+    files = [("images", (f"{i}.png", _png(img))) for i, img in enumerate(images)]
+    response = httpx.post(f"{server}/predict_batch", files=files, timeout=60)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert len(results) == 3
+    for (h, w), img, result in zip(sizes, images, results, strict=True):
+        _check_prediction(result, width=w, height=h)
+        single = _predict(server, _png(img)).json()
+        assert single["class"] == result["class"]
+        assert single["probabilities"] == pytest.approx(result["probabilities"], abs=1e-5)
+
+
+def test_predict_batch_refuses_bad_calls_whole(server):
+    good = ("images", ("a.png", _NOISE_PNG))
+    response = httpx.post(f"{server}/predict_batch", files=[good, ("images", ("b.txt", b"text"))], timeout=60)
+    assert response.status_code == 400 and "image 1 (counting from 0)" in response.json()["error"]
+    response = httpx.post(f"{server}/predict_batch", files=[good] * 33, timeout=60)
+    assert response.status_code == 413 and "between 1 and 32" in response.json()["error"]
+
+
+def test_concurrent_requests_share_forward_passes_without_mixing_answers(server):
+    import asyncio
+
+    shapes = [(20 + i, 30 + 2 * i) for i in range(32)]
+    uploads = [_png(np.random.default_rng(i).integers(0, 256, (*hw, 3), dtype=np.uint8)) for i, hw in enumerate(shapes)]
+
+    async def send_all():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*[client.post(f"{server}/predict", files={"image": ("x.png", data)})
+                                          for data in uploads])
+
+    responses = asyncio.run(send_all())
+    for (h, w), response in zip(shapes, responses, strict=True):
+        assert response.status_code == 200, response.text
+        assert response.json()["mask_size"] == [w, h]  # each answer belongs to its own image
+
+
+def test_overlay_and_request_id(server):
+    rgb = np.random.default_rng(3).integers(0, 256, (24, 36, 3), dtype=np.uint8)
+    response = httpx.post(f"{server}/predict", files={"image": ("a.png", _png(rgb))}, data={"overlay": "true"},
+                          headers={"X-Request-ID": "line3-cam2-000123"}, timeout=60)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["request_id"] == response.headers["x-request-id"] == "line3-cam2-000123"
+    painted = cv2.imdecode(np.frombuffer(base64.b64decode(answer["overlay_png_base64"]), np.uint8), cv2.IMREAD_COLOR)
+    assert painted.shape == (24, 36, 3)
+    assert "overlay_png_base64" not in _predict(server, _png(rgb)).json()
+
+
+def test_metadata_says_what_is_serving(server, store):
+    response = httpx.get(f"{server}/metadata", timeout=10)
+    assert response.status_code == 200
+    meta = response.json()
+    assert meta["model"] == store["pinned"] and meta["classes"] == CLASSES and meta["input_size"] == 32
+    assert meta["serving_format"] in ("keras", "tflite") and len(meta["config_sha256"]) == 64
+    assert meta["limits"]["max_batch_images"] == 32
+    assert "/metadata" in httpx.get(f"{server}/docs.json", timeout=10).json()["paths"]
+
+
+def test_prometheus_metrics_and_json_log_lines(server, store):
+    import json
+
+    assert _predict(server, _NOISE_PNG).status_code == 200
+    text = httpx.get(f"{server}/metrics", timeout=10).text
+    assert 'defectflow_prediction_latency_seconds_count{endpoint="/predict"}' in text
+    assert "defectflow_predictions_total{predicted_class=" in text
+    assert 'defectflow_rejected_uploads_total{status="400"}' in text  # from the bad-upload tests
+    records = [json.loads(line[line.index("{"):]) for line in
+               (store["root"] / "bento-serve.log").read_text().splitlines() if '"event":"prediction"' in line]
+    ok = [r for r in records if r["status"] == 200]
+    assert ok and {"request_id", "model", "latency_ms", "class", "confidence", "image_size"} <= set(ok[-1])
+    assert any(r["status"] == 400 and "error" in r for r in records)
+
+
 def test_serve_from_source_resolves_the_production_model(store):
     env = {k: v for k, v in store["env"].items() if k != "DEFECTFLOW_MODEL_TAG"}
     with serve_bento("service:DefectInspection", env, store["root"] / "source-serve.log") as url:
