@@ -64,22 +64,29 @@ if not prediction_log.handlers:
     prediction_log.setLevel(logging.INFO)
     prediction_log.propagate = False
 
-prediction_latency = bentoml.metrics.Histogram(
-    name="defectflow_prediction_latency_seconds",
-    documentation="Time from upload received to answer ready, per image endpoint call",
-    labelnames=["endpoint"],
-    buckets=(0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0),
-)
-predictions_by_class = bentoml.metrics.Counter(
-    name="defectflow_predictions_total",
-    documentation="Images answered, by predicted class",
-    labelnames=["predicted_class"],
-)
-rejected_uploads = bentoml.metrics.Counter(
-    name="defectflow_rejected_uploads_total",
-    documentation="Uploads refused with a 4xx answer, by status",
-    labelnames=["status"],
-)
+
+
+class _Metrics:
+    """Prometheus series on /metrics. Made when the service starts, not at import: a build
+    imports this file again in the same process, and a series cannot be registered twice."""
+
+    def __init__(self) -> None:
+        self.latency = bentoml.metrics.Histogram(
+            name="defectflow_prediction_latency_seconds",
+            documentation="Time from upload received to answer ready, per image endpoint call",
+            labelnames=["endpoint"],
+            buckets=(0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0),
+        )
+        self.by_class = bentoml.metrics.Counter(
+            name="defectflow_predictions_total",
+            documentation="Images answered, by predicted class",
+            labelnames=["predicted_class"],
+        )
+        self.rejected = bentoml.metrics.Counter(
+            name="defectflow_rejected_uploads_total",
+            documentation="Uploads refused with a 4xx answer, by status",
+            labelnames=["status"],
+        )
 
 
 @bentoml.service(name="defectflow-model", workers=1, traffic={"timeout": 60})
@@ -129,6 +136,7 @@ class DefectInspection:
             self.stage = None
         self.metadata = metadata(self.model_tag, self.stage, Path(self.model_ref.path), SETTINGS,
                                  self.info.serving_format)
+        self.metrics = _Metrics()
 
     @info_app.get("/metadata")
     def model_metadata(self) -> dict:
@@ -176,12 +184,12 @@ class DefectInspection:
         except InvalidImageError as exc:
             # Not `raise InvalidArgument`: BentoML 1.4.39 answers those with a JSON list.
             ctx.response.status_code = 400
-            rejected_uploads.labels(status="400").inc()
+            self.metrics.rejected.labels(status="400").inc()
             self._log(prediction_record(request_id, "/predict", self.model_tag, started, None, None, 400, str(exc)))
             return {"error": f"invalid image: {exc}", "request_id": request_id}
         result = {**answer(prediction, image_array, self.model_tag, overlay), "request_id": request_id}
-        prediction_latency.labels(endpoint="/predict").observe(time.perf_counter() - started)
-        predictions_by_class.labels(predicted_class=result["class"]).inc()
+        self.metrics.latency.labels(endpoint="/predict").observe(time.perf_counter() - started)
+        self.metrics.by_class.labels(predicted_class=result["class"]).inc()
         self._log(prediction_record(request_id, "/predict", self.model_tag, started, image_array, result, 200))
         return result
 
@@ -203,7 +211,7 @@ class DefectInspection:
         limit = int(SETTINGS.serve.max_batch_images)
         if not images or len(images) > limit:
             ctx.response.status_code = 413 if images else 400
-            rejected_uploads.labels(status=str(ctx.response.status_code)).inc()
+            self.metrics.rejected.labels(status=str(ctx.response.status_code)).inc()
             return {"error": f"send between 1 and {limit} images as fields `images`, got {len(images)}",
                     "request_id": request_id}
         arrays = []
@@ -212,12 +220,12 @@ class DefectInspection:
                 arrays.append(self._decode(upload))
             except InvalidImageError as exc:
                 ctx.response.status_code = 400
-                rejected_uploads.labels(status="400").inc()
+                self.metrics.rejected.labels(status="400").inc()
                 return {"error": f"image {index} (counting from 0): invalid image: {exc}", "request_id": request_id}
         results = [answer(p, a, self.model_tag) for p, a in zip(self._predict_images(arrays), arrays, strict=True)]
-        prediction_latency.labels(endpoint="/predict_batch").observe(time.perf_counter() - started)
+        self.metrics.latency.labels(endpoint="/predict_batch").observe(time.perf_counter() - started)
         for index, (array, result) in enumerate(zip(arrays, results, strict=True)):
-            predictions_by_class.labels(predicted_class=result["class"]).inc()
+            self.metrics.by_class.labels(predicted_class=result["class"]).inc()
             self._log(prediction_record(f"{request_id}/{index}", "/predict_batch", self.model_tag, started, array,
                                         result, 200))
         return {"results": results, "model": self.model_tag, "request_id": request_id}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -58,6 +59,22 @@ def _scenario(home: Path, first: Path, second: Path) -> dict:
         "files": sorted(str(p.relative_to(bento_root)) for p in bento_root.rglob("*")
                         if p.is_file()),
         "requirements": (bento_root / "env/python/requirements.txt").read_text().split(),
+    }
+    # A model that serves from TFLite gets a Bento without TensorFlow and Keras.
+    from defectflow.export import export_tflite
+    from defectflow.inference import ModelInfo
+
+    lean_dir = first.parent / "lean"
+    shutil.copytree(first, lean_dir)
+    export_tflite(lean_dir)
+    info = ModelInfo.load(lean_dir)
+    info.serving_format = "tflite"
+    info.save(lean_dir)
+    lean = registry.save_model(lean_dir, "leanmodel", {"metrics": {"accuracy": 0.5}})
+    lean_bento = bentoml.get(registry.build_bento(lean, REPO_ROOT / "bentofile.yaml", REPO_ROOT))
+    report["lean_bento"] = {
+        "labels": dict(lean_bento.info.labels),
+        "requirements": (Path(lean_bento.path) / "env/python/requirements.txt").read_text().split(),
     }
     # A Bento built from "name:latest" pins the version that was latest at build time.
     report["latest_bento_models"] = [
@@ -135,8 +152,17 @@ def test_build_bento_pins_the_model_and_packs_the_package(report):
     assert not any(f.startswith(("src/tests/", "src/.venv/", "src/.defectflow/")) for f in files)
     assert "tensorflow-cpu==2.21.0" in bento["requirements"]
     assert "keras==3.15.1" in bento["requirements"]
+    assert bento["labels"]["serving_format"] == "keras"
     assert report["env_after_build"] == "untouched"
     assert report["latest_bento_models"] == [newer]
+
+
+@pytest.mark.integration
+def test_a_tflite_model_gets_a_bento_without_tensorflow(report):
+    lean = report["lean_bento"]
+    assert lean["labels"]["serving_format"] == "tflite"
+    assert "ai-edge-litert==2.3.0" in lean["requirements"]
+    assert not [r for r in lean["requirements"] if r.startswith(("tensorflow", "keras"))]
 
 
 def test_save_model_rejects_a_folder_that_is_not_a_model(tmp_path):

@@ -88,14 +88,7 @@ class TFLiteBackend:
     format = "tflite"
 
     def __init__(self, path: Path, num_threads: int | None = None, per_image: bool = True):
-        import tensorflow as tf
-
-        with warnings.catch_warnings():
-            # TF 2.21 announces that tf.lite.Interpreter moves to the ai_edge_litert package;
-            # it is still TensorFlow's working interpreter here, so the notice is noise.
-            warnings.filterwarnings("ignore", message=r"(?s).*tf\.lite\.Interpreter is deprecated",
-                                    category=UserWarning)
-            self.model = tf.lite.Interpreter(model_path=str(path), num_threads=num_threads or _cpu_count())
+        self.model = _tflite_interpreter(path, num_threads or _cpu_count())
         signatures = self.model.get_signature_list()
         if len(signatures) != 1:
             raise ValueError(f"{path}: expected one signature, found {sorted(signatures)}")
@@ -120,6 +113,22 @@ class TFLiteBackend:
                 probs.append(outputs[self._names["class"]])
                 masks.append(outputs[self._names["mask"]])
         return np.concatenate(probs), np.concatenate(masks)
+
+
+def _tflite_interpreter(path: Path, num_threads: int):
+    """LiteRT's interpreter (the `ai-edge-litert` package: ~70 MB resident, no TensorFlow), else
+    TensorFlow's own `tf.lite.Interpreter` (the same runtime, but importing all of TensorFlow)."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        import tensorflow as tf
+
+        with warnings.catch_warnings():
+            # TF 2.21 announces that tf.lite.Interpreter moves to ai_edge_litert: known, see above.
+            warnings.filterwarnings("ignore", message=r"(?s).*tf\.lite\.Interpreter is deprecated",
+                                    category=UserWarning)
+            return tf.lite.Interpreter(model_path=str(path), num_threads=num_threads)
+    return Interpreter(model_path=str(path), num_threads=num_threads)
 
 
 def _output_names(runner, path: Path) -> dict[str, str]:
