@@ -38,6 +38,7 @@ from defectflow.serving import (
     prediction_record,
     unpack_outputs,
 )
+from defectflow.web import ui_app
 
 
 def _model_tag() -> str:
@@ -119,6 +120,7 @@ info_app = FastAPI(title="defectflow model information")
 
 @bentoml.service(name="defectflow", workers=1, traffic={"timeout": 60})
 @bentoml.asgi_app(info_app, path="/")
+@bentoml.asgi_app(ui_app(), path="/ui")
 class DefectInspection:
     # A class-level model reference: `bentoml build` packs this model into the Bento.
     model_ref = MODEL
