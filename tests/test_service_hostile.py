@@ -1,7 +1,7 @@
 """service.py under hostile input, over real HTTP on 127.0.0.1: `bentoml serve` from source
 in a subprocess, serving a tiny model saved into a temporary DEFECTFLOW_HOME.
 
-One server takes 1,000+ generated malformed requests (mutated and truncated real images,
+One server takes ~1,500 generated malformed requests (mutated and truncated real images,
 non-images, empty files, wrong content types, oversize bodies, huge dimensions, multi-frame
 images, malformed multipart, wrong methods) from a client with bounded concurrency: none
 may get a 5xx, every refusal is JSON with an "error", each category gets the status it
@@ -21,7 +21,7 @@ import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -107,7 +107,6 @@ class Hostile:
     expect: frozenset[int] = CLIENT_ERRORS
     #: Send without Content-Length, in chunks.
     chunked: bool = False
-    headers: dict[str, str] = field(default_factory=dict)
 
 
 def _part(payload: bytes, name: str = "image", filename: str = "part.png", content_type: str | None = "image/png",
@@ -165,7 +164,7 @@ def hostile_requests(seed: int = 20261123) -> list[Hostile]:
         requests.extend(make(i) for i in range(count))
 
     # Mutated real images: some still decode (200), none may fail the server.
-    add(360, lambda i: Hostile("mutated-image", _upload(_mutate(rng, SAMPLES[names[i % len(names)]])),
+    add(800, lambda i: Hostile("mutated-image", _upload(_mutate(rng, SAMPLES[names[i % len(names)]])),
                                expect=DECODED_OR_REFUSED))
 
     def truncated(i: int) -> Hostile:
@@ -289,7 +288,7 @@ class Outcome:
     error: str = ""
 
 
-async def _send_all(url: str, requests: list[Hostile], headers: dict[str, str]) -> list[Outcome]:
+async def _send_all(url: str, requests: list[Hostile]) -> list[Outcome]:
     limit = asyncio.Semaphore(CONCURRENCY)
     limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
 
@@ -297,11 +296,9 @@ async def _send_all(url: str, requests: list[Hostile], headers: dict[str, str]) 
         for start in range(0, len(body), 256 * 1024):
             yield body[start:start + 256 * 1024]
 
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits, headers=headers) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
         async def one(request: Hostile) -> Outcome:
-            request_headers = dict(request.headers)
-            if request.content_type is not None:
-                request_headers["content-type"] = request.content_type
+            request_headers = {"content-type": request.content_type} if request.content_type else {}
             content = chunks(request.body) if request.chunked else request.body
             async with limit:
                 try:
@@ -337,9 +334,8 @@ def _problems(outcome: Outcome) -> list[str]:
 
 def test_a_thousand_malformed_requests_get_no_5xx_and_the_server_stays_up(server):
     requests = hostile_requests()
-    assert len(requests) >= 1000
     start = time.monotonic()
-    outcomes = asyncio.run(_send_all(server, requests, {}))
+    outcomes = asyncio.run(_send_all(server, requests))
     elapsed = time.monotonic() - start
 
     by_category: dict[str, Counter] = defaultdict(Counter)
@@ -354,7 +350,8 @@ def test_a_thousand_malformed_requests_get_no_5xx_and_the_server_stays_up(server
     problems = [problem for outcome in outcomes for problem in _problems(outcome)]
     assert problems == [], f"{len(problems)} wrong answers, e.g.:\n" + "\n".join(problems[:25])
     assert not any(status is not None and status >= 500 for status in statuses)
-    assert statuses[200] < len(requests) / 2  # most hostile requests were refused, not answered
+    refused = sum(count for status, count in statuses.items() if status is not None and 400 <= status < 500)
+    assert refused >= 1000  # at least 1,000 requests that must be refused, were (mutants may decode)
     assert elapsed < 240
 
     # Still up, still ready, still right.
@@ -391,8 +388,7 @@ def test_bearer_token_from_the_environment(auth_server):
     assert response.json()["class"] in CLASSES
     assert httpx.get(f"{auth_server}/readyz", timeout=10).status_code == 200  # health checks stay open
     assert httpx.get(f"{auth_server}/metadata", timeout=10).status_code == 401
-    # A refused upload is refused the same way once authenticated, and an oversize body
-    # without a token is a 401, not a 413: nothing is read before authentication.
+    # An oversize body without a token is a 401, not a 413: nothing is read before authentication.
     response = httpx.post(f"{auth_server}/predict", content=b"x" * 30_000_000, timeout=60,
                           headers={"content-type": MULTIPART})
     assert response.status_code == 401
