@@ -133,6 +133,13 @@ def test_every_accepted_format_and_mode_decodes_to_rgb8(name):
     assert np.abs(image.astype(int) - expected.astype(int)).mean() <= tolerance, name
 
 
+def test_every_16_bit_value_becomes_round_of_a_257th():
+    gray16 = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    image = decode_upload(cv2_encode(".png", gray16), LIMITS)
+    expected = np.round(gray16 / 257.0).astype(np.uint8)
+    assert np.array_equal(image, np.dstack([expected] * 3))
+
+
 @pytest.mark.parametrize("content_type", [None, "", "image/png", "image/jpeg", "IMAGE/PNG; q=1",
                                           "application/octet-stream"])
 def test_image_or_generic_declared_types_are_accepted_whatever_format_they_name(content_type):
