@@ -60,3 +60,16 @@ lint: install
 
 clean:
 	rm -rf $(VENV) $(DEFECTFLOW_HOME)
+
+# The serving container (scripts/container.py, README "Container"): Debian's docker.io and
+# debootstrap are installed when missing; dockerd is started for the run when none answers, and
+# only that one is stopped again. `make container` packs the production model (`make demo` first).
+.PHONY: container container-test container-clean
+container: install
+	$(BIN)/python scripts/container.py build
+
+container-test: install
+	$(BIN)/python scripts/container.py test
+
+container-clean:
+	$(PYTHON) scripts/container.py clean
