@@ -18,7 +18,7 @@ export DO_NOT_TRACK := 1
 export BENTOML_DO_NOT_TRACK := true
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: install demo test lint clean reproduce-capsule
+.PHONY: install demo test lint clean reproduce-capsule browser
 
 $(VENV)/.installed-$(EXTRA): pyproject.toml
 	@[ -x "$(BIN)/python" ] || $(PYTHON) -m venv $(VENV)
@@ -51,7 +51,13 @@ reproduce-capsule: install
 	@[ -d ../shared/data/mvtec_capsule/capsule ] || { echo "no ../shared/data/mvtec_capsule/capsule: nothing to reproduce"; exit 1; }
 	/usr/bin/time -v $(BIN)/defectflow reproduce --config capsule --seeds 42 43 44
 
-test: install
+# Headless Chromium for tests/test_ui_page.py (the tests skip, saying why, when it is absent).
+browser:
+	@command -v chromium > /dev/null || { [ "$$(id -u)" = 0 ] && SUDO= || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium; } \
+	  || echo "could not install chromium: the browser tests will be skipped"
+
+test: install browser
 	$(BIN)/ruff check src tasks flows tests service.py benchmarks
 	$(BIN)/python -m pytest --cov=defectflow --cov-report=term --cov-report=xml:$(DEFECTFLOW_HOME)/coverage.xml
 
