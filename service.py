@@ -26,7 +26,7 @@ import numpy as np
 from fastapi import FastAPI
 from pydantic import Field
 
-from defectflow.preprocessing import InvalidImageError, decode_image
+from defectflow.http_guard import HEALTH_PATHS, guard_middlewares
 from defectflow.registry import MODEL_TAG_ENV, production_tag
 from defectflow.serving import (
     ServingSettings,
@@ -38,6 +38,7 @@ from defectflow.serving import (
     prediction_record,
     unpack_outputs,
 )
+from defectflow.uploads import UploadLimits, UploadRejected, decode_upload
 from defectflow.web import ui_app
 
 
@@ -55,6 +56,7 @@ def _model_tag() -> str:
 MODEL_TAG = _model_tag()
 MODEL = bentoml.models.BentoModel(MODEL_TAG)
 SETTINGS = ServingSettings.for_model(Path(MODEL.resolve().path))
+UPLOAD_LIMITS = UploadLimits.from_config(SETTINGS.serve)
 
 # One JSON object per prediction on stdout, apart from BentoML's own access log.
 prediction_log = logging.getLogger("defectflow.predictions")
@@ -156,7 +158,7 @@ class DefectInspection:
                             self.info.defect_threshold) for p, m, img in zip(probs, masks, images, strict=True)]
 
     def _decode(self, upload: Path) -> np.ndarray:
-        return decode_image(upload.read_bytes())
+        return decode_upload(upload.read_bytes(), UPLOAD_LIMITS)
 
     def _log(self, record: dict) -> None:
         prediction_log.info(json_log_line(record))
@@ -183,12 +185,13 @@ class DefectInspection:
         try:
             image_array = self._decode(image)
             prediction = self._predict_images([image_array])[0]
-        except InvalidImageError as exc:
+        except UploadRejected as exc:
             # Not `raise InvalidArgument`: BentoML 1.4.39 answers those with a JSON list.
-            ctx.response.status_code = 400
-            self.metrics.rejected.labels(status="400").inc()
-            self._log(prediction_record(request_id, "/predict", self.model_tag, started, None, None, 400, str(exc)))
-            return {"error": f"invalid image: {exc}", "request_id": request_id}
+            ctx.response.status_code = exc.status_code
+            self.metrics.rejected.labels(status=str(exc.status_code)).inc()
+            self._log(prediction_record(request_id, "/predict", self.model_tag, started, None, None,
+                                        exc.status_code, str(exc)))
+            return {"error": str(exc), "request_id": request_id}
         result = {**answer(prediction, image_array, self.model_tag, overlay), "request_id": request_id}
         self.metrics.latency.labels(endpoint="/predict").observe(time.perf_counter() - started)
         self.metrics.by_class.labels(predicted_class=result["class"]).inc()
@@ -220,10 +223,10 @@ class DefectInspection:
         for index, upload in enumerate(images):
             try:
                 arrays.append(self._decode(upload))
-            except InvalidImageError as exc:
-                ctx.response.status_code = 400
-                self.metrics.rejected.labels(status="400").inc()
-                return {"error": f"image {index} (counting from 0): invalid image: {exc}", "request_id": request_id}
+            except UploadRejected as exc:
+                ctx.response.status_code = exc.status_code
+                self.metrics.rejected.labels(status=str(exc.status_code)).inc()
+                return {"error": f"image {index} (counting from 0): {exc}", "request_id": request_id}
         results = [answer(p, a, self.model_tag) for p, a in zip(self._predict_images(arrays), arrays, strict=True)]
         self.metrics.latency.labels(endpoint="/predict_batch").observe(time.perf_counter() - started)
         for index, (array, result) in enumerate(zip(arrays, results, strict=True)):
@@ -231,3 +234,13 @@ class DefectInspection:
             self._log(prediction_record(f"{request_id}/{index}", "/predict_batch", self.model_tag, started, array,
                                         result, 200))
         return {"results": results, "model": self.model_tag, "request_id": request_id}
+
+
+# Outermost first: bearer auth (DEFECTFLOW_API_TOKEN), the request size cap, the multipart guard.
+for _middleware, _options in guard_middlewares(
+        token=os.environ.get(str(SETTINGS.serve.auth_token_env)),
+        file_fields={"/predict": ["image"], "/predict_batch": ["images"]},
+        max_bytes=int(SETTINGS.serve.max_upload_bytes),
+        path_max_bytes={"/predict_batch": int(SETTINGS.serve.max_upload_bytes) * int(SETTINGS.serve.max_batch_images)},
+        auth_exempt=(*HEALTH_PATHS, "/ui")):  # the page loads without a token, then sends it
+    DefectInspection.add_asgi_middleware(_middleware, **_options)
