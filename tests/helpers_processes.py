@@ -19,6 +19,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+def isolated_env(home: Path) -> dict[str, str]:
+    """This process's environment with every state folder under `home` (a fresh store, no
+    Prefect server) and telemetry off: for a subprocess that must not see the test session's."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("DEFECTFLOW_", "BENTOML_", "PREFECT_", "KERAS_"))}
+    env.update(DEFECTFLOW_HOME=str(home), BENTOML_HOME=str(home / "bentoml"),
+               KERAS_HOME=str(home / "keras"), BENTOML_DO_NOT_TRACK="true", DO_NOT_TRACK="1",
+               TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
+    return env
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

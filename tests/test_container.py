@@ -16,17 +16,15 @@ import base64
 import contextlib
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 from helpers_models import CLASSES, make_tiny_model_dir
-from helpers_processes import REPO_ROOT
+from helpers_processes import REPO_ROOT, isolated_env
 
 pytestmark = pytest.mark.integration
 
@@ -55,15 +53,6 @@ print(tag, registry.build_bento(tag, repo / "bentofile.yaml", repo))
 """
 
 
-def _env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("DEFECTFLOW_", "BENTOML_", "PREFECT_", "KERAS_"))}
-    env.update(DEFECTFLOW_HOME=str(home), BENTOML_HOME=str(home / "bentoml"),
-               KERAS_HOME=str(home / "keras"), BENTOML_DO_NOT_TRACK="true", DO_NOT_TRACK="1",
-               TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
-    return env
-
-
 def _png(image: np.ndarray) -> bytes:
     ok, buf = cv2.imencode(".png", image)
     assert ok
@@ -88,7 +77,7 @@ def docker(tmp_path_factory):
 @pytest.mark.parametrize("serving_format", ["keras", "tflite"])
 def test_bento_container_serves_predict_as_non_root(docker, tmp_path, serving_format):
     make_tiny_model_dir(tmp_path / "tiny")
-    env = _env(tmp_path / "home")
+    env = isolated_env(tmp_path / "home")
     done = subprocess.run([sys.executable, "-c", _PACKAGE, str(tmp_path), str(REPO_ROOT), serving_format],
                           env=env, cwd=tmp_path, check=True, timeout=300, capture_output=True, text=True)
     model, bento = done.stdout.split()[-2:]

@@ -7,19 +7,17 @@ model (which the Bento must not serve), and serves the Bento on a free port.
 from __future__ import annotations
 
 import base64
-import os
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import cv2
 import httpx
 import numpy as np
 import pytest
 from helpers_models import CLASSES, make_tiny_model_dir
-from helpers_processes import REPO_ROOT, serve_bento
+from helpers_processes import REPO_ROOT, isolated_env, serve_bento
 
 pytestmark = pytest.mark.integration
 
@@ -38,21 +36,12 @@ print(pinned, bento, newer)
 """
 
 
-def _env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("DEFECTFLOW_", "BENTOML_", "PREFECT_", "KERAS_"))}
-    env.update(DEFECTFLOW_HOME=str(home), BENTOML_HOME=str(home / "bentoml"),
-               KERAS_HOME=str(home / "keras"), BENTOML_DO_NOT_TRACK="true", DO_NOT_TRACK="1",
-               TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
-    return env
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("service")
     make_tiny_model_dir(root / "pinned")
     make_tiny_model_dir(root / "newer", seed=1)
-    env = _env(root / "home")
+    env = isolated_env(root / "home")
     start = time.monotonic()
     done = subprocess.run([sys.executable, "-c", _PACKAGE, str(root), str(REPO_ROOT)],
                           env=env, cwd=root, check=True, timeout=300, capture_output=True,

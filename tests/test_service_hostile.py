@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import struct
 import subprocess
@@ -28,7 +27,7 @@ import httpx
 import numpy as np
 import pytest
 from helpers_models import CLASSES, make_tiny_model_dir
-from helpers_processes import serve_bento
+from helpers_processes import isolated_env, serve_bento
 from PIL import Image
 from test_uploads import (
     SAMPLES,
@@ -64,21 +63,12 @@ print(registry.save_model(Path(sys.argv[1]), "defectflow", {"metrics": {"accurac
 """
 
 
-def _env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("DEFECTFLOW_", "BENTOML_", "PREFECT_", "KERAS_"))}
-    env.update(DEFECTFLOW_HOME=str(home), BENTOML_HOME=str(home / "bentoml"),
-               KERAS_HOME=str(home / "keras"), BENTOML_DO_NOT_TRACK="true", DO_NOT_TRACK="1",
-               TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
-    return env
-
-
 @pytest.fixture(scope="module")
 def model_env(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     """A tiny model saved into a fresh store, pinned with DEFECTFLOW_MODEL_TAG."""
     root = tmp_path_factory.mktemp("hostile")
     make_tiny_model_dir(root / "model")
-    env = _env(root / "home")
+    env = isolated_env(root / "home")
     done = subprocess.run([sys.executable, "-c", _SAVE, str(root / "model")], env=env, cwd=root,
                           check=True, timeout=300, capture_output=True, text=True)
     env["DEFECTFLOW_MODEL_TAG"] = done.stdout.split()[-1]

@@ -27,7 +27,7 @@ import httpx
 import numpy as np
 import pytest
 from helpers_models import CLASSES, make_tiny_model_dir
-from helpers_processes import running, serve_bento
+from helpers_processes import isolated_env, running, serve_bento
 
 from defectflow.web import content_security_policy, page_html, ui_app
 
@@ -167,21 +167,12 @@ def browser_binary() -> str:
     return binary
 
 
-def _env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("DEFECTFLOW_", "BENTOML_", "PREFECT_", "KERAS_"))}
-    env.update(DEFECTFLOW_HOME=str(home), BENTOML_HOME=str(home / "bentoml"),
-               KERAS_HOME=str(home / "keras"), BENTOML_DO_NOT_TRACK="true", DO_NOT_TRACK="1",
-               TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
-    return env
-
-
 @pytest.fixture(scope="module")
 def service(browser_binary, tmp_path_factory) -> Iterator[dict]:
     """service.py from the repository serving a tiny saved model; its URL and model tag."""
     root = tmp_path_factory.mktemp("ui-service")
     make_tiny_model_dir(root / "model")
-    env = _env(root / "home")
+    env = isolated_env(root / "home")
     saved = subprocess.run([sys.executable, "-c", _SAVE, str(root / "model")], env=env, cwd=root,
                            check=True, timeout=300, capture_output=True, text=True)
     tag = saved.stdout.split()[-1]
