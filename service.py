@@ -27,6 +27,7 @@ from fastapi import FastAPI
 from pydantic import Field
 
 from defectflow.http_guard import HEALTH_PATHS, guard_middlewares
+from defectflow.inference import ModelInfo
 from defectflow.registry import MODEL_TAG_ENV, production_tag
 from defectflow.serving import (
     ServingSettings,
@@ -55,7 +56,13 @@ def _model_tag() -> str:
 
 MODEL_TAG = _model_tag()
 MODEL = bentoml.models.BentoModel(MODEL_TAG)
-SETTINGS = ServingSettings.for_model(Path(MODEL.resolve().path))
+MODEL_DIR = Path(MODEL.resolve().path)
+SETTINGS = ServingSettings.for_model(MODEL_DIR)
+# A TFLite model runs inside the HTTP process: LiteRT is light, runs one image per call
+# whatever the batch (so batching saves no compute), and the hop to a second process cost
+# 7.6 of 29 ms per request (benchmarks/serve_bench.py). A Keras model, which does gain from
+# batches, runs in DefectModel behind BentoML's adaptive batching.
+IN_PROCESS = ModelInfo.load(MODEL_DIR).serving_format == "tflite"
 UPLOAD_LIMITS = UploadLimits.from_config(SETTINGS.serve)
 
 # One JSON object per prediction on stdout, apart from BentoML's own access log.
@@ -120,20 +127,26 @@ class DefectModel:
 info_app = FastAPI(title="defectflow model information")
 
 
-@bentoml.service(name="defectflow", workers=1, traffic={"timeout": 60})
+@bentoml.service(name="defectflow", workers=1, threads=int(SETTINGS.serve.threads), traffic={"timeout": 60})
 @bentoml.asgi_app(info_app, path="/")
 @bentoml.asgi_app(ui_app(), path="/ui")
 class DefectInspection:
     # A class-level model reference: `bentoml build` packs this model into the Bento.
     model_ref = MODEL
-    model = bentoml.depends(DefectModel)
+    if not IN_PROCESS:
+        model = bentoml.depends(DefectModel)
 
     def __init__(self) -> None:
-        from defectflow.inference import ModelInfo
+        from defectflow.inference import Predictor
         from defectflow.registry import stage_of
 
         self.model_tag = str(self.model_ref.tag)
         self.info = ModelInfo.load(self.model_ref.path)
+        self.local = None
+        if IN_PROCESS:
+            self.local = Predictor.load(self.model_ref.path)
+            size = self.info.input_size
+            self.local.backend(np.zeros((1, size, size, 3), np.float32))  # warm-up before ready
         try:  # the registry is on the build machine, not in a container
             self.stage = stage_of(self.model_tag)
         except Exception:  # noqa: BLE001
@@ -152,8 +165,11 @@ class DefectInspection:
         from defectflow.preprocessing import postprocess
 
         size = self.info.input_size
-        packed = self.model.forward(np.stack([model_input(img, size) for img in images]))
-        probs, masks = unpack_outputs(packed, len(self.info.classes), size)
+        batch = np.stack([model_input(img, size) for img in images])
+        if self.local is not None:
+            probs, masks = self.local.backend(batch.astype(np.float32))
+        else:
+            probs, masks = unpack_outputs(self.model.forward(batch), len(self.info.classes), size)
         return [postprocess(p, m, img.shape[:2], self.info.classes, self.info.mask_threshold,
                             self.info.defect_threshold) for p, m, img in zip(probs, masks, images, strict=True)]
 
