@@ -32,7 +32,8 @@ pinned = registry.save_model(root / "pinned", "defectflow", {"metrics": {"accura
 bento = registry.build_bento(pinned, repo / "bentofile.yaml", repo)
 newer = registry.save_model(root / "newer", "defectflow", {"metrics": {"accuracy": 0.1}})
 registry.promote(pinned)  # production is the older model: serving must not pick "latest"
-print(pinned, bento, newer)
+lite = registry.save_model(root / "lite", "litemodel", {"metrics": {"accuracy": 0.5}})
+print(pinned, bento, newer, lite)
 """
 
 
@@ -41,14 +42,21 @@ def store(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("service")
     make_tiny_model_dir(root / "pinned")
     make_tiny_model_dir(root / "newer", seed=1)
+    from defectflow.export import export_tflite
+    from defectflow.inference import ModelInfo
+
+    export_tflite(make_tiny_model_dir(root / "lite", seed=2))
+    info = ModelInfo.load(root / "lite")
+    info.serving_format = "tflite"
+    info.save(root / "lite")
     env = isolated_env(root / "home")
     start = time.monotonic()
     done = subprocess.run([sys.executable, "-c", _PACKAGE, str(root), str(REPO_ROOT)],
                           env=env, cwd=root, check=True, timeout=300, capture_output=True,
                           text=True)
-    pinned, bento, newer = done.stdout.split()[-3:]
+    pinned, bento, newer, lite = done.stdout.split()[-4:]
     print(f"\nsaved and built {bento} in {time.monotonic() - start:.1f} s")
-    return {"root": root, "env": env, "pinned": pinned, "bento": bento, "newer": newer}
+    return {"root": root, "env": env, "pinned": pinned, "bento": bento, "newer": newer, "lite": lite}
 
 
 @pytest.fixture(scope="module")
@@ -215,3 +223,16 @@ def test_serve_from_source_resolves_the_production_model(store):
     assert response.status_code == 200, response.text
     assert response.json()["model"] == store["pinned"]
     _check_prediction(response.json(), width=24, height=20)
+
+
+def test_a_tflite_model_serves_inside_the_http_service(store):
+    env = {**store["env"], "DEFECTFLOW_MODEL_TAG": store["lite"]}
+    log = store["root"] / "lite-serve.log"
+    with serve_bento("service:DefectInspection", env, log) as url:
+        assert httpx.get(f"{url}/metadata", timeout=10).json()["serving_format"] == "tflite"
+        rgb = np.random.default_rng(4).integers(0, 256, (30, 44, 3), dtype=np.uint8)
+        response = _predict(url, _png(rgb))
+        assert response.status_code == 200, response.text
+        _check_prediction(response.json(), width=44, height=30)
+        assert response.json()["model"] == store["lite"]
+    assert "defectflow-model" not in log.read_text()  # no second service for a TFLite model
