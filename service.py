@@ -127,7 +127,11 @@ class DefectModel:
 info_app = FastAPI(title="defectflow model information")
 
 
-@bentoml.service(name="defectflow", workers=1, threads=int(SETTINGS.serve.threads), traffic={"timeout": 60})
+# With a Keras model, requests handled at once from more than one thread made the calls to
+# DefectModel fail now and then (aiohttp ServerDisconnectedError, seen as HTTP 500 in the
+# hostile-input test): that path keeps BentoML's default of one.
+@bentoml.service(name="defectflow", workers=1, threads=int(SETTINGS.serve.threads) if IN_PROCESS else 1,
+                 traffic={"timeout": 60})
 @bentoml.asgi_app(info_app, path="/")
 @bentoml.asgi_app(ui_app(), path="/ui")
 class DefectInspection:

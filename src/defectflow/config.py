@@ -272,7 +272,8 @@ class ServeConfig:
     allowed_formats: list[str] = field(default_factory=lambda: ["png", "jpeg", "bmp", "tiff"])
     #: Images in one /predict_batch call.
     max_batch_images: int = 32
-    #: Requests the HTTP service works on at once (decoding and answers overlap the forward pass).
+    #: Requests the HTTP service works on at once with a TFLite model (decoding and answers
+    #: overlap the forward pass); with a Keras model it handles one, see service.py.
     threads: int = 4
     batch: ServeBatchConfig = field(default_factory=ServeBatchConfig)
     #: When this environment variable is set, every endpoint but the health checks needs
