@@ -34,7 +34,6 @@ from defectflow.serving import (
     answer,
     json_log_line,
     metadata,
-    model_input,
     pack_outputs,
     prediction_record,
     unpack_outputs,
@@ -75,7 +74,6 @@ if not prediction_log.handlers:
     prediction_log.propagate = False
 
 
-
 class _Metrics:
     """Prometheus series on /metrics. Made when the service starts, not at import: a build
     imports this file again in the same process, and a series cannot be registered twice."""
@@ -99,6 +97,27 @@ class _Metrics:
         )
 
 
+def _warm_up(predictor) -> None:
+    """One forward pass: the first call builds kernels; /readyz answers only after it."""
+    size = predictor.info.input_size
+    predictor.backend(np.zeros((1, size, size, 3), np.float32))
+
+
+class _BatchedForward:
+    """A Predictor backend whose forward pass runs in DefectModel, behind adaptive batching.
+    The images go as uint8: a quarter of the float32 bytes, and exact (the values are whole)."""
+
+    format = "keras"
+
+    def __init__(self, model_service, info) -> None:
+        self.model_service = model_service
+        self.n_classes, self.size = len(info.classes), info.input_size
+
+    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        packed = self.model_service.forward(batch.round().astype(np.uint8))
+        return unpack_outputs(packed, self.n_classes, self.size)
+
+
 @bentoml.service(name="defectflow-model", workers=1, traffic={"timeout": 60})
 class DefectModel:
     """The forward pass only: uint8 model inputs (N, S, S, 3) in, packed outputs out."""
@@ -109,9 +128,7 @@ class DefectModel:
         from defectflow.inference import Predictor  # TensorFlow loads here, not at build
 
         self.predictor = Predictor.load(self.model_ref.path)
-        size = self.predictor.info.input_size
-        # Warm-up: the first call builds kernels; /readyz answers only after it.
-        self.predictor.backend(np.zeros((1, size, size, 3), np.float32))
+        _warm_up(self.predictor)
         self.ready = True
 
     def __is_ready__(self) -> bool:
@@ -120,8 +137,7 @@ class DefectModel:
     @bentoml.api(batchable=True, max_batch_size=int(SETTINGS.serve.batch.max_batch_size),
                  max_latency_ms=int(SETTINGS.serve.batch.max_latency_ms))
     def forward(self, images: np.ndarray) -> np.ndarray:
-        probs, masks = self.predictor.backend(images.astype(np.float32))
-        return pack_outputs(np.asarray(probs), np.asarray(masks))
+        return pack_outputs(*self.predictor.backend(images.astype(np.float32)))
 
 
 info_app = FastAPI(title="defectflow model information")
@@ -145,18 +161,18 @@ class DefectInspection:
         from defectflow.registry import stage_of
 
         self.model_tag = str(self.model_ref.tag)
-        self.info = ModelInfo.load(self.model_ref.path)
-        self.local = None
         if IN_PROCESS:
-            self.local = Predictor.load(self.model_ref.path)
-            size = self.info.input_size
-            self.local.backend(np.zeros((1, size, size, 3), np.float32))  # warm-up before ready
+            self.predictor = Predictor.load(self.model_ref.path)
+            _warm_up(self.predictor)
+        else:
+            info = ModelInfo.load(self.model_ref.path)
+            self.predictor = Predictor(_BatchedForward(self.model, info), info)
         try:  # the registry is on the build machine, not in a container
             self.stage = stage_of(self.model_tag)
         except Exception:  # noqa: BLE001
             self.stage = None
-        self.metadata = metadata(self.model_tag, self.stage, Path(self.model_ref.path), SETTINGS,
-                                 self.info.serving_format)
+        self.metadata = metadata(self.model_tag, self.stage, Path(self.model_ref.path), self.predictor.info,
+                                 SETTINGS)
         self.metrics = _Metrics()
 
     @info_app.get("/metadata")
@@ -166,16 +182,7 @@ class DefectInspection:
         return self.metadata
 
     def _predict_images(self, images: list[np.ndarray]) -> list:
-        from defectflow.preprocessing import postprocess
-
-        size = self.info.input_size
-        batch = np.stack([model_input(img, size) for img in images])
-        if self.local is not None:
-            probs, masks = self.local.backend(batch.astype(np.float32))
-        else:
-            probs, masks = unpack_outputs(self.model.forward(batch), len(self.info.classes), size)
-        return [postprocess(p, m, img.shape[:2], self.info.classes, self.info.mask_threshold,
-                            self.info.defect_threshold) for p, m, img in zip(probs, masks, images, strict=True)]
+        return self.predictor.predict_arrays(images, batch_size=len(images))
 
     def _decode(self, upload: Path) -> np.ndarray:
         return decode_upload(upload.read_bytes(), UPLOAD_LIMITS)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from defectflow.inference import CONFIG_FILE, METRICS_FILE, ModelInfo
-from defectflow.preprocessing import Prediction, encode_png, overlay, prepare_image
+from defectflow.preprocessing import Prediction, encode_png, overlay
 
 OVERRIDES_ENV = "DEFECTFLOW_SERVE_OVERRIDES"
 
@@ -50,12 +50,6 @@ class ServingSettings:
         return cls(serve=cfg.serve, config_sha256=hashlib.sha256(text.encode()).hexdigest())
 
 
-def model_input(image: np.ndarray, size: int) -> np.ndarray:
-    """One decoded RGB image as the model's uint8 input (size, size, 3): a quarter of the
-    float32 bytes between the HTTP process and the model process, and exact (values are whole)."""
-    return prepare_image(image, size).round().astype(np.uint8)
-
-
 def pack_outputs(class_probs: np.ndarray, mask_probs: np.ndarray) -> np.ndarray:
     """(N, C) and (N, S, S, 1) to one float32 (N, C + S*S) array."""
     n = class_probs.shape[0]
@@ -80,9 +74,8 @@ def answer(prediction: Prediction, image: np.ndarray, model_tag: str, with_overl
     return out
 
 
-def metadata(model_tag: str, stage: str | None, model_dir: Path, settings: ServingSettings, serving_format: str) -> dict:
+def metadata(model_tag: str, stage: str | None, model_dir: Path, info: ModelInfo, settings: ServingSettings) -> dict:
     """What `GET /metadata` answers: enough to know exactly what is serving."""
-    info = ModelInfo.load(model_dir)
     try:
         metrics = json.loads((Path(model_dir) / METRICS_FILE).read_text())
     except (OSError, ValueError):
@@ -93,7 +86,7 @@ def metadata(model_tag: str, stage: str | None, model_dir: Path, settings: Servi
         "stage": stage,
         "classes": info.classes,
         "input_size": info.input_size,
-        "serving_format": serving_format,
+        "serving_format": info.serving_format,
         "thresholds": {"defect": info.defect_threshold, "mask": info.mask_threshold, "from": info.thresholds_from},
         "metrics": {k: metrics[k] for k in headline if k in metrics},
         "config_sha256": settings.config_sha256,
