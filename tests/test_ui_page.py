@@ -2,7 +2,8 @@
 
 The module serves a tiny saved model with `bentoml serve service:DefectInspection` and drives
 the system's Chromium (Debian package `chromium`, `make test` installs it) over the Chrome
-DevTools Protocol with `websockets`: a real file upload through the page's file input, then the
+DevTools Protocol (the client of scripts/browser.py, shared with
+scripts/prefect_ui_screenshot.py): a real file upload through the page's file input, then the
 page's class, probabilities and mask overlay are compared with what /predict answers for the
 same bytes. Screenshots land in the test's tmp dir (paths printed). Without a Chromium binary
 the browser tests are skipped, saying why.
@@ -15,7 +16,6 @@ import base64
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -31,10 +31,13 @@ from helpers_processes import isolated_env, running, serve_bento
 
 from defectflow.web import content_security_policy, page_html, ui_app
 
+# The DevTools client is shared with scripts/prefect_ui_screenshot.py (scripts/ is no package).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from browser import BROWSERS, chromium_command, find_browser  # noqa: E402
+from browser import DevTools as CDPClient  # noqa: E402
+
 pytestmark = pytest.mark.integration
 
-#: Tried in order; DEFECTFLOW_CHROMIUM names another binary.
-BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 #: Upper bound of every wait on the browser (start, page load, one inspection).
 WAIT = 60.0
 
@@ -89,75 +92,17 @@ def test_page_is_self_contained():
 # --- the page in Chromium --------------------------------------------------------------------
 
 
-class DevToolsError(RuntimeError):
-    pass
+class DevTools(CDPClient):
+    """The CDP client of scripts/browser.py; a timed-out wait also reports the page's state."""
 
-
-class DevTools:
-    """A minimal Chrome DevTools Protocol client on one websocket; every wait is bounded."""
-
-    def __init__(self, ws_url: str):
-        from websockets.sync.client import connect
-
-        self.ws = connect(ws_url, max_size=None, open_timeout=10, proxy=None)
-        self._id = 0
-        self.events: list[dict] = []
-
-    def call(self, method: str, timeout: float = 30, **params) -> dict:
-        self._id += 1
-        ident = self._id
-        self.ws.send(json.dumps({"id": ident, "method": method, "params": params}))
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise DevToolsError(f"{method}: no answer from the browser within {timeout} s")
-            try:
-                message = json.loads(self.ws.recv(timeout=remaining))
-            except TimeoutError:
-                continue
-            if message.get("id") == ident:
-                if "error" in message:
-                    raise DevToolsError(f"{method}: {message['error']}")
-                return message.get("result", {})
-            if "method" in message:
-                self.events.append(message)
-
-    def evaluate(self, expression: str, timeout: float = 30):
-        result = self.call("Runtime.evaluate", timeout=timeout, expression=expression,
-                           returnByValue=True, awaitPromise=True)
-        if "exceptionDetails" in result:
-            details = result["exceptionDetails"]
-            raise DevToolsError(f"page script failed: {details.get('exception', {}).get('description') or details}")
-        return result["result"].get("value")
-
-    def wait_for(self, expression: str, what: str, timeout: float = WAIT):
-        deadline = time.monotonic() + timeout
-        while True:
-            value = self.evaluate(expression)
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                state = self.evaluate("JSON.stringify({url: location.href, state: "
-                                      "document.getElementById('result')?.dataset.state, "
-                                      "text: document.body?.innerText.slice(0, 600)})")
-                raise DevToolsError(f"timed out after {timeout} s waiting for {what}; page: {state}")
-            time.sleep(0.1)
-
-    def close(self) -> None:
-        self.ws.close()
-
-
-def _find_browser() -> str | None:
-    named = os.environ.get("DEFECTFLOW_CHROMIUM")
-    if named:
-        return shutil.which(named) or (named if os.access(named, os.X_OK) else None)
-    return next((path for name in BROWSERS if (path := shutil.which(name))), None)
+    describe = ("JSON.stringify({url: location.href, state: "
+                "document.getElementById('result')?.dataset.state, "
+                "text: document.body?.innerText.slice(0, 600)})")
 
 
 @pytest.fixture(scope="module")
 def browser_binary() -> str:
-    binary = _find_browser()
+    binary = find_browser()
     if binary is None:
         reason = (f"no Chromium found (tried {', '.join(BROWSERS)} on PATH"
                   f"{', DEFECTFLOW_CHROMIUM' if os.environ.get('DEFECTFLOW_CHROMIUM') else ''}): "
@@ -186,14 +131,7 @@ def browser(browser_binary, tmp_path_factory) -> Iterator[DevTools]:
     """Headless Chromium on a fresh profile; a DevTools connection to the browser itself."""
     profile = tmp_path_factory.mktemp("chromium-profile")
     log = profile.parent / "chromium.log"
-    command = [
-        browser_binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-        # Port 0: Chromium picks a free port and writes it to DevToolsActivePort (no race).
-        "--remote-debugging-port=0", f"--user-data-dir={profile}",
-        "--no-first-run", "--no-default-browser-check", "--disable-extensions", "--disable-sync",
-        "--disable-background-networking", "--disable-component-update", "--no-proxy-server",
-        "--window-size=1280,900", "about:blank",
-    ]
+    command = chromium_command(browser_binary, profile, 1280, 900)
     start = time.monotonic()
     with running(command, dict(os.environ), log, cwd=profile) as proc:
         active = profile / "DevToolsActivePort"
