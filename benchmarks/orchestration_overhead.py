@@ -1,0 +1,430 @@
+"""Prefect orchestration overhead: the training pipeline as a Prefect flow against the same
+stages called directly, in one process, on tiny data. Goal: overhead <= 10 %.
+
+    .venv/bin/python benchmarks/orchestration_overhead.py [--repeats 3] [--warmup 1]
+        [--config tiny] [--api-url http://127.0.0.1:PORT/api] [key=value ...]
+
+Data: a synthetic MVTec-layout set written with the sizes of `configs/<config>.yaml`
+(data.synth, as `defectflow data synth --config tiny` does) under
+$DEFECTFLOW_HOME/benchmarks/orchestration/data. Config: `--config` (default tiny) with
+`train.epochs=2 tune.max_trials=1 tune.epochs=1 package.build_bento=false gate.promote=false`
+and `package.model_name=orchestration-bench`, then any key=value given. gate.promote=false:
+nothing is ever promoted, so every run of either variant finds no production model and does
+the same work (the store only gains candidates). State lives under
+$DEFECTFLOW_HOME/benchmarks/orchestration (its own BentoML, Keras and Prefect folders).
+
+(1) flow: `flows.training.training_pipeline(config, overrides)` as a Prefect flow, with a real
+    `prefect server start` on 127.0.0.1 started before timing (server start-up is not
+    counted), or the server of `--api-url`. Its task runs (read from the API afterwards) give a
+    per-task breakdown: median seconds per task run, and the flow's wall time not spent inside
+    task runs.
+(2) direct: `direct_pipeline()` below calls the same defectflow functions as the tasks of
+    flows/training.py, in the same order, with the same arguments, without Prefect: no task
+    runs, no run logger, no artifacts (their Markdown and tables are still built, only not
+    sent). Keep it in step with flows/training.py and tasks/*.py.
+
+Each variant runs `--warmup` untimed times first (TensorFlow graph tracing, first split of the
+data version), then `--repeats` times, alternating which goes first. Printed and written to
+$DEFECTFLOW_HOME/benchmarks/orchestration-<time>.json: min / median / max wall seconds per
+variant, per-stage medians, and overhead % = (median_flow - median_direct) / median_direct,
+with PASS / FAIL against the goal. Not a test: run it by hand.
+
+On 2 CPU cores the TensorFlow stages (tune, train, export) vary by several seconds from run to
+run in either variant, more than Prefect costs; `outside_tasks_percent` (the flow's wall time
+outside its task runs, over the direct median) is Prefect's share that no stage hides, and
+the per-stage medians show each task run's bookkeeping. Use more --repeats for a tighter
+median. Measuring while flows/ or tasks/ are being edited: run a copy of a commit
+(`git archive HEAD | tar -x -C DIR`, then DIR/benchmarks/orchestration_overhead.py), since
+the flow and direct_pipeline() must be the same pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "src"))
+sys.path.insert(0, str(REPO_ROOT))
+from defectflow.environment import configure_environment  # noqa: E402
+
+GOAL_PERCENT = 10.0
+BASE_OVERRIDES = ["train.epochs=2", "tune.max_trials=1", "tune.epochs=1", "package.build_bento=false",
+                  "gate.promote=false", "package.model_name=orchestration-bench"]
+
+
+def _print(row: dict) -> dict:
+    print(json.dumps(row), flush=True)
+    return row
+
+
+class Stopwatch:
+    """Seconds per stage of one direct run, in order."""
+
+    def __init__(self):
+        self.stages: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stages[name] = time.perf_counter() - start
+
+
+def direct_pipeline(config: str, overrides: list[str], watch: Stopwatch | None = None) -> dict:
+    """flows/training.py's training_pipeline without Prefect: each block is the body of the task
+    named in it (tasks/*.py) minus get_run_logger() and create_*_artifact (whose content is
+    still computed). Returns the flow's summary dict."""
+    from omegaconf import OmegaConf
+
+    from defectflow.calibration import calibrate_model
+    from defectflow.config import REPO_ROOT as CONFIG_ROOT
+    from defectflow.config import load_config, resolve_path, save_config, to_yaml
+    from defectflow.data.augment import JointAugmentation, augmentation_preview
+    from defectflow.data.dataset import load_split, spread_over_classes
+    from defectflow.data.mvtec import class_counts, class_names, scan_dataset
+    from defectflow.data.split import select, split_dataset, write_manifest
+    from defectflow.evaluation import evaluate, evaluate_model_dir
+    from defectflow.export import export_compact, markdown
+    from defectflow.gate import decide
+    from defectflow.inference import ModelInfo, Predictor
+    from defectflow.plots import curves_image, save_rgb
+    from defectflow.registry import (
+        RegistryError,
+        build_bento,
+        code_revision,
+        production_tag,
+        promote,
+        save_model,
+        sha256_file,
+        verify_model,
+    )
+    from defectflow.report import load_history, metrics_table_rows, summary_markdown, write_report
+    from defectflow.runs import open_run_dir
+    from defectflow.training import PreparedData, apply_hyperparameters, save_artifact, train, tune
+    from defectflow.validation import (
+        image_facts,
+        require_valid,
+        sha256_by_path,
+        validate_dataset,
+        with_splits,
+    )
+
+    watch = watch or Stopwatch()
+    with watch("load-config"):
+        cfg = load_config(config, overrides)
+        run_dir, resumed = open_run_dir(cfg, None)
+    with watch("scan-data"):
+        samples = scan_dataset(cfg.data.root, cfg.data.good_class)
+        facts = image_facts(samples, cfg.data.good_class)
+    with watch("split-data"):
+        sha256 = sha256_by_path(facts)
+        split = split_dataset(samples, sha256, cfg.data.split, Path(cfg.paths.home) / "manifests")
+        if not split.problem:
+            write_manifest(split.rows, run_dir / "manifest.csv", sha256)
+            (run_dir / "data_fingerprint.txt").write_text(split.fingerprint + "\n")
+    with watch("validate-data"):
+        out = run_dir / "validation"
+        result = validate_dataset(with_splits(facts, split.rows), cfg.validation, class_counts(samples),
+                                  data_docs_dir=out / "data_docs", facts_csv=out / "image_facts.csv")
+        (out / "summary.md").write_text(result.summary_markdown())
+        result.summary_markdown()  # the artifact's text
+        require_valid(result, split.problem)
+    with watch("augment-data"):
+        rows = split.rows
+        classes = list(cfg.data.classes) or class_names(samples, cfg.data.good_class)
+        data = PreparedData(select(rows, "train"), select(rows, "val"), classes)
+        augmentation = JointAugmentation(cfg.augment, seed=cfg.train.seed)
+        shown = load_split(spread_over_classes(select(rows, "train"), cfg.augment.preview_count), classes,
+                           cfg.model.input_size)
+        save_rgb(augmentation_preview(augmentation, shown.images, shown.masks, len(shown)),
+                 run_dir / "augmentation_preview.png")
+        augmentation.describe()
+    with watch("tune-hyperparameters"):
+        hyperparameters, _trials = tune(cfg, data, run_dir, resume=resumed)
+    with watch("train-model"):
+        tuned = apply_hyperparameters(cfg, hyperparameters)
+        save_config(tuned, run_dir / "config.tuned.yaml")
+        trained = train(tuned, data, run_dir)
+        model_dir = save_artifact(trained, tuned, data.classes, run_dir / "model")
+        save_rgb(curves_image(trained.history, ["loss", "val_loss", "class_loss", "val_class_loss"]),
+                 run_dir / "training_curves.png")
+        if "val_score" in trained.history:
+            save_rgb(curves_image(trained.history, ["val_score", "val_class_accuracy", "val_mask_dice"]),
+                     run_dir / "validation_curves.png")
+    with watch("calibrate-thresholds"):
+        if cfg.eval.calibrate:
+            thresholds = calibrate_model(model_dir, select(rows, "val"), cfg.train.batch_size,
+                                         run_dir / "calibration.json")
+            thresholds.markdown()
+    with watch("export-compact-model"):
+        if cfg.export.format == "none":
+            compact = {"format": "keras"}
+        else:
+            compact = export_compact(model_dir, select(rows, "test"), cfg.export, cfg.train.batch_size)
+            (run_dir / "export.json").write_text(json.dumps(compact, indent=2))
+            markdown(compact)
+    with watch("evaluate-model"):
+        evaluation = evaluate_model_dir(model_dir, select(rows, "test"), run_dir / "evaluation",
+                                        cfg.train.batch_size, cfg.eval.plot_count)
+        evaluation.markdown()
+    with watch("evaluate-champion"):
+        tag = production_tag(cfg.package.model_name)
+        champion = {"tag": tag, "evaluation": None, "note": None}
+        if tag is not None:
+            try:
+                champion_dir = verify_model(tag)
+                champion_classes = ModelInfo.load(champion_dir).classes
+            except (RegistryError, OSError, ValueError) as exc:
+                champion["note"] = f"champion {tag} could not be evaluated: {exc}"
+            else:
+                if champion_classes != ModelInfo.load(model_dir).classes:
+                    champion["note"] = f"champion {tag} predicts other classes: not comparable"
+                else:
+                    result = evaluate(Predictor.load(champion_dir), select(rows, "test"), cfg.train.batch_size,
+                                      plot_dir=run_dir / "champion_evaluation", plot_count=cfg.eval.plot_count)
+                    result.save(run_dir / "champion_evaluation")
+                    champion["evaluation"] = result
+    with watch("gate"):
+        champion_eval = champion["evaluation"]
+        decision = decide(evaluation.metrics, cfg.gate, champion_eval.metrics if champion_eval else None,
+                          champion["tag"], champion["note"])
+        decision.promoted = decision.passed and cfg.gate.promote
+        (run_dir / "gate.json").write_text(json.dumps(decision.to_dict(), indent=2))
+        decision.markdown()
+    with watch("register-model"):
+        training = json.loads((model_dir / "training.json").read_text())
+        manifest = sha256_file(run_dir / "manifest.csv") if (run_dir / "manifest.csv").exists() else None
+        metadata = {
+            "metrics": evaluation.headline(),
+            "evaluation": {k: v for k, v in evaluation.metrics.items() if k != "classes"},
+            "classes": evaluation.metrics["classes"],
+            "input_size": int(cfg.model.input_size),
+            "serving_format": ModelInfo.load(model_dir).serving_format,
+            "config": OmegaConf.to_container(cfg, resolve=True),
+            "config_sha256": hashlib.sha256(to_yaml(cfg).encode()).hexdigest(),
+            "data_root": str(resolve_path(cfg.data.root)),
+            "data_fingerprint": split.fingerprint,
+            "manifest_sha256": manifest,
+            "code_revision": code_revision(),
+            "run_dir": str(run_dir),
+            "hyperparameters": training["hyperparameters"],
+            "training_seconds": round(training["seconds"], 1),
+            "device": training["device"],
+            "parent": decision.champion,
+            "gate": decision.to_dict(),
+            "report": str(run_dir / "report" / "report.html"),
+        }
+        model_tag = save_model(model_dir, cfg.package.model_name, metadata)
+    with watch("promote-model"):
+        package = {"model_tag": model_tag, "promoted": False, "bento_tag": None, "decision": decision.message}
+        if decision.promoted:
+            promote(model_tag, reason=decision.message)
+            package["promoted"] = True
+            if cfg.package.build_bento:
+                package["bento_tag"] = build_bento(model_tag, CONFIG_ROOT / cfg.package.bentofile, CONFIG_ROOT)
+        (run_dir / "package.json").write_text(json.dumps(package, indent=2))
+    with watch("write-report"):
+        training_file = run_dir / "model" / "training.json"
+        paths = write_report(
+            run_dir / "report", evaluation, champion_eval, decision,
+            history=load_history(training_file) if training_file.exists() else None,
+            title=f"defectflow: {model_tag}",
+            info={"model": model_tag, "champion": champion["tag"] or "none (first model)", "run": run_dir.name,
+                  "serving format": ModelInfo.load(run_dir / "model").serving_format,
+                  "data": str(cfg.data.root), "test images": evaluation.metrics["n_images"]},
+            error_count=cfg.eval.plot_count)
+        summary_markdown(evaluation, champion_eval, decision, title=f"{model_tag}: evaluation")
+        metrics_table_rows(evaluation, champion_eval)
+    return {"run_dir": str(run_dir), "data_fingerprint": split.fingerprint, "model_dir": str(model_dir),
+            "hyperparameters": hyperparameters, "metrics": evaluation.headline(),
+            "serving_format": compact["format"], "champion": decision.champion, "report": str(paths["html"]),
+            **package}
+
+
+def flow_pipeline(config: str, overrides: list[str]) -> tuple[dict, str]:
+    """The Prefect flow; its summary and flow run id."""
+    from flows.training import training_pipeline
+
+    state = training_pipeline(config=config, overrides=overrides, return_state=True)
+    if not state.is_completed():
+        raise RuntimeError(f"flow run ended {state.name}: {state.message}")
+    return state.result(), str(state.state_details.flow_run_id)
+
+
+def task_breakdown(flow_run_id: str) -> dict[str, float]:
+    """Seconds each task run of the flow run spent Running, by task name (from the API)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    seconds: dict[str, float] = {}
+    for run in runs:
+        name = run.name.rsplit("-", 1)[0]  # "train-model-a1b" -> "train-model"
+        seconds[name] = seconds.get(name, 0.0) + run.total_run_time.total_seconds()
+    return seconds
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def prefect_server(home: Path):
+    """`prefect server start` on a free 127.0.0.1 port until /api/health answers; its API URL."""
+    import urllib.request
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, PREFECT_HOME=str(home / "prefect-server"), PREFECT_UI_API_URL=f"{url}/api",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.pop("PREFECT_API_URL", None)
+    (home / "prefect-server").mkdir(parents=True, exist_ok=True)
+    log = home / "prefect-server.log"
+    command = [str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", "127.0.0.1",
+               "--port", str(port)]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        start = time.monotonic()
+        while True:
+            if proc.poll() is not None:
+                sys.exit(f"prefect server exited {proc.returncode}: see {log}")
+            try:
+                with opener.open(f"{url}/api/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() - start > 180:
+                sys.exit(f"prefect server did not answer within 180 s: see {log}")
+            time.sleep(0.5)
+        print(f"prefect server at {url} ready in {time.monotonic() - start:.1f} s (log {log})", file=sys.stderr)
+        yield f"{url}/api"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+
+def _stats(values: list[float]) -> dict:
+    return {"min": round(min(values), 2), "median": round(statistics.median(values), 2),
+            "max": round(max(values), 2), "runs": [round(v, 2) for v in values]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Prefect flow vs direct calls: orchestration overhead")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (default 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per variant first (default 1)")
+    parser.add_argument("--config", default="tiny", help="config name (default tiny)")
+    parser.add_argument("--api-url", default=None, help="an existing Prefect API (default: start a server)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="more config overrides")
+    args = parser.parse_args(argv)
+
+    home = Path(os.environ.get("DEFECTFLOW_HOME", REPO_ROOT / ".defectflow")).expanduser().resolve()
+    bench = home / "benchmarks" / "orchestration"
+    bench.mkdir(parents=True, exist_ok=True)
+    # Own state folders, set before Prefect, BentoML or Keras is imported; runs go under bench/.
+    os.environ.update(BENTOML_HOME=str(bench / "bentoml"), KERAS_HOME=str(bench / "keras"),
+                      PREFECT_HOME=str(bench / "prefect"))
+    configure_environment(home)
+    os.chdir(REPO_ROOT)
+
+    from defectflow.config import load_config
+    from defectflow.data.synthetic import generate_dataset
+
+    synth = load_config(args.config).data.synth
+    data_root = bench / "data" / "capsule"
+    if not (data_root / "train").is_dir():
+        generate_dataset(data_root, image_size=synth.image_size, n_train_good=synth.n_train_good,
+                         n_test_good=synth.n_test_good, n_per_defect=synth.n_per_defect, seed=synth.seed)
+    overrides = [f"data.root={data_root}", f"paths.runs={bench / 'runs'}", *BASE_OVERRIDES, *args.overrides]
+    _print({"what": "setup", "config": args.config, "overrides": overrides, "data": str(data_root),
+            "repeats": args.repeats, "warmup": args.warmup, "cpus": os.cpu_count(),
+            "code": str(Path(sys.modules["defectflow"].__file__).parent)})
+
+    with (prefect_server(bench) if args.api_url is None else _given(args.api_url)) as api_url:
+        os.environ["PREFECT_API_URL"] = api_url
+        times: dict[str, list[float]] = {"flow": [], "direct": []}
+        stages: dict[str, dict[str, list[float]]] = {"flow": {}, "direct": {}}
+        flow_outside_tasks: list[float] = []
+        schedule = [("warmup", i) for i in range(args.warmup)] + [("timed", i) for i in range(args.repeats)]
+        for kind, i in schedule:
+            order = ("flow", "direct") if i % 2 == 0 else ("direct", "flow")
+            for variant in order:
+                watch = Stopwatch()
+                start = time.perf_counter()
+                if variant == "flow":
+                    summary, flow_run_id = flow_pipeline(args.config, overrides)
+                else:
+                    summary = direct_pipeline(args.config, overrides, watch)
+                seconds = time.perf_counter() - start
+                row = {"what": kind, "variant": variant, "i": i, "seconds": round(seconds, 2),
+                       "model": summary["model_tag"], "accuracy": round(summary["metrics"]["accuracy"], 4)}
+                if kind == "timed":
+                    times[variant].append(seconds)
+                    per_stage = watch.stages if variant == "direct" else task_breakdown(flow_run_id)
+                    for name, value in per_stage.items():
+                        stages[variant].setdefault(name, []).append(value)
+                    if variant == "flow":
+                        flow_outside_tasks.append(seconds - sum(per_stage.values()))
+                        row["outside_tasks_s"] = round(flow_outside_tasks[-1], 2)
+                _print(row)
+
+    if not args.repeats:
+        return 0
+    median_flow = statistics.median(times["flow"])
+    median_direct = statistics.median(times["direct"])
+    overhead = 100.0 * (median_flow - median_direct) / median_direct
+    per_stage = {name: {"direct_s": round(statistics.median(stages["direct"].get(name, [0.0])), 2),
+                        "flow_task_s": round(statistics.median(stages["flow"].get(name, [0.0])), 2)}
+                 for name in stages["direct"]}
+    result = {
+        "what": "orchestration overhead", "goal_percent": GOAL_PERCENT,
+        "flow": _stats(times["flow"]), "direct": _stats(times["direct"]),
+        "overhead_percent": round(overhead, 1), "overhead_seconds": round(median_flow - median_direct, 2),
+        "verdict": "PASS" if overhead <= GOAL_PERCENT else "FAIL",
+        "flow_outside_tasks_s": _stats(flow_outside_tasks),
+        # Prefect's own time that no stage can hide: flow wall time outside its task runs.
+        "outside_tasks_percent": round(100.0 * statistics.median(flow_outside_tasks) / median_direct, 1),
+        "stages_median": per_stage,
+        "config": args.config, "overrides": overrides, "repeats": args.repeats, "warmup": args.warmup,
+        "cpus": os.cpu_count(),
+    }
+    path = home / "benchmarks" / f"orchestration-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(result, indent=2))
+    _print({**result, "file": str(path)})
+    print(f"flow   min/median/max {result['flow']['min']}/{result['flow']['median']}/{result['flow']['max']} s\n"
+          f"direct min/median/max {result['direct']['min']}/{result['direct']['median']}/{result['direct']['max']} s\n"
+          f"overhead {overhead:+.1f} % of the direct median (goal <= {GOAL_PERCENT:g} %): {result['verdict']}",
+          file=sys.stderr)
+    return 0
+
+
+@contextmanager
+def _given(api_url: str):
+    yield api_url
+
+
+if __name__ == "__main__":
+    sys.exit(main())
