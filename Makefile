@@ -18,7 +18,7 @@ export DO_NOT_TRACK := 1
 export BENTOML_DO_NOT_TRACK := true
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: install demo test lint clean reproduce-capsule browser
+.PHONY: install demo test lint clean reproduce-capsule browser up down
 
 $(VENV)/.installed-$(EXTRA): pyproject.toml
 	@[ -x "$(BIN)/python" ] || $(PYTHON) -m venv $(VENV)
@@ -57,6 +57,15 @@ browser:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium; } \
 	  || echo "could not install chromium: the browser tests will be skipped"
 
+# The orchestration stack (README "Prefect UI and nightly retrain"): a Prefect server with its UI,
+# the work pools, the deployments of prefect.yaml and a worker; `make down` stops what `up` started.
+PREFECT_PORT ?= 4200
+up: install
+	$(BIN)/defectflow up --port $(PREFECT_PORT)
+
+down:
+	@if [ -x "$(BIN)/defectflow" ]; then $(BIN)/defectflow down; else echo "nothing to stop: not installed"; fi
+
 test: install browser
 	$(BIN)/ruff check src tasks flows tests service.py benchmarks
 	$(BIN)/python -m pytest --cov=defectflow --cov-report=term --cov-report=xml:$(DEFECTFLOW_HOME)/coverage.xml
@@ -64,7 +73,7 @@ test: install browser
 lint: install
 	$(BIN)/ruff check src tasks flows tests service.py benchmarks
 
-clean:
+clean: down
 	rm -rf $(VENV) $(DEFECTFLOW_HOME)
 
 # The serving container (scripts/container.py, README "Container"): Debian's docker.io and

@@ -6,7 +6,14 @@ from __future__ import annotations
 from prefect import flow
 from prefect.states import Completed
 
-from tasks.data import augment_data, load_run_config, scan_data, split_data, validate_data
+from tasks.data import (
+    augment_data,
+    fingerprint_data,
+    load_run_config,
+    scan_data,
+    split_data,
+    validate_data,
+)
 from tasks.evaluation import (
     apply_gate,
     calibrate_thresholds,
@@ -19,22 +26,39 @@ from tasks.packaging import promote_model, register_model
 from tasks.training import train_model, tune_hyperparameters
 
 
+def pipeline_overrides(data_root: str | None = None, tuner_trials: int | None = None,
+                       promote: bool | None = None, overrides: list[str] | None = None) -> list[str]:
+    """The form's fields as `key=value` overrides; the free-form overrides come last and win."""
+    fields = [f"data.root={data_root}"] if data_root else []
+    if tuner_trials is not None:
+        fields += ["tune.enabled=false"] if tuner_trials == 0 else ["tune.enabled=true", f"tune.max_trials={tuner_trials}"]
+    if promote is not None:
+        fields.append(f"gate.promote={str(promote).lower()}")
+    return [*fields, *(overrides or [])]
+
+
 @flow(name="training-pipeline", log_prints=True)
-def training_pipeline(config: str = "default", overrides: list[str] | None = None, run_id: str | None = None):
+def training_pipeline(config: str = "default", overrides: list[str] | None = None, data_root: str | None = None,
+                      tuner_trials: int | None = None, promote: bool = True, run_id: str | None = None):
     """Train a defect model and promote it to production only if it is not worse than production.
 
     Args:
-        config: name of a file in configs/ (without .yaml) layered over configs/default.yaml.
-        overrides: `key=value` pairs applied last, e.g. ["train.epochs=3"].
-        run_id: name of the run folder; the id of an unfinished run resumes it.
+        config: Name of a file in configs/ (without .yaml), layered over configs/default.yaml: default, demo, capsule, tiny.
+        overrides: Extra `key=value` settings applied last, e.g. train.epochs=3 (see the README's configuration table).
+        data_root: Dataset folder in MVTec AD layout; empty keeps the config's data.root.
+        tuner_trials: KerasTuner trials (tune.max_trials); 0 skips the search; empty keeps the config's.
+        promote: Make the new model production when it passes the gate; off keeps it a candidate.
+        run_id: Name of the run folder; the id of an unfinished run resumes it. Empty starts a new run.
 
     A challenger the gate rejects ends the run Completed with a "not promoted: ..." message
     and production untouched; errors end it Failed.
     """
-    cfg, run_dir, resumed = load_run_config(config, list(overrides or []), run_id)
-    samples, facts = scan_data(cfg, run_dir)
+    cfg, run_dir, resumed = load_run_config(config, pipeline_overrides(data_root, tuner_trials, promote, overrides),
+                                            run_id)
+    data_version = fingerprint_data(cfg)
+    samples, facts = scan_data(cfg, data_version)
     split = split_data(cfg, samples, facts, run_dir)
-    validate_data(cfg, samples, facts, split, run_dir)
+    validate_data(cfg, samples, facts, split, data_version, run_dir)
     data = augment_data(cfg, samples, split, run_dir)
     hyperparameters = tune_hyperparameters(cfg, data, run_dir, resumed)
     model_dir = train_model(cfg, data, hyperparameters, run_dir)

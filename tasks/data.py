@@ -2,27 +2,42 @@
 
 from __future__ import annotations
 
+import shutil
+from datetime import timedelta
 from pathlib import Path
 
+from omegaconf import OmegaConf
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
+from prefect.utilities.hashing import hash_objects
 
-from defectflow.config import load_config
+from defectflow.config import load_config, resolve_path
 from defectflow.data.augment import JointAugmentation, augmentation_preview
 from defectflow.data.dataset import load_split, spread_over_classes
 from defectflow.data.mvtec import class_counts, class_names, scan_dataset
-from defectflow.data.split import SplitOutcome, select, split_dataset, write_manifest
+from defectflow.data.split import (
+    SplitOutcome,
+    dataset_fingerprint,
+    listing_signature,
+    select,
+    split_dataset,
+    write_manifest,
+)
 from defectflow.plots import save_rgb
 from defectflow.runs import open_run_dir
 from defectflow.training import PreparedData
 from defectflow.validation import (
+    ValidationResult,
     image_facts,
     require_valid,
     sha256_by_path,
+    suite_paths,
     validate_dataset,
     with_splits,
 )
+
+CACHE_FOR = timedelta(days=30)
 
 
 @task(name="load-config", cache_policy=NONE)
@@ -35,9 +50,35 @@ def load_run_config(config: str, overrides: list[str], run_id: str | None = None
     return cfg, run_dir, resumed
 
 
-@task(name="scan-data", cache_policy=NONE)
-def scan_data(cfg, run_dir: Path):
-    """Find the images and masks and read each file once into the facts table."""
+@task(name="load-config", cache_policy=NONE)
+def load_config_only(config: str, overrides: list[str]):
+    """The merged config, with no run folder (for flows that may not train)."""
+    return load_config(config, overrides)
+
+
+def _data_key(cfg) -> str:
+    return f"{resolve_path(cfg.data.root)}|{cfg.data.good_class}"
+
+
+# Deterministic steps are cached by what they read, with persisted results (under
+# $PREFECT_HOME/storage), so a retrain of unchanged data, or a re-run after a crash, skips them.
+@task(name="fingerprint-data", persist_result=True, cache_expiration=CACHE_FOR,
+      cache_key_fn=lambda _, p: "fingerprint:" + hash_objects(
+          listing_signature(resolve_path(p["cfg"].data.root)), _data_key(p["cfg"]),
+          OmegaConf.to_container(p["cfg"].data.split)))
+def fingerprint_data(cfg) -> str:
+    """The data version: a hash of every file's class, name and bytes, and the split settings.
+    Cached by the folder listing (path, size, mtime), so unchanged data is not read again."""
+    fingerprint = dataset_fingerprint(resolve_path(cfg.data.root), cfg.data.good_class, cfg.data.split)
+    get_run_logger().info("data version %s of %s", fingerprint[:12], cfg.data.root)
+    return fingerprint
+
+
+@task(name="scan-data", persist_result=True, cache_expiration=CACHE_FOR,
+      cache_key_fn=lambda _, p: "scan:" + hash_objects(p["data_version"], _data_key(p["cfg"])))
+def scan_data(cfg, data_version: str):
+    """Find the images and masks and read each file once into the facts table (cached by the
+    data version)."""
     samples = scan_dataset(cfg.data.root, cfg.data.good_class)
     facts = image_facts(samples, cfg.data.good_class)
     get_run_logger().info("found %d images in %s: %s", len(samples), cfg.data.root, class_counts(samples))
@@ -61,13 +102,34 @@ def split_data(cfg, samples, facts, run_dir: Path) -> SplitOutcome:
     return outcome
 
 
+@task(name="check-data", persist_result=True, cache_expiration=CACHE_FOR,
+      cache_key_fn=lambda _, p: "validation:" + hash_objects(
+          p["data_version"], _data_key(p["cfg"]), p["split"].fingerprint, p["split"].problem,
+          OmegaConf.to_container(p["cfg"].validation),
+          *(path.read_bytes() for path in suite_paths(p["cfg"].validation))))
+def check_data(cfg, samples, facts, split: SplitOutcome, data_version: str) -> ValidationResult:
+    """The Great Expectations suite on the facts table; cached by data version, split and suite,
+    with its Data Docs kept per data version under <paths.home>/validation/."""
+    out = Path(cfg.paths.home) / "validation" / data_version[:16]
+    return validate_dataset(with_splits(facts, split.rows), cfg.validation, class_counts(samples),
+                            data_docs_dir=out / "data_docs", facts_csv=out / "image_facts.csv")
+
+
 @task(name="validate-data", cache_policy=NONE)
-def validate_data(cfg, samples, facts, split: SplitOutcome, run_dir: Path) -> None:
+def validate_data(cfg, samples, facts, split: SplitOutcome, data_version: str, run_dir: Path) -> None:
+    """The validation gate of this run: the (cached) result, its Data Docs copied into the run
+    folder and shown in the UI; invalid data stops the run here."""
+    result = check_data(cfg, samples, facts, split, data_version)
     out = run_dir / "validation"
-    result = validate_dataset(with_splits(facts, split.rows), cfg.validation, class_counts(samples),
-                              data_docs_dir=out / "data_docs", facts_csv=out / "image_facts.csv")
-    (out / "summary.md").write_text(result.summary_markdown())
+    out.mkdir(parents=True, exist_ok=True)
     docs = result.statistics.get("data_docs")
+    if docs and Path(docs).exists():
+        shutil.copytree(Path(docs).parent, out / "data_docs", dirs_exist_ok=True)
+        docs = str(out / "data_docs" / Path(docs).name)
+    facts_csv = Path(cfg.paths.home) / "validation" / data_version[:16] / "image_facts.csv"
+    if facts_csv.exists():
+        shutil.copy2(facts_csv, out / "image_facts.csv")
+    (out / "summary.md").write_text(result.summary_markdown())
     create_markdown_artifact(
         markdown=result.summary_markdown() + (f"\n\nData Docs: [{docs}](file://{docs})" if docs else ""),
         key="data-validation", description="Great Expectations gate",

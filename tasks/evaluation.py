@@ -111,3 +111,22 @@ def write_evaluation_report(cfg, evaluation: Evaluation, champion: dict, decisio
                           description=f"Test split metrics of {model_tag} beside the champion {champion['tag']}")
     get_run_logger().info("report: %s", paths["html"])
     return {k: str(v) for k, v in paths.items()}
+
+
+@task(name="assess-stored-model", cache_policy=NONE)
+def assess_stored_model(tag: str | None, overrides: list[str]) -> dict:
+    """A stored model (default: production) on the test split of its data, production beside it."""
+    from defectflow.assessment import assess_stored_model as assess
+
+    a = assess(tag, overrides)
+    title = f"{a.tag} ({a.stage}) on {a.result.metrics['n_images']} test images of {a.data_root}"
+    create_markdown_artifact(markdown=summary_markdown(a.result, a.champion, a.decision, title=title)
+                             + f"\n\nFull report: `{a.report['html']}`",
+                             key="evaluation-report", description=f"Re-evaluation of {a.tag}")
+    create_table_artifact(table=metrics_table_rows(a.result, a.champion), key="metrics-comparison",
+                          description=f"Test split metrics of {a.tag} beside production {a.champion_tag}")
+    get_run_logger().info("%s: %s; report %s", a.tag, {k: round(v, 4) for k, v in a.result.headline().items()},
+                          a.report["html"])
+    return {"model": a.tag, "stage": a.stage, "data_root": a.data_root, "metrics": a.result.headline(),
+            "production": a.champion_tag, "production_metrics": a.champion.headline() if a.champion else None,
+            "gate": a.decision.message if a.decision else None, "report": str(a.report["html"])}

@@ -66,3 +66,54 @@ def promote_model(cfg, model_tag: str, decision: GateDecision, run_dir: Path) ->
         markdown=f"**{decision.message}**\n\nmodel `{model_tag}`; bento `{summary['bento_tag']}`", key="promotion",
         description="What the registry did with the new model")
     return summary
+
+
+@task(name="change-stage", cache_policy=NONE)
+def change_stage(action: str, tag: str | None, reason: str, name: str = "defectflow") -> dict:
+    """promote TAG | rollback (the previous production model returns) | archive TAG, recorded
+    in the registry's history with the reason and the user."""
+    from defectflow import registry
+
+    if action in ("promote", "archive") and not tag:
+        raise ValueError(f"{action} needs a model tag (see `defectflow models list`)")
+    if action == "promote":
+        event = registry.promote(tag, reason=reason)
+    elif action == "rollback":
+        event = registry.rollback(name, reason=reason)
+    elif action == "archive":
+        event = registry.archive(tag, reason=reason)
+    else:
+        raise ValueError(f"action must be promote, rollback or archive, got {action!r}")
+    create_markdown_artifact(
+        markdown=f"**{action}**: `{event['tag']}` (previous production: `{event['previous'] or 'none'}`)\n\n"
+                 f"reason: {event['reason']} — by {event['user']} at {event['time']}",
+        key="registry-change", description="What the registry did")
+    get_run_logger().info("%s %s (previous production %s): %s", action, event["tag"], event["previous"],
+                          event["reason"])
+    return event
+
+
+@task(name="build-bento", cache_policy=NONE, retries=2, retry_delay_seconds=10)
+def build_production_bento(name: str = "defectflow") -> str | None:
+    """The Bento serving the current production model (built once per model; reused after)."""
+    from defectflow.registry import bento_of, production_tag
+
+    tag = production_tag(name)
+    if tag is None:
+        return None
+    bento = bento_of(tag) or build_bento(tag, REPO_ROOT / "bentofile.yaml", REPO_ROOT)
+    get_run_logger().info("bento %s serves %s", bento, tag)
+    return bento
+
+
+@task(name="production-data-version", cache_policy=NONE)
+def production_data_version(cfg) -> dict:
+    """The data version the production model was trained on: {"tag", "data_version"} (None
+    when there is no production model yet)."""
+    from defectflow.registry import model_metadata, production_tag
+
+    tag = production_tag(cfg.package.model_name)
+    version = model_metadata(tag).get("data_fingerprint") if tag else None
+    get_run_logger().info("production model %s was trained on data version %s", tag or "none",
+                          version[:12] if version else "none")
+    return {"tag": tag, "data_version": version}

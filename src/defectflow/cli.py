@@ -87,6 +87,14 @@ def _parser() -> argparse.ArgumentParser:
                        help="Bento tag (default: the Bento of the production model, else service.py from source)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=3000)
+    up = sub.add_parser("up", help="start a Prefect server, work pools, the deployments of prefect.yaml and a "
+                                   "worker on this machine (only what is not running yet)")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=4200)
+    up.add_argument("--no-worker", action="store_true", help="start no worker (e.g. workers run elsewhere)")
+    sub.add_parser("down", help="stop the server and worker `defectflow up` started")
+    status = sub.add_parser("status", help="what `defectflow up` started, and whether it runs")
+    status.add_argument("--json", action="store_true")
     deploy = sub.add_parser("deploy", help="serve the training pipeline as a Prefect deployment")
     deploy.add_argument("--name", default="training-pipeline", help="deployment name")
     deploy.add_argument("--cron", default=None, help="schedule, e.g. '0 2 * * *' (default: none)")
@@ -197,6 +205,7 @@ def cmd_evaluate(args) -> int:
 
 def _evaluate_run(args, run: Path, overrides: list[str]) -> int:
     """The run's model on the run's own split: thresholds from val, figures on test."""
+    from defectflow.assessment import write_evaluation_report
     from defectflow.calibration import calibrate_model
     from defectflow.config import from_yaml
     from defectflow.data.split import read_manifest, select
@@ -219,8 +228,8 @@ def _evaluate_run(args, run: Path, overrides: list[str]) -> int:
             print(thresholds.markdown() + "\n")
     result = evaluate_model_dir(run / "model", select(rows, "test"), run / "evaluation", cfg.train.batch_size,
                                 cfg.eval.plot_count)
-    report = _write_evaluation_report(args.out or run / "report", result, None, None, f"run {run.name}",
-                                      history_file=run / "model" / "training.json")
+    report = write_evaluation_report(args.out or run / "report", result, None, None, f"run {run.name}",
+                                     history_file=run / "model" / "training.json")
     _print_evaluation(args, {"model": str(run / "model"), "stage": None, "data_root": cfg.data.root}, result,
                       None, report)
     return 0
@@ -228,83 +237,12 @@ def _evaluate_run(args, run: Path, overrides: list[str]) -> int:
 
 def _evaluate_stored_model(args, overrides: list[str]) -> int:
     """Never writes to the store: figures and the report go to --out."""
-    import time
+    from defectflow.assessment import assess_stored_model
 
-    from omegaconf import OmegaConf
-
-    from defectflow.config import from_yaml
-    from defectflow.data.mvtec import class_names, scan_dataset
-    from defectflow.data.split import select, split_dataset
-    from defectflow.evaluation import evaluate
-    from defectflow.gate import decide
-    from defectflow.inference import CONFIG_FILE, Predictor
-    from defectflow.registry import (
-        DEFAULT_MODEL_NAME,
-        production_tag,
-        resolve_tag,
-        stage_of,
-        verify_model,
-    )
-    from defectflow.validation import image_facts, sha256_by_path
-
-    production = production_tag(DEFAULT_MODEL_NAME)
-    if args.model is None and production is None:
-        print("defectflow: error: no production model: pass --model TAG (see `defectflow models list`)",
-              file=sys.stderr)
-        return 2
-    tag = resolve_tag(args.model or production)
-    model_path = verify_model(tag)
-    cfg = from_yaml((model_path / CONFIG_FILE).read_text())
-    if overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
-    predictor = _load_predictor(Predictor, model_path, tag)
-    samples = scan_dataset(cfg.data.root, cfg.data.good_class)
-    data_classes = class_names(samples, cfg.data.good_class)
-    if sorted(data_classes) != sorted(predictor.classes):
-        print(f"defectflow: error: model {tag} predicts {', '.join(predictor.classes)} but {cfg.data.root} has "
-              f"classes {', '.join(data_classes)}", file=sys.stderr)
-        return 2
-    home = Path(os.environ["DEFECTFLOW_HOME"])
-    split = split_dataset(samples, sha256_by_path(image_facts(samples, cfg.data.good_class)), cfg.data.split,
-                         home / "manifests")
-    test = select(split.rows, "test")
-    if not test:
-        print(f"defectflow: error: the split of {cfg.data.root} has no test images", file=sys.stderr)
-        return 2
-    out = args.out or home / "evaluations" / f"{tag.replace(':', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
-    result = evaluate(predictor, test, cfg.train.batch_size, plot_dir=out, plot_count=cfg.eval.plot_count)
-    result.save(out)
-    champion, decision = None, None
-    if production and production != tag:  # shown beside it, as the gate would compare them
-        champion_predictor = _load_predictor(Predictor, verify_model(production), production)
-        if sorted(champion_predictor.classes) == sorted(predictor.classes):
-            champion = evaluate(champion_predictor, test, cfg.train.batch_size)
-            decision = decide(result.metrics, cfg.gate, champion.metrics, production)
-    report = _write_evaluation_report(out, result, champion, decision, f"model {tag}", champion_tag=production,
-                                      history_file=model_path / "training.json")
-    _print_evaluation(args, {"model": tag, "stage": stage_of(tag), "data_root": str(cfg.data.root)}, result,
-                      champion and {"model": production, "metrics": champion.headline()}, report, decision)
+    a = assess_stored_model(args.model, overrides, args.out)
+    _print_evaluation(args, {"model": a.tag, "stage": a.stage, "data_root": a.data_root}, a.result,
+                      a.champion and {"model": a.champion_tag, "metrics": a.champion.headline()}, a.report, a.decision)
     return 0
-
-
-def _load_predictor(predictor_cls, path: Path, tag: str):
-    try:
-        return predictor_cls.load(path)
-    except Exception as exc:  # noqa: BLE001 - any loader failure means the same to the user
-        from defectflow.registry import IncompleteModel
-
-        raise IncompleteModel(f"model {tag} cannot be loaded: {type(exc).__name__}: {str(exc).splitlines()[0]}") \
-            from None
-
-
-def _write_evaluation_report(out: Path, result, champion, decision, title: str, champion_tag: str | None = None,
-                             history_file: Path | None = None) -> dict:
-    from defectflow.report import load_history, write_report
-
-    info = {"evaluated": title, "production model": champion_tag or "none",
-            "test images": result.metrics["n_images"]}
-    history = load_history(history_file) if history_file and history_file.exists() else None
-    return write_report(out, result, champion, decision, history=history, title=f"defectflow: {title}", info=info)
 
 
 def _print_evaluation(args, about: dict, result, champion: dict | None, report: dict, decision=None) -> None:
@@ -452,6 +390,46 @@ def cmd_serve(args) -> int:
     return 0  # pragma: no cover - exec does not return
 
 
+def cmd_up(args) -> int:
+    from defectflow import stack
+
+    home = Path(os.environ["DEFECTFLOW_HOME"])
+    try:
+        state = stack.up(home, args.host, args.port, worker=not args.no_worker)
+        # Later commands of this project (same PREFECT_HOME) then run against this server.
+        stack.use_server(state.api_url)
+    except stack.StackError as exc:
+        print(f"defectflow: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"\nPrefect UI: {state.ui_url}\nAPI: {state.api_url} (set in the project's Prefect profile)\n"
+          f"deployments: training-pipeline, nightly-retrain (02:00 UTC), evaluate, promote, training-pipeline-gpu\n"
+          "stop with `make down` (defectflow down)")
+    return 0
+
+
+def cmd_down(args) -> int:
+    from defectflow import stack
+
+    stack.down(Path(os.environ["DEFECTFLOW_HOME"]))
+    stack.use_server(None)
+    return 0
+
+
+def cmd_status(args) -> int:
+    from defectflow import stack
+
+    info = stack.status(Path(os.environ["DEFECTFLOW_HOME"]))
+    if args.json:
+        print(json.dumps(info, indent=2))
+    elif not info["running"]:
+        print("not running (start with `make up`)")
+    else:
+        print(f"UI {info['ui_url']} ({'healthy' if info['healthy'] else 'NOT answering'})")
+        for name, p in info["processes"].items():
+            print(f"{name}: pid {p['pid']} {'running' if p['running'] else 'NOT running'}, log {p['log']}")
+    return 0
+
+
 def cmd_deploy(args) -> int:
     """Blocks, running flow runs that the Prefect server at PREFECT_API_URL schedules."""
     if not os.environ.get("PREFECT_API_URL"):
@@ -473,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     from defectflow.registry import RegistryError
 
     handlers = {"validate": cmd_validate, "train": cmd_train, "reproduce": cmd_reproduce, "evaluate": cmd_evaluate,
-                "models": cmd_models, "serve": cmd_serve, "deploy": cmd_deploy}
+                "models": cmd_models, "serve": cmd_serve, "deploy": cmd_deploy, "up": cmd_up,
+                "down": cmd_down, "status": cmd_status}
     if args.command == "data":
         handler = cmd_preview if args.data_command == "preview" else cmd_synth
     else:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from defectflow.data.mvtec import DatasetError, Sample
+from defectflow.data.mvtec import DatasetError, Sample, scan_dataset
 
 SPLITS = ("train", "val", "test")
 
@@ -59,6 +59,32 @@ def data_fingerprint(samples: list[Sample], sha256: dict[Path, str], split_cfg) 
     digest.update(f"{split_cfg.train}/{split_cfg.val}/{split_cfg.test}/{split_cfg.seed}\n".encode())
     for s in sorted(samples, key=lambda s: (s.label, s.origin, s.path.name)):
         digest.update(f"{s.origin}/{s.label}/{s.path.name}:{sha256[s.path]}\n".encode())
+    return digest.hexdigest()
+
+
+def dataset_fingerprint(root: str | Path, good_class: str, split_cfg) -> str:
+    """`data_fingerprint` of the dataset at `root`, reading each file once (no decoding): what
+    the nightly retrain compares with the production model's. Unreadable files are left out
+    here; the validation gate reports them."""
+    samples = scan_dataset(root, good_class)
+    sha256 = {}
+    for s in samples:
+        try:
+            sha256[s.path] = hashlib.sha256(s.path.read_bytes()).hexdigest()
+        except OSError:
+            continue
+    return data_fingerprint([s for s in samples if s.path in sha256], sha256, split_cfg)
+
+
+def listing_signature(root: str | Path) -> str:
+    """A cheap key of a folder's state: every file's relative path, size and modification time.
+    Equal signatures mean nothing was added, removed or rewritten (the content hash is then
+    the same too), so the hash can be reused without reading the files again."""
+    root = Path(root)
+    digest = hashlib.sha256(str(root.resolve()).encode())
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 

@@ -1,0 +1,37 @@
+"""The nightly retrain: the full training pipeline, only when the data changed since the
+production model was trained."""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect.states import Completed
+
+from flows.training import pipeline_overrides, training_pipeline
+from tasks.data import fingerprint_data, load_config_only
+from tasks.packaging import production_data_version
+
+
+@flow(name="nightly-retrain", log_prints=True)
+def nightly_retrain(config: str = "default", overrides: list[str] | None = None, data_root: str | None = None,
+                    tuner_trials: int | None = None, force: bool = False):
+    """Retrain on the current data when it differs from the production model's; the champion/challenger gate decides.
+
+    Args:
+        config: Name of a file in configs/ (without .yaml), layered over configs/default.yaml.
+        overrides: Extra `key=value` settings applied last, e.g. train.epochs=3.
+        data_root: Dataset folder in MVTec AD layout; empty keeps the config's data.root.
+        tuner_trials: KerasTuner trials (tune.max_trials); 0 skips the search; empty keeps the config's.
+        force: Retrain even when the data is unchanged.
+
+    Unchanged data ends the run Completed with "skipped: no new data". A failing retrain ends
+    Failed and never touches the production model (promotion is the pipeline's last step).
+    """
+    settings = pipeline_overrides(data_root, tuner_trials, None, overrides)
+    cfg = load_config_only(config, settings)
+    data_version = fingerprint_data(cfg)
+    production = production_data_version(cfg)
+    if not force and production["data_version"] == data_version:
+        return Completed(message=f"skipped: no new data (data version {data_version[:12]} is the one production "
+                                 f"model {production['tag']} was trained on)",
+                         data={"skipped": True, "data_version": data_version, "production": production["tag"]})
+    return training_pipeline(config=config, overrides=settings, return_state=True)

@@ -1,0 +1,80 @@
+"""The nightly retrain's decision, the form fields of the training pipeline and the registry
+flows, under Prefect's test harness."""
+
+from __future__ import annotations
+
+import pytest
+from helpers_models import make_tiny_model_dir
+
+from defectflow import registry
+from defectflow.config import load_config
+from defectflow.data.split import dataset_fingerprint, listing_signature
+from flows.training import pipeline_overrides
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_form_fields_become_overrides_and_free_overrides_win():
+    assert pipeline_overrides() == []
+    assert pipeline_overrides("/data", 5, False, ["gate.promote=true"]) == [
+        "data.root=/data", "tune.enabled=true", "tune.max_trials=5", "gate.promote=false", "gate.promote=true"]
+    assert pipeline_overrides(tuner_trials=0) == ["tune.enabled=false"]
+    cfg = load_config("tiny", pipeline_overrides("/data", 0, False))
+    assert (cfg.data.root, cfg.tune.enabled, cfg.gate.promote) == ("/data", False, False)
+
+
+def test_fingerprint_is_the_split_fingerprint_and_follows_the_bytes(tiny_dataset, tmp_path):
+    import shutil
+
+    from defectflow.data.mvtec import scan_dataset
+    from defectflow.data.split import split_dataset
+    from defectflow.validation import image_facts, sha256_by_path
+
+    cfg = load_config("tiny", [f"data.root={tiny_dataset}"])
+    samples = scan_dataset(tiny_dataset)
+    split = split_dataset(samples, sha256_by_path(image_facts(samples)), cfg.data.split, tmp_path / "manifests")
+    assert dataset_fingerprint(tiny_dataset, "good", cfg.data.split) == split.fingerprint
+
+    copy = shutil.copytree(tiny_dataset, tmp_path / "copy")
+    assert dataset_fingerprint(copy, "good", cfg.data.split) == split.fingerprint  # wherever it lives
+    before = listing_signature(copy)
+    image = next((copy / "test" / "crack").glob("*.png"))
+    image.write_bytes(image.read_bytes() + b"\0")
+    assert listing_signature(copy) != before
+    assert dataset_fingerprint(copy, "good", cfg.data.split) != split.fingerprint
+
+
+def test_nightly_skips_when_production_was_trained_on_this_data(prefect_server, tiny_dataset, tmp_path):
+    from flows.nightly import nightly_retrain
+
+    cfg = load_config("tiny", [f"data.root={tiny_dataset}", "package.model_name=nightlyskip"])
+    fingerprint = dataset_fingerprint(tiny_dataset, "good", cfg.data.split)
+    tag = registry.save_model(make_tiny_model_dir(tmp_path / "m"), "nightlyskip",
+                              {"metrics": {"accuracy": 0.5}, "data_fingerprint": fingerprint})
+    registry.promote(tag, reason="test")
+    state = nightly_retrain(config="tiny", data_root=str(tiny_dataset), overrides=["package.model_name=nightlyskip"],
+                            return_state=True)
+    assert state.is_completed()
+    assert state.message.startswith("skipped: no new data") and tag in state.message
+    assert state.result()["skipped"] is True
+    assert registry.production_tag("nightlyskip") == tag and len(registry.list_models("nightlyskip")) == 1
+
+
+def test_promote_flow_records_rollback_and_refuses_a_missing_tag(prefect_server, tmp_path):
+    from flows.models import promote
+
+    first, second = (registry.save_model(make_tiny_model_dir(tmp_path / str(i), seed=i), "defectflow",
+                                         {"metrics": {"accuracy": 0.5}}) for i in range(2))
+    for tag in (first, second):
+        assert promote(action="promote", model=tag, build_bento=False, return_state=True).is_completed()
+    state = promote(action="rollback", reason="bad night", build_bento=False, return_state=True)
+    assert state.is_completed() and registry.production_tag() == first
+    assert registry.history()[-1]["reason"] == "bad night"
+    failed = promote(action="promote", model=None, build_bento=False, return_state=True)
+    assert failed.is_failed() and registry.production_tag() == first

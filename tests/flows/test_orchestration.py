@@ -1,0 +1,229 @@
+"""The orchestration stack for real: `defectflow up` starts a Prefect server, the work pools, the
+deployments of prefect.yaml and a process worker on 127.0.0.1; runs are triggered as the UI's
+"Run" button does; then faults: a killed worker, a server restart, a nightly run on bad data."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from helpers_processes import BIN, REPO_ROOT, free_port, isolated_env
+
+pytestmark = pytest.mark.integration
+
+# run_deployment is what the UI's "Run" button amounts to: a flow run of the deployment,
+# with these parameters, for a worker of its pool to pick up.
+RUN_DEPLOYMENT = """
+import json, sys
+from prefect.deployments import run_deployment
+run = run_deployment(sys.argv[1], parameters=json.loads(sys.argv[2]), timeout=0)
+print(run.id)
+"""
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+TINY = ["tune.epochs=1", "train.epochs=1", "package.build_bento=false"]
+
+
+class Stack:
+    def __init__(self, home: Path, port: int):
+        self.home, self.port = home, port
+        self.env = isolated_env(home)
+        self.api = f"http://127.0.0.1:{port}/api"
+
+    def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "defectflow"), *args], env=self.env, capture_output=True, text=True,
+                              timeout=timeout, cwd=REPO_ROOT)
+
+    def up(self, *extra: str) -> subprocess.CompletedProcess:
+        result = self.cli("up", "--port", str(self.port), *extra)
+        assert result.returncode == 0, result.stdout + result.stderr + self.logs()
+        return result
+
+    def state(self) -> dict:
+        return json.loads((self.home / "stack" / "stack.json").read_text())
+
+    def logs(self) -> str:
+        return "".join(f"\n--- {p.name}\n{p.read_text(errors='replace')[-4000:]}"
+                       for p in sorted((self.home / "stack").glob("*.log")))
+
+    def get(self, path: str) -> dict:
+        response = httpx.get(f"{self.api}{path}", timeout=30)
+        response.raise_for_status()
+        return response.json()
+
+    def post(self, path: str, body: dict) -> dict | list:
+        response = httpx.post(f"{self.api}{path}", json=body, timeout=30)
+        response.raise_for_status()
+        return response.json()
+
+    def trigger(self, deployment: str, parameters: dict) -> str:
+        result = subprocess.run([sys.executable, "-c", RUN_DEPLOYMENT, deployment, json.dumps(parameters)],
+                                env={**self.env, "PREFECT_API_URL": self.api}, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout.strip().splitlines()[-1]
+
+    def wait(self, run_id: str, states: set[str] = FINAL, timeout: float = 600) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            run = self.get(f"/flow_runs/{run_id}")
+            if run["state_type"] in states:
+                return run
+            if time.monotonic() > deadline:
+                pytest.fail(f"flow run {run_id} still {run['state_type']} after {timeout} s" + self.logs())
+            time.sleep(1)
+
+    def run(self, deployment: str, parameters: dict, timeout: float = 600) -> dict:
+        run = self.wait(self.trigger(deployment, parameters), timeout=timeout)
+        return run
+
+    def artifacts(self, run_id: str) -> dict[str, dict]:
+        found = self.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}})
+        return {a["key"]: a for a in found if a.get("key")}
+
+    def models(self) -> list[dict]:
+        result = self.cli("models", "list", "--json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    stack = Stack(tmp_path_factory.mktemp("stack-home"), free_port())
+    try:
+        yield stack
+    finally:
+        stack.cli("down", timeout=120)
+        leftover = [name for name, record in stack.state().get("processes", {}).items()
+                    if _alive(record["pid"])] if (stack.home / "stack" / "stack.json").exists() else []
+        assert not leftover, f"still running after `defectflow down`: {leftover}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def test_up_is_idempotent_and_applies_the_deployments(stack):
+    first = stack.up()
+    assert f"Prefect UI: http://127.0.0.1:{stack.port}" in first.stdout
+    pids = {name: record["pid"] for name, record in stack.state()["processes"].items()}
+    assert set(pids) == {"server", "worker"}
+    again = stack.up()
+    assert "server already running" in again.stdout and "worker already running" in again.stdout
+    assert {name: record["pid"] for name, record in stack.state()["processes"].items()} == pids
+
+    names = {d["name"]: d for d in stack.post("/deployments/filter", {})}
+    assert {"training-pipeline", "nightly-retrain", "evaluate", "promote", "training-pipeline-gpu"} <= set(names)
+    nightly = names["nightly-retrain"]
+    assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 2 * * *"]
+    assert nightly["global_concurrency_limit"]["limit"] == 1
+    assert nightly["concurrency_options"]["collision_strategy"] == "ENQUEUE"
+    form = names["training-pipeline"]["parameter_openapi_schema"]["properties"]
+    assert {"config", "overrides", "data_root", "tuner_trials", "promote"} <= set(form)
+    assert form["promote"]["type"] == "boolean" and form["promote"]["default"] is True
+    assert all(field.get("description") for field in form.values())
+    assert names["training-pipeline-gpu"]["work_pool_name"] == "defectflow-gpu"
+
+
+def test_training_pipeline_from_the_ui_button(stack, tiny_dataset, tmp_path):
+    run = stack.run("training-pipeline/training-pipeline",
+                    {"config": "tiny", "data_root": str(tiny_dataset), "overrides": TINY, "promote": False})
+    assert run["state_type"] == "COMPLETED", run["state"]["message"] + stack.logs()
+    assert "promotion is off" in run["state"]["message"], run["state"]["message"]
+    artifacts = stack.artifacts(run["id"])
+    for key in ("data-validation", "tuner-trials", "test-metrics", "gate-decision", "evaluation-report",
+                "metrics-comparison", "promotion"):
+        assert key in artifacts, sorted(artifacts)
+    assert "Data Docs" in artifacts["data-validation"]["data"]
+    assert artifacts["metrics-comparison"]["type"] == "table"
+    models = stack.models()
+    assert len(models) == 1 and models[0]["stage"] == "candidate"  # promote=False: registered, not promoted
+
+    logs = stack.post("/logs/filter", {"logs": {"flow_run_id": {"any_": [run["id"]]}}, "limit": 200})
+    assert any("data valid" in entry["message"] for entry in logs)
+
+    # The flow-run page of the Prefect UI renders this run (headless Chromium).
+    shot = tmp_path / "flow-run.png"
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "prefect_ui_screenshot.py"),
+                             "--ui-url", f"http://127.0.0.1:{stack.port}", "--flow-run-id", run["id"],
+                             "--out", str(shot)], env=stack.env, capture_output=True, text=True, timeout=180)
+    if result.returncode == 2:
+        print(f"no Chromium: UI screenshot not checked ({result.stderr.strip()})")
+    else:
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert shot.stat().st_size > 10_000
+        assert run["name"] in json.loads(result.stdout.strip().splitlines()[-1])["found"]
+
+
+def test_nightly_retrains_once_then_skips_unchanged_data(stack, tiny_dataset):
+    params = {"config": "tiny", "data_root": str(tiny_dataset), "overrides": TINY}
+    first = stack.run("nightly-retrain/nightly-retrain", params)
+    assert first["state_type"] == "COMPLETED", first["state"]["message"] + stack.logs()
+    assert first["state"]["message"].startswith("promoted"), first["state"]["message"]  # no production yet
+    production = [m for m in stack.models() if m["stage"] == "production"]
+    assert len(production) == 1
+
+    second = stack.run("nightly-retrain/nightly-retrain", params)
+    assert second["state_type"] == "COMPLETED"
+    assert second["state"]["message"].startswith("skipped: no new data"), second["state"]["message"]
+    assert [m["tag"] for m in stack.models() if m["stage"] == "production"] == [production[0]["tag"]]
+    assert len(stack.models()) == 2  # nothing trained
+    # The data hash came from the cache (persisted result of the first night), not from the files.
+    tasks = stack.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [second["id"]]}}})
+    fingerprint = [t for t in tasks if t["name"].startswith("fingerprint-data")]
+    assert fingerprint and fingerprint[0]["state"]["name"] == "Cached"
+
+
+def test_failing_nightly_never_changes_production(stack, tiny_dataset, tmp_path):
+    broken = shutil.copytree(tiny_dataset, tmp_path / "broken")
+    next((broken / "test" / "crack").glob("*.png")).write_bytes(b"not an image")
+    production = [m["tag"] for m in stack.models() if m["stage"] == "production"]
+    run = stack.run("nightly-retrain/nightly-retrain",
+                    {"config": "tiny", "data_root": str(broken), "overrides": TINY})
+    assert run["state_type"] == "FAILED", run["state"]
+    assert [m["tag"] for m in stack.models() if m["stage"] == "production"] == production
+
+
+def test_killed_worker_crashes_the_run_and_a_retry_completes(stack, tiny_dataset):
+    run_id = stack.trigger("training-pipeline/training-pipeline",
+                           {"config": "tiny", "data_root": str(tiny_dataset), "overrides": TINY, "promote": False})
+    stack.wait(run_id, {"RUNNING", *FINAL}, timeout=300)
+    time.sleep(5)  # inside the pipeline's tasks
+    os.kill(stack.state()["processes"]["worker"]["pid"], signal.SIGKILL)
+    crashed = stack.wait(run_id, timeout=120)
+    assert crashed["state_type"] == "CRASHED", crashed["state"]
+
+    stack.up()  # starts only what is missing: a new worker
+    # The UI's "Retry" on the crashed run: the same flow run, scheduled again.
+    stack.post(f"/flow_runs/{run_id}/set_state",
+               {"state": {"type": "SCHEDULED", "name": "AwaitingRetry", "message": "retried (test)"}, "force": True})
+    retried = stack.wait(run_id)
+    assert retried["state_type"] == "COMPLETED", retried["state"]["message"] + stack.logs()
+    assert retried["run_count"] >= 2
+
+
+def test_deployments_and_schedules_survive_a_server_restart(stack):
+    before = {d["name"]: d["schedules"] for d in stack.post("/deployments/filter", {})}
+    down = stack.cli("down", timeout=120)
+    assert down.returncode == 0 and "server stopped" in down.stdout, down.stdout + down.stderr
+    assert stack.cli("down").returncode == 0  # idempotent
+    restart = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
+                              "from defectflow.environment import configure_environment; configure_environment(); "
+                              "from defectflow import stack; stack.up(Path(sys.argv[1]), port=int(sys.argv[2]), "
+                              "deploy=False, worker=False)", str(stack.home), str(stack.port)],
+                             env=stack.env, capture_output=True, text=True, timeout=300)
+    assert restart.returncode == 0, restart.stderr + stack.logs()
+    after = {d["name"]: d["schedules"] for d in stack.post("/deployments/filter", {})}
+    assert set(after) == set(before)
+    assert [s["schedule"] for s in after["nightly-retrain"]] == [s["schedule"] for s in before["nightly-retrain"]]
