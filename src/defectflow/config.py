@@ -201,6 +201,14 @@ class TuneConfig:
     hyperband_factor: int = 3
     space: SearchSpace = field(default_factory=SearchSpace)
     seed: int = 0
+    #: 0 = search in this process; N >= 1 = a KerasTuner chief (the oracle) plus N worker
+    #: processes, KerasTuner's chief/worker protocol (see defectflow.tuning).
+    workers: int = 0
+    #: Address the chief listens on and workers dial; set it to the chief machine's address
+    #: for workers on other machines.
+    oracle_host: str = "127.0.0.1"
+    #: 0 = a free port chosen at run time.
+    oracle_port: int = 0
 
 
 @dataclass
@@ -378,6 +386,10 @@ def check_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+    if cfg.tune.workers < 0:
+        raise ConfigError(f"tune.workers must be >= 0 (0 = search in this process), got {cfg.tune.workers}")
+    if not 0 <= cfg.tune.oracle_port <= 65535:
+        raise ConfigError(f"tune.oracle_port must be in 0..65535 (0 = a free port), got {cfg.tune.oracle_port}")
     if not 0.0 < cfg.eval.mask_threshold < 1.0:
         raise ConfigError(f"eval.mask_threshold must be in (0, 1), got {cfg.eval.mask_threshold}")
 

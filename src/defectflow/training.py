@@ -212,23 +212,23 @@ TUNER_CLASSES = {"grid": "GridSearch", "random": "RandomSearch", "hyperband": "H
                  "bayesian": "BayesianOptimization"}
 
 
-def tune(cfg, data: PreparedData, out_dir: Path, resume: bool = False) -> tuple[dict, list[dict]]:
-    """KerasTuner search over `cfg.tune.space`; returns the best values and all trials.
+def search_space(cfg) -> dict[str, list]:
+    """The searched hyper-parameters of `cfg.tune.space` and their choices (empty lists left out)."""
+    return {name: list(values) for name, values in cfg.tune.space.items() if len(values)}
 
-    Trials train the decoder and heads on the frozen encoder, the cheap and telling part;
-    the best trial's values then configure the full two-phase training. A resumed run
-    (`resume`) keeps the trials already finished.
+
+def build_tuner(cfg, data: PreparedData, directory: Path, overwrite: bool):
+    """The KerasTuner tuner of `cfg.tune` over `search_space(cfg)`, its files in `directory`/tuner.
+
+    The one builder of the single-process search (`tune`) and of the distributed one
+    (`defectflow.tuning`): when the KERASTUNER_* environment variables are set, KerasTuner
+    itself makes this tuner the chief (it serves the oracle) or a worker (it asks the chief
+    for trials and reports their scores to it).
     """
     import keras
     import keras_tuner as kt
 
-    if not cfg.tune.enabled:
-        return {}, []
-    space = {name: list(values) for name, values in cfg.tune.space.items() if len(values)}
-    if not space:
-        log.warning("tune.space is empty (tuner file %r): nothing to search, training with the configured values",
-                    cfg.tune.space_file)
-        return {}, []
+    space = search_space(cfg)
     num_classes = len(data.classes)
     objective = kt.Objective(cfg.tune.objective, direction=_mode(cfg.tune.objective))
 
@@ -250,17 +250,39 @@ def tune(cfg, data: PreparedData, out_dir: Path, resume: bool = False) -> tuple[
             callbacks = [_validation_score_callback(cfg.train.score_weights), *callbacks]
             return model.fit(train_ds, validation_data=val_ds, callbacks=callbacks, **kwargs)
 
-    options = {"objective": objective, "directory": str(out_dir), "project_name": "tuner", "overwrite": not resume,
+    class DefectTuner(getattr(kt, TUNER_CLASSES[cfg.tune.algorithm])):
+        """Remembers the trials this tuner process ran (a worker's share of a distributed search)."""
+
+        def __init__(self, *args, **kwargs):
+            self.trials_run: list[str] = []
+            super().__init__(*args, **kwargs)
+
+        def on_trial_end(self, trial):
+            super().on_trial_end(trial)
+            self.trials_run.append(trial.trial_id)
+            log.info("tuner %s ended trial %s: %s", self.tuner_id, trial.trial_id, trial.status)
+
+    options = {"objective": objective, "directory": str(directory), "project_name": "tuner", "overwrite": overwrite,
                "seed": cfg.tune.seed}
     if cfg.tune.algorithm == "hyperband":
         options.update(max_epochs=cfg.tune.epochs, factor=cfg.tune.hyperband_factor)
     else:
         options.update(max_trials=cfg.tune.max_trials)
     keras.utils.set_random_seed(cfg.tune.seed)
-    tuner = getattr(kt, TUNER_CLASSES[cfg.tune.algorithm])(DefectHyperModel(), **options)
+    return DefectTuner(DefectHyperModel(), **options)
+
+
+def run_search(tuner, cfg) -> None:
+    """`tuner.search` on the configured device (on a distributed chief: serve the oracle until
+    the workers are done)."""
     with _device_scope(select_device(cfg.train.device)):
         search = {} if cfg.tune.algorithm == "hyperband" else {"epochs": cfg.tune.epochs}
         tuner.search(verbose=cfg.train.verbose, **search)
+
+
+def search_results(tuner, cfg, out_dir: Path) -> tuple[dict, list[dict]]:
+    """The best values and the trials table of a finished search (the oracle's, so only a
+    single-process tuner or a distributed chief has them); writes trials.csv/json to `out_dir`."""
     trials = trials_table(tuner, cfg.tune.objective)
     if not trials:
         raise RuntimeError("the tuner finished no trial; see the log above for the errors of each trial")
@@ -268,6 +290,25 @@ def tune(cfg, data: PreparedData, out_dir: Path, resume: bool = False) -> tuple[
             if name in HYPERPARAMETER_KEYS}
     write_trials(trials, out_dir)
     return best, trials
+
+
+def tune(cfg, data: PreparedData, out_dir: Path, resume: bool = False) -> tuple[dict, list[dict]]:
+    """KerasTuner search over `cfg.tune.space` in this process; returns the best values and all
+    trials. (`cfg.tune.workers` > 0 spreads it over processes: see `defectflow.tuning`.)
+
+    Trials train the decoder and heads on the frozen encoder, the cheap and telling part;
+    the best trial's values then configure the full two-phase training. A resumed run
+    (`resume`) keeps the trials already finished.
+    """
+    if not cfg.tune.enabled:
+        return {}, []
+    if not search_space(cfg):
+        log.warning("tune.space is empty (tuner file %r): nothing to search, training with the configured values",
+                    cfg.tune.space_file)
+        return {}, []
+    tuner = build_tuner(cfg, data, out_dir, overwrite=not resume)
+    run_search(tuner, cfg)
+    return search_results(tuner, cfg, out_dir)
 
 
 def trials_table(tuner, objective: str) -> list[dict]:

@@ -1,0 +1,179 @@
+"""Distributed hyper-parameter search with KerasTuner's own chief/worker protocol.
+
+With `tune.workers` = N > 0 the search runs in N + 1 processes, each this module's entry point:
+
+    KERASTUNER_TUNER_ID=chief|tuner0|tuner1... KERASTUNER_ORACLE_IP=HOST KERASTUNER_ORACLE_PORT=PORT \\
+        python -m defectflow.tuning --config RUN/tuning/config.yaml --data RUN/tuning/data.pkl --out RUN
+
+KerasTuner does the rest: the chief serves the oracle over gRPC (it decides every trial and
+collects every score) and returns once the workers have taken the whole budget; each worker
+asks it for a trial, trains it, reports the score, and stops when the oracle says so. Every
+process builds its tuner with `defectflow.training.build_tuner`, the builder of the
+single-process `tune`, so the chief ends with the same trials table (trials.csv/json in RUN
+and `result.json` here) as a single-process search.
+
+All tuners share RUN/tuner as KerasTuner expects: each writes its own `<tuner id>.json` and the
+folders of the trials it runs, only the chief writes oracle.json and the trials' trial.json.
+For workers on other machines that folder must be shared storage when the algorithm reads an
+earlier trial's checkpoint (hyperband); the other algorithms only need the config, the data
+file and the sample paths in it to be readable there.
+
+Nothing here knows about Prefect: `tasks/training.py` starts the processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import pickle
+import shutil
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+from defectflow.config import from_yaml, save_config
+from defectflow.training import PreparedData, build_tuner, run_search, search_results
+
+log = logging.getLogger(__name__)
+
+CHIEF = "chief"
+#: Inputs and outputs of the processes, inside the run folder.
+TUNING_DIR = "tuning"
+CONFIG_FILE = "config.yaml"
+DATA_FILE = "data.pkl"
+#: The chief's answer: {"best": {...}, "trials": [...]}.
+RESULT_FILE = "result.json"
+
+
+def worker_ids(workers: int) -> list[str]:
+    """KerasTuner's conventional worker ids: tuner0, tuner1, ..."""
+    return [f"tuner{i}" for i in range(workers)]
+
+
+def tuner_env(tuner_id: str, host: str, port: int) -> dict[str, str]:
+    """The environment variables that give a process its KerasTuner role."""
+    return {"KERASTUNER_TUNER_ID": tuner_id, "KERASTUNER_ORACLE_IP": host, "KERASTUNER_ORACLE_PORT": str(port)}
+
+
+def free_port(host: str) -> int:
+    """A port nobody listens on at `host` right now (the chief binds it a moment later)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def prepare(cfg, data: PreparedData, out_dir: Path) -> Path:
+    """Write the config and the samples the processes read into OUT/tuning, and clear the
+    previous search: a distributed search always starts afresh (the processes open the shared
+    tuner folder without overwriting, so that no process deletes what another has written)."""
+    tuning = out_dir / TUNING_DIR
+    for old in (out_dir / "tuner", tuning):
+        shutil.rmtree(old, ignore_errors=True)
+    tuning.mkdir(parents=True)
+    save_config(cfg, tuning / CONFIG_FILE)
+    # The sample lists only: every process reads the images itself, at the sizes it tries.
+    samples = PreparedData(list(data.train_samples), list(data.val_samples), list(data.classes))
+    with open(tuning / DATA_FILE, "wb") as f:
+        pickle.dump(samples, f)
+    return tuning
+
+
+def command(out_dir: Path, *, exit_with_parent: bool = True) -> list[str]:
+    """The command line of one tuner process (its role comes from the environment)."""
+    tuning = out_dir / TUNING_DIR
+    args = [sys.executable, "-m", "defectflow.tuning", "--config", str(tuning / CONFIG_FILE),
+            "--data", str(tuning / DATA_FILE), "--out", str(out_dir), "--result", str(tuning / RESULT_FILE)]
+    return [*args, "--exit-with-parent"] if exit_with_parent else args
+
+
+def worker_report(out_dir: Path, tuner_id: str) -> Path:
+    """Where a worker lists the trials it ran."""
+    return out_dir / TUNING_DIR / f"{tuner_id}.trials.json"
+
+
+def run_tuner(cfg, data: PreparedData, out_dir: Path, result_file: Path | None = None) -> dict:
+    """Run one tuner process in the role the KERASTUNER_* environment variables give it.
+
+    The chief serves the oracle until the search is over, then writes trials.csv/json to
+    `out_dir` and {"best", "trials"} to `result_file`; a worker runs trials until the chief
+    stops it and lists them in `worker_report`. Returns what was written.
+    """
+    tuner_id = os.environ.get("KERASTUNER_TUNER_ID")
+    if not tuner_id or "KERASTUNER_ORACLE_IP" not in os.environ or "KERASTUNER_ORACLE_PORT" not in os.environ:
+        raise RuntimeError("a distributed tuner process needs KERASTUNER_TUNER_ID, KERASTUNER_ORACLE_IP and "
+                           "KERASTUNER_ORACLE_PORT")
+    tuner = build_tuner(cfg, data, out_dir, overwrite=False)
+    started = time.monotonic()
+    run_search(tuner, cfg)
+    if tuner_id == CHIEF:
+        best, trials = search_results(tuner, cfg, out_dir)
+        result = {"best": best, "trials": trials}
+        if result_file is not None:
+            _write_json(result_file, result)
+        log.info("chief: %d trials in %.1f s, best %s", len(trials), time.monotonic() - started, best)
+        return result
+    report = {"tuner_id": tuner_id, "trials": list(tuner.trials_run), "seconds": round(time.monotonic() - started, 1)}
+    _write_json(worker_report(out_dir, tuner_id), report)
+    log.info("%s: ran trials %s in %.1f s", tuner_id, report["trials"], report["seconds"])
+    return report
+
+
+def read_result(path: Path) -> tuple[dict, list[dict]]:
+    """The chief's (best, trials), as `defectflow.training.tune` returns them."""
+    result = json.loads(Path(path).read_text())
+    return result["best"], result["trials"]
+
+
+def _write_json(path: Path, value) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    tmp.replace(path)
+
+
+def _exit_with_parent() -> None:
+    """Exit when the launching process dies (it is then re-parented), so a killed launcher
+    leaves no tuner behind waiting an hour for a chief that is gone."""
+    parent = os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(2)
+            if os.getppid() != parent:
+                print(f"tuner process: parent {parent} is gone, exiting", file=sys.stderr, flush=True)
+                os._exit(3)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m defectflow.tuning", description=(
+        "One process of a distributed KerasTuner search; the role (chief, tuner0, tuner1, ...) and the "
+        "chief's address come from KERASTUNER_TUNER_ID, KERASTUNER_ORACLE_IP and KERASTUNER_ORACLE_PORT."))
+    parser.add_argument("--config", type=Path, required=True, help="the saved run config (YAML)")
+    parser.add_argument("--data", type=Path, required=True, help="the pickled PreparedData (sample lists)")
+    parser.add_argument("--out", type=Path, required=True, help="the run folder: RUN/tuner, trials.csv")
+    parser.add_argument("--result", type=Path, help="chief: where to write the result JSON")
+    parser.add_argument("--exit-with-parent", action="store_true", help="exit when the launching process dies")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stdout, force=True)
+    if args.exit_with_parent:
+        _exit_with_parent()
+    from defectflow.environment import configure_environment
+
+    configure_environment()
+    cfg = from_yaml(args.config.read_text())
+    with open(args.data, "rb") as f:
+        data = pickle.load(f)
+    run_tuner(cfg, data, args.out, args.result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
