@@ -18,10 +18,11 @@ $DEFECTFLOW_HOME/benchmarks/orchestration (its own BentoML, Keras and Prefect fo
     counted), or the server of `--api-url`. Its task runs (read from the API afterwards) give a
     per-task breakdown: median seconds per task run, and the flow's wall time not spent inside
     task runs.
-(2) direct: `direct_pipeline()` below calls the same defectflow functions as the tasks of
-    flows/training.py, in the same order, with the same arguments, without Prefect: no task
-    runs, no run logger, no artifacts (their Markdown and tables are still built, only not
-    sent). Keep it in step with flows/training.py and tasks/*.py.
+(2) direct: `direct_pipeline()` runs the body of flows/training.py's flow with each task
+    called as its plain function (`without_prefect`): the same code, in the same order, with
+    no task runs, no run logger and no artifacts sent (their Markdown and tables are still
+    built). Both variants recompute every step (PREFECT_TASKS_REFRESH_CACHE=true): the
+    cache of the flow would otherwise skip the scan and the validation.
 
 Each variant runs `--warmup` untimed times first (TensorFlow graph tracing, first split of the
 data version), then `--repeats` times, alternating which goes first. Printed and written to
@@ -33,15 +34,12 @@ On 2 CPU cores the TensorFlow stages (tune, train, export) vary by several secon
 run in either variant, more than Prefect costs; `outside_tasks_percent` (the flow's wall time
 outside its task runs, over the direct median) is Prefect's share that no stage hides, and
 the per-stage medians show each task run's bookkeeping. Use more --repeats for a tighter
-median. Measuring while flows/ or tasks/ are being edited: run a copy of a commit
-(`git archive HEAD | tar -x -C DIR`, then DIR/benchmarks/orchestration_overhead.py), since
-the flow and direct_pipeline() must be the same pipeline.
+median.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import signal
@@ -73,6 +71,7 @@ class Stopwatch:
 
     def __init__(self):
         self.stages: dict[str, float] = {}
+        self.running = False
 
     @contextmanager
     def __call__(self, name: str):
@@ -80,178 +79,65 @@ class Stopwatch:
         try:
             yield
         finally:
-            self.stages[name] = time.perf_counter() - start
+            self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - start
+
+    def timed(self, name: str, fn):
+        def run(*args, **kwargs):
+            if self.running:  # inside another stage (check-data in validate-data): counted there
+                return fn(*args, **kwargs)
+            self.running = True
+            try:
+                with self(name):
+                    return fn(*args, **kwargs)
+            finally:
+                self.running = False
+
+        return run
+
+
+@contextmanager
+def without_prefect(watch: Stopwatch):
+    """The pipeline's tasks as plain functions: in flows.training and the tasks modules, every
+    Prefect task is replaced by its undecorated function (`.fn`, timed under the task's name),
+    get_run_logger by a standard logger, and create_*_artifact by a no-op (the Markdown and
+    tables are still built, as their arguments). Restored afterwards."""
+    import importlib
+    import logging
+
+    from prefect import Task
+
+    modules = [importlib.import_module(name) for name in
+               ("flows.training", "tasks.data", "tasks.training", "tasks.evaluation", "tasks.export",
+                "tasks.packaging")]
+    saved = []
+    for module in modules:
+        for attr, value in list(vars(module).items()):
+            if isinstance(value, Task):
+                replacement = watch.timed(value.name, value.fn)
+            elif attr == "get_run_logger":
+                replacement = lambda: logging.getLogger("defectflow.direct")  # noqa: E731
+            elif attr.startswith("create_") and attr.endswith("_artifact"):
+                replacement = lambda *args, **kwargs: None  # noqa: E731
+            else:
+                continue
+            saved.append((module, attr, value))
+            setattr(module, attr, replacement)
+    try:
+        yield
+    finally:
+        for module, attr, value in saved:
+            setattr(module, attr, value)
 
 
 def direct_pipeline(config: str, overrides: list[str], watch: Stopwatch | None = None) -> dict:
-    """flows/training.py's training_pipeline without Prefect: each block is the body of the task
-    named in it (tasks/*.py) minus get_run_logger() and create_*_artifact (whose content is
-    still computed). Returns the flow's summary dict."""
-    from omegaconf import OmegaConf
-
-    from defectflow.calibration import calibrate_model
-    from defectflow.config import REPO_ROOT as CONFIG_ROOT
-    from defectflow.config import load_config, resolve_path, save_config, to_yaml
-    from defectflow.data.augment import JointAugmentation, augmentation_preview
-    from defectflow.data.dataset import load_split, spread_over_classes
-    from defectflow.data.mvtec import class_counts, class_names, scan_dataset
-    from defectflow.data.split import select, split_dataset, write_manifest
-    from defectflow.evaluation import evaluate, evaluate_model_dir
-    from defectflow.export import export_compact, markdown
-    from defectflow.gate import decide
-    from defectflow.inference import ModelInfo, Predictor
-    from defectflow.plots import curves_image, save_rgb
-    from defectflow.registry import (
-        RegistryError,
-        build_bento,
-        code_revision,
-        production_tag,
-        promote,
-        save_model,
-        sha256_file,
-        verify_model,
-    )
-    from defectflow.report import load_history, metrics_table_rows, summary_markdown, write_report
-    from defectflow.runs import open_run_dir
-    from defectflow.training import PreparedData, apply_hyperparameters, save_artifact, train, tune
-    from defectflow.validation import (
-        image_facts,
-        require_valid,
-        sha256_by_path,
-        validate_dataset,
-        with_splits,
-    )
+    """flows/training.py's training_pipeline body with its tasks called as plain functions (see
+    `without_prefect`): the same code in the same order, no Prefect. Returns the flow's summary."""
+    from flows.training import training_pipeline
 
     watch = watch or Stopwatch()
-    with watch("load-config"):
-        cfg = load_config(config, overrides)
-        run_dir, resumed = open_run_dir(cfg, None)
-    with watch("scan-data"):
-        samples = scan_dataset(cfg.data.root, cfg.data.good_class)
-        facts = image_facts(samples, cfg.data.good_class)
-    with watch("split-data"):
-        sha256 = sha256_by_path(facts)
-        split = split_dataset(samples, sha256, cfg.data.split, Path(cfg.paths.home) / "manifests")
-        if not split.problem:
-            write_manifest(split.rows, run_dir / "manifest.csv", sha256)
-            (run_dir / "data_fingerprint.txt").write_text(split.fingerprint + "\n")
-    with watch("validate-data"):
-        out = run_dir / "validation"
-        result = validate_dataset(with_splits(facts, split.rows), cfg.validation, class_counts(samples),
-                                  data_docs_dir=out / "data_docs", facts_csv=out / "image_facts.csv")
-        (out / "summary.md").write_text(result.summary_markdown())
-        result.summary_markdown()  # the artifact's text
-        require_valid(result, split.problem)
-    with watch("augment-data"):
-        rows = split.rows
-        classes = list(cfg.data.classes) or class_names(samples, cfg.data.good_class)
-        data = PreparedData(select(rows, "train"), select(rows, "val"), classes)
-        augmentation = JointAugmentation(cfg.augment, seed=cfg.train.seed)
-        shown = load_split(spread_over_classes(select(rows, "train"), cfg.augment.preview_count), classes,
-                           cfg.model.input_size)
-        save_rgb(augmentation_preview(augmentation, shown.images, shown.masks, len(shown)),
-                 run_dir / "augmentation_preview.png")
-        augmentation.describe()
-    with watch("tune-hyperparameters"):
-        hyperparameters, _trials = tune(cfg, data, run_dir, resume=resumed)
-    with watch("train-model"):
-        tuned = apply_hyperparameters(cfg, hyperparameters)
-        save_config(tuned, run_dir / "config.tuned.yaml")
-        trained = train(tuned, data, run_dir)
-        model_dir = save_artifact(trained, tuned, data.classes, run_dir / "model")
-        save_rgb(curves_image(trained.history, ["loss", "val_loss", "class_loss", "val_class_loss"]),
-                 run_dir / "training_curves.png")
-        if "val_score" in trained.history:
-            save_rgb(curves_image(trained.history, ["val_score", "val_class_accuracy", "val_mask_dice"]),
-                     run_dir / "validation_curves.png")
-    with watch("calibrate-thresholds"):
-        if cfg.eval.calibrate:
-            thresholds = calibrate_model(model_dir, select(rows, "val"), cfg.train.batch_size,
-                                         run_dir / "calibration.json")
-            thresholds.markdown()
-    with watch("export-compact-model"):
-        if cfg.export.format == "none":
-            compact = {"format": "keras"}
-        else:
-            compact = export_compact(model_dir, select(rows, "test"), cfg.export, cfg.train.batch_size)
-            (run_dir / "export.json").write_text(json.dumps(compact, indent=2))
-            markdown(compact)
-    with watch("evaluate-model"):
-        evaluation = evaluate_model_dir(model_dir, select(rows, "test"), run_dir / "evaluation",
-                                        cfg.train.batch_size, cfg.eval.plot_count)
-        evaluation.markdown()
-    with watch("evaluate-champion"):
-        tag = production_tag(cfg.package.model_name)
-        champion = {"tag": tag, "evaluation": None, "note": None}
-        if tag is not None:
-            try:
-                champion_dir = verify_model(tag)
-                champion_classes = ModelInfo.load(champion_dir).classes
-            except (RegistryError, OSError, ValueError) as exc:
-                champion["note"] = f"champion {tag} could not be evaluated: {exc}"
-            else:
-                if champion_classes != ModelInfo.load(model_dir).classes:
-                    champion["note"] = f"champion {tag} predicts other classes: not comparable"
-                else:
-                    result = evaluate(Predictor.load(champion_dir), select(rows, "test"), cfg.train.batch_size,
-                                      plot_dir=run_dir / "champion_evaluation", plot_count=cfg.eval.plot_count)
-                    result.save(run_dir / "champion_evaluation")
-                    champion["evaluation"] = result
-    with watch("gate"):
-        champion_eval = champion["evaluation"]
-        decision = decide(evaluation.metrics, cfg.gate, champion_eval.metrics if champion_eval else None,
-                          champion["tag"], champion["note"])
-        decision.promoted = decision.passed and cfg.gate.promote
-        (run_dir / "gate.json").write_text(json.dumps(decision.to_dict(), indent=2))
-        decision.markdown()
-    with watch("register-model"):
-        training = json.loads((model_dir / "training.json").read_text())
-        manifest = sha256_file(run_dir / "manifest.csv") if (run_dir / "manifest.csv").exists() else None
-        metadata = {
-            "metrics": evaluation.headline(),
-            "evaluation": {k: v for k, v in evaluation.metrics.items() if k != "classes"},
-            "classes": evaluation.metrics["classes"],
-            "input_size": int(cfg.model.input_size),
-            "serving_format": ModelInfo.load(model_dir).serving_format,
-            "config": OmegaConf.to_container(cfg, resolve=True),
-            "config_sha256": hashlib.sha256(to_yaml(cfg).encode()).hexdigest(),
-            "data_root": str(resolve_path(cfg.data.root)),
-            "data_fingerprint": split.fingerprint,
-            "manifest_sha256": manifest,
-            "code_revision": code_revision(),
-            "run_dir": str(run_dir),
-            "hyperparameters": training["hyperparameters"],
-            "training_seconds": round(training["seconds"], 1),
-            "device": training["device"],
-            "parent": decision.champion,
-            "gate": decision.to_dict(),
-            "report": str(run_dir / "report" / "report.html"),
-        }
-        model_tag = save_model(model_dir, cfg.package.model_name, metadata)
-    with watch("promote-model"):
-        package = {"model_tag": model_tag, "promoted": False, "bento_tag": None, "decision": decision.message}
-        if decision.promoted:
-            promote(model_tag, reason=decision.message)
-            package["promoted"] = True
-            if cfg.package.build_bento:
-                package["bento_tag"] = build_bento(model_tag, CONFIG_ROOT / cfg.package.bentofile, CONFIG_ROOT)
-        (run_dir / "package.json").write_text(json.dumps(package, indent=2))
-    with watch("write-report"):
-        training_file = run_dir / "model" / "training.json"
-        paths = write_report(
-            run_dir / "report", evaluation, champion_eval, decision,
-            history=load_history(training_file) if training_file.exists() else None,
-            title=f"defectflow: {model_tag}",
-            info={"model": model_tag, "champion": champion["tag"] or "none (first model)", "run": run_dir.name,
-                  "serving format": ModelInfo.load(run_dir / "model").serving_format,
-                  "data": str(cfg.data.root), "test images": evaluation.metrics["n_images"]},
-            error_count=cfg.eval.plot_count)
-        summary_markdown(evaluation, champion_eval, decision, title=f"{model_tag}: evaluation")
-        metrics_table_rows(evaluation, champion_eval)
-    return {"run_dir": str(run_dir), "data_fingerprint": split.fingerprint, "model_dir": str(model_dir),
-            "hyperparameters": hyperparameters, "metrics": evaluation.headline(),
-            "serving_format": compact["format"], "champion": decision.champion, "report": str(paths["html"]),
-            **package}
+    with without_prefect(watch):
+        state = training_pipeline.fn(config=config, overrides=overrides)
+    return state.data
 
 
 def flow_pipeline(config: str, overrides: list[str]) -> tuple[dict, str]:
@@ -273,6 +159,8 @@ def task_breakdown(flow_run_id: str) -> dict[str, float]:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     seconds: dict[str, float] = {}
     for run in runs:
+        if run.task_inputs.get("__parents__"):
+            continue  # a task run inside another (check-data in validate-data): counted in its parent
         name = run.name.rsplit("-", 1)[0]  # "train-model-a1b" -> "train-model"
         seconds[name] = seconds.get(name, 0.0) + run.total_run_time.total_seconds()
     return seconds
@@ -346,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.mkdir(parents=True, exist_ok=True)
     # Own state folders, set before Prefect, BentoML or Keras is imported; runs go under bench/.
     os.environ.update(BENTOML_HOME=str(bench / "bentoml"), KERAS_HOME=str(bench / "keras"),
-                      PREFECT_HOME=str(bench / "prefect"))
+                      PREFECT_HOME=str(bench / "prefect"),
+                      # The same work in both variants: no task result is taken from the cache.
+                      PREFECT_TASKS_REFRESH_CACHE="true")
     configure_environment(home)
     os.chdir(REPO_ROOT)
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 from prefect import flow
 from prefect.states import Completed
 
-from flows.training import pipeline_overrides, training_pipeline
+from defectflow.config import form_overrides
+from flows.training import training_pipeline
 from tasks.data import fingerprint_data, load_config_only
 from tasks.packaging import production_data_version
 
@@ -26,7 +27,7 @@ def nightly_retrain(config: str = "default", overrides: list[str] | None = None,
     Unchanged data ends the run Completed with "skipped: no new data". A failing retrain ends
     Failed and never touches the production model (promotion is the pipeline's last step).
     """
-    settings = pipeline_overrides(data_root, tuner_trials, None, overrides)
+    settings = form_overrides(data_root, tuner_trials, None, overrides)
     cfg = load_config_only(config, settings)
     data_version = fingerprint_data(cfg)
     production = production_data_version(cfg)
@@ -34,4 +35,5 @@ def nightly_retrain(config: str = "default", overrides: list[str] | None = None,
         return Completed(message=f"skipped: no new data (data version {data_version[:12]} is the one production "
                                  f"model {production['tag']} was trained on)",
                          data={"skipped": True, "data_version": data_version, "production": production["tag"]})
-    return training_pipeline(config=config, overrides=settings, return_state=True)
+    summary = training_pipeline(config=config, overrides=settings)  # a failure fails this run too
+    return Completed(message=summary["decision"], data=summary)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.states import Completed
 
+from defectflow.config import form_overrides
 from tasks.data import (
     augment_data,
     fingerprint_data,
@@ -26,17 +27,6 @@ from tasks.packaging import promote_model, register_model
 from tasks.training import train_model, tune_hyperparameters
 
 
-def pipeline_overrides(data_root: str | None = None, tuner_trials: int | None = None,
-                       promote: bool | None = None, overrides: list[str] | None = None) -> list[str]:
-    """The form's fields as `key=value` overrides; the free-form overrides come last and win."""
-    fields = [f"data.root={data_root}"] if data_root else []
-    if tuner_trials is not None:
-        fields += ["tune.enabled=false"] if tuner_trials == 0 else ["tune.enabled=true", f"tune.max_trials={tuner_trials}"]
-    if promote is not None:
-        fields.append(f"gate.promote={str(promote).lower()}")
-    return [*fields, *(overrides or [])]
-
-
 @flow(name="training-pipeline", log_prints=True)
 def training_pipeline(config: str = "default", overrides: list[str] | None = None, data_root: str | None = None,
                       tuner_trials: int | None = None, promote: bool = True, run_id: str | None = None):
@@ -53,7 +43,7 @@ def training_pipeline(config: str = "default", overrides: list[str] | None = Non
     A challenger the gate rejects ends the run Completed with a "not promoted: ..." message
     and production untouched; errors end it Failed.
     """
-    cfg, run_dir, resumed = load_run_config(config, pipeline_overrides(data_root, tuner_trials, promote, overrides),
+    cfg, run_dir, resumed = load_run_config(config, form_overrides(data_root, tuner_trials, promote, overrides),
                                             run_id)
     data_version = fingerprint_data(cfg)
     samples, facts = scan_data(cfg, data_version)

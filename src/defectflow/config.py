@@ -394,6 +394,18 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"eval.mask_threshold must be in (0, 1), got {cfg.eval.mask_threshold}")
 
 
+def form_overrides(data_root: str | None = None, tuner_trials: int | None = None,
+                       promote: bool | None = None, overrides: list[str] | None = None) -> list[str]:
+    """The fields of the run form (Prefect UI) as `key=value` overrides; the free-form
+    `overrides` come last and win."""
+    fields = [f"data.root={data_root}"] if data_root else []
+    if tuner_trials is not None:
+        fields += ["tune.enabled=false"] if tuner_trials == 0 else ["tune.enabled=true", f"tune.max_trials={tuner_trials}"]
+    if promote is not None:
+        fields.append(f"gate.promote={str(promote).lower()}")
+    return [*fields, *(overrides or [])]
+
+
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg)
 

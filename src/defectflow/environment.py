@@ -28,6 +28,8 @@ def configure_environment(home: str | Path | None = None) -> Path:
         "BENTOML_DO_NOT_TRACK": "true",
         "TF_CPP_MIN_LOG_LEVEL": "2",
         "KERAS_BACKEND": "tensorflow",
+        # defectflow's own log lines (src/defectflow uses `logging`) go to the Prefect run log too.
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "defectflow",
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)

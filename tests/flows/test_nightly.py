@@ -7,9 +7,8 @@ import pytest
 from helpers_models import make_tiny_model_dir
 
 from defectflow import registry
-from defectflow.config import load_config
+from defectflow.config import form_overrides, load_config
 from defectflow.data.split import dataset_fingerprint, listing_signature
-from flows.training import pipeline_overrides
 
 
 @pytest.fixture(scope="module")
@@ -21,11 +20,11 @@ def prefect_server():
 
 
 def test_form_fields_become_overrides_and_free_overrides_win():
-    assert pipeline_overrides() == []
-    assert pipeline_overrides("/data", 5, False, ["gate.promote=true"]) == [
+    assert form_overrides() == []
+    assert form_overrides("/data", 5, False, ["gate.promote=true"]) == [
         "data.root=/data", "tune.enabled=true", "tune.max_trials=5", "gate.promote=false", "gate.promote=true"]
-    assert pipeline_overrides(tuner_trials=0) == ["tune.enabled=false"]
-    cfg = load_config("tiny", pipeline_overrides("/data", 0, False))
+    assert form_overrides(tuner_trials=0) == ["tune.enabled=false"]
+    cfg = load_config("tiny", form_overrides("/data", 0, False))
     assert (cfg.data.root, cfg.tune.enabled, cfg.gate.promote) == ("/data", False, False)
 
 
