@@ -42,10 +42,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -166,53 +164,22 @@ def task_breakdown(flow_run_id: str) -> dict[str, float]:
     return seconds
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def prefect_server(home: Path):
-    """`prefect server start` on a free 127.0.0.1 port until /api/health answers; its API URL."""
-    import urllib.request
+    """A Prefect server on a free 127.0.0.1 port (defectflow.stack, no worker: the flow runs in
+    this process), stopped afterwards; yields its API URL."""
+    from defectflow import stack
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, PREFECT_HOME=str(home / "prefect-server"), PREFECT_UI_API_URL=f"{url}/api",
-               PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    env.pop("PREFECT_API_URL", None)
-    (home / "prefect-server").mkdir(parents=True, exist_ok=True)
-    log = home / "prefect-server.log"
-    command = [str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", "127.0.0.1",
-               "--port", str(port)]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    state = stack.up(home, port=port, deploy=False, worker=False, say=lambda line: print(line, file=sys.stderr))
+    print(f"prefect server at {state.ui_url} ready in {time.monotonic() - start:.1f} s", file=sys.stderr)
     try:
-        start = time.monotonic()
-        while True:
-            if proc.poll() is not None:
-                sys.exit(f"prefect server exited {proc.returncode}: see {log}")
-            try:
-                with opener.open(f"{url}/api/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() - start > 180:
-                sys.exit(f"prefect server did not answer within 180 s: see {log}")
-            time.sleep(0.5)
-        print(f"prefect server at {url} ready in {time.monotonic() - start:.1f} s (log {log})", file=sys.stderr)
-        yield f"{url}/api"
+        yield state.api_url
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        stack.down(home, say=lambda line: print(line, file=sys.stderr))
 
 
 def _stats(values: list[float]) -> dict:

@@ -49,7 +49,7 @@ def register_model(cfg, model_dir: Path, evaluation: Evaluation, decision: GateD
     return tag
 
 
-@task(name="promote-model", cache_policy=NONE)
+@task(name="promote-model", cache_policy=NONE, retries=2, retry_delay_seconds=10)  # promotion is idempotent
 def promote_model(cfg, model_tag: str, decision: GateDecision, run_dir: Path) -> dict:
     """Promote a challenger the gate passed; build the Bento that serves it."""
     logger = get_run_logger()
