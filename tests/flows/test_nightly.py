@@ -77,3 +77,28 @@ def test_promote_flow_records_rollback_and_refuses_a_missing_tag(prefect_server,
     assert registry.history()[-1]["reason"] == "bad night"
     failed = promote(action="promote", model=None, build_bento=False, return_state=True)
     assert failed.is_failed() and registry.production_tag() == first
+
+
+def test_evaluate_flow_publishes_metrics_beside_production(prefect_server, tiny_dataset, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from flows.models import evaluate
+
+    first, second = (registry.save_model(make_tiny_model_dir(tmp_path / str(i), seed=i), "defectflow",
+                                         {"metrics": {"accuracy": 0.5}}) for i in range(2))
+    registry.promote(first, reason="test")
+    state = evaluate(model=second, data_root=str(tiny_dataset), return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["model"] == second and result["stage"] == "candidate" and result["production"] == first
+    assert set(result["metrics"]) >= {"accuracy", "presence_accuracy", "defect_dice"}
+    assert result["production_metrics"] and result["gate"]
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    assert {"evaluation-report", "metrics-comparison"} <= {a.key for a in artifacts}
+    assert registry.production_tag() == first  # read-only on the registry
+
+    missing = evaluate(model="defectflow:doesnotexist", return_state=True)
+    assert missing.is_failed()
