@@ -7,10 +7,10 @@
 /api). The script reads the run from `GET <ui-url>/api/flow_runs/<id>` (its name and state
 name), opens `<ui-url>/runs/flow-run/<id>` in headless Chromium (1400x1000 window, temporary
 profile), waits until the rendered page text (document.body.innerText, compared ignoring case
-since the UI upper-cases some labels) contains both the run's name and its state name, saves a
-PNG and prints one JSON line:
+since the UI upper-cases some labels) contains the run's name, its state name and the first
+words of its first log line (when it has logs), saves a PNG and prints one JSON line:
 
-    {"screenshot": PATH, "flow_run": NAME, "state": STATE, "found": [NAME, STATE], ...}
+    {"screenshot": PATH, "flow_run": NAME, "state": STATE, "found": [NAME, STATE, LOG], ...}
 
 Exit codes: 0 rendered; 1 the text never appeared within --timeout (sooner when the page says
 it cannot connect to the API /ui-settings names), or the API/browser failed
@@ -52,12 +52,23 @@ from browser import DevToolsError, find_browser, headless_chromium, new_tab  # n
 WIDTH, HEIGHT = 1400, 1000
 
 
-def _get_json(url: str, timeout: float = 10) -> dict:
+def _get_json(url: str, timeout: float = 10, body: dict | None = None) -> dict | list:
     # No proxy: the server is local, and a proxy from the environment must not intercept.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(urllib.request.Request(url, headers={"Accept": "application/json"}),
-                     timeout=timeout) as response:
+    request = urllib.request.Request(url, headers={"Accept": "application/json", "Content-Type": "application/json"},
+                                     data=json.dumps(body).encode() if body is not None else None)
+    with opener.open(request, timeout=timeout) as response:
         return json.loads(response.read())
+
+
+def _first_log_words(ui: str, flow_run_id: str) -> str | None:
+    """The start of the run's first log line: the page has rendered its logs when it shows it."""
+    with suppress(urllib.error.URLError, OSError, ValueError):
+        logs = _get_json(f"{ui}/api/logs/filter", body={"logs": {"flow_run_id": {"any_": [flow_run_id]}},
+                                                         "sort": "TIMESTAMP_ASC", "limit": 1})
+        if logs:
+            return " ".join(logs[0]["message"].split()[:4]) or None
+    return None
 
 
 def _fail(message: str, code: int = 1, **fields) -> int:
@@ -92,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(wanted) < 2:
         return _fail(f"flow run {args.flow_run_id} has no name or no state in the API answer",
                      flow_run=name, state=state)
+    log_words = _first_log_words(ui, args.flow_run_id)
+    if log_words:
+        wanted.append(log_words)
     ui_api = None
     with suppress(urllib.error.URLError, OSError, ValueError):
         ui_api = _get_json(f"{ui}/ui-settings").get("api_url")

@@ -1,6 +1,6 @@
 """scripts/prefect_ui_screenshot.py end to end: a real `prefect server` on 127.0.0.1, a tiny
 flow run against it, the script as a subprocess in headless Chromium; the PNG must show the
-run's page (name and state found in the rendered text, a non-blank image). Skipped, saying
+run's page (name, state and first log line found in the rendered text, a non-blank image). Skipped, saying
 why, without a Chromium binary."""
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ pytestmark = pytest.mark.integration
 SCRIPT = REPO_ROOT / "scripts" / "prefect_ui_screenshot.py"
 
 _FLOW = """
-from prefect import flow
+from prefect import flow, get_run_logger
 
 @flow(name="ui-screenshot-smoke")
 def smoke():
+    get_run_logger().warning("smoke flow wrote this line")
     return 1
 
 state = smoke(return_state=True)
@@ -80,7 +81,9 @@ def test_screenshot_shows_the_flow_run(prefect_ui, tmp_path):
     result = json.loads(shot.stdout.strip().splitlines()[-1])
     assert result["screenshot"] == str(out.resolve())
     assert result["state"] == "Completed"
-    assert result["flow_run"] and result["found"] == [result["flow_run"], "Completed"]
+    # Name, state and the start of its first log line (the flow logs, so the page shows logs too).
+    assert result["flow_run"] and result["found"][:2] == [result["flow_run"], "Completed"]
+    assert result["found"][2] == "smoke flow wrote this"
     print(f"screenshot: {out}")
 
     image = cv2.imread(str(out))
