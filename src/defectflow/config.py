@@ -219,6 +219,12 @@ class EvalConfig:
     calibrate: bool = True
     #: How many test predictions the error-analysis plot shows.
     plot_count: int = 12
+    #: Fit a temperature on the validation split that calibrates the class probabilities
+    #: (stored with the model; serving reports the calibrated confidence).
+    temperature_scaling: bool = True
+    #: The confidence threshold stored with the model is the lowest at which the validation images
+    #: answered with at least that confidence reach this accuracy; below it an answer is "uncertain".
+    accept_target_accuracy: float = 0.99
 
 
 @dataclass
@@ -269,6 +275,19 @@ class ServeBatchConfig:
 
 
 @dataclass
+class InboxConfig:
+    """Where the service keeps the images it was uncertain about, for a person to review."""
+
+    enabled: bool = False
+    path: str = "${paths.home}/inbox"
+    #: Retention: beyond either limit new items are not stored (counted and logged instead).
+    max_items: int = 10_000
+    max_bytes: int = 2_000_000_000
+    #: Reviewed items become images (and masks) of this MVTec-layout dataset, with provenance.
+    incoming: str = "${paths.home}/data/incoming"
+
+
+@dataclass
 class ServeConfig:
     """What the HTTP service accepts. Read from the served model's config; the environment
     variable DEFECTFLOW_SERVE_OVERRIDES ("serve.max_upload_bytes=1000000 ...") overrides it."""
@@ -287,6 +306,7 @@ class ServeConfig:
     #: When this environment variable is set, every endpoint but the health checks needs
     #: `Authorization: Bearer <its value>`.
     auth_token_env: str = "DEFECTFLOW_API_TOKEN"
+    inbox: InboxConfig = field(default_factory=InboxConfig)
 
 
 @dataclass
@@ -390,6 +410,10 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"tune.workers must be >= 0 (0 = search in this process), got {cfg.tune.workers}")
     if not 0 <= cfg.tune.oracle_port <= 65535:
         raise ConfigError(f"tune.oracle_port must be in 0..65535 (0 = a free port), got {cfg.tune.oracle_port}")
+    if not 0.0 < cfg.eval.accept_target_accuracy <= 1.0:
+        raise ConfigError(f"eval.accept_target_accuracy must be in (0, 1], got {cfg.eval.accept_target_accuracy}")
+    if cfg.serve.inbox.max_items < 0 or cfg.serve.inbox.max_bytes < 0:
+        raise ConfigError("serve.inbox.max_items and serve.inbox.max_bytes must be >= 0")
     if not 0.0 < cfg.eval.mask_threshold < 1.0:
         raise ConfigError(f"eval.mask_threshold must be in (0, 1), got {cfg.eval.mask_threshold}")
 
