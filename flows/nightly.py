@@ -14,7 +14,7 @@ from tasks.packaging import production_data_version
 
 @flow(name="nightly-retrain", log_prints=True)
 def nightly_retrain(config: str = "default", overrides: list[str] | None = None, data_root: str | None = None,
-                    tuner_trials: int | None = None, force: bool = False):
+                    tuner_trials: int | None = None, merge_reviewed: bool = True, force: bool = False):
     """Retrain on the current data when it differs from the production model's; the champion/challenger gate decides.
 
     Args:
@@ -22,12 +22,14 @@ def nightly_retrain(config: str = "default", overrides: list[str] | None = None,
         overrides: Extra `key=value` settings applied last, e.g. train.epochs=3.
         data_root: Dataset folder in MVTec AD layout; empty keeps the config's data.root.
         tuner_trials: KerasTuner trials (tune.max_trials); 0 skips the search; empty keeps the config's.
+        merge_reviewed: Add the reviewed images of the inbox (serve.inbox.incoming, MVTec layout) to the data.
         force: Retrain even when the data is unchanged.
 
     Unchanged data ends the run Completed with "skipped: no new data". A failing retrain ends
     Failed and never touches the production model (promotion is the pipeline's last step).
     """
-    settings = form_overrides(data_root, tuner_trials, None, overrides)
+    reviewed = ["data.incoming=${serve.inbox.incoming}"] if merge_reviewed else []
+    settings = form_overrides(data_root, tuner_trials, None, [*reviewed, *(overrides or [])])
     cfg = load_config_only(config, settings)
     data_version = fingerprint_data(cfg)
     production = production_data_version(cfg)

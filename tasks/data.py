@@ -15,7 +15,7 @@ from prefect.utilities.hashing import hash_objects
 from defectflow.config import load_config, resolve_path
 from defectflow.data.augment import JointAugmentation, augmentation_preview
 from defectflow.data.dataset import load_split, spread_over_classes
-from defectflow.data.mvtec import class_counts, class_names, scan_dataset
+from defectflow.data.mvtec import class_counts, class_names, scan_training_data
 from defectflow.data.split import (
     SplitOutcome,
     dataset_fingerprint,
@@ -57,19 +57,26 @@ def load_config_only(config: str, overrides: list[str]):
 
 
 def _data_key(cfg) -> str:
-    return f"{resolve_path(cfg.data.root)}|{cfg.data.good_class}"
+    incoming = resolve_path(cfg.data.incoming) if cfg.data.incoming else ""
+    return f"{resolve_path(cfg.data.root)}|{incoming}|{cfg.data.good_class}"
+
+
+def _listing(cfg) -> str:
+    return listing_signature(resolve_path(cfg.data.root)) + (
+        listing_signature(resolve_path(cfg.data.incoming)) if cfg.data.incoming else "")
 
 
 # Deterministic steps are cached by what they read, with persisted results (under
 # $PREFECT_HOME/storage), so a retrain of unchanged data, or a re-run after a crash, skips them.
 @task(name="fingerprint-data", persist_result=True, cache_expiration=CACHE_FOR,
       cache_key_fn=lambda _, p: "fingerprint:" + hash_objects(
-          listing_signature(resolve_path(p["cfg"].data.root)), _data_key(p["cfg"]),
+          _listing(p["cfg"]), _data_key(p["cfg"]),
           OmegaConf.to_container(p["cfg"].data.split)))
 def fingerprint_data(cfg) -> str:
     """The data version: a hash of every file's class, name and bytes, and the split settings.
     Cached by the folder listing (path, size, mtime), so unchanged data is not read again."""
-    fingerprint = dataset_fingerprint(resolve_path(cfg.data.root), cfg.data.good_class, cfg.data.split)
+    fingerprint = dataset_fingerprint(resolve_path(cfg.data.root), cfg.data.good_class, cfg.data.split,
+                                      resolve_path(cfg.data.incoming) if cfg.data.incoming else None)
     get_run_logger().info("data version %s of %s", fingerprint[:12], cfg.data.root)
     return fingerprint
 
@@ -79,9 +86,12 @@ def fingerprint_data(cfg) -> str:
 def scan_data(cfg, data_version: str):
     """Find the images and masks and read each file once into the facts table (cached by the
     data version)."""
-    samples = scan_dataset(cfg.data.root, cfg.data.good_class)
+    samples = scan_training_data(cfg.data.root, cfg.data.good_class, cfg.data.incoming or None)
     facts = image_facts(samples, cfg.data.good_class)
-    get_run_logger().info("found %d images in %s: %s", len(samples), cfg.data.root, class_counts(samples))
+    reviewed = sum(s.origin.startswith("incoming/") for s in samples)
+    get_run_logger().info("found %d images in %s%s: %s", len(samples), cfg.data.root,
+                          f" ({reviewed} reviewed ones from {cfg.data.incoming})" if reviewed else "",
+                          class_counts(samples))
     return samples, facts
 
 

@@ -139,12 +139,12 @@ def cmd_preview(args) -> int:
 def cmd_validate(args) -> int:
     """The same gate as the flow: facts, split (with leakage checks), suite, Data Docs."""
     from defectflow.config import load_config
-    from defectflow.data.mvtec import class_counts, scan_dataset
+    from defectflow.data.mvtec import class_counts, scan_training_data
     from defectflow.data.split import split_dataset
     from defectflow.validation import image_facts, sha256_by_path, validate_dataset, with_splits
 
     cfg = load_config(args.config, args.overrides)
-    samples = scan_dataset(cfg.data.root, cfg.data.good_class)
+    samples = scan_training_data(cfg.data.root, cfg.data.good_class, cfg.data.incoming or None)
     facts = image_facts(samples, cfg.data.good_class)
     home = Path(cfg.paths.home)
     split = split_dataset(samples, sha256_by_path(facts), cfg.data.split, home / "manifests")

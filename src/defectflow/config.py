@@ -59,6 +59,9 @@ class DataConfig:
     classes: list[str] = field(default_factory=list)
     split: SplitConfig = field(default_factory=SplitConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
+    #: Reviewed images in MVTec layout (see serve.inbox.incoming), merged into the data when the
+    #: folder holds any; empty: none. The nightly retrain sets it to serve.inbox.incoming.
+    incoming: str = ""
 
 
 @dataclass

@@ -2,7 +2,13 @@ import cv2
 import numpy as np
 import pytest
 
-from defectflow.data.mvtec import DatasetError, class_counts, class_names, scan_dataset
+from defectflow.data.mvtec import (
+    DatasetError,
+    class_counts,
+    class_names,
+    scan_dataset,
+    scan_training_data,
+)
 
 
 def _write(path, value=100, shape=(8, 8, 3)):
@@ -40,3 +46,27 @@ def test_good_class_required(tmp_path):
     _write(tmp_path / "test/crack/000.png")
     with pytest.raises(DatasetError, match="good"):
         class_names(scan_dataset(tmp_path))
+
+
+def test_reviewed_images_join_the_data_when_there_are_any(tmp_path):
+    root, incoming = tmp_path / "data", tmp_path / "incoming"
+    _write(root / "train/good/000.png")
+    _write(root / "test/crack/000.png")
+    _write(root / "ground_truth/crack/000_mask.png", 255, (8, 8))
+    assert scan_training_data(root, incoming=None) == scan_dataset(root)
+    assert scan_training_data(root, incoming=incoming) == scan_dataset(root)  # no folder yet
+    incoming.mkdir()
+    (incoming / "provenance.jsonl").write_text("{}\n")
+    assert scan_training_data(root, incoming=incoming) == scan_dataset(root)  # nothing reviewed yet
+
+    _write(incoming / "test/crack/000.png", 50)  # the same file name as in data.root
+    _write(incoming / "ground_truth/crack/000_mask.png", 255, (8, 8))
+    _write(incoming / "train/good/007.png", 60)
+    merged = scan_training_data(root, incoming=incoming)
+    assert class_counts(merged) == {"crack": 2, "good": 2}
+    reviewed = {(s.origin, s.label, s.path.name) for s in merged if s.origin.startswith("incoming/")}
+    assert reviewed == {("incoming/test", "crack", "000.png"), ("incoming/train", "good", "007.png")}
+    assert all(s.mask_path for s in merged if s.label == "crack")
+
+    with pytest.raises(DatasetError, match="folder of their own"):
+        scan_training_data(root, incoming=root)

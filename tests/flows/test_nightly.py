@@ -43,6 +43,10 @@ def test_fingerprint_is_the_split_fingerprint_and_follows_the_bytes(tiny_dataset
     copy = shutil.copytree(tiny_dataset, tmp_path / "copy")
     assert dataset_fingerprint(copy, "good", cfg.data.split) == split.fingerprint  # wherever it lives
     before = listing_signature(copy)
+    incoming = tmp_path / "incoming" / "test" / "crack"
+    incoming.mkdir(parents=True)
+    shutil.copy(next((copy / "test" / "crack").glob("*.png")), incoming / "reviewed.png")
+    assert dataset_fingerprint(copy, "good", cfg.data.split, incoming.parents[1]) != split.fingerprint
     image = next((copy / "test" / "crack").glob("*.png"))
     image.write_bytes(image.read_bytes() + b"\0")
     assert listing_signature(copy) != before

@@ -67,6 +67,21 @@ def scan_dataset(root: str | Path, good_class: str = "good") -> list[Sample]:
     return samples
 
 
+def scan_training_data(root: str | Path, good_class: str = "good", incoming: str | Path | None = None) -> list[Sample]:
+    """The dataset at `root`, plus the reviewed images of `incoming` (the same layout) when that
+    folder holds any. Their origin is prefixed "incoming/", so a file name used in both stays
+    two samples (and the data version changes with every reviewed image)."""
+    samples = scan_dataset(root, good_class)
+    if not incoming or not Path(incoming).is_dir():
+        return samples
+    if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in Path(incoming).rglob("*") if p.is_file()):
+        return samples  # created, nothing reviewed yet
+    if Path(incoming).resolve() == Path(root).resolve():
+        raise DatasetError(f"data.incoming is data.root ({root}): reviewed images must go to a folder of their own")
+    return samples + [Sample(s.path, s.label, s.mask_path, f"incoming/{s.origin}")
+                      for s in scan_dataset(incoming, good_class)]
+
+
 def class_names(samples: list[Sample], good_class: str = "good") -> list[str]:
     """`good` first (index 0 means defect-free), then the defect classes in sorted order."""
     labels = {s.label for s in samples}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from defectflow.data.mvtec import DatasetError, Sample, scan_dataset
+from defectflow.data.mvtec import DatasetError, Sample, scan_training_data
 
 SPLITS = ("train", "val", "test")
 
@@ -62,11 +62,11 @@ def data_fingerprint(samples: list[Sample], sha256: dict[Path, str], split_cfg) 
     return digest.hexdigest()
 
 
-def dataset_fingerprint(root: str | Path, good_class: str, split_cfg) -> str:
-    """`data_fingerprint` of the dataset at `root`, reading each file once (no decoding): what
-    the nightly retrain compares with the production model's. Unreadable files are left out
-    here; the validation gate reports them."""
-    samples = scan_dataset(root, good_class)
+def dataset_fingerprint(root: str | Path, good_class: str, split_cfg, incoming: str | Path | None = None) -> str:
+    """`data_fingerprint` of the dataset at `root` (with the reviewed images of `incoming`),
+    reading each file once (no decoding): what the nightly retrain compares with the production
+    model's. Unreadable files are left out here; the validation gate reports them."""
+    samples = scan_training_data(root, good_class, incoming)
     sha256 = {}
     for s in samples:
         try:
