@@ -98,6 +98,28 @@ def _parser() -> argparse.ArgumentParser:
     deploy = sub.add_parser("deploy", help="serve the training pipeline as a Prefect deployment")
     deploy.add_argument("--name", default="training-pipeline", help="deployment name")
     deploy.add_argument("--cron", default=None, help="schedule, e.g. '0 2 * * *' (default: none)")
+    review = sub.add_parser("review", help="review the inbox of uncertain predictions: label them into the "
+                                           "incoming dataset, or discard them")
+    review.add_argument("--inbox", type=Path, default=None, help="inbox folder (default: serve.inbox.path)")
+    review.add_argument("--incoming", type=Path, default=None,
+                        help="dataset reviewed items go to (default: serve.inbox.incoming)")
+    review.add_argument("--config", default="default", help="config name in configs/ (default: default)")
+    review_sub = review.add_subparsers(dest="review_command", required=True)
+    review_list = review_sub.add_parser("list", help="pending items (oldest first)")
+    review_list.add_argument("--status", default="pending", choices=["pending", "reviewed", "discarded", "all"])
+    review_list.add_argument("--json", action="store_true")
+    review_show = review_sub.add_parser("show", help="one item: its prediction; --out writes image and overlay PNGs")
+    review_show.add_argument("id")
+    review_show.add_argument("--out", type=Path, default=None, help="folder for <id>.png and <id>_overlay.png")
+    review_show.add_argument("--json", action="store_true")
+    review_accept = review_sub.add_parser("accept", help="write an item into the incoming dataset as --label")
+    review_accept.add_argument("id")
+    review_accept.add_argument("--label", required=True, help="the class (one of the model's classes)")
+    review_accept.add_argument("--mask", default="keep",
+                               help="keep (the predicted mask), clear, or a PNG file (non-zero = defect)")
+    review_accept.add_argument("--reviewer", default=None, help="who reviewed (default: the login name)")
+    review_discard = review_sub.add_parser("discard", help="drop an item")
+    review_discard.add_argument("id")
     return parser
 
 
@@ -443,6 +465,69 @@ def cmd_deploy(args) -> int:
     return 0
 
 
+def cmd_review(args) -> int:
+    """The review inbox in a terminal: the same `defectflow.inbox.Inbox` the service writes."""
+    import base64
+    import getpass
+
+    from defectflow.inbox import Inbox, InboxError
+
+    inbox_path, incoming, limits = args.inbox, args.incoming, {}
+    if inbox_path is None or incoming is None:
+        from defectflow.config import load_config
+
+        settings = load_config(args.config).serve.inbox
+        inbox_path = inbox_path or Path(settings.path)
+        incoming = incoming or Path(settings.incoming)
+        limits = {"max_items": int(settings.max_items), "max_bytes": int(settings.max_bytes)}
+    if not (inbox_path / "index.sqlite3").exists():
+        print(f"defectflow: error: no inbox at {inbox_path} (the service creates it when serve.inbox.enabled=true)",
+              file=sys.stderr)
+        return 2
+    inbox = Inbox(inbox_path, incoming=incoming, **limits)
+    command = args.review_command
+    try:
+        if command == "list":
+            items = inbox.list(None if args.status == "all" else args.status)
+            if args.json:
+                print(json.dumps(items, indent=2))
+            elif not items:
+                print(f"no {args.status} items in {inbox_path}")
+            else:
+                print(_table(["id", "time", "predicted", "confidence", "status", "model"],
+                             [[i["id"], i["time_iso"], i["predicted_class"], f"{i['confidence']:.3f}", i["status"],
+                               i["model"]] for i in items]))
+        elif command == "show":
+            item = inbox.view(args.id) if args.out else inbox.get(args.id)
+            images = {k: item.pop(k) for k in ("image_png_base64", "overlay_png_base64", "image_bytes") if k in item}
+            if "prediction" in item:
+                item["prediction"].pop("mask_png_base64", None)
+            if args.out and images:
+                args.out.mkdir(parents=True, exist_ok=True)
+                for key, name in (("image_png_base64", f"{args.id}.png"), ("overlay_png_base64", f"{args.id}_overlay.png")):
+                    (args.out / name).write_bytes(base64.b64decode(images[key]))
+                    print(f"wrote {args.out / name}", file=sys.stderr)
+            print(json.dumps(item, indent=2))
+        elif command == "accept":
+            mask = args.mask
+            if mask not in ("keep", "clear"):
+                try:
+                    mask = Path(mask).read_bytes()
+                except OSError as exc:
+                    print(f"defectflow: error: --mask is keep, clear or a PNG file: {exc}", file=sys.stderr)
+                    return 2
+            done = inbox.review(args.id, args.label, mask, args.reviewer or getpass.getuser())
+            print(f"{done.id}: {done.label} -> {Path(done.incoming) / done.image}"
+                  + (f" (mask {Path(done.incoming) / done.mask})" if done.mask else ""))
+        elif command == "discard":
+            inbox.discard(args.id)
+            print(f"{args.id}: discarded")
+    except InboxError as exc:
+        print(f"defectflow: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_environment()
@@ -452,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
 
     handlers = {"validate": cmd_validate, "train": cmd_train, "reproduce": cmd_reproduce, "evaluate": cmd_evaluate,
                 "models": cmd_models, "serve": cmd_serve, "deploy": cmd_deploy, "up": cmd_up,
-                "down": cmd_down, "status": cmd_status}
+                "down": cmd_down, "status": cmd_status, "review": cmd_review}
     if args.command == "data":
         handler = cmd_preview if args.data_command == "preview" else cmd_synth
     else:
