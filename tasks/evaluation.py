@@ -20,15 +20,24 @@ from defectflow.report import load_history, metrics_table_rows, summary_markdown
 
 @task(name="calibrate-thresholds", cache_policy=NONE)
 def calibrate_thresholds(cfg, model_dir: Path, rows: list[SplitSample], run_dir: Path) -> dict | None:
-    """P(defect) and mask thresholds chosen on the validation split, stored with the model."""
+    """Temperature, P(defect), mask and confidence thresholds chosen on the validation split,
+    stored with the model."""
     if not cfg.eval.calibrate:
-        get_run_logger().info("calibration off: argmax class, mask threshold %s", cfg.eval.mask_threshold)
+        get_run_logger().info("calibration off: argmax class, mask threshold %s, no temperature, every answer "
+                              "accepted", cfg.eval.mask_threshold)
         return None
-    thresholds = calibrate_model(model_dir, select(rows, "val"), cfg.train.batch_size, run_dir / "calibration.json")
+    thresholds = calibrate_model(model_dir, select(rows, "val"), cfg.train.batch_size, run_dir / "calibration.json",
+                                 temperature_scaling=cfg.eval.temperature_scaling,
+                                 accept_target_accuracy=cfg.eval.accept_target_accuracy)
     create_markdown_artifact(markdown=thresholds.markdown(), key="calibration",
-                             description="Decision thresholds chosen on the validation split")
-    get_run_logger().info("thresholds from the validation split: P(defect) > %.2f, mask > %.2f",
-                          thresholds.defect_threshold, thresholds.mask_threshold)
+                             description="Temperature, decision and confidence thresholds chosen on the validation "
+                                         "split")
+    get_run_logger().info("from the validation split: temperature %.3f (ECE %.4f -> %.4f), P(defect) > %.2f, "
+                          "mask > %.2f, confidence >= %.4f (coverage %.3f, accuracy %.3f, target %s)",
+                          thresholds.temperature, thresholds.val_ece_before, thresholds.val_ece_after,
+                          thresholds.defect_threshold, thresholds.mask_threshold, thresholds.confidence_threshold,
+                          thresholds.val_coverage, thresholds.val_accepted_accuracy,
+                          "reached" if thresholds.target_reached else "not reached")
     return thresholds.__dict__
 
 

@@ -14,7 +14,12 @@ from defectflow.data.mvtec import class_names, scan_dataset
 from defectflow.evaluation import WORST_MASKS_DIR, Evaluation, error_rank, evaluate
 from defectflow.inference import ModelInfo
 from defectflow.metrics import classification_metrics, expected_calibration_error, reliability_bins
-from defectflow.plots import error_analysis_grid, reliability_diagram_image
+from defectflow.plots import (
+    coverage_curve_image,
+    error_analysis_grid,
+    operating_point,
+    reliability_diagram_image,
+)
 from defectflow.preprocessing import postprocess
 from defectflow.report import (
     ECE_LABEL,
@@ -33,8 +38,9 @@ class ScriptedPredictor:
     """Answers from a script: one class-probability vector per image, in order; the predicted
     mask is the top-left quarter of the image (when the answer is a defect)."""
 
-    def __init__(self, classes, script, size=16):
-        self.info = ModelInfo(classes=list(classes), input_size=size, mask_threshold=0.5)
+    def __init__(self, classes, script, size=16, confidence_threshold=None):
+        self.info = ModelInfo(classes=list(classes), input_size=size, mask_threshold=0.5,
+                              confidence_threshold=confidence_threshold)
         self.script = list(script)
 
     @property
@@ -46,7 +52,9 @@ class ScriptedPredictor:
         soft = np.zeros((size, size), np.float32)
         soft[: size // 2, : size // 2] = 0.9
         answers = [self.script.pop(0) for _ in images]
-        return [postprocess(np.array(p), soft, img.shape[:2], self.classes, 0.5) for p, img in zip(answers, images, strict=True)]
+        return [postprocess(np.array(p), soft, img.shape[:2], self.classes, 0.5,
+                            confidence_threshold=self.info.confidence_threshold)
+                for p, img in zip(answers, images, strict=True)]
 
 
 def one_hot_ish(classes, label, confidence):
@@ -250,7 +258,7 @@ def test_html_report_is_self_contained_and_explains_the_decision(tmp_path):
     assert not re.search(r'(src|href)\s*=\s*["\']?\s*(https?:)?//', page, re.IGNORECASE)
     assert "<script" not in page.lower() and "<link" not in page.lower() and "url(" not in page
     srcs = data_uri_srcs(page)
-    assert len(srcs) == 5  # confusion matrices (2), reliability, training curves, error analysis
+    assert len(srcs) == 6  # confusion matrices (2), reliability, coverage, training curves, error analysis
     for src in srcs:
         assert src.startswith("data:image/png;base64,")
         data = base64.b64decode(src.split(",", 1)[1], validate=True)
@@ -276,7 +284,7 @@ def test_lone_model_report_has_no_comparison_column(tmp_path):
     assert "champion" not in page.lower() and "champion" not in markdown.lower()
     assert 'class="banner neutral"' in page
     assert "training_curves" not in paths and "No training history" in page
-    assert set(paths) == {"html", "markdown", "confusion_matrix", "reliability", "error_analysis"}
+    assert set(paths) == {"html", "markdown", "confusion_matrix", "reliability", "coverage", "error_analysis"}
 
 
 def test_promoted_decision_shows_a_green_banner(tmp_path):
@@ -317,7 +325,7 @@ def test_markdown_summary_decision_first_tables_and_relative_image_links(tmp_pat
     assert "| crack | 0.333 | 1.000 | 0.500 | 1 |" in markdown  # crack predicted 3 times, right once
     assert "| defect-only Dice (thresholded) | champion | 0.4000 | 0.4900 | 0.5000 | 0.0100 | FAIL |" in markdown
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
-    assert len(links) == 5
+    assert len(links) == 6
     for link in links:
         assert "/" not in link and (paths["markdown"].parent / link).read_bytes().startswith(PNG_SIGNATURE)
     without_images = summary_markdown(challenger)
@@ -352,6 +360,7 @@ def test_report_survives_moved_images_and_old_evaluations(tmp_path):
     paths = write_report(tmp_path / "r2", old)
     page = paths["html"].read_text()
     assert "reliability" not in paths and "no per-image confidences" in page
+    assert "coverage" not in paths and "no accuracy-versus-coverage plot" in page
     assert "kept no predicted masks" in page
 
 
@@ -380,3 +389,82 @@ def test_report_from_a_real_tiny_model(tiny_dataset, tmp_path):
     assert "error_analysis" in paths and "reliability" in paths
     assert not math.isnan(result.metrics["expected_calibration_error"])
     assert all(src.startswith("data:image/png;base64,") for src in data_uri_srcs(page))
+
+
+# ---------------------------------------------------------------- confidence and coverage
+
+
+def test_evaluate_records_status_coverage_and_the_accuracy_coverage_curve(scripted, tmp_path):
+    samples, predictor, wrong = scripted
+    # Right answers at 0.8, wrong ones at 0.9 and 0.6: a threshold of 0.7 leaves the 0.6 one uncertain.
+    gated = ScriptedPredictor(predictor.classes, list(predictor.script), confidence_threshold=0.7)
+    result = evaluate(gated, samples, batch_size=4, plot_dir=tmp_path, plot_count=2)
+    m, n = result.metrics, len(samples)
+    by_path = {r["path"]: r for r in result.per_image}
+    assert by_path[str(wrong["crack"])]["status"] == "uncertain"
+    assert by_path[str(wrong["good"])]["status"] == "accepted"  # confidently wrong: 0.9
+    assert sum(r["status"] == "uncertain" for r in result.per_image) == 1
+    assert m["coverage"] == pytest.approx((n - 1) / n)
+    assert m["accepted_accuracy"] == pytest.approx((n - 2) / (n - 1))
+    assert m["confidence_threshold"] == 0.7 and m["temperature"] == 1.0
+    # Curve: accept all, then from 0.8 up (the 0.6 mistake out), then only the 0.9 mistake.
+    assert m["coverage_curve"] == [
+        {"threshold": 0.0, "coverage": 1.0, "accuracy": pytest.approx((n - 2) / n)},
+        {"threshold": pytest.approx(0.6), "coverage": 1.0, "accuracy": pytest.approx((n - 2) / n)},
+        {"threshold": pytest.approx(0.8), "coverage": pytest.approx((n - 1) / n),
+         "accuracy": pytest.approx((n - 2) / (n - 1))},
+        {"threshold": pytest.approx(0.9), "coverage": pytest.approx(1 / n), "accuracy": 0.0}]
+    assert (tmp_path / "coverage.png").exists()
+    assert f"confidence threshold 0.7000: coverage {(n - 1) / n:.3f}" in result.markdown()
+    json.dumps(m, allow_nan=False)
+    assert None not in [v for v in m.values() if not isinstance(v, (dict, list))]  # model store metadata: no None
+    ungated = evaluate(predictor, samples)  # no threshold stored: everything accepted
+    assert ungated.metrics["coverage"] == 1.0 and "confidence_threshold" not in ungated.metrics
+    assert ungated.metrics["accepted_accuracy"] == pytest.approx(ungated.metrics["accuracy"])
+
+
+def test_coverage_curve_image_marks_the_models_threshold_and_the_target():
+    curve = [{"threshold": 0.0, "coverage": 1.0, "accuracy": 0.8}, {"threshold": 0.7, "coverage": 0.6, "accuracy": 0.9},
+             {"threshold": 0.9, "coverage": 0.2, "accuracy": 1.0}]
+    assert operating_point(curve, 0.75) == curve[2] and operating_point(curve, 0.7) == curve[1]
+    assert operating_point(curve, 0.95) is None
+    img = coverage_curve_image(curve, threshold=0.7, target=0.85)
+    assert img.shape == (400, 520, 3) and img.dtype == np.uint8
+    red = np.all(img == (230, 30, 30), axis=2)
+    assert red.sum() > 50  # the operating point
+    assert np.all(img == (44, 160, 44), axis=2).sum() > 100  # the target line
+    blue = np.all(img == (31, 119, 180), axis=2)
+    assert blue.sum() > 100  # the curve
+    ys, xs = np.nonzero(red)
+    plain = coverage_curve_image(curve)
+    assert not np.all(plain == (230, 30, 30), axis=2).any()  # no threshold: no marker
+    # The marker sits at coverage 0.6 (left 56 px, plot 444 px wide) on the curve.
+    assert abs(xs.mean() - (56 + 0.6 * 444)) < 3
+    empty = coverage_curve_image(None)
+    assert not np.all(empty == (31, 119, 180), axis=2).any()
+
+
+def test_report_shows_confidence_figures_and_the_coverage_plot(tmp_path):
+    challenger = hand_made_evaluation(tmp_path / "e")
+    challenger.metrics.update(coverage=0.75, accepted_accuracy=2 / 3, temperature=1.7, confidence_threshold=0.65,
+                              val_ece_before=0.21, val_ece_after=0.04, val_coverage=0.8, val_accepted_accuracy=0.99,
+                              accept_target_accuracy=0.99, target_reached=True,
+                              coverage_curve=challenger.coverage_curve())
+    paths = write_report(tmp_path / "r", challenger)
+    page, markdown = paths["html"].read_text(), paths["markdown"].read_text()
+    assert paths["coverage"].name == "report_coverage.png" and paths["coverage"].read_bytes().startswith(PNG_SIGNATURE)
+    assert "![Accuracy vs coverage (confidence threshold)](report_coverage.png)" in markdown
+    assert "| ECE, validation, before temperature | 0.2100 |" in markdown
+    assert "| ECE, validation, after temperature | 0.0400 |" in markdown
+    assert f"| ECE, test, after temperature | {challenger.metrics['expected_calibration_error']:.4f} |" in markdown
+    assert "| confidence threshold (below: uncertain) | 0.6500 |" in markdown
+    assert "| coverage, test (share of images accepted) | 0.750 |" in markdown
+    assert "| accuracy of accepted, test | 0.667 |" in markdown
+    assert "(target 0.990, reached) | 0.990 |" in markdown
+    cells = bare_cells(page)
+    assert "<h2>Confidence and coverage</h2>" in page
+    assert "<td>temperature (1 = the network&#x27;s own probabilities)</td><td>1.700</td>" in cells
+    assert "<td>confidence threshold (below: uncertain)</td><td>0.6500</td>" in cells
+    # The plot is in the page too (as a data URI, after the section heading).
+    section = page[page.index("<h2>Confidence and coverage</h2>"):]
+    assert 'alt="Accuracy vs coverage (confidence threshold)" src="data:image/png;base64,' in section

@@ -11,6 +11,22 @@ are chosen where the validation images are answered best:
 
 Ties go to the value nearest 0.5 (the least committal choice). The candidate grids are
 coarse on purpose: a validation split of ~50 images cannot support fine tuning.
+
+Before those, the class probabilities are calibrated by **temperature scaling** (Guo et al.,
+2017): one temperature T, p -> softmax(log(p) / T), chosen to minimise the negative
+log-likelihood of the validation labels (T = 1 when switched off or when no T lowers it). It
+never changes the most probable class, only how sure the model says it is. The P(defect)
+threshold is then chosen on the calibrated probabilities, which are what every prediction
+carries (`defectflow.preprocessing.postprocess`).
+
+Last, the **confidence threshold**: an answer's confidence is the calibrated probability of
+the class answered (after the P(defect) decision); answers below the threshold are
+"uncertain", for a person to review. It is the lowest threshold at which the validation images
+answered with at least that confidence reach `accept_target_accuracy`; when none does, the
+one with the best accuracy on the images it accepts (`target_reached` false).
+
+The temperature, the thresholds and the validation ECE before/after are measured on the same
+validation images: the ECE after is optimistic; the test split says what holds (evaluation).
 """
 
 from __future__ import annotations
@@ -22,11 +38,13 @@ import cv2
 import numpy as np
 
 from defectflow.data.mvtec import Sample
-from defectflow.metrics import dice
-from defectflow.preprocessing import read_image, read_mask
+from defectflow.metrics import dice, expected_calibration_error, reliability_bins
+from defectflow.preprocessing import answer_indices, apply_temperature, read_image, read_mask
 
 DEFECT_GRID = tuple(np.round(np.arange(0.05, 0.951, 0.05), 2))
 MASK_GRID = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+#: The temperatures searched: from much sharper to much softer than the network.
+TEMPERATURE_BOUNDS = (0.05, 20.0)
 
 
 @dataclass
@@ -39,16 +57,53 @@ class Thresholds:
     val_defect_dice: float
     val_defect_dice_default: float
     n_images: int
+    #: Temperature of the class probabilities, and how it was set.
+    temperature: float = 1.0
+    temperature_from: str = "off"
+    #: Mean negative log-likelihood of the validation labels at T = 1 and at `temperature`.
+    val_nll_before: float = float("nan")
+    val_nll_after: float = float("nan")
+    #: Expected calibration error (top label, 10 bins) on validation: the network's
+    #: probabilities with the P(defect) threshold chosen on them, and the calibrated ones with
+    #: `defect_threshold` (what predictions do).
+    val_ece_before: float = float("nan")
+    val_ece_after: float = float("nan")
+    #: Calibrated confidence below which an answer is "uncertain"; None: no threshold.
+    confidence_threshold: float | None = None
+    accept_target_accuracy: float | None = None
+    #: Whether `confidence_threshold` reaches `accept_target_accuracy` on validation.
+    target_reached: bool | None = None
+    #: Share of validation images accepted at `confidence_threshold` and their accuracy.
+    val_coverage: float | None = None
+    val_accepted_accuracy: float | None = None
+
+    def confidence_record(self) -> dict:
+        """How the temperature and the confidence threshold were chosen (for model.json)."""
+        return {"fitted_on": f"validation split, {self.n_images} images", "temperature_from": self.temperature_from,
+                "val_nll_before": self.val_nll_before, "val_nll_after": self.val_nll_after,
+                "val_ece_before": self.val_ece_before, "val_ece_after": self.val_ece_after,
+                "accept_target_accuracy": self.accept_target_accuracy, "target_reached": self.target_reached,
+                "val_coverage": self.val_coverage, "val_accepted_accuracy": self.val_accepted_accuracy}
 
     def markdown(self) -> str:
-        return "\n".join([
+        lines = [
             "| threshold | chosen | validation figure at chosen | at default |", "|---|---|---|---|",
+            f"| temperature | {self.temperature:.3f} | NLL {self.val_nll_after:.4f}, ECE {self.val_ece_after:.4f} | "
+            f"NLL {self.val_nll_before:.4f}, ECE {self.val_ece_before:.4f} (T = 1) |",
             f"| P(defect) | {self.defect_threshold:.2f} | presence accuracy {self.val_presence_accuracy:.3f} | "
             f"{self.val_presence_accuracy_default:.3f} (argmax) |",
             f"| mask | {self.mask_threshold:.2f} | defect-only Dice {self.val_defect_dice:.3f} | "
             f"{self.val_defect_dice_default:.3f} (0.5) |",
-            "", f"Chosen on {self.n_images} validation images.",
-        ])
+        ]
+        if self.confidence_threshold is not None:
+            reached = "reached" if self.target_reached else "NOT reached (best accuracy instead)"
+            lines.append(f"| confidence | {self.confidence_threshold:.4f} | coverage {self.val_coverage:.3f}, "
+                         f"accuracy of accepted {self.val_accepted_accuracy:.3f} (target "
+                         f"{self.accept_target_accuracy:.3f} {reached}) | coverage 1.000 (accept all) |")
+        lines += ["", f"Chosen on {self.n_images} validation images. Temperature: {self.temperature_from}. "
+                  "ECE: expected calibration error of the answered class's probability (10 bins), before and "
+                  "after the temperature, on the images it was fitted on."]
+        return "\n".join(lines)
 
 
 def _best(scores: dict[float, float]) -> tuple[float, float]:
@@ -57,17 +112,146 @@ def _best(scores: dict[float, float]) -> tuple[float, float]:
     return float(threshold), float(value)
 
 
-def choose_thresholds(predictor, samples: list[Sample], batch_size: int = 8) -> Thresholds:
-    """The thresholds that answer `samples` (the validation split) best."""
+def _log_probs(probs: np.ndarray) -> np.ndarray:
+    return np.log(np.clip(np.asarray(probs, dtype=np.float64), np.finfo(np.float64).tiny, None))
+
+
+def negative_log_likelihood(probs: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
+    """Mean -log softmax(log(p) / T)[label] over the rows of (N, C) probabilities."""
+    logp = _log_probs(probs) / temperature
+    logp -= logp.max(axis=1, keepdims=True)
+    log_norm = np.log(np.exp(logp).sum(axis=1))
+    return float(np.mean(log_norm - logp[np.arange(len(logp)), np.asarray(labels)]))
+
+
+def fit_temperature(probs: np.ndarray, labels: np.ndarray, bounds: tuple[float, float] = TEMPERATURE_BOUNDS
+                    ) -> tuple[float, float, float]:
+    """The temperature minimising the NLL of `labels` (class indices) under (N, C) `probs`:
+    (T, NLL at T = 1, NLL at T). T = 1 when no temperature in `bounds` lowers the NLL.
+
+    The NLL is convex in 1/T (a log-sum-exp minus a linear term), so a bounded scalar search
+    over 1/T finds the global minimum."""
+    from scipy.optimize import minimize_scalar
+
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels)
+    if len(probs) == 0:
+        raise ValueError("no probabilities to fit a temperature on")
+    before = negative_log_likelihood(probs, labels)
+    fit = minimize_scalar(lambda inverse: negative_log_likelihood(probs, labels, 1.0 / inverse),
+                          bounds=(1.0 / bounds[1], 1.0 / bounds[0]), method="bounded",
+                          options={"xatol": 1e-6})
+    temperature = float(1.0 / fit.x)
+    after = negative_log_likelihood(probs, labels, temperature)
+    if not after < before:
+        return 1.0, before, before
+    return temperature, before, after
+
+
+def answered_confidence(probs: np.ndarray, labels: np.ndarray, defect_threshold: float | None
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of (N, C) probabilities: the probability of the class answered (as `postprocess`
+    decides it with `defect_threshold`) and whether that answer is `labels` (class indices)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    answers = answer_indices(probs, defect_threshold)
+    return probs[np.arange(len(probs)), answers], answers == np.asarray(labels)
+
+
+def calibration_error(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 10) -> float:
+    """Expected calibration error (top label, `n_bins` equal-width bins), as evaluation reports it."""
+    return expected_calibration_error(reliability_bins(confidence, correct, n_bins))
+
+
+def coverage_curve(confidence, correct) -> list[dict]:
+    """Accuracy against coverage as the confidence threshold rises: one point per distinct
+    confidence t (and t = 0, which accepts every answer), {threshold, coverage, accuracy},
+    where an answer is accepted when its confidence is >= t. Thresholds ascending, so
+    coverage descending; every point accepts at least one answer."""
+    conf = np.asarray(confidence, dtype=np.float64).ravel()
+    hit = np.asarray(correct, dtype=np.float64).ravel()
+    if conf.shape != hit.shape:
+        raise ValueError(f"{conf.size} confidences but {hit.size} correctness flags")
+    if not conf.size:
+        return []
+    order = np.argsort(-conf, kind="stable")
+    conf, hit = conf[order], hit[order]
+    accepted = np.arange(1, conf.size + 1)
+    right = np.cumsum(hit)
+    points = []
+    # The last occurrence of each distinct confidence (descending): everything >= it is accepted.
+    last = np.r_[conf[1:] != conf[:-1], True]
+    for i in np.flatnonzero(last)[::-1]:
+        points.append({"threshold": float(conf[i]), "coverage": float(accepted[i] / conf.size),
+                       "accuracy": float(right[i] / accepted[i])})
+    if points[0]["threshold"] > 0.0:
+        points.insert(0, {**points[0], "threshold": 0.0})
+    return points
+
+
+def choose_confidence_threshold(confidence, correct, target_accuracy: float) -> dict:
+    """The lowest confidence threshold whose accepted answers (confidence >= threshold) reach
+    `target_accuracy`: {threshold, coverage, accuracy, target_reached}. When no threshold does,
+    the one with the highest accuracy on what it accepts (ties: the lower threshold, which
+    accepts more), with target_reached False."""
+    curve = coverage_curve(confidence, correct)
+    if not curve:
+        raise ValueError("no answers to choose a confidence threshold on")
+    reaching = [p for p in curve if p["accuracy"] >= target_accuracy]
+    if reaching:
+        return {**reaching[0], "target_reached": True}
+    best = max(curve, key=lambda p: (p["accuracy"], -p["threshold"]))
+    return {**best, "target_reached": False}
+
+
+def calibrate_classes(probs: np.ndarray, labels: np.ndarray, temperature_scaling: bool = True,
+                      accept_target_accuracy: float | None = 0.99) -> dict:
+    """Temperature, P(defect) threshold and confidence threshold from validation class
+    probabilities (N, C, the network's) and true class indices (class 0 = good), with the
+    validation figures of each: the keyword arguments of `Thresholds` about classes."""
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels)
+    is_defect = labels != 0
+    if temperature_scaling:
+        temperature, nll_before, nll_after = fit_temperature(probs, labels)
+        temperature_from = (f"fitted on {len(labels)} validation images" if temperature != 1.0 else
+                            "1 (no temperature lowered the validation NLL)")
+    else:
+        temperature = 1.0
+        nll_before = nll_after = negative_log_likelihood(probs, labels)
+        temperature_from = "off (eval.temperature_scaling)"
+
+    def defect_threshold_on(p: np.ndarray) -> tuple[float, float]:
+        p_defect = 1.0 - p[:, 0]
+        return _best({t: float(np.mean((p_defect > t) == is_defect)) for t in DEFECT_GRID})
+
+    # Before: the network's probabilities with the threshold that would be chosen on them.
+    ece_before = calibration_error(*answered_confidence(probs, labels, defect_threshold_on(probs)[0]))
+    calibrated = apply_temperature(probs, temperature)
+    defect_threshold, val_presence = defect_threshold_on(calibrated)
+    confidence, correct = answered_confidence(calibrated, labels, defect_threshold)
+    out = {"temperature": temperature, "temperature_from": temperature_from, "val_nll_before": nll_before,
+           "val_nll_after": nll_after, "val_ece_before": ece_before,
+           "val_ece_after": calibration_error(confidence, correct), "defect_threshold": defect_threshold,
+           "val_presence_accuracy": val_presence,
+           "val_presence_accuracy_default": float(np.mean((calibrated.argmax(axis=1) != 0) == is_defect)),
+           "accept_target_accuracy": accept_target_accuracy}
+    if accept_target_accuracy is not None:
+        chosen = choose_confidence_threshold(confidence, correct, accept_target_accuracy)
+        out.update(confidence_threshold=chosen["threshold"], target_reached=chosen["target_reached"],
+                   val_coverage=chosen["coverage"], val_accepted_accuracy=chosen["accuracy"])
+    return out
+
+
+def choose_thresholds(predictor, samples: list[Sample], batch_size: int = 8, temperature_scaling: bool = True,
+                      accept_target_accuracy: float | None = 0.99) -> Thresholds:
+    """The temperature and thresholds that answer `samples` (the validation split) best;
+    `accept_target_accuracy` None: no confidence threshold (every answer accepted)."""
     if not samples:
         raise ValueError("no validation samples to choose thresholds on")
     images = [read_image(s.path) for s in samples]
     probs, masks = predictor.raw_outputs(images, batch_size)
-    is_defect = np.array([s.label != predictor.classes[0] for s in samples])
-    p_defect = 1.0 - probs[:, 0]
-
-    argmax_presence = float(np.mean((probs.argmax(axis=1) != 0) == is_defect))
-    defect_threshold, val_presence = _best({t: float(np.mean((p_defect > t) == is_defect)) for t in DEFECT_GRID})
+    labels = np.array([predictor.classes.index(s.label) for s in samples])
+    classes = calibrate_classes(probs, labels, temperature_scaling, accept_target_accuracy)
 
     # Soft masks of the defect images at each image's resolution, once.
     pairs = []
@@ -84,24 +268,28 @@ def choose_thresholds(predictor, samples: list[Sample], batch_size: int = 8) -> 
         default_dice = dice_by_threshold[0.5]
     else:
         mask_threshold, val_dice, default_dice = 0.5, float("nan"), float("nan")
-    return Thresholds(defect_threshold, mask_threshold, val_presence, argmax_presence, val_dice, default_dice,
-                      len(samples))
+    return Thresholds(mask_threshold=mask_threshold, val_defect_dice=val_dice, val_defect_dice_default=default_dice,
+                      n_images=len(samples), **classes)
 
 
-def calibrate_model(model_dir, samples: list[Sample], batch_size: int = 8, record=None) -> Thresholds:
-    """Choose the thresholds of the model in `model_dir` on `samples` and store them in its
-    model.json, where every prediction (evaluation, serving, command line) reads them; with
-    `record`, also write the choice and its validation figures there (JSON)."""
+def calibrate_model(model_dir, samples: list[Sample], batch_size: int = 8, record=None,
+                    temperature_scaling: bool = True, accept_target_accuracy: float | None = 0.99) -> Thresholds:
+    """Choose the temperature and thresholds of the model in `model_dir` on `samples` and store
+    them in its model.json, where every prediction (evaluation, serving, command line) reads
+    them; with `record`, also write the choice and its validation figures there (JSON)."""
     import json
 
     from defectflow.inference import ModelInfo, Predictor
 
     predictor = Predictor.load(model_dir)
-    thresholds = choose_thresholds(predictor, samples, batch_size)
+    thresholds = choose_thresholds(predictor, samples, batch_size, temperature_scaling, accept_target_accuracy)
     info = ModelInfo.load(model_dir)
     info.defect_threshold = thresholds.defect_threshold
     info.mask_threshold = thresholds.mask_threshold
     info.thresholds_from = f"validation split, {thresholds.n_images} images"
+    info.temperature = thresholds.temperature
+    info.confidence_threshold = thresholds.confidence_threshold
+    info.confidence_calibration = thresholds.confidence_record()
     info.save(model_dir)
     if record is not None:
         Path(record).write_text(json.dumps(thresholds.__dict__, indent=2))

@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from defectflow.calibration import coverage_curve
 from defectflow.data.mvtec import Sample
 from defectflow.inference import METRICS_FILE, Predictor
 from defectflow.metrics import (
@@ -21,6 +22,7 @@ from defectflow.metrics import (
 )
 from defectflow.plots import (
     confusion_matrix_image,
+    coverage_curve_image,
     error_analysis_grid,
     image_grid,
     reliability_diagram_image,
@@ -28,6 +30,8 @@ from defectflow.plots import (
 )
 from defectflow.preprocessing import overlay, prepare_mask, read_image, read_mask
 
+#: At most this many points of the accuracy-versus-coverage curve are kept in the metrics.
+CURVE_POINTS = 200
 HEADLINE = ("accuracy", "defect_accuracy", "presence_accuracy", "auroc", "defect_dice", "defect_iou", "dice", "iou")
 #: Where `Evaluation.save` keeps the predicted masks of the worst cases (PNG, 0/255).
 WORST_MASKS_DIR = "worst_masks"
@@ -63,6 +67,12 @@ class Evaluation:
         lines += ["", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
         for c, row in self.metrics["per_class"].items():
             lines.append(f"| {c} | {row['precision']:.3f} | {row['recall']:.3f} | {row['f1']:.3f} | {row['support']} |")
+        m = self.metrics
+        if "coverage" in m:
+            threshold = m.get("confidence_threshold")
+            lines += ["", f"Temperature {m['temperature']:.3f}; confidence threshold "
+                      + ("none (every answer accepted)" if threshold is None else f"{threshold:.4f}")
+                      + f": coverage {m['coverage']:.3f}, accuracy of accepted {m['accepted_accuracy']:.4f}."]
         return "\n".join(lines)
 
     def reliability(self, n_bins: int = 10) -> list[dict] | None:
@@ -72,6 +82,19 @@ class Evaluation:
         if not rows:
             return None
         return reliability_bins([r["confidence"] for r in rows], [r["true"] == r["predicted"] for r in rows], n_bins)
+
+    def coverage_curve(self, max_points: int = CURVE_POINTS) -> list[dict] | None:
+        """Accuracy against coverage as the confidence threshold rises (see
+        `defectflow.calibration.coverage_curve`), at most `max_points` points evenly spread
+        along it (the first and last kept); None when the rows carry no confidences."""
+        rows = [r for r in self.per_image if "confidence" in r]
+        if not rows:
+            return None
+        curve = coverage_curve([r["confidence"] for r in rows], [r["true"] == r["predicted"] for r in rows])
+        if len(curve) > max_points:
+            keep = np.unique(np.round(np.linspace(0, len(curve) - 1, max_points)).astype(int))
+            curve = [curve[i] for i in keep]
+        return curve
 
     def worst_cases(self, count: int | None = None) -> list[tuple[dict, np.ndarray]]:
         """(per-image row, predicted mask) of the worst cases whose masks were kept, worst first."""
@@ -131,7 +154,9 @@ def evaluate(predictor: Predictor, samples: list[Sample], batch_size: int = 8, p
                 "predicted": pred.label,
                 # The probability of the class answered (with a calibrated P(defect) threshold
                 # that need not be the most probable one): what calibration is measured on.
-                "confidence": pred.probabilities[pred.label],
+                "confidence": pred.confidence,
+                # accepted, or uncertain: below the model's confidence threshold.
+                "status": pred.status,
                 "probabilities": dict(pred.probabilities),
                 "p_defect": 1.0 - pred.probabilities[classes[0]],
                 "dice": dice(truth, pred.mask),
@@ -157,10 +182,30 @@ def evaluate(predictor: Predictor, samples: list[Sample], batch_size: int = 8, p
     metrics.update(segmentation_metrics(per_image, y_true_a != 0))
     result = Evaluation(metrics, per_image, {index: mask for _, index, mask in worst})
     metrics["expected_calibration_error"] = expected_calibration_error(result.reliability())
+    metrics.update(_confidence_metrics(result, predictor.info))
     metrics["classes"] = classes
     if plot_dir is not None:
         _plots(result, tiles, plot_dir)
     return result
+
+
+def _confidence_metrics(result: Evaluation, info) -> dict:
+    """Coverage (share of images whose answer was accepted), the accuracy of the accepted
+    answers (NaN when none was), the accuracy-versus-coverage curve, and the model's
+    temperature and confidence threshold with their validation figures (from calibration).
+    Numbers only, no None: the metrics also go into the model store's metadata."""
+    rows = result.per_image
+    accepted = [r["true"] == r["predicted"] for r in rows if r.get("status", "accepted") == "accepted"]
+    out = {"coverage": len(accepted) / len(rows),
+           "accepted_accuracy": float(np.mean(accepted)) if accepted else float("nan"),
+           "coverage_curve": result.coverage_curve(),
+           "temperature": float(info.temperature)}
+    if info.confidence_threshold is not None:
+        out["confidence_threshold"] = float(info.confidence_threshold)
+    wanted = ("accept_target_accuracy", "target_reached")
+    out.update({key: value for key, value in (info.confidence_calibration or {}).items()
+                if (key.startswith("val_") or key in wanted) and value is not None})
+    return out
 
 
 def evaluate_model_dir(model_dir: Path, samples: list[Sample], out_dir: Path, batch_size: int = 8,
@@ -178,6 +223,8 @@ def _plots(result: Evaluation, tiles, plot_dir: Path) -> None:
              plot_dir / "confusion_matrix.png")
     save_rgb(reliability_diagram_image(result.reliability(), result.metrics["expected_calibration_error"]),
              plot_dir / "reliability.png")
+    save_rgb(coverage_curve_image(result.coverage_curve(), result.metrics.get("confidence_threshold"),
+                                  result.metrics.get("accept_target_accuracy")), plot_dir / "coverage.png")
     # Mistakes first: that is what a person reviewing a model wants to see.
     tiles = sorted(tiles, key=lambda t: (t[1]["true"] == t[1]["predicted"], t[1]["dice"]))
     captions = [[f"true {r['true']}", f"pred {r['predicted']}", f"dice {r['dice']:.2f}"] for _, r in tiles]

@@ -1,8 +1,9 @@
 """Loading a trained model artifact and predicting with it.
 
 A model artifact is a folder: `model.keras` (weights and graph), `model.json` (classes, input
-size, thresholds, serving format), `config.yaml` (the merged config that trained it) and, once
-exported, `model.tflite` (the compact TensorFlow Lite copy, see `defectflow.export`).
+size, thresholds, temperature, confidence threshold, serving format), `config.yaml` (the merged
+config that trained it) and, once exported, `model.tflite` (the compact TensorFlow Lite copy,
+see `defectflow.export`).
 Evaluation, serving and the command line all predict through `Predictor`, so they share one
 code path whichever of the two formats runs the forward pass.
 """
@@ -46,6 +47,15 @@ class ModelInfo:
     #: The TensorFlow Lite artifact: file, quantization, size and its parity with the Keras
     #: model on the test split (see `defectflow.export`); None until exported.
     tflite: dict | None = None
+    #: Temperature of the class probabilities (softmax(log(p) / T)), fitted on the validation
+    #: split (see `defectflow.calibration`); 1: the network's own probabilities.
+    temperature: float = 1.0
+    #: Calibrated confidence (probability of the class answered) below which an answer is
+    #: "uncertain"; None: every answer is "accepted".
+    confidence_threshold: float | None = None
+    #: How `temperature` and `confidence_threshold` were chosen, with their validation figures
+    #: (`defectflow.calibration.Thresholds.confidence_record`); None when not calibrated.
+    confidence_calibration: dict | None = None
 
     def save(self, model_dir: Path) -> None:
         path = Path(model_dir) / MODEL_INFO_FILE
@@ -187,7 +197,8 @@ class Predictor:
         return self.info.classes
 
     def raw_outputs(self, images: list[np.ndarray], batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
-        """Class probabilities (N, C) and mask probabilities (N, S, S, 1) at model resolution."""
+        """The network's class probabilities (N, C), before the temperature (`predictions`
+        applies it), and mask probabilities (N, S, S, 1) at model resolution."""
         probs, masks = [], []
         size = self.info.input_size
         for start in range(0, len(images), batch_size):
@@ -198,9 +209,13 @@ class Predictor:
         return np.concatenate(probs), np.concatenate(masks)
 
     def predictions(self, images: list[np.ndarray], probs: np.ndarray, masks: np.ndarray) -> list[Prediction]:
-        """`raw_outputs` of `images` to predictions at each image's own resolution."""
+        """`raw_outputs` of `images` to predictions at each image's own resolution: the one place
+        where the model's temperature, thresholds and confidence threshold are applied, for
+        evaluation, the command line and serving alike."""
+        info = self.info
         return [
-            postprocess(p, m, img.shape[:2], self.classes, self.info.mask_threshold, self.info.defect_threshold)
+            postprocess(p, m, img.shape[:2], self.classes, info.mask_threshold, info.defect_threshold,
+                        temperature=info.temperature, confidence_threshold=info.confidence_threshold)
             for p, m, img in zip(probs, masks, images, strict=True)
         ]
 

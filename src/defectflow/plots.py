@@ -1,5 +1,5 @@
 """Pictures people look at: sample grids, confusion matrix, training curves, reliability
-diagram, error analysis (OpenCV only; arrays are RGB uint8)."""
+diagram, accuracy versus coverage, error analysis (OpenCV only; arrays are RGB uint8)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from defectflow.preprocessing import overlay, read_image, read_mask
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 BLACK, GRAY, LIGHT = (0, 0, 0), (120, 120, 120), (225, 225, 225)
 TRUE_COLOR, PREDICTED_COLOR, WRONG_COLOR = (0, 170, 0), (230, 30, 30), (200, 0, 0)
+CURVE_COLOR, OPERATING_COLOR, TARGET_COLOR = (31, 119, 180), (230, 30, 30), (44, 160, 44)
 
 
 def _caption(tile: np.ndarray, lines: list[str], color=(255, 255, 255)) -> np.ndarray:
@@ -139,6 +140,73 @@ def reliability_diagram_image(bins: list[dict] | None, ece: float, size: int = 4
     cv2.putText(img, "bars: accuracy, orange: mean confidence, number: images", (left, img.shape[0] - 8), FONT,
                 0.38, GRAY, 1, cv2.LINE_AA)
     cv2.putText(img, "accuracy", (4, top - 8), FONT, 0.42, BLACK, 1, cv2.LINE_AA)
+    return img
+
+
+def operating_point(curve: list[dict], threshold: float) -> dict | None:
+    """The point of an accuracy-versus-coverage curve (`defectflow.calibration.coverage_curve`)
+    that `threshold` selects: what it accepts is what the point with the smallest curve
+    threshold >= it accepts; None when it accepts nothing."""
+    above = [p for p in curve if p["threshold"] >= threshold]
+    return min(above, key=lambda p: p["threshold"]) if above else None
+
+
+def coverage_curve_image(curve: list[dict] | None, threshold: float | None = None, target: float | None = None,
+                         size: tuple[int, int] = (520, 400)) -> np.ndarray:
+    """Accuracy of the accepted answers against coverage (the share accepted) as the confidence
+    threshold rises, the model's confidence threshold marked (red dot, its figures in the
+    title) and the target accuracy as a green line. The accuracy axis spans the curve's range.
+
+    `curve`: [{threshold, coverage, accuracy}] (coverage descending); None: no confidences.
+    """
+    width, height = size
+    left, top, right, bottom = 56, 48, 20, 62
+    img = np.full((height, width, 3), 255, np.uint8)
+    plot_w, plot_h = width - left - right, height - top - bottom
+    points = [p for p in curve or [] if p.get("accuracy") is not None and not math.isnan(p["accuracy"])]
+    chosen = operating_point(points, threshold) if threshold is not None and points else None
+    title = "Accuracy vs coverage"
+    if threshold is not None:
+        title += f", threshold {threshold:.3f}"
+        if chosen is not None:
+            title += f": coverage {chosen['coverage']:.2f}, accuracy {chosen['accuracy']:.3f}"
+        elif points:
+            title += ": accepts nothing"
+    cv2.putText(img, title, (8, 20), FONT, 0.45, BLACK, 1, cv2.LINE_AA)
+    lowest = min([p["accuracy"] for p in points] + ([target] if target is not None else []), default=0.0)
+    lo = max(0.0, math.floor(lowest * 10 - 1e-9) / 10)
+    lo = min(lo, 0.9)
+
+    def at(coverage: float, accuracy: float) -> tuple[int, int]:
+        y = (accuracy - lo) / (1.0 - lo)
+        return int(round(left + coverage * plot_w)), int(round(top + (1.0 - y) * plot_h))
+
+    for tick in np.linspace(0.0, 1.0, 6):
+        cv2.line(img, at(tick, lo), at(tick, 1.0), LIGHT, 1)
+        x, y = at(tick, lo)
+        cv2.putText(img, f"{tick:.1f}", (x - 10, y + 16), FONT, 0.38, BLACK, 1, cv2.LINE_AA)
+    for level in np.linspace(lo, 1.0, 6):
+        cv2.line(img, at(0.0, level), at(1.0, level), LIGHT, 1)
+        cv2.putText(img, f"{level:.2f}", (left - 40, at(0.0, level)[1] + 4), FONT, 0.38, BLACK, 1, cv2.LINE_AA)
+    if not points:
+        cv2.putText(img, "no confidences recorded", (left + 20, top + plot_h // 2), FONT, 0.5, GRAY, 1, cv2.LINE_AA)
+    if target is not None:
+        cv2.line(img, at(0.0, target), at(1.0, target), TARGET_COLOR, 2)
+        x, y = at(0.0, target)
+        cv2.putText(img, f"target {target:.2f}", (x + 4, y - 4), FONT, 0.38, TARGET_COLOR, 1, cv2.LINE_AA)
+    if points:
+        ordered = sorted(points, key=lambda p: p["coverage"])
+        pts = np.array([at(p["coverage"], p["accuracy"]) for p in ordered], np.int32)
+        cv2.polylines(img, [pts], False, CURVE_COLOR, 2, cv2.LINE_AA)
+        for x, y in pts:
+            cv2.circle(img, (int(x), int(y)), 2, CURVE_COLOR, -1)
+    if chosen is not None:
+        cv2.circle(img, at(chosen["coverage"], chosen["accuracy"]), 6, OPERATING_COLOR, -1)
+    cv2.rectangle(img, at(0.0, 1.0), at(1.0, lo), BLACK, 1)
+    cv2.putText(img, "coverage (share of answers accepted)", (left, height - 24), FONT, 0.42, BLACK, 1, cv2.LINE_AA)
+    cv2.putText(img, "blue: as the confidence threshold rises; red: the model's threshold", (left, height - 8),
+                FONT, 0.36, GRAY, 1, cv2.LINE_AA)
+    cv2.putText(img, "accuracy of accepted", (4, top - 10), FONT, 0.42, BLACK, 1, cv2.LINE_AA)
     return img
 
 

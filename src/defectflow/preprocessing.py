@@ -95,15 +95,31 @@ def prepare_mask(mask: np.ndarray | None, size: int) -> np.ndarray:
     return np.clip(resized, 0.0, 1.0)[:, :, None]
 
 
+#: `Prediction.status` of an answer whose confidence reaches the model's confidence threshold
+#: (or of every answer when the model has none), and of one that does not: a person should look.
+ACCEPTED, UNCERTAIN = "accepted", "uncertain"
+
+
 @dataclass
 class Prediction:
     label: str
+    #: Class probabilities, calibrated (after the model's temperature, see `apply_temperature`).
     probabilities: dict[str, float]
     is_defective: bool
     #: uint8 {0, 1} at the input image's resolution.
     mask: np.ndarray
     #: Soft mask probabilities at the model's resolution (for soft metrics).
     mask_probability: np.ndarray
+    #: The calibrated probability of the class answered (`label`); None: taken from `probabilities`.
+    confidence: float | None = None
+    #: ACCEPTED, or UNCERTAIN when `confidence` is below the model's confidence threshold.
+    status: str = ACCEPTED
+
+    def __post_init__(self):
+        if self.confidence is None:
+            self.confidence = float(self.probabilities[self.label])
+        if self.status not in (ACCEPTED, UNCERTAIN):
+            raise ValueError(f"status must be {ACCEPTED!r} or {UNCERTAIN!r}, got {self.status!r}")
 
     @property
     def defect_area_fraction(self) -> float:
@@ -117,7 +133,39 @@ class Prediction:
             "defect_area_fraction": round(self.defect_area_fraction, 6),
             "mask_png_base64": encode_png(self.mask * 255),
             "mask_size": [int(self.mask.shape[1]), int(self.mask.shape[0])],
+            "confidence": round(float(self.confidence), 6),
+            "status": self.status,
         }
+
+
+def apply_temperature(class_probabilities: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Temperature-scaled class probabilities: softmax(log(p) / T) along the last axis.
+
+    T > 1 softens over-confident probabilities, T < 1 sharpens them; the order of the classes
+    (and so the argmax) never changes. T = 1 returns the probabilities as they are (float64).
+    Exact zeros (float32 softmax underflow) are taken as the smallest positive float64.
+    """
+    probs = np.asarray(class_probabilities, dtype=np.float64)
+    if temperature <= 0 or not np.isfinite(temperature):
+        raise ValueError(f"temperature must be a positive number, got {temperature}")
+    if temperature == 1.0:
+        return probs
+    logits = np.log(np.clip(probs, np.finfo(np.float64).tiny, None)) / temperature
+    logits -= logits.max(axis=-1, keepdims=True)
+    exp = np.exp(logits)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def answer_indices(class_probabilities: np.ndarray, defect_threshold: float | None = None) -> np.ndarray:
+    """The class answered for each row of (N, C) probabilities (class 0 = good).
+
+    With `defect_threshold`, a row is defective when P(defect) = 1 - P(good) exceeds it, and
+    its class is then the most probable defect class; without, the most probable class.
+    """
+    probs = np.atleast_2d(np.asarray(class_probabilities, dtype=np.float64))
+    if defect_threshold is None:
+        return probs.argmax(axis=1)
+    return np.where(1.0 - probs[:, 0] > defect_threshold, 1 + probs[:, 1:].argmax(axis=1), 0)
 
 
 def postprocess(
@@ -127,19 +175,24 @@ def postprocess(
     classes: list[str],
     mask_threshold: float,
     defect_threshold: float | None = None,
+    temperature: float = 1.0,
+    confidence_threshold: float | None = None,
 ) -> Prediction:
     """Model outputs for one image to a Prediction at the input image's resolution.
 
+    The class probabilities are first calibrated with `temperature` (`apply_temperature`);
+    every decision below is taken on the calibrated ones, which the Prediction carries.
     Class: with `defect_threshold` (chosen on validation data, see `defectflow.calibration`),
     the image is defective when P(defect) = 1 - P(good) exceeds it, and then its class is the
-    most probable defect class; without, the most probable class. The mask is cleared when
-    the answer is `good` (class 0), so the two answers never contradict each other.
+    most probable defect class; without, the most probable class (`answer_indices`). The mask
+    is cleared when the answer is `good` (class 0), so the two answers never contradict each
+    other. Confidence: the calibrated probability of the class answered; the answer is
+    `uncertain` when it is below `confidence_threshold`, else (or without one) `accepted`.
     """
-    probs = np.asarray(class_probabilities, dtype=np.float64)
-    if defect_threshold is None:
-        index = int(np.argmax(probs))
-    else:
-        index = 1 + int(np.argmax(probs[1:])) if 1.0 - probs[0] > defect_threshold else 0
+    probs = apply_temperature(class_probabilities, temperature)
+    index = int(answer_indices(probs, defect_threshold)[0])
+    confidence = float(probs[index])
+    accepted = confidence_threshold is None or confidence >= confidence_threshold
     soft = np.asarray(mask_probability, dtype=np.float32).squeeze()
     height, width = original_hw
     full = cv2.resize(soft, (width, height), interpolation=cv2.INTER_LINEAR)
@@ -151,6 +204,8 @@ def postprocess(
         is_defective=is_defective,
         mask=mask,
         mask_probability=soft if is_defective else np.zeros_like(soft),
+        confidence=confidence,
+        status=ACCEPTED if accepted else UNCERTAIN,
     )
 
 

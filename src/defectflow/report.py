@@ -10,7 +10,9 @@
 Contents: the promotion decision (banner and the checks behind it), headline metrics with the
 champion beside the challenger and their difference, per-class precision/recall/F1, the
 confusion matrix, training curves, the reliability diagram with the expected calibration
-error, and the worst cases (image | true mask | predicted mask).
+error, the confidence figures (temperature, ECE before/after it on validation and on test,
+the confidence threshold with its coverage and accuracy) with the accuracy-versus-coverage
+plot, and the worst cases (image | true mask | predicted mask).
 
 The decision is the gate's dict: {"passed", "promoted", "message", "champion",
 "checks": [{"metric", "kind", "value", "threshold", "champion_value", "tolerance", "passed"}]}.
@@ -31,6 +33,7 @@ import numpy as np
 from defectflow.evaluation import Evaluation
 from defectflow.plots import (
     confusion_matrix_image,
+    coverage_curve_image,
     curves_image,
     error_analysis_grid,
     reliability_diagram_image,
@@ -152,6 +155,33 @@ def _per_class_rows(challenger: Evaluation, champion: Evaluation | None) -> tupl
     return header, rows
 
 
+def confidence_rows(m: dict) -> list[list[str]]:
+    """The confidence figures of evaluation metrics `m` as [figure, value] rows (plain text):
+    the temperature, ECE on validation before/after it and on test, the confidence threshold
+    and what it accepts on validation and test. Empty for an evaluation without them."""
+    if "coverage" not in m:
+        return []
+    rows = [["temperature (1 = the network's own probabilities)", _fmt(m.get("temperature"), 3)]]
+    if "val_ece_before" in m:
+        rows += [["ECE, validation, before temperature", _fmt(m.get("val_ece_before"))],
+                 ["ECE, validation, after temperature", _fmt(m.get("val_ece_after"))]]
+    rows.append(["ECE, test, after temperature", _fmt(m.get("expected_calibration_error"))])
+    threshold = _number(m.get("confidence_threshold"))
+    if threshold is None:
+        rows.append(["confidence threshold", "none: every answer accepted"])
+    else:
+        rows.append(["confidence threshold (below: uncertain)", _fmt(threshold)])
+        if "val_coverage" in m:
+            target = _number(m.get("accept_target_accuracy"))
+            reached = "reached" if m.get("target_reached") else "not reached"
+            rows += [["coverage, validation", _fmt(m.get("val_coverage"), 3)],
+                     ["accuracy of accepted, validation" + (f" (target {target:.3f}, {reached})" if target else ""),
+                      _fmt(m.get("val_accepted_accuracy"), 3)]]
+    rows += [["coverage, test (share of images accepted)", _fmt(m.get("coverage"), 3)],
+             ["accuracy of accepted, test", _fmt(m.get("accepted_accuracy"), 3)]]
+    return rows
+
+
 def summary_markdown(challenger: Evaluation, champion: Evaluation | None = None, decision: dict | None = None,
                      images: dict[str, str] | None = None, title: str = "defectflow evaluation") -> str:
     """The Markdown summary: decision line first, then the metric tables; `images` (caption ->
@@ -172,6 +202,9 @@ def summary_markdown(challenger: Evaluation, champion: Evaluation | None = None,
               f"of which defective: {m.get('n_defect_images', '—')}. "
               f"Expected calibration error: {_fmt(m.get('expected_calibration_error'))} "
               "(count-weighted mean |accuracy − confidence| over 10 confidence bins; 0 = calibrated).", ""]
+    confidence = confidence_rows(m)
+    if confidence:
+        parts += ["### Confidence and coverage", "", _md_table(["figure", "value"], confidence), ""]
     if decision is not None and decision.get("checks"):
         parts += ["### Promotion checks", "", _md_table(CHECK_HEADER, [_check_cells(c) for c in decision["checks"]]),
                   ""]
@@ -283,7 +316,7 @@ def write_report(out_dir: str | Path, challenger: Evaluation, champion: Evaluati
                  error_count: int = 12) -> dict[str, Path]:
     """Write report.html, report.md and their figures into `out_dir`; returns their paths by
     name: "html", "markdown", and those figures that were drawn: "confusion_matrix",
-    "champion_confusion_matrix", "reliability", "training_curves", "error_analysis".
+    "champion_confusion_matrix", "reliability", "coverage", "training_curves", "error_analysis".
 
     `champion`: the current production model evaluated on the same images (metrics suffice);
     `decision`: the gate's decision dict (module docstring) or an object with `to_dict()`
@@ -313,6 +346,13 @@ def write_report(out_dir: str | Path, challenger: Evaluation, champion: Evaluati
                                         out_dir / "report_reliability.png")
     else:
         notes["reliability"] = "This evaluation recorded no per-image confidences, so no reliability diagram."
+    curve = challenger.coverage_curve()
+    if curve:
+        paths["coverage"] = save_rgb(coverage_curve_image(curve, m.get("confidence_threshold"),
+                                                          m.get("accept_target_accuracy")),
+                                     out_dir / "report_coverage.png")
+    else:
+        notes["coverage"] = "This evaluation recorded no per-image confidences, so no accuracy-versus-coverage plot."
     if history:
         charts = [curves_image(history, keys, size=(560, 320), title=name) for name, keys in CURVES
                   if any(history.get(k) for k in keys)]
@@ -334,6 +374,7 @@ def write_report(out_dir: str | Path, challenger: Evaluation, champion: Evaluati
     captions = {"confusion_matrix": "Confusion matrix (rows: true class, columns: predicted)",
                 "champion_confusion_matrix": "Confusion matrix of the champion",
                 "reliability": "Reliability diagram",
+                "coverage": "Accuracy vs coverage (confidence threshold)",
                 "training_curves": "Training curves",
                 "error_analysis": "Worst cases: image | true mask | predicted mask"}
     links = {captions[k]: p.name for k, p in paths.items()}
@@ -368,6 +409,15 @@ def write_report(out_dir: str | Path, challenger: Evaluation, champion: Evaluati
              "equal-width confidence bins; 0 means the confidences can be taken at face value.</p>"]
     body += [_figure(paths["reliability"], captions["reliability"])] if "reliability" in paths else [
         f'<p class="note">{_e(notes["reliability"])}</p>']
+    body += ["<h2>Confidence and coverage</h2>",
+             '<p class="note">Confidence: the calibrated probability of the class answered. Answers below the '
+             "confidence threshold are returned as <i>uncertain</i> for a person to review; coverage is the share "
+             "accepted. The temperature and the threshold are chosen on the validation split.</p>"]
+    confidence = confidence_rows(m)
+    if confidence:
+        body += [_html_table(["figure", "value"], [[_e(a), _e(b)] for a, b in confidence])]
+    body += [_figure(paths["coverage"], captions["coverage"])] if "coverage" in paths else [
+        f'<p class="note">{_e(notes["coverage"])}</p>']
     body += ["<h2>Training curves</h2>"]
     body += [_figure(paths["training_curves"], captions["training_curves"])] if "training_curves" in paths else [
         f'<p class="note">{_e(notes["training_curves"])}</p>']

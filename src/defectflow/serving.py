@@ -88,6 +88,9 @@ def metadata(model_tag: str, stage: str | None, model_dir: Path, info: ModelInfo
         "input_size": info.input_size,
         "serving_format": info.serving_format,
         "thresholds": {"defect": info.defect_threshold, "mask": info.mask_threshold, "from": info.thresholds_from},
+        # Answers whose calibrated confidence is below the threshold come back "uncertain".
+        "confidence_threshold": info.confidence_threshold,
+        "temperature": info.temperature,
         "metrics": {k: metrics[k] for k in headline if k in metrics},
         "config_sha256": settings.config_sha256,
         "limits": {"max_upload_bytes": settings.serve.max_upload_bytes, "max_pixels": settings.serve.max_pixels,
@@ -110,7 +113,9 @@ def prediction_record(request_id: str, endpoint: str, model_tag: str, started: f
         record["image_size"] = [int(image.shape[1]), int(image.shape[0])]
     if result is not None:
         record["class"] = result["class"]
-        record["confidence"] = round(float(result["probabilities"][result["class"]]), 6)
+        record["confidence"] = round(float(result.get("confidence", result["probabilities"][result["class"]])), 6)
+        if "status" in result:
+            record["answer_status"] = result["status"]
     if error is not None:
         record["error"] = error
     return record
