@@ -27,6 +27,7 @@ from fastapi import FastAPI
 from pydantic import Field
 
 from defectflow.http_guard import HEALTH_PATHS, guard_middlewares
+from defectflow.inbox import AddResult, Inbox, InboxWriter
 from defectflow.inference import ModelInfo
 from defectflow.registry import MODEL_TAG_ENV, production_tag
 from defectflow.serving import (
@@ -40,6 +41,7 @@ from defectflow.serving import (
 )
 from defectflow.uploads import UploadLimits, UploadRejected, decode_upload
 from defectflow.web import ui_app
+from defectflow.web.review import review_app
 
 
 def _model_tag() -> str:
@@ -63,6 +65,11 @@ SETTINGS = ServingSettings.for_model(MODEL_DIR)
 # batches, runs in DefectModel behind BentoML's adaptive batching.
 IN_PROCESS = ModelInfo.load(MODEL_DIR).serving_format == "tflite"
 UPLOAD_LIMITS = UploadLimits.from_config(SETTINGS.serve)
+API_TOKEN = os.environ.get(str(SETTINGS.serve.auth_token_env))
+# Uncertain answers are kept for review (serve.inbox): files + an SQLite index, written from a
+# background thread after the answer is ready. The review API and page are at /review.
+INBOX = (Inbox(SETTINGS.serve.inbox.path, int(SETTINGS.serve.inbox.max_items), int(SETTINGS.serve.inbox.max_bytes),
+               incoming=SETTINGS.serve.inbox.incoming) if SETTINGS.serve.inbox.enabled else None)
 
 # One JSON object per prediction on stdout, apart from BentoML's own access log.
 prediction_log = logging.getLogger("defectflow.predictions")
@@ -94,6 +101,12 @@ class _Metrics:
             name="defectflow_rejected_uploads_total",
             documentation="Uploads refused with a 4xx answer, by status",
             labelnames=["status"],
+        )
+        self.inbox = bentoml.metrics.Counter(
+            name="defectflow_inbox_items_total",
+            documentation="Uncertain answers offered to the review inbox, by outcome: stored, "
+                          "refused_full (retention limit), refused_busy (writer queue full), error",
+            labelnames=["outcome"],
         )
 
 
@@ -150,6 +163,7 @@ info_app = FastAPI(title="defectflow model information")
                  traffic={"timeout": 60})
 @bentoml.asgi_app(info_app, path="/")
 @bentoml.asgi_app(ui_app(), path="/ui")
+@bentoml.asgi_app(review_app(INBOX, API_TOKEN), path="/review")
 class DefectInspection:
     # A class-level model reference: `bentoml build` packs this model into the Bento.
     model_ref = MODEL
@@ -174,18 +188,47 @@ class DefectInspection:
         self.metadata = metadata(self.model_tag, self.stage, Path(self.model_ref.path), self.predictor.info,
                                  SETTINGS)
         self.metrics = _Metrics()
+        self.inbox_writer = InboxWriter(INBOX, on_result=self._inbox_outcome) if INBOX is not None else None
 
     @info_app.get("/metadata")
     def model_metadata(self) -> dict:
         """The serving model: tag, registry stage, classes, input size, thresholds, test
-        metrics, config digest and upload limits."""
-        return self.metadata
+        metrics, config digest, upload limits and the review inbox's counters."""
+        inbox = {"enabled": self.inbox_writer is not None}
+        if self.inbox_writer is not None:
+            inbox.update(path=str(INBOX.root), incoming=str(INBOX.incoming), max_items=INBOX.max_items,
+                         max_bytes=INBOX.max_bytes, counters=self.inbox_writer.counters)
+        return {**self.metadata, "inbox": inbox}
+
+    def _inbox_outcome(self, result: AddResult) -> None:
+        outcome = "stored" if result.stored else "refused_full" if result.reason in ("full_items", "full_bytes") \
+            else "error"
+        self.metrics.inbox.labels(outcome=outcome).inc()
+        if not result.stored:
+            prediction_log.info(json_log_line({"event": "inbox", "outcome": outcome, "reason": result.reason,
+                                               "error": result.message}))
+
+    def _keep_if_uncertain(self, data: bytes, result: dict) -> None:
+        """Queue an uncertain answer for review (a missing `status` means accepted). Never
+        raises and never waits for the disk: the prediction is already answered."""
+        if self.inbox_writer is None or result.get("status", "accepted") != "uncertain":
+            return
+        try:
+            kept = {k: v for k, v in result.items() if k != "overlay_png_base64"}
+            if not self.inbox_writer.submit(data, kept, self.model_tag):
+                self.metrics.inbox.labels(outcome="refused_busy").inc()
+                prediction_log.info(json_log_line({"event": "inbox", "outcome": "refused_busy",
+                                                   "request_id": result.get("request_id")}))
+        except Exception:  # noqa: BLE001
+            logging.getLogger("defectflow.inbox").exception("could not queue an uncertain answer for review")
+            self.metrics.inbox.labels(outcome="error").inc()
 
     def _predict_images(self, images: list[np.ndarray]) -> list:
         return self.predictor.predict_arrays(images, batch_size=len(images))
 
-    def _decode(self, upload: Path) -> np.ndarray:
-        return decode_upload(upload.read_bytes(), UPLOAD_LIMITS)
+    def _decode(self, upload: Path) -> tuple[bytes, np.ndarray]:
+        data = upload.read_bytes()
+        return data, decode_upload(data, UPLOAD_LIMITS)
 
     def _log(self, record: dict) -> None:
         prediction_log.info(json_log_line(record))
@@ -210,7 +253,7 @@ class DefectInspection:
         ctx.response.headers["X-Request-ID"] = request_id
         image_array = None
         try:
-            image_array = self._decode(image)
+            data, image_array = self._decode(image)
             prediction = self._predict_images([image_array])[0]
         except UploadRejected as exc:
             # Not `raise InvalidArgument`: BentoML 1.4.39 answers those with a JSON list.
@@ -223,6 +266,7 @@ class DefectInspection:
         self.metrics.latency.labels(endpoint="/predict").observe(time.perf_counter() - started)
         self.metrics.by_class.labels(predicted_class=result["class"]).inc()
         self._log(prediction_record(request_id, "/predict", self.model_tag, started, image_array, result, 200))
+        self._keep_if_uncertain(data, result)
         return result
 
     @bentoml.api(route="/predict_batch")
@@ -246,10 +290,12 @@ class DefectInspection:
             self.metrics.rejected.labels(status=str(ctx.response.status_code)).inc()
             return {"error": f"send between 1 and {limit} images as fields `images`, got {len(images)}",
                     "request_id": request_id}
-        arrays = []
+        arrays, uploads = [], []
         for index, upload in enumerate(images):
             try:
-                arrays.append(self._decode(upload))
+                data, array = self._decode(upload)
+                uploads.append(data)
+                arrays.append(array)
             except UploadRejected as exc:
                 ctx.response.status_code = exc.status_code
                 self.metrics.rejected.labels(status=str(exc.status_code)).inc()
@@ -260,14 +306,18 @@ class DefectInspection:
             self.metrics.by_class.labels(predicted_class=result["class"]).inc()
             self._log(prediction_record(f"{request_id}/{index}", "/predict_batch", self.model_tag, started, array,
                                         result, 200))
+        for index, (data, result) in enumerate(zip(uploads, results, strict=True)):
+            self._keep_if_uncertain(data, {**result, "request_id": f"{request_id}/{index}"})
         return {"results": results, "model": self.model_tag, "request_id": request_id}
 
 
 # Outermost first: bearer auth (DEFECTFLOW_API_TOKEN), the request size cap, the multipart guard.
+# /review is exempt here only so its page loads without a token: review_app checks the same
+# token itself on everything under /review but the page.
 for _middleware, _options in guard_middlewares(
-        token=os.environ.get(str(SETTINGS.serve.auth_token_env)),
+        token=API_TOKEN,
         file_fields={"/predict": ["image"], "/predict_batch": ["images"]},
         max_bytes=int(SETTINGS.serve.max_upload_bytes),
         path_max_bytes={"/predict_batch": int(SETTINGS.serve.max_upload_bytes) * int(SETTINGS.serve.max_batch_images)},
-        auth_exempt=(*HEALTH_PATHS, "/ui")):  # the page loads without a token, then sends it
+        auth_exempt=(*HEALTH_PATHS, "/ui", "/review")):  # the pages load without a token, then send it
     DefectInspection.add_asgi_middleware(_middleware, **_options)

@@ -485,6 +485,13 @@ class Inbox:
                 record = json.loads((self.items_dir / row["record_file"]).read_text())
                 item["image_bytes"] = (self.items_dir / row["image_file"]).read_bytes()
             except (OSError, ValueError) as exc:
+                conn = self._connect()
+                try:
+                    state = self._row(conn, item_id)["state"]
+                finally:
+                    conn.close()
+                if state != "pending":  # reviewed or discarded meanwhile: its files are gone
+                    raise ItemNotPending(f"inbox item {item_id} is already {state}") from exc
                 raise InboxError(f"inbox item {item_id}: cannot read its files: {exc}") from exc
             item["prediction"] = {k: v for k, v in record.items() if k not in ("id", "image_file")}
         return item
