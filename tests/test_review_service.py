@@ -2,10 +2,8 @@
 on 127.0.0.1): uncertain answers land in the inbox, the /review API and page review them into
 the incoming dataset, behind the service's bearer token.
 
-The served tiny model answers "uncertain" when its model.json has a confidence threshold above
-any probability (1.01); that needs `ModelInfo.confidence_threshold` (the calibrated-confidence
-work). Without it, the capture test is skipped and the review API is tested on items this test
-puts into the same inbox folder.
+The served tiny model answers "uncertain": its model.json has a confidence threshold above any
+probability (1.01). The review API is also tested on items this test puts into the inbox folder.
 """
 
 from __future__ import annotations
@@ -32,7 +30,6 @@ pytestmark = pytest.mark.integration
 
 TOKEN = "review-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-HAS_CONFIDENCE_THRESHOLD = "confidence_threshold" in ModelInfo.__dataclass_fields__
 
 _SAVE = """
 import sys
@@ -64,10 +61,9 @@ def _decode(b64: str, flags=cv2.IMREAD_UNCHANGED) -> np.ndarray:
 def service(tmp_path_factory) -> Iterator[dict]:
     root = tmp_path_factory.mktemp("review-service")
     model_dir = make_tiny_model_dir(root / "model")
-    if HAS_CONFIDENCE_THRESHOLD:
-        info = ModelInfo.load(model_dir)
-        info.confidence_threshold = 1.01  # every answer is below it: uncertain
-        info.save(model_dir)
+    info = ModelInfo.load(model_dir)
+    info.confidence_threshold = 1.01  # every answer is below it: uncertain
+    info.save(model_dir)
     env = isolated_env(root / "home")
     tag = subprocess.run([sys.executable, "-c", _SAVE, str(model_dir)], env=env, cwd=root, check=True,
                          timeout=300, capture_output=True, text=True).stdout.split()[-1]
@@ -173,8 +169,6 @@ def test_review_over_http_writes_the_incoming_dataset(service):
     assert provenance[good]["model"] == service["tag"] and provenance[good]["mask_source"] == "upload"
 
 
-@pytest.mark.skipif(not HAS_CONFIDENCE_THRESHOLD,
-                    reason="needs ModelInfo.confidence_threshold (answers with status 'uncertain')")
 def test_uncertain_answers_land_in_the_inbox_and_are_reviewed(service):
     url = service["url"]
     before = {i["id"] for i in httpx.get(f"{url}/review/items", headers=AUTH, timeout=10).json()["items"]}

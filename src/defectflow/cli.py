@@ -245,7 +245,8 @@ def _evaluate_run(args, run: Path, overrides: list[str]) -> int:
     cfg = from_yaml((run / "config.yaml").read_text())
     rows = read_manifest(run / "manifest.csv")
     if not args.no_calibrate:  # whatever the run did: this command is how thresholds are redone
-        thresholds = calibrate_model(run / "model", select(rows, "val"), cfg.train.batch_size, run / "calibration.json")
+        thresholds = calibrate_model(run / "model", select(rows, "val"), cfg.train.batch_size, run / "calibration.json",
+                                     cfg.eval.temperature_scaling, cfg.eval.accept_target_accuracy)
         if not args.json:
             print(thresholds.markdown() + "\n")
     result = evaluate_model_dir(run / "model", select(rows, "test"), run / "evaluation", cfg.train.batch_size,
