@@ -162,9 +162,9 @@ def calibration_error(confidence: np.ndarray, correct: np.ndarray, n_bins: int =
     return expected_calibration_error(reliability_bins(confidence, correct, n_bins))
 
 
-def coverage_curve(confidence, correct) -> list[dict]:
+def coverage_curve(confidence, correct, from_zero: bool = True) -> list[dict]:
     """Accuracy against coverage as the confidence threshold rises: one point per distinct
-    confidence t (and t = 0, which accepts every answer), {threshold, coverage, accuracy},
+    confidence t (and, with `from_zero`, t = 0, which accepts every answer), {threshold, coverage, accuracy},
     where an answer is accepted when its confidence is >= t. Thresholds ascending, so
     coverage descending; every point accepts at least one answer."""
     conf = np.asarray(confidence, dtype=np.float64).ravel()
@@ -183,7 +183,7 @@ def coverage_curve(confidence, correct) -> list[dict]:
     for i in np.flatnonzero(last)[::-1]:
         points.append({"threshold": float(conf[i]), "coverage": float(accepted[i] / conf.size),
                        "accuracy": float(right[i] / accepted[i])})
-    if points[0]["threshold"] > 0.0:
+    if from_zero and points[0]["threshold"] > 0.0:
         points.insert(0, {**points[0], "threshold": 0.0})
     return points
 
@@ -192,8 +192,10 @@ def choose_confidence_threshold(confidence, correct, target_accuracy: float) -> 
     """The lowest confidence threshold whose accepted answers (confidence >= threshold) reach
     `target_accuracy`: {threshold, coverage, accuracy, target_reached}. When no threshold does,
     the one with the highest accuracy on what it accepts (ties: the lower threshold, which
-    accepts more), with target_reached False."""
-    curve = coverage_curve(confidence, correct)
+    accepts more), with target_reached False. Thresholds are confidences seen on the data, never
+    below the least confident answer: when every answer is right, an answer less confident than
+    all of them is still "uncertain" (not everything accepted at threshold 0)."""
+    curve = coverage_curve(confidence, correct, from_zero=False)
     if not curve:
         raise ValueError("no answers to choose a confidence threshold on")
     reaching = [p for p in curve if p["accuracy"] >= target_accuracy]
