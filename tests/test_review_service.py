@@ -227,3 +227,40 @@ def test_review_app_says_when_the_inbox_is_off_and_keeps_its_page():
         off = client.get("/items", headers=AUTH)
         assert off.status_code == 404 and "serve.inbox.enabled=true" in off.json()["error"]
         assert client.post("/items/x", headers=AUTH, json={"label": "good", "reviewer": "a"}).status_code == 404
+
+
+def test_32_concurrent_clients_lose_no_uncertain_answer(service):
+    """Every uncertain answer of 32 clients at once is stored or counted as refused; every
+    stored item is whole (index row, image and prediction files)."""
+    import asyncio
+
+    url = service["url"]
+    counted = ("stored", "refused_full", "refused_busy", "errors")
+
+    def offered() -> int:
+        counters = httpx.get(f"{url}/metadata", headers=AUTH, timeout=10).json()["inbox"]["counters"]
+        return sum(counters.get(k, 0) for k in counted)
+
+    before = offered()
+
+    async def clients() -> list[int]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            answers = await asyncio.gather(*(
+                client.post(f"{url}/predict", headers=AUTH, files={"image": (f"c{i}.png", _png(_image(500 + i)))})
+                for i in range(32)))
+        return [a.status_code for a in answers]
+
+    assert asyncio.run(clients()) == [200] * 32
+    deadline = time.monotonic() + 30
+    while offered() - before < 32 and time.monotonic() < deadline:  # the writer works behind the answers
+        time.sleep(0.2)
+    assert offered() - before == 32
+
+    inbox = Inbox(service["inbox"], max_items=50, max_bytes=10**9)
+    pending = inbox.list()
+    assert pending
+    for item in pending:
+        detail = inbox.get(item["id"])
+        assert detail["prediction"]["status"] == "uncertain"
+        image = cv2.imdecode(np.frombuffer(detail["image_bytes"], np.uint8), cv2.IMREAD_COLOR)
+        assert image is not None and image.shape[2] == 3  # the stored upload is whole
