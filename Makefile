@@ -68,7 +68,7 @@ down:
 
 test: install browser
 	$(BIN)/ruff check src tasks flows tests service.py benchmarks
-	$(BIN)/python -m pytest --cov=defectflow --cov-report=term --cov-report=xml:$(DEFECTFLOW_HOME)/coverage.xml
+	$(BIN)/python -m pytest --durations=25 --cov=defectflow --cov-report=term --cov-report=xml:$(DEFECTFLOW_HOME)/coverage.xml
 
 lint: install
 	$(BIN)/ruff check src tasks flows tests service.py benchmarks

@@ -29,7 +29,8 @@ def test_deployment_run_on_a_prefect_server(tiny_dataset, tmp_path):
         wait_http(f"http://127.0.0.1:{port}/api/health", server, 120, tmp_path / "server.log")
         with running([str(BIN / "defectflow"), "deploy", "--name", "test-pipeline"], env,
                      tmp_path / "runner.log") as runner:
-            params = {"config": "tiny", "overrides": [f"data.root={tiny_dataset}", "package.build_bento=false"]}
+            params = {"config": "tiny", "overrides": [f"data.root={tiny_dataset}", "package.build_bento=false",
+                                                      "tune.enabled=false"]}
             deadline = time.monotonic() + 120
             while True:  # the deployment exists once the runner has registered it
                 result = subprocess.run([sys.executable, "-c", RUN_DEPLOYMENT, json.dumps(params)], env=env,

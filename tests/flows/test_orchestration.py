@@ -167,7 +167,7 @@ def test_training_pipeline_from_the_ui_button(stack, tiny_dataset, tmp_path):
 
 
 def test_nightly_retrains_once_then_skips_unchanged_data(stack, tiny_dataset):
-    params = {"config": "tiny", "data_root": str(tiny_dataset), "overrides": TINY}
+    params = {"config": "tiny", "data_root": str(tiny_dataset), "overrides": TINY, "tuner_trials": 0}
     first = stack.run("nightly-retrain/nightly-retrain", params)
     assert first["state_type"] == "COMPLETED", first["state"]["message"] + stack.logs()
     assert first["state"]["message"].startswith("promoted"), first["state"]["message"]  # no production yet
@@ -197,7 +197,8 @@ def test_failing_nightly_never_changes_production(stack, tiny_dataset, tmp_path)
 
 def test_killed_worker_crashes_the_run_and_a_retry_completes(stack, tiny_dataset):
     run_id = stack.trigger("training-pipeline/training-pipeline",
-                           {"config": "tiny", "data_root": str(tiny_dataset), "overrides": TINY, "promote": False})
+                           {"config": "tiny", "data_root": str(tiny_dataset), "overrides": TINY, "promote": False,
+                            "tuner_trials": 0})
     stack.wait(run_id, {"RUNNING", *FINAL}, timeout=300)
     time.sleep(5)  # inside the pipeline's tasks
     os.kill(stack.state()["processes"]["worker"]["pid"], signal.SIGKILL)

@@ -76,7 +76,7 @@ def test_uncertain_answers_are_reviewed_and_tomorrows_model_learns_from_them(tin
     env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
     data_root = shutil.copytree(tiny_dataset, tmp_path / "capsule")
     inbox_dir, incoming = tmp_path / "inbox", tmp_path / "incoming"
-    nightly_overrides = ["tune.epochs=1", "train.epochs=1", "package.build_bento=false",
+    nightly_overrides = ["tune.enabled=false", "train.epochs=1", "package.build_bento=false",
                          f"serve.inbox.incoming={incoming}"]
 
     model_dir = make_tiny_model_dir(tmp_path / "production-model")
