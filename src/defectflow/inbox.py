@@ -48,6 +48,8 @@ from pathlib import Path
 
 import numpy as np
 
+from defectflow.files import TMP_PREFIX, atomic_write, fsync_dir, write_temp
+
 log = logging.getLogger("defectflow.inbox")
 
 INDEX_FILE = "index.sqlite3"
@@ -57,7 +59,6 @@ PROVENANCE_FILE = "provenance.jsonl"
 #: (a live writer in another process may be between writing and renaming it).
 TEMP_MAX_AGE_S = 300.0
 BUSY_TIMEOUT_MS = 30_000
-_TMP_PREFIX = ".tmp-"
 _EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "bmp": ".bmp", "tiff": ".tiff"}
 #: A class name that is safe as one folder name.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,99}$")
@@ -136,43 +137,6 @@ class _Counters:
     def as_dict(self) -> dict[str, int]:
         with self.lock:
             return {"stored": self.stored, "refused_full": self.refused_full, "errors": self.errors}
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_temp(folder: Path, data: bytes) -> Path:
-    """`data` in a new temporary file of `folder`, fsynced."""
-    tmp = folder / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    return tmp
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `path` so a reader sees either nothing or all of it (temp + fsync + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _write_temp(path.parent, data)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _png_bytes(image: np.ndarray) -> bytes:
@@ -325,7 +289,7 @@ class Inbox:
             for row in conn.execute("SELECT image_file, record_file FROM items WHERE state = 'pending'"):
                 named.update(n for n in (row["image_file"], row["record_file"]) if n)
             for path in self.items_dir.iterdir():
-                if path.name.startswith(_TMP_PREFIX):
+                if path.name.startswith(TMP_PREFIX):
                     try:
                         if now - path.stat().st_mtime < temp_max_age_s:
                             continue
@@ -370,7 +334,7 @@ class Inbox:
             return self._refuse_full("full_bytes" if size > self.max_bytes else "full_items")
         try:
             self._open()
-            tmp_image = _write_temp(self.items_dir, data)
+            tmp_image = write_temp(self.items_dir, data)
         except (OSError, sqlite3.Error) as exc:
             self._counters.bump("errors")
             log.warning("inbox %s is not writable: %s", self.root, exc)
@@ -379,7 +343,7 @@ class Inbox:
         final = [self.items_dir / image_file, self.items_dir / f"{item_id}.json"]
         renamed: list[Path] = []
         try:
-            tmp_record = _write_temp(self.items_dir, record_bytes)
+            tmp_record = write_temp(self.items_dir, record_bytes)
             with self._write_transaction() as conn:
                 count, used = conn.execute(
                     "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM items WHERE state = 'pending'").fetchone()
@@ -389,7 +353,7 @@ class Inbox:
                 for tmp, path in zip((tmp_image, tmp_record), final, strict=True):
                     os.replace(tmp, path)
                     renamed.append(path)
-                _fsync_dir(self.items_dir)
+                fsync_dir(self.items_dir)
                 self._insert(conn, {"id": item_id, "created": created, "model": record["model"],
                                     "predicted_class": record["class"], "confidence": record["confidence"],
                                     "prediction_status": record["status"], "image_file": final[0].name,
@@ -737,4 +701,4 @@ class InboxWriter:
 
 
 __all__ = ["AddResult", "Inbox", "InboxError", "InboxWriter", "InvalidReview", "ItemNotFound", "ItemNotPending",
-           "ReviewResult", "atomic_write", "read_provenance"]
+           "ReviewResult", "read_provenance"]

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from defectflow.config import REPO_ROOT
+from defectflow.files import atomic_write
 
 WORK_POOLS = ("defectflow", "defectflow-gpu")  # the names prefect.yaml's deployments use
 LOCAL_POOL = "defectflow"
@@ -61,11 +62,7 @@ def read_state(home: Path) -> StackState | None:
 
 
 def _write_state(home: Path, state: StackState) -> None:
-    path = _state_file(home)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(state), indent=2))
-    tmp.replace(path)
+    atomic_write(_state_file(home), json.dumps(asdict(state), indent=2).encode())
 
 
 def _prefect() -> str:

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 from defectflow.config import from_yaml, save_config
+from defectflow.files import atomic_write
 from defectflow.training import PreparedData, build_tuner, run_search, search_results
 
 log = logging.getLogger(__name__)
@@ -114,11 +115,11 @@ def run_tuner(cfg, data: PreparedData, out_dir: Path, result_file: Path | None =
         best, trials = search_results(tuner, cfg, out_dir)
         result = {"best": best, "trials": trials}
         if result_file is not None:
-            _write_json(result_file, result)
+            atomic_write(result_file, json.dumps(result, indent=2).encode())
         log.info("chief: %d trials in %.1f s, best %s", len(trials), time.monotonic() - started, best)
         return result
     report = {"tuner_id": tuner_id, "trials": list(tuner.trials_run), "seconds": round(time.monotonic() - started, 1)}
-    _write_json(worker_report(out_dir, tuner_id), report)
+    atomic_write(worker_report(out_dir, tuner_id), json.dumps(report, indent=2).encode())
     log.info("%s: ran trials %s in %.1f s", tuner_id, report["trials"], report["seconds"])
     return report
 
@@ -127,13 +128,6 @@ def read_result(path: Path) -> tuple[dict, list[dict]]:
     """The chief's (best, trials), as `defectflow.training.tune` returns them."""
     result = json.loads(Path(path).read_text())
     return result["best"], result["trials"]
-
-
-def _write_json(path: Path, value) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2))
-    tmp.replace(path)
 
 
 def _exit_with_parent() -> None:
