@@ -36,14 +36,14 @@ PAGE_FILE = "ui.html"
 _INLINE = re.compile(r"<(script|style)>(.*?)</\1>", re.DOTALL)
 
 
-def page_html() -> str:
-    """The page's HTML, as packaged next to this module (the Bento must include it)."""
+def page_html(name: str = PAGE_FILE) -> str:
+    """A page's HTML, as packaged next to this module (the Bento must include it)."""
     try:
-        return resources.files(__name__).joinpath(PAGE_FILE).read_text(encoding="utf-8")
+        return resources.files(__name__).joinpath(name).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise FileNotFoundError(
-            f"{PAGE_FILE} is missing from the defectflow.web package: a Bento must include "
-            f"src/defectflow/web/{PAGE_FILE} (bentofile.yaml `include:`)") from None
+            f"{name} is missing from the defectflow.web package: a Bento must include "
+            f"src/defectflow/web/{name} (bentofile.yaml `include:`)") from None
 
 
 def content_security_policy(html: str) -> str:
@@ -54,7 +54,7 @@ def content_security_policy(html: str) -> str:
         digest = base64.b64encode(hashlib.sha256(body.encode("utf-8")).digest()).decode("ascii")
         hashes[kind].append(f"'sha256-{digest}'")
     if not hashes["script"]:
-        raise ValueError(f"{PAGE_FILE} has no inline <script> block: the page would be inert")
+        raise ValueError("the page has no inline <script> block: it would be inert")
     styles = " ".join(hashes["style"]) or "'none'"
     return "; ".join([
         "default-src 'none'",
@@ -68,9 +68,8 @@ def content_security_policy(html: str) -> str:
     ])
 
 
-def ui_app() -> Starlette:
-    """An ASGI app answering GET / (and HEAD) with the page; read once, here."""
-    html = page_html()
+def page_endpoint(html: str):
+    """A Starlette endpoint answering with `html` and its headers (the policy computed once)."""
     headers = {
         # Revalidate on every load: a new Bento must not keep serving yesterday's page.
         "Cache-Control": "no-cache",
@@ -82,8 +81,13 @@ def ui_app() -> Starlette:
     async def page(request: Request) -> HTMLResponse:
         return HTMLResponse(html, headers=headers)
 
+    return page
+
+
+def ui_app() -> Starlette:
+    """An ASGI app answering GET / (and HEAD) with the page; read once, here."""
     # Mounted at /ui, the app sees "/"; BentoML's router redirects /ui to /ui/ (307).
-    return Starlette(routes=[Route("/", page, methods=["GET"], name="ui")])
+    return Starlette(routes=[Route("/", page_endpoint(page_html()), methods=["GET"], name="ui")])
 
 
-__all__ = ["content_security_policy", "page_html", "ui_app"]
+__all__ = ["content_security_policy", "page_endpoint", "page_html", "ui_app"]

@@ -16,31 +16,21 @@ from __future__ import annotations
 
 import base64
 import binascii
-from importlib import resources
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse
+from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from defectflow.http_guard import BearerAuthMiddleware
 from defectflow.inbox import Inbox, InboxError, InvalidReview
-from defectflow.web import content_security_policy
+from defectflow.web import page_endpoint, page_html
 
 PAGE_FILE = "review.html"
 #: The largest mask upload read (a mask is 1 bit of information per pixel: PNG compresses it well).
 MAX_MASK_BYTES = 20_000_000
-
-
-def review_page_html() -> str:
-    try:
-        return resources.files("defectflow.web").joinpath(PAGE_FILE).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"{PAGE_FILE} is missing from the defectflow.web package: a Bento must include "
-            f"src/defectflow/web/{PAGE_FILE} (bentofile.yaml `include:`)") from None
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -107,13 +97,7 @@ class _PageOpen:
 
 def review_app(inbox: Inbox | None, token: str | None = None, off_reason: str = "") -> _PageOpen:
     """The ASGI app to mount at /review. `inbox` None: the inbox is off, the API says so (404)."""
-    html = review_page_html()
-    headers = {"Cache-Control": "no-cache", "Content-Security-Policy": content_security_policy(html),
-               "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
     off = off_reason or "the review inbox is off: serve with serve.inbox.enabled=true"
-
-    async def page(request: Request) -> HTMLResponse:
-        return HTMLResponse(html, headers=headers)
 
     async def call(fn, *args):
         if inbox is None:
@@ -157,7 +141,7 @@ def review_app(inbox: Inbox | None, token: str | None = None, off_reason: str = 
         return await call(run)
 
     app = Starlette(routes=[
-        Route("/", page, methods=["GET"], name="review_page"),
+        Route("/", page_endpoint(page_html(PAGE_FILE)), methods=["GET"], name="review_page"),
         Route("/items", items, methods=["GET"]),
         Route("/items/{item_id}", item, methods=["GET"]),
         Route("/items/{item_id}", review, methods=["POST"]),
@@ -166,4 +150,4 @@ def review_app(inbox: Inbox | None, token: str | None = None, off_reason: str = 
     return _PageOpen(app, token)
 
 
-__all__ = ["review_app", "review_page_html"]
+__all__ = ["review_app"]
