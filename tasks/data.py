@@ -112,6 +112,11 @@ def split_data(cfg, samples, facts, run_dir: Path) -> SplitOutcome:
     return outcome
 
 
+def _validation_dir(cfg, data_version: str) -> Path:
+    """Where the cached validation of a data version keeps its Data Docs and facts table."""
+    return Path(cfg.paths.home) / "validation" / data_version[:16]
+
+
 @task(name="check-data", persist_result=True, cache_expiration=CACHE_FOR,
       cache_key_fn=lambda _, p: "validation:" + hash_objects(
           p["data_version"], _data_key(p["cfg"]), p["split"].fingerprint, p["split"].problem,
@@ -120,7 +125,7 @@ def split_data(cfg, samples, facts, run_dir: Path) -> SplitOutcome:
 def check_data(cfg, samples, facts, split: SplitOutcome, data_version: str) -> ValidationResult:
     """The Great Expectations suite on the facts table; cached by data version, split and suite,
     with its Data Docs kept per data version under <paths.home>/validation/."""
-    out = Path(cfg.paths.home) / "validation" / data_version[:16]
+    out = _validation_dir(cfg, data_version)
     return validate_dataset(with_splits(facts, split.rows), cfg.validation, class_counts(samples),
                             data_docs_dir=out / "data_docs", facts_csv=out / "image_facts.csv")
 
@@ -136,7 +141,7 @@ def validate_data(cfg, samples, facts, split: SplitOutcome, data_version: str, r
     if docs and Path(docs).exists():
         shutil.copytree(Path(docs).parent, out / "data_docs", dirs_exist_ok=True)
         docs = str(out / "data_docs" / Path(docs).name)
-    facts_csv = Path(cfg.paths.home) / "validation" / data_version[:16] / "image_facts.csv"
+    facts_csv = _validation_dir(cfg, data_version) / "image_facts.csv"
     if facts_csv.exists():
         shutil.copy2(facts_csv, out / "image_facts.csv")
     (out / "summary.md").write_text(result.summary_markdown())

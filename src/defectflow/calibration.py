@@ -39,7 +39,13 @@ import numpy as np
 
 from defectflow.data.mvtec import Sample
 from defectflow.metrics import dice, expected_calibration_error, reliability_bins
-from defectflow.preprocessing import answer_indices, apply_temperature, read_image, read_mask
+from defectflow.preprocessing import (
+    answer_indices,
+    apply_temperature,
+    log_probabilities,
+    read_image,
+    read_mask,
+)
 
 DEFECT_GRID = tuple(np.round(np.arange(0.05, 0.951, 0.05), 2))
 MASK_GRID = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
@@ -112,16 +118,10 @@ def _best(scores: dict[float, float]) -> tuple[float, float]:
     return float(threshold), float(value)
 
 
-def _log_probs(probs: np.ndarray) -> np.ndarray:
-    return np.log(np.clip(np.asarray(probs, dtype=np.float64), np.finfo(np.float64).tiny, None))
-
-
 def negative_log_likelihood(probs: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
     """Mean -log softmax(log(p) / T)[label] over the rows of (N, C) probabilities."""
-    logp = _log_probs(probs) / temperature
-    logp -= logp.max(axis=1, keepdims=True)
-    log_norm = np.log(np.exp(logp).sum(axis=1))
-    return float(np.mean(log_norm - logp[np.arange(len(logp)), np.asarray(labels)]))
+    logp = log_probabilities(probs, temperature)
+    return float(-np.mean(logp[np.arange(len(logp)), np.asarray(labels)]))
 
 
 def fit_temperature(probs: np.ndarray, labels: np.ndarray, bounds: tuple[float, float] = TEMPERATURE_BOUNDS

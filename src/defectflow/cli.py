@@ -471,7 +471,7 @@ def cmd_review(args) -> int:
     import base64
     import getpass
 
-    from defectflow.inbox import Inbox, InboxError
+    from defectflow.inbox import INDEX_FILE, Inbox, InboxError
 
     inbox_path, incoming, limits = args.inbox, args.incoming, {}
     if inbox_path is None or incoming is None:
@@ -481,7 +481,7 @@ def cmd_review(args) -> int:
         inbox_path = inbox_path or Path(settings.path)
         incoming = incoming or Path(settings.incoming)
         limits = {"max_items": int(settings.max_items), "max_bytes": int(settings.max_bytes)}
-    if not (inbox_path / "index.sqlite3").exists():
+    if not (inbox_path / INDEX_FILE).exists():
         print(f"defectflow: error: no inbox at {inbox_path} (the service creates it when serve.inbox.enabled=true)",
               file=sys.stderr)
         return 2

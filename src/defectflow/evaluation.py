@@ -223,7 +223,7 @@ def _plots(result: Evaluation, tiles, plot_dir: Path) -> None:
              plot_dir / "confusion_matrix.png")
     save_rgb(reliability_diagram_image(result.reliability(), result.metrics["expected_calibration_error"]),
              plot_dir / "reliability.png")
-    save_rgb(coverage_curve_image(result.coverage_curve(), result.metrics.get("confidence_threshold"),
+    save_rgb(coverage_curve_image(result.metrics["coverage_curve"], result.metrics.get("confidence_threshold"),
                                   result.metrics.get("accept_target_accuracy")), plot_dir / "coverage.png")
     # Mistakes first: that is what a person reviewing a model wants to see.
     tiles = sorted(tiles, key=lambda t: (t[1]["true"] == t[1]["predicted"], t[1]["dice"]))

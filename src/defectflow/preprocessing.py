@@ -138,22 +138,27 @@ class Prediction:
         }
 
 
+def log_probabilities(class_probabilities: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """log softmax(log(p) / T) along the last axis, computed stably (float64). Exact zeros
+    (float32 softmax underflow) are taken as the smallest positive float64."""
+    logits = np.log(np.clip(np.asarray(class_probabilities, dtype=np.float64), np.finfo(np.float64).tiny, None))
+    logits = logits / temperature
+    logits -= logits.max(axis=-1, keepdims=True)
+    return logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+
+
 def apply_temperature(class_probabilities: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """Temperature-scaled class probabilities: softmax(log(p) / T) along the last axis.
 
     T > 1 softens over-confident probabilities, T < 1 sharpens them; the order of the classes
     (and so the argmax) never changes. T = 1 returns the probabilities as they are (float64).
-    Exact zeros (float32 softmax underflow) are taken as the smallest positive float64.
     """
     probs = np.asarray(class_probabilities, dtype=np.float64)
     if temperature <= 0 or not np.isfinite(temperature):
         raise ValueError(f"temperature must be a positive number, got {temperature}")
     if temperature == 1.0:
         return probs
-    logits = np.log(np.clip(probs, np.finfo(np.float64).tiny, None)) / temperature
-    logits -= logits.max(axis=-1, keepdims=True)
-    exp = np.exp(logits)
-    return exp / exp.sum(axis=-1, keepdims=True)
+    return np.exp(log_probabilities(probs, temperature))
 
 
 def answer_indices(class_probabilities: np.ndarray, defect_threshold: float | None = None) -> np.ndarray:
