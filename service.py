@@ -125,10 +125,11 @@ class _BatchedForward:
     def __init__(self, model_service, info) -> None:
         self.model_service = model_service
         self.n_classes, self.size = len(info.classes), info.input_size
+        self.anomaly_grid = tuple(info.anomaly["grid"]) if info.anomaly else None
 
-    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         packed = self.model_service.forward(batch.round().astype(np.uint8))
-        return unpack_outputs(packed, self.n_classes, self.size)
+        return unpack_outputs(packed, self.n_classes, self.size, self.anomaly_grid)
 
 
 @bentoml.service(name="defectflow-model", workers=1, traffic={"timeout": 60})
@@ -150,7 +151,7 @@ class DefectModel:
     @bentoml.api(batchable=True, max_batch_size=int(SETTINGS.serve.batch.max_batch_size),
                  max_latency_ms=int(SETTINGS.serve.batch.max_latency_ms))
     def forward(self, images: np.ndarray) -> np.ndarray:
-        return pack_outputs(*self.predictor.backend(images.astype(np.float32)))
+        return pack_outputs(self.predictor.backend(images.astype(np.float32)))
 
 
 info_app = FastAPI(title="defectflow model information")

@@ -1,5 +1,5 @@
-"""The training pipeline: scan, split, validate, augment, tune, train, calibrate, export, evaluate
-challenger and champion, gate, register, promote, package, report."""
+"""The training pipeline: scan, split, validate, augment, tune, train, fit the anomaly score,
+calibrate, export, evaluate challenger and champion, gate, register, promote, package, report."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from tasks.evaluation import (
 )
 from tasks.export import export_compact_model
 from tasks.packaging import promote_model, register_model
-from tasks.training import train_model, tune_hyperparameters
+from tasks.training import fit_anomaly_model, train_model, tune_hyperparameters
 
 
 @flow(name="training-pipeline", log_prints=True)
@@ -52,6 +52,7 @@ def training_pipeline(config: str = "default", overrides: list[str] | None = Non
     data = augment_data(cfg, samples, split, run_dir)
     hyperparameters = tune_hyperparameters(cfg, data, run_dir, resumed)
     model_dir = train_model(cfg, data, hyperparameters, run_dir)
+    fit_anomaly_model(cfg, model_dir, data)
     calibrate_thresholds(cfg, model_dir, split.rows, run_dir)
     # Before evaluation, so the figures come from the format that will serve.
     compact = export_compact_model(cfg, model_dir, split.rows, run_dir)

@@ -28,7 +28,8 @@ def calibrate_thresholds(cfg, model_dir: Path, rows: list[SplitSample], run_dir:
         return None
     thresholds = calibrate_model(model_dir, select(rows, "val"), cfg.train.batch_size, run_dir / "calibration.json",
                                  temperature_scaling=cfg.eval.temperature_scaling,
-                                 accept_target_accuracy=cfg.eval.accept_target_accuracy)
+                                 accept_target_accuracy=cfg.eval.accept_target_accuracy,
+                                 anomaly_false_alarm_rate=cfg.anomaly.false_alarm_rate)
     create_markdown_artifact(markdown=thresholds.markdown(), key="calibration",
                              description="Temperature, decision and confidence thresholds chosen on the validation "
                                          "split")

@@ -17,6 +17,7 @@ from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from defectflow import tuning
+from defectflow.anomaly import fit_anomaly_head
 from defectflow.config import save_config
 from defectflow.plots import curves_image, save_rgb
 from defectflow.training import (
@@ -175,3 +176,20 @@ def train_model(cfg, data: PreparedData, hyperparameters: dict, run_dir: Path) -
         f", resumed after epoch {result.resumed_from_epoch}" if result.resumed_from_epoch else "", model_dir,
     )
     return model_dir
+
+
+@task(name="fit-anomaly-head", cache_policy=NONE)
+def fit_anomaly_model(cfg, model_dir: Path, data: PreparedData) -> dict | None:
+    """The anomaly score's memory bank, from the good training images, added to the model
+    (its threshold is chosen with the others on the validation split)."""
+    logger = get_run_logger()
+    if not cfg.anomaly.enabled:
+        logger.info("anomaly score off (anomaly.enabled=false): the classifier alone decides")
+        return None
+    good = [s for s in data.train_samples if s.label == data.classes[0]]
+    record = fit_anomaly_head(model_dir, good, cfg.anomaly.bank_size, cfg.anomaly.projection_dims,
+                              cfg.anomaly.seed, cfg.train.batch_size)
+    logger.info("anomaly memory bank: %d of %d patches of %d good training images, %d -> %d dims, %.1f s",
+                record["bank_size"], record["patches"], record["train_images"], record["feature_dims"],
+                record["projection_dims"], record["fit_seconds"])
+    return record

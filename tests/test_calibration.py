@@ -11,7 +11,7 @@ from defectflow.calibration import (
     negative_log_likelihood,
 )
 from defectflow.data.mvtec import class_names, scan_dataset
-from defectflow.inference import ModelInfo
+from defectflow.inference import ModelInfo, RawOutputs
 from defectflow.preprocessing import (
     ACCEPTED,
     UNCERTAIN,
@@ -45,7 +45,7 @@ class FakePredictor:
             truth = prepare_mask(read_mask(sample.mask_path), self.size) if sample.mask_path else np.zeros(
                 (self.size, self.size, 1), np.float32)
             masks.append((truth > 0.5) * 0.3)
-        return np.array(probs), np.array(masks, np.float32)
+        return RawOutputs(np.array(probs), np.array(masks, np.float32))
 
 
 @pytest.fixture()
@@ -209,7 +209,7 @@ def test_old_model_json_without_the_new_fields_loads_and_accepts_everything(tmp_
     assert info.temperature == 1.0 and info.confidence_threshold is None
     predictor = Predictor.load(model_dir)
     images = [read_image(s.path) for s in scan_dataset(tiny_dataset)[:4]]
-    raw, _ = predictor.raw_outputs(images)
+    raw = predictor.raw_outputs(images).probabilities
     for prediction, row in zip(predictor.predict_arrays(images), raw, strict=True):
         assert prediction.status == "accepted"
         assert list(prediction.probabilities.values()) == pytest.approx(row.tolist())
@@ -245,7 +245,7 @@ def test_calibration_stores_temperature_and_confidence_threshold_that_prediction
     info.save(model_dir)
     predictor = Predictor.load(model_dir)
     images = [read_image(s.path) for s in samples[:8]]
-    raw, _ = predictor.raw_outputs(images)
+    raw = predictor.raw_outputs(images).probabilities
     calibrated = apply_temperature(raw, 0.5)
     for prediction, row in zip(predictor.predict_arrays(images), calibrated, strict=True):
         assert list(prediction.probabilities.values()) == pytest.approx(row.tolist())

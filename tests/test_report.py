@@ -12,7 +12,7 @@ import pytest
 
 from defectflow.data.mvtec import class_names, scan_dataset
 from defectflow.evaluation import WORST_MASKS_DIR, Evaluation, error_rank, evaluate
-from defectflow.inference import ModelInfo
+from defectflow.inference import ModelInfo, Predictor
 from defectflow.metrics import classification_metrics, expected_calibration_error, reliability_bins
 from defectflow.plots import (
     coverage_curve_image,
@@ -20,7 +20,6 @@ from defectflow.plots import (
     operating_point,
     reliability_diagram_image,
 )
-from defectflow.preprocessing import postprocess
 from defectflow.report import (
     ECE_LABEL,
     REPORT_METRICS,
@@ -34,27 +33,34 @@ from defectflow.results import LABELS
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-class ScriptedPredictor:
-    """Answers from a script: one class-probability vector per image, in order; the predicted
-    mask is the top-left quarter of the image (when the answer is a defect)."""
+class ScriptedBackend:
+    """A forward pass from a script: one class-probability vector per image, in order; the
+    mask probability is 0.9 on the top-left quarter of the model input, 0 elsewhere."""
+
+    format = "scripted"
+
+    def __init__(self, script, size):
+        self.script = list(script)
+        self.size = size
+
+    def __call__(self, batch):
+        soft = np.zeros((len(batch), self.size, self.size, 1), np.float32)
+        soft[:, : self.size // 2, : self.size // 2] = 0.9
+        return {"class": np.array([self.script.pop(0) for _ in batch]), "mask": soft}
+
+
+class ScriptedPredictor(Predictor):
+    """The real Predictor (post-processing included) over a scripted forward pass; the
+    predicted mask is the top-left quarter of the image (when the answer is a defect)."""
 
     def __init__(self, classes, script, size=16, confidence_threshold=None):
-        self.info = ModelInfo(classes=list(classes), input_size=size, mask_threshold=0.5,
-                              confidence_threshold=confidence_threshold)
-        self.script = list(script)
+        super().__init__(ScriptedBackend(script, size),
+                         ModelInfo(classes=list(classes), input_size=size, mask_threshold=0.5,
+                                   confidence_threshold=confidence_threshold))
 
     @property
-    def classes(self):
-        return self.info.classes
-
-    def predict_arrays(self, images, batch_size=8):
-        size = self.info.input_size
-        soft = np.zeros((size, size), np.float32)
-        soft[: size // 2, : size // 2] = 0.9
-        answers = [self.script.pop(0) for _ in images]
-        return [postprocess(np.array(p), soft, img.shape[:2], self.classes, 0.5,
-                            confidence_threshold=self.info.confidence_threshold)
-                for p, img in zip(answers, images, strict=True)]
+    def script(self):
+        return self.backend.script
 
 
 def one_hot_ish(classes, label, confidence):

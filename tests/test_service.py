@@ -16,8 +16,10 @@ import cv2
 import httpx
 import numpy as np
 import pytest
-from helpers_models import CLASSES, make_tiny_model_dir
+from helpers_models import CLASSES, make_anomaly_model_dir, make_tiny_model_dir, stained
 from helpers_processes import REPO_ROOT, isolated_env, serve_bento
+
+from defectflow.data.synthetic import render_sample
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +47,7 @@ def store(tmp_path_factory) -> dict:
     from defectflow.export import export_tflite
     from defectflow.inference import ModelInfo
 
-    export_tflite(make_tiny_model_dir(root / "lite", seed=2))
+    export_tflite(make_anomaly_model_dir(root / "lite", GOOD_CAPSULES), "none")
     info = ModelInfo.load(root / "lite")
     info.serving_format = "tflite"
     info.save(root / "lite")
@@ -71,6 +73,8 @@ def _png(image: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
+#: The good images the "lite" model's anomaly head was fitted on (so they score ~0).
+GOOD_CAPSULES = [render_sample(np.random.default_rng(5), 64, None)[0] for _ in range(8)]
 _NOISE_PNG = _png(np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8))
 
 
@@ -230,9 +234,20 @@ def test_a_tflite_model_serves_inside_the_http_service(store):
     log = store["root"] / "lite-serve.log"
     with serve_bento("service:DefectInspection", env, log) as url:
         assert httpx.get(f"{url}/metadata", timeout=10).json()["serving_format"] == "tflite"
-        rgb = np.random.default_rng(4).integers(0, 256, (30, 44, 3), dtype=np.uint8)
-        response = _predict(url, _png(rgb))
-        assert response.status_code == 200, response.text
-        _check_prediction(response.json(), width=44, height=30)
-        assert response.json()["model"] == store["lite"]
+        known = _predict(url, _png(cv2.cvtColor(GOOD_CAPSULES[0], cv2.COLOR_RGB2BGR)))
+        assert known.status_code == 200, known.text
+        _check_prediction(known.json(), width=64, height=64)
+        assert known.json()["model"] == store["lite"]
+        # Its classifier calls everything good; its anomaly head knows these good capsules only.
+        known = known.json()
+        assert known["class"] == "good" and not known["is_defective"]
+        assert known["anomaly_score"] < known["anomaly_threshold"]
+        novel = _predict(url, _png(cv2.cvtColor(stained(GOOD_CAPSULES[0]), cv2.COLOR_RGB2BGR))).json()
+        assert novel["class"] == "unknown_defect" and novel["is_defective"] and novel["status"] == "uncertain"
+        assert novel["anomaly_score"] > novel["anomaly_threshold"] == known["anomaly_threshold"]
+        mask = cv2.imdecode(np.frombuffer(base64.b64decode(novel["mask_png_base64"]), np.uint8), cv2.IMREAD_GRAYSCALE)
+        assert mask.shape == (64, 64) and mask[32, 32] == 255  # the anomaly map covers the stain
+        assert set(novel["probabilities"]) == set(CLASSES)  # the known classes' probabilities stay
+        meta = httpx.get(f"{url}/metadata", timeout=10).json()
+        assert meta["thresholds"]["anomaly"] == pytest.approx(known["anomaly_threshold"], abs=1e-6)
     assert "defectflow-model" not in log.read_text()  # no second service for a TFLite model

@@ -37,6 +37,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from defectflow.anomaly import choose_anomaly_threshold, image_scores
 from defectflow.data.mvtec import Sample
 from defectflow.metrics import dice, expected_calibration_error, reliability_bins
 from defectflow.preprocessing import (
@@ -82,6 +83,21 @@ class Thresholds:
     #: Share of validation images accepted at `confidence_threshold` and their accuracy.
     val_coverage: float | None = None
     val_accepted_accuracy: float | None = None
+    #: Anomaly score above which an image is defective (`defectflow.anomaly`); None: the model
+    #: has no anomaly head, or the validation split has no good image.
+    anomaly_threshold: float | None = None
+    #: The false-alarm rate asked for, and the one reached, on the validation good images.
+    anomaly_false_alarm_rate: float | None = None
+    val_anomaly_false_alarm_rate: float | None = None
+    #: Validation images flagged by the combined decision but not by the classifier alone.
+    val_flagged_only_by_anomaly: int | None = None
+
+    def anomaly_record(self) -> dict:
+        """How the anomaly threshold was chosen (merged into model.json's `anomaly`)."""
+        return {"threshold": self.anomaly_threshold, "target_false_alarm_rate": self.anomaly_false_alarm_rate,
+                "val_false_alarm_rate": self.val_anomaly_false_alarm_rate,
+                "val_flagged_only_by_anomaly": self.val_flagged_only_by_anomaly,
+                "threshold_from": f"good images of the validation split ({self.n_images} images in all)"}
 
     def confidence_record(self) -> dict:
         """How the temperature and the confidence threshold were chosen (for model.json)."""
@@ -106,6 +122,10 @@ class Thresholds:
             lines.append(f"| confidence | {self.confidence_threshold:.4f} | coverage {self.val_coverage:.3f}, "
                          f"accuracy of accepted {self.val_accepted_accuracy:.3f} (target "
                          f"{self.accept_target_accuracy:.3f} {reached}) | coverage 1.000 (accept all) |")
+        if self.anomaly_threshold is not None:
+            lines.append(f"| anomaly score | {self.anomaly_threshold:.4f} | false alarms on good images "
+                         f"{self.val_anomaly_false_alarm_rate:.3f} (target ≤ {self.anomaly_false_alarm_rate:.3f}); "
+                         f"{self.val_flagged_only_by_anomaly} images flagged by it alone | off (classifier alone) |")
         lines += ["", f"Chosen on {self.n_images} validation images. Temperature: {self.temperature_from}. "
                   "ECE: expected calibration error of the answered class's probability (10 bins), before and "
                   "after the temperature, on the images it was fitted on."]
@@ -244,16 +264,37 @@ def calibrate_classes(probs: np.ndarray, labels: np.ndarray, temperature_scaling
     return out
 
 
+def calibrate_anomaly(anomaly_maps: np.ndarray, calibrated_probs: np.ndarray, labels: np.ndarray,
+                      defect_threshold: float | None, false_alarm_rate: float) -> dict:
+    """The anomaly threshold from validation anomaly maps (N, h, w, 1): the lowest flagging at
+    most `false_alarm_rate` of the good images (`choose_anomaly_threshold`), with its figures;
+    {} when there is no good image to choose on."""
+    scores = image_scores(anomaly_maps)
+    good = np.asarray(labels) == 0
+    if not good.any():
+        return {}
+    threshold = choose_anomaly_threshold(scores[good], false_alarm_rate)
+    says_good = answer_indices(calibrated_probs, defect_threshold) == 0
+    return {"anomaly_threshold": threshold, "anomaly_false_alarm_rate": false_alarm_rate,
+            "val_anomaly_false_alarm_rate": float(np.mean(scores[good] > threshold)),
+            "val_flagged_only_by_anomaly": int(np.sum(says_good & (scores > threshold)))}
+
+
 def choose_thresholds(predictor, samples: list[Sample], batch_size: int = 8, temperature_scaling: bool = True,
-                      accept_target_accuracy: float | None = 0.99) -> Thresholds:
+                      accept_target_accuracy: float | None = 0.99, anomaly_false_alarm_rate: float = 0.02
+                      ) -> Thresholds:
     """The temperature and thresholds that answer `samples` (the validation split) best;
-    `accept_target_accuracy` None: no confidence threshold (every answer accepted)."""
+    `accept_target_accuracy` None: no confidence threshold (every answer accepted). With an
+    anomaly head, also the anomaly threshold for `anomaly_false_alarm_rate`."""
     if not samples:
         raise ValueError("no validation samples to choose thresholds on")
     images = [read_image(s.path) for s in samples]
-    probs, masks = predictor.raw_outputs(images, batch_size)
+    probs, masks, anomaly_maps = predictor.raw_outputs(images, batch_size)
     labels = np.array([predictor.classes.index(s.label) for s in samples])
     classes = calibrate_classes(probs, labels, temperature_scaling, accept_target_accuracy)
+    if anomaly_maps is not None:
+        classes.update(calibrate_anomaly(anomaly_maps, apply_temperature(probs, classes["temperature"]), labels,
+                                         classes["defect_threshold"], anomaly_false_alarm_rate))
 
     # Soft masks of the defect images at each image's resolution, once.
     pairs = []
@@ -275,7 +316,8 @@ def choose_thresholds(predictor, samples: list[Sample], batch_size: int = 8, tem
 
 
 def calibrate_model(model_dir, samples: list[Sample], batch_size: int = 8, record=None,
-                    temperature_scaling: bool = True, accept_target_accuracy: float | None = 0.99) -> Thresholds:
+                    temperature_scaling: bool = True, accept_target_accuracy: float | None = 0.99,
+                    anomaly_false_alarm_rate: float = 0.02) -> Thresholds:
     """Choose the temperature and thresholds of the model in `model_dir` on `samples` and store
     them in its model.json, where every prediction (evaluation, serving, command line) reads
     them; with `record`, also write the choice and its validation figures there (JSON)."""
@@ -284,7 +326,8 @@ def calibrate_model(model_dir, samples: list[Sample], batch_size: int = 8, recor
     from defectflow.inference import ModelInfo, Predictor
 
     predictor = Predictor.load(model_dir)
-    thresholds = choose_thresholds(predictor, samples, batch_size, temperature_scaling, accept_target_accuracy)
+    thresholds = choose_thresholds(predictor, samples, batch_size, temperature_scaling, accept_target_accuracy,
+                                   anomaly_false_alarm_rate)
     info = ModelInfo.load(model_dir)
     info.defect_threshold = thresholds.defect_threshold
     info.mask_threshold = thresholds.mask_threshold
@@ -292,6 +335,9 @@ def calibrate_model(model_dir, samples: list[Sample], batch_size: int = 8, recor
     info.temperature = thresholds.temperature
     info.confidence_threshold = thresholds.confidence_threshold
     info.confidence_calibration = thresholds.confidence_record()
+    if info.anomaly is not None:
+        info.anomaly_threshold = thresholds.anomaly_threshold
+        info.anomaly = {**info.anomaly, **thresholds.anomaly_record()}
     info.save(model_dir)
     if record is not None:
         Path(record).write_text(json.dumps(thresholds.__dict__, indent=2))

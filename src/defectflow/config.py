@@ -231,6 +231,22 @@ class EvalConfig:
 
 
 @dataclass
+class AnomalyConfig:
+    """The anomaly score beside the classifier (`defectflow.anomaly`): flags defect types
+    nobody labelled, answered `unknown_defect`."""
+
+    #: Fit the memory bank after training and calibrate its threshold on validation.
+    enabled: bool = True
+    #: Good-image patches kept in the memory bank (greedy coreset); cost grows with it.
+    bank_size: int = 2000
+    #: Patch features are randomly projected to this many dimensions (0: not projected).
+    projection_dims: int = 64
+    #: Share of good validation images the anomaly score may flag (sets its threshold).
+    false_alarm_rate: float = 0.02
+    seed: int = 0
+
+
+@dataclass
 class GateTolerance:
     """How far a challenger may trail the production model (champion) on each gated metric."""
 
@@ -329,6 +345,7 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
@@ -419,6 +436,11 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError("serve.inbox.max_items and serve.inbox.max_bytes must be >= 0")
     if not 0.0 < cfg.eval.mask_threshold < 1.0:
         raise ConfigError(f"eval.mask_threshold must be in (0, 1), got {cfg.eval.mask_threshold}")
+    if cfg.anomaly.bank_size < 1 or cfg.anomaly.projection_dims < 0:
+        raise ConfigError(f"anomaly.bank_size must be >= 1 and anomaly.projection_dims >= 0, got "
+                          f"{cfg.anomaly.bank_size} and {cfg.anomaly.projection_dims}")
+    if not 0.0 <= cfg.anomaly.false_alarm_rate < 1.0:
+        raise ConfigError(f"anomaly.false_alarm_rate must be in [0, 1), got {cfg.anomaly.false_alarm_rate}")
 
 
 def form_overrides(data_root: str | None = None, tuner_trials: int | None = None,

@@ -9,10 +9,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from defectflow.anomaly import decision_score
 from defectflow.calibration import coverage_curve
 from defectflow.data.mvtec import Sample
 from defectflow.inference import METRICS_FILE, Predictor
 from defectflow.metrics import (
+    auroc,
     classification_metrics,
     dice,
     expected_calibration_error,
@@ -28,7 +30,7 @@ from defectflow.plots import (
     reliability_diagram_image,
     save_rgb,
 )
-from defectflow.preprocessing import overlay, prepare_mask, read_image, read_mask
+from defectflow.preprocessing import UNKNOWN_DEFECT, overlay, prepare_mask, read_image, read_mask
 
 #: At most this many points of the accuracy-versus-coverage curve are kept in the metrics.
 CURVE_POINTS = 200
@@ -73,6 +75,13 @@ class Evaluation:
             lines += ["", f"Temperature {m['temperature']:.3f}; confidence threshold "
                       + ("none (every answer accepted)" if threshold is None else f"{threshold:.4f}")
                       + f": coverage {m['coverage']:.3f}, accuracy of accepted {m['accepted_accuracy']:.4f}."]
+        if "anomaly_threshold" in m:
+            alone = m["classifier_only"]
+            lines += ["", f"Anomaly score > {m['anomaly_threshold']:.4f} flags a defect: AUROC {m['anomaly_auroc']:.4f} "
+                      f"alone, {m['detection_auroc']:.4f} combined with the classifier; "
+                      f"{m['unknown_defect_answers']} `unknown_defect` answers; false alarms on good images "
+                      f"{m['false_alarm_rate']:.3f} (classifier alone {alone['false_alarm_rate']:.3f}). Classifier "
+                      f"alone: accuracy {alone['accuracy']:.4f}, defect Dice {alone['defect_dice']:.4f}."]
         return "\n".join(lines)
 
     def reliability(self, n_bins: int = 10) -> list[dict] | None:
@@ -139,12 +148,19 @@ def evaluate(predictor: Predictor, samples: list[Sample], batch_size: int = 8, p
         raise ValueError("nothing to evaluate: the sample list is empty")
     classes = predictor.classes
     size = predictor.info.input_size
+    # A model with an anomaly head may also answer UNKNOWN_DEFECT; the classifier alone
+    # (the same outputs without the anomaly map) is scored beside it.
+    answers = classes + [UNKNOWN_DEFECT] if predictor.info.anomaly_threshold is not None else classes
     per_image, y_true, y_pred, p_defect, tiles = [], [], [], [], []
     worst: list[tuple[tuple, int, np.ndarray]] = []  # (error_rank, index, predicted mask), bounded
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
         images = [read_image(s.path) for s in chunk]
-        for sample, image, pred in zip(chunk, images, predictor.predict_arrays(images, batch_size), strict=True):
+        outputs = predictor.raw_outputs(images, batch_size)
+        predictions = predictor.predictions(images, *outputs)
+        alone = predictor.predictions(images, outputs.probabilities, outputs.masks) if len(answers) > len(classes) \
+            else [None] * len(chunk)
+        for sample, image, pred, classifier in zip(chunk, images, predictions, alone, strict=True):
             truth = read_mask(sample.mask_path) if sample.mask_path else np.zeros(image.shape[:2], np.uint8)
             soft_truth = prepare_mask(truth, size)[:, :, 0]
             row = {
@@ -166,6 +182,11 @@ def evaluate(predictor: Predictor, samples: list[Sample], batch_size: int = 8, p
                 "true_area": float(truth.mean()),
                 "predicted_area": pred.defect_area_fraction,
             }
+            if pred.anomaly_score is not None:
+                row["anomaly_score"] = pred.anomaly_score
+            if classifier is not None:
+                row["classifier_predicted"] = classifier.label
+                row["classifier_dice"] = dice(truth, classifier.mask)
             rank = error_rank(row)
             if rank is not None and plot_count > 0:
                 worst.append((rank, len(per_image), pred.mask))
@@ -173,17 +194,18 @@ def evaluate(predictor: Predictor, samples: list[Sample], batch_size: int = 8, p
                 del worst[plot_count:]
             per_image.append(row)
             y_true.append(classes.index(sample.label))
-            y_pred.append(classes.index(pred.label))
+            y_pred.append(answers.index(pred.label))
             p_defect.append(row["p_defect"])
             if plot_dir is not None and len(tiles) < plot_count:
                 tiles.append((overlay(overlay(image, truth, (0, 255, 0), 0.4), pred.mask, (255, 0, 0), 0.5), row))
     y_true_a = np.array(y_true)
-    metrics = classification_metrics(y_true_a, np.array(y_pred), np.array(p_defect), classes)
+    metrics = classification_metrics(y_true_a, np.array(y_pred), np.array(p_defect), answers)
     metrics.update(segmentation_metrics(per_image, y_true_a != 0))
     result = Evaluation(metrics, per_image, {index: mask for _, index, mask in worst})
     metrics["expected_calibration_error"] = expected_calibration_error(result.reliability())
     metrics.update(_confidence_metrics(result, predictor.info))
-    metrics["classes"] = classes
+    metrics.update(_anomaly_metrics(per_image, classes[0], predictor.info))
+    metrics["classes"] = answers
     if plot_dir is not None:
         _plots(result, tiles, plot_dir)
     return result
@@ -206,6 +228,39 @@ def _confidence_metrics(result: Evaluation, info) -> dict:
     out.update({key: value for key, value in (info.confidence_calibration or {}).items()
                 if (key.startswith("val_") or key in wanted) and value is not None})
     return out
+
+
+def _anomaly_metrics(rows: list[dict], good: str, info) -> dict:
+    """With an anomaly head: the false-alarm rate on good images, the AUROC of the anomaly
+    score and of the combined decision score (`defectflow.anomaly.decision_score`), how many
+    answers were UNKNOWN_DEFECT, and the known-type figures of the classifier alone on the
+    same images (`classifier_only`), so the cost of the anomaly score is visible. {} without."""
+    if info.anomaly_threshold is None or not rows or "anomaly_score" not in rows[0]:
+        return {}
+    defect = np.array([r["true"] != good for r in rows])
+    scores = np.array([r["anomaly_score"] for r in rows])
+    combined = decision_score([r["p_defect"] for r in rows], scores, info.defect_threshold, info.anomaly_threshold)
+    flagged = np.array([r["predicted"] != good for r in rows])
+    flagged_alone = np.array([r["classifier_predicted"] != good for r in rows])
+    known = [i for i, r in enumerate(rows) if r["true"] != good]
+
+    def false_alarms(flags):
+        return float(flags[~defect].mean()) if (~defect).any() else float("nan")
+
+    classifier_only = {
+        "accuracy": float(np.mean([r["classifier_predicted"] == r["true"] for r in rows])),
+        "presence_accuracy": float(np.mean(flagged_alone == defect)),
+        "defect_accuracy": float(np.mean([rows[i]["classifier_predicted"] == rows[i]["true"] for i in known]))
+        if known else float("nan"),
+        "defect_dice": float(np.mean([rows[i]["classifier_dice"] for i in known])) if known else float("nan"),
+        "false_alarm_rate": false_alarms(flagged_alone),
+    }
+    return {"anomaly_threshold": float(info.anomaly_threshold),
+            "anomaly_auroc": auroc(defect, scores),
+            "detection_auroc": auroc(defect, combined),
+            "false_alarm_rate": false_alarms(flagged),
+            "unknown_defect_answers": int(sum(r["predicted"] == UNKNOWN_DEFECT for r in rows)),
+            "classifier_only": classifier_only}
 
 
 def evaluate_model_dir(model_dir: Path, samples: list[Sample], out_dir: Path, batch_size: int = 8,

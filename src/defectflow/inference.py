@@ -1,7 +1,8 @@
 """Loading a trained model artifact and predicting with it.
 
 A model artifact is a folder: `model.keras` (weights and graph), `model.json` (classes, input
-size, thresholds, temperature, confidence threshold, serving format), `config.yaml` (the merged
+size, thresholds, temperature, confidence threshold, anomaly threshold, serving format),
+`config.yaml` (the merged
 config that trained it) and, once exported, `model.tflite` (the compact TensorFlow Lite copy,
 see `defectflow.export`).
 Evaluation, serving and the command line all predict through `Predictor`, so they share one
@@ -16,6 +17,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -28,8 +30,21 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 #: What `Predictor.load` can run: the Keras model or its TensorFlow Lite export.
 FORMATS = ("keras", "tflite")
-#: The model's outputs, by name; every backend returns them under these names.
+#: The model's outputs, by name; every backend returns them under these names. A model with
+#: an anomaly head (`defectflow.anomaly`) has a third, the patch-distance map.
 OUTPUT_NAMES = ("class", "mask")
+ANOMALY_OUTPUT = "anomaly"
+
+
+class RawOutputs(NamedTuple):
+    """What the network returns for a batch, before any threshold or temperature."""
+
+    #: Class probabilities (N, C).
+    probabilities: np.ndarray
+    #: Mask probabilities (N, S, S, 1) at model resolution.
+    masks: np.ndarray
+    #: Patch distances to the good-image memory bank (N, h, w, 1); None without an anomaly head.
+    anomaly: np.ndarray | None = None
 
 
 @dataclass
@@ -56,6 +71,12 @@ class ModelInfo:
     #: How `temperature` and `confidence_threshold` were chosen, with their validation figures
     #: (`defectflow.calibration.Thresholds.confidence_record`); None when not calibrated.
     confidence_calibration: dict | None = None
+    #: Anomaly score above which an image is defective even when the classifier says good
+    #: (then answered `unknown_defect`), chosen on the validation split's good images; None:
+    #: no anomaly head, or not calibrated yet (the classifier alone decides).
+    anomaly_threshold: float | None = None
+    #: The anomaly head's memory bank and how its threshold was chosen (`defectflow.anomaly`).
+    anomaly: dict | None = None
 
     def save(self, model_dir: Path) -> None:
         path = Path(model_dir) / MODEL_INFO_FILE
@@ -81,9 +102,8 @@ class KerasBackend:
 
         self.model = keras.saving.load_model(path, compile=False)
 
-    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        outputs = self.model.predict_on_batch(batch)
-        return np.asarray(outputs["class"]), np.asarray(outputs["mask"])
+    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        return {name: np.asarray(value) for name, value in self.model.predict_on_batch(batch).items()}
 
 
 class TFLiteBackend:
@@ -112,17 +132,17 @@ class TFLiteBackend:
         # An interpreter must not run two invocations at once; a server may call from threads.
         self._lock = threading.Lock()
 
-    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         # The runner resizes the input tensor (and reallocates) whenever the batch size changes.
         chunks = [batch[i : i + 1] for i in range(len(batch))] if self.per_image else [batch]
-        probs, masks = [], []
+        collected: dict[str, list[np.ndarray]] = {name: [] for name in self._names}
         with self._lock:
             for chunk in chunks:
                 outputs = self._runner(**{self._input: chunk})
-                probs.append(outputs[self._names["class"]])
-                masks.append(outputs[self._names["mask"]])
-        return np.concatenate(probs), np.concatenate(masks)
+                for name, signature_name in self._names.items():
+                    collected[name].append(outputs[signature_name])
+        return {name: np.concatenate(values) for name, values in collected.items()}
 
 
 def _tflite_interpreter(path: Path, num_threads: int):
@@ -146,7 +166,7 @@ def _output_names(runner, path: Path) -> dict[str, str]:
     (it does, from the Keras model's output dict), else by rank, class (N, C) vs mask (N, H, W, 1)."""
     details = runner.get_output_details()
     if set(OUTPUT_NAMES) <= set(details):
-        return {name: name for name in OUTPUT_NAMES}
+        return {name: name for name in (*OUTPUT_NAMES, ANOMALY_OUTPUT) if name in details}
     by_rank = {len(d["shape_signature"]): name for name, d in details.items()}
     if len(details) == 2 and set(by_rank) == {2, 4}:
         return {"class": by_rank[2], "mask": by_rank[4]}
@@ -159,7 +179,8 @@ def _cpu_count() -> int:
 
 class Predictor:
     def __init__(self, backend, info: ModelInfo):
-        #: Batch (N, S, S, 3) float32 in [0, 255] -> class probs (N, C), mask probs (N, S, S, 1).
+        #: Batch (N, S, S, 3) float32 in [0, 255] -> {"class": probs (N, C), "mask": probs
+        #: (N, S, S, 1)[, "anomaly": patch distances (N, h, w, 1)]}.
         self.backend = backend
         self.info = info
 
@@ -196,27 +217,37 @@ class Predictor:
     def classes(self) -> list[str]:
         return self.info.classes
 
-    def raw_outputs(self, images: list[np.ndarray], batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    @property
+    def has_anomaly_head(self) -> bool:
+        """Whether the network returns an anomaly map (the threshold may still be unset)."""
+        return self.info.anomaly is not None
+
+    def raw_outputs(self, images: list[np.ndarray], batch_size: int = 8) -> RawOutputs:
         """The network's class probabilities (N, C), before the temperature (`predictions`
-        applies it), and mask probabilities (N, S, S, 1) at model resolution."""
-        probs, masks = [], []
+        applies it), mask probabilities (N, S, S, 1) at model resolution and, with an anomaly
+        head, the anomaly maps (N, h, w, 1)."""
+        outputs: dict[str, list[np.ndarray]] = {}
         size = self.info.input_size
         for start in range(0, len(images), batch_size):
             batch = np.stack([prepare_image(img, size) for img in images[start : start + batch_size]])
-            class_probs, mask_probs = self.backend(batch)
-            probs.append(class_probs)
-            masks.append(mask_probs)
-        return np.concatenate(probs), np.concatenate(masks)
+            for name, value in self.backend(batch).items():
+                outputs.setdefault(name, []).append(value)
+        joined = {name: np.concatenate(values) for name, values in outputs.items()}
+        return RawOutputs(joined["class"], joined["mask"], joined.get(ANOMALY_OUTPUT))
 
-    def predictions(self, images: list[np.ndarray], probs: np.ndarray, masks: np.ndarray) -> list[Prediction]:
+    def predictions(self, images: list[np.ndarray], probs: np.ndarray, masks: np.ndarray,
+                    anomaly: np.ndarray | None = None) -> list[Prediction]:
         """`raw_outputs` of `images` to predictions at each image's own resolution: the one place
-        where the model's temperature, thresholds and confidence threshold are applied, for
-        evaluation, the command line and serving alike."""
+        where the model's temperature, thresholds, confidence threshold and anomaly threshold
+        are applied, for evaluation, the command line and serving alike. `anomaly` None: the
+        classifier alone decides (as for a model without an anomaly head)."""
         info = self.info
+        maps = anomaly if anomaly is not None else [None] * len(images)
         return [
             postprocess(p, m, img.shape[:2], self.classes, info.mask_threshold, info.defect_threshold,
-                        temperature=info.temperature, confidence_threshold=info.confidence_threshold)
-            for p, m, img in zip(probs, masks, images, strict=True)
+                        temperature=info.temperature, confidence_threshold=info.confidence_threshold,
+                        anomaly_map=a, anomaly_threshold=info.anomaly_threshold)
+            for p, m, a, img in zip(probs, masks, maps, images, strict=True)
         ]
 
     def predict_arrays(self, images: list[np.ndarray], batch_size: int = 8) -> list[Prediction]:

@@ -35,6 +35,12 @@ def iou(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return 1.0 if union == 0 else float(inter / union)
 
 
+def auroc(is_defect, score) -> float:
+    """Image AUROC of `score` for telling defect images from good ones; NaN without both kinds."""
+    is_defect = np.asarray(is_defect, dtype=bool)
+    return float(roc_auc_score(is_defect, score)) if 0 < is_defect.sum() < len(is_defect) else float("nan")
+
+
 def classification_metrics(
     y_true: np.ndarray, y_pred: np.ndarray, p_defect: np.ndarray, classes: list[str]
 ) -> dict:
@@ -45,7 +51,7 @@ def classification_metrics(
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "presence_accuracy": float(accuracy_score(defect, y_pred != 0)),
         "defect_accuracy": float(accuracy_score(y_true[defect], y_pred[defect])) if defect.any() else float("nan"),
-        "auroc": float(roc_auc_score(defect, p_defect)) if 0 < defect.sum() < len(defect) else float("nan"),
+        "auroc": auroc(defect, p_defect),
         "n_images": int(len(y_true)),
         "n_defect_images": int(defect.sum()),
     }

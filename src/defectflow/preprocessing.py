@@ -98,6 +98,9 @@ def prepare_mask(mask: np.ndarray | None, size: int) -> np.ndarray:
 #: `Prediction.status` of an answer whose confidence reaches the model's confidence threshold
 #: (or of every answer when the model has none), and of one that does not: a person should look.
 ACCEPTED, UNCERTAIN = "accepted", "uncertain"
+#: The answer for a part the classifier calls good but the anomaly score flags: a defect of a
+#: kind the model was never taught (see `defectflow.anomaly`). Always `uncertain`.
+UNKNOWN_DEFECT = "unknown_defect"
 
 
 @dataclass
@@ -114,6 +117,10 @@ class Prediction:
     confidence: float | None = None
     #: ACCEPTED, or UNCERTAIN when `confidence` is below the model's confidence threshold.
     status: str = ACCEPTED
+    #: How unlike the good training images the most unusual patch is (None: no anomaly head).
+    anomaly_score: float | None = None
+    #: The score above which the image is defective whatever the classifier says.
+    anomaly_threshold: float | None = None
 
     def __post_init__(self):
         if self.confidence is None:
@@ -135,6 +142,8 @@ class Prediction:
             "mask_size": [int(self.mask.shape[1]), int(self.mask.shape[0])],
             "confidence": round(float(self.confidence), 6),
             "status": self.status,
+            "anomaly_score": None if self.anomaly_score is None else round(self.anomaly_score, 6),
+            "anomaly_threshold": None if self.anomaly_threshold is None else round(self.anomaly_threshold, 6),
         }
 
 
@@ -182,6 +191,8 @@ def postprocess(
     defect_threshold: float | None = None,
     temperature: float = 1.0,
     confidence_threshold: float | None = None,
+    anomaly_map: np.ndarray | None = None,
+    anomaly_threshold: float | None = None,
 ) -> Prediction:
     """Model outputs for one image to a Prediction at the input image's resolution.
 
@@ -193,24 +204,40 @@ def postprocess(
     is cleared when the answer is `good` (class 0), so the two answers never contradict each
     other. Confidence: the calibrated probability of the class answered; the answer is
     `uncertain` when it is below `confidence_threshold`, else (or without one) `accepted`.
+
+    Anomaly (`anomaly_map`, the patch distances of `defectflow.anomaly`): its maximum is the
+    image's anomaly score. When the classifier says good but the score exceeds
+    `anomaly_threshold`, the answer is UNKNOWN_DEFECT: defective, `uncertain` (a person should
+    name it), confidence P(defect) from the classifier, and the mask is the anomaly map above
+    the threshold (the mask head was only taught the known defects).
     """
+    from defectflow.anomaly import anomaly_mask, image_score
+
     probs = apply_temperature(class_probabilities, temperature)
     index = int(answer_indices(probs, defect_threshold)[0])
     confidence = float(probs[index])
     accepted = confidence_threshold is None or confidence >= confidence_threshold
     soft = np.asarray(mask_probability, dtype=np.float32).squeeze()
     height, width = original_hw
+    score = None if anomaly_map is None else image_score(anomaly_map)
+    probabilities = {c: float(p) for c, p in zip(classes, probs, strict=True)}
+    anomaly = {"anomaly_score": score, "anomaly_threshold": anomaly_threshold}
+    if index == 0 and score is not None and anomaly_threshold is not None and score > anomaly_threshold:
+        return Prediction(label=UNKNOWN_DEFECT, probabilities=probabilities, is_defective=True,
+                          mask=anomaly_mask(anomaly_map, original_hw, anomaly_threshold), mask_probability=soft,
+                          confidence=1.0 - float(probs[0]), status=UNCERTAIN, **anomaly)
     full = cv2.resize(soft, (width, height), interpolation=cv2.INTER_LINEAR)
     is_defective = index != 0
     mask = (full > mask_threshold).astype(np.uint8) if is_defective else np.zeros((height, width), np.uint8)
     return Prediction(
         label=classes[index],
-        probabilities={c: float(p) for c, p in zip(classes, probs, strict=True)},
+        probabilities=probabilities,
         is_defective=is_defective,
         mask=mask,
         mask_probability=soft if is_defective else np.zeros_like(soft),
         confidence=confidence,
         status=ACCEPTED if accepted else UNCERTAIN,
+        **anomaly,
     )
 
 

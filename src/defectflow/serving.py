@@ -2,9 +2,9 @@
 
 - `ServingSettings`: the `serve:` section of the served model's config, with the
   DEFECTFLOW_SERVE_OVERRIDES environment variable ("serve.max_upload_bytes=1000 ...") on top.
-- `pack_outputs` / `unpack_outputs`: the model's two outputs in one array, so one batched
+- `pack_outputs` / `unpack_outputs`: the model's outputs in one array, so one batched
   forward pass (BentoML adaptive batching splits a batch's output along the first axis) can
-  carry both the class probabilities and the mask.
+  carry the class probabilities, the mask and the anomaly map.
 - `prediction_record` and `json_log_line`: the structured log line of one prediction.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from defectflow.inference import CONFIG_FILE, METRICS_FILE, ModelInfo
+from defectflow.inference import ANOMALY_OUTPUT, CONFIG_FILE, METRICS_FILE, ModelInfo
 from defectflow.preprocessing import Prediction, encode_png, overlay
 
 OVERRIDES_ENV = "DEFECTFLOW_SERVE_OVERRIDES"
@@ -50,17 +50,27 @@ class ServingSettings:
         return cls(serve=cfg.serve, config_sha256=hashlib.sha256(text.encode()).hexdigest())
 
 
-def pack_outputs(class_probs: np.ndarray, mask_probs: np.ndarray) -> np.ndarray:
-    """(N, C) and (N, S, S, 1) to one float32 (N, C + S*S) array."""
-    n = class_probs.shape[0]
-    return np.concatenate([class_probs.reshape(n, -1), mask_probs.reshape(n, -1)], axis=1).astype(np.float32)
+def pack_outputs(outputs: dict[str, np.ndarray]) -> np.ndarray:
+    """A backend's outputs, class (N, C), mask (N, S, S, 1) and, with an anomaly head, anomaly
+    (N, h, w, 1), to one float32 (N, C + S*S [+ h*w]) array."""
+    names = ("class", "mask", ANOMALY_OUTPUT) if ANOMALY_OUTPUT in outputs else ("class", "mask")
+    n = outputs["class"].shape[0]
+    return np.concatenate([outputs[name].reshape(n, -1) for name in names], axis=1).astype(np.float32)
 
 
-def unpack_outputs(packed: np.ndarray, n_classes: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+def unpack_outputs(packed: np.ndarray, n_classes: int, size: int, anomaly_grid: tuple[int, int] | None = None
+                   ) -> dict[str, np.ndarray]:
+    """`pack_outputs` undone, given the class count, the mask side and the anomaly map's grid."""
     packed = np.asarray(packed)
-    if packed.ndim != 2 or packed.shape[1] != n_classes + size * size:
-        raise ValueError(f"model output of shape {packed.shape} does not fit {n_classes} classes and a {size}px mask")
-    return packed[:, :n_classes], packed[:, n_classes:].reshape(-1, size, size, 1)
+    cells = int(np.prod(anomaly_grid)) if anomaly_grid else 0
+    if packed.ndim != 2 or packed.shape[1] != n_classes + size * size + cells:
+        raise ValueError(f"model output of shape {packed.shape} does not fit {n_classes} classes, a {size}px mask"
+                         + (f" and a {anomaly_grid[0]}x{anomaly_grid[1]} anomaly map" if cells else ""))
+    outputs = {"class": packed[:, :n_classes],
+               "mask": packed[:, n_classes : n_classes + size * size].reshape(-1, size, size, 1)}
+    if cells:
+        outputs[ANOMALY_OUTPUT] = packed[:, n_classes + size * size :].reshape(-1, *anomaly_grid, 1)
+    return outputs
 
 
 def answer(prediction: Prediction, image: np.ndarray, model_tag: str, with_overlay: bool = False) -> dict:
@@ -80,14 +90,19 @@ def metadata(model_tag: str, stage: str | None, model_dir: Path, info: ModelInfo
         metrics = json.loads((Path(model_dir) / METRICS_FILE).read_text())
     except (OSError, ValueError):
         metrics = {}
-    headline = ("accuracy", "presence_accuracy", "defect_accuracy", "auroc", "defect_dice", "defect_iou")
+    headline = ("accuracy", "presence_accuracy", "defect_accuracy", "auroc", "defect_dice", "defect_iou",
+                "anomaly_auroc", "detection_auroc", "false_alarm_rate")
     return {
         "model": model_tag,
         "stage": stage,
         "classes": info.classes,
         "input_size": info.input_size,
         "serving_format": info.serving_format,
-        "thresholds": {"defect": info.defect_threshold, "mask": info.mask_threshold, "from": info.thresholds_from},
+        "thresholds": {"defect": info.defect_threshold, "mask": info.mask_threshold, "anomaly": info.anomaly_threshold,
+                       "from": info.thresholds_from},
+        # Images the classifier calls good but whose anomaly score exceeds its threshold come
+        # back "unknown_defect"; None: no anomaly head (the classifier alone decides).
+        "anomaly": info.anomaly,
         # Answers whose calibrated confidence is below the threshold come back "uncertain".
         "confidence_threshold": info.confidence_threshold,
         "temperature": info.temperature,
