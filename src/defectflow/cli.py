@@ -58,6 +58,13 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", type=Path, default=None, help="report folder")
     evaluate.add_argument("--no-calibrate", action="store_true",
                           help="with a run folder: keep the thresholds the model has")
+    evaluate.add_argument("--leave-one-out", action="store_true",
+                          help="for each defect type: train without it (config --config + key=value overrides; "
+                               "keep the budget small) and measure how many of its images are still flagged")
+    evaluate.add_argument("--config", default="default",
+                          help="with --leave-one-out: config name in configs/ (default: default)")
+    evaluate.add_argument("--types", nargs="+", default=None, metavar="TYPE",
+                          help="with --leave-one-out: only these defect types (default: all)")
     models = sub.add_parser("models", help="the model registry: stages, promotion, rollback")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     for name, text in (("list", "models with stage and metrics, newest first"),
@@ -217,6 +224,12 @@ def cmd_evaluate(args) -> int:
     """A stored model (read-only) or a run's model (thresholds redone on val), on a test split."""
     run_dirs = [Path(t) for t in args.targets if "=" not in t]
     overrides = [t for t in args.targets if "=" in t]
+    if args.leave_one_out:
+        if run_dirs or args.model:
+            print("defectflow: error: --leave-one-out trains its own models: give key=value overrides, not a run "
+                  "folder or --model", file=sys.stderr)
+            return 2
+        return _evaluate_leave_one_out(args, overrides)
     if len(run_dirs) > 1 or (run_dirs and args.model):
         print("defectflow: error: give one run folder, or --model TAG, not both", file=sys.stderr)
         return 2
@@ -246,7 +259,8 @@ def _evaluate_run(args, run: Path, overrides: list[str]) -> int:
     rows = read_manifest(run / "manifest.csv")
     if not args.no_calibrate:  # whatever the run did: this command is how thresholds are redone
         thresholds = calibrate_model(run / "model", select(rows, "val"), cfg.train.batch_size, run / "calibration.json",
-                                     cfg.eval.temperature_scaling, cfg.eval.accept_target_accuracy)
+                                     cfg.eval.temperature_scaling, cfg.eval.accept_target_accuracy,
+                                     cfg.anomaly.false_alarm_rate)
         if not args.json:
             print(thresholds.markdown() + "\n")
     result = evaluate_model_dir(run / "model", select(rows, "test"), run / "evaluation", cfg.train.batch_size,
@@ -255,6 +269,22 @@ def _evaluate_run(args, run: Path, overrides: list[str]) -> int:
                                      history_file=run / "model" / "training.json")
     _print_evaluation(args, {"model": str(run / "model"), "stage": None, "data_root": cfg.data.root}, result,
                       None, report)
+    return 0
+
+
+def _evaluate_leave_one_out(args, overrides: list[str]) -> int:
+    """The leave-one-defect-type-out table, into --out (default: <home>/leave_one_out)."""
+    from defectflow.config import load_config, resolve_path
+    from defectflow.leave_one_out import leave_one_out, markdown
+
+    cfg = load_config(args.config, overrides)
+    out = args.out or resolve_path(cfg.paths.home) / "leave_one_out"
+    summary = leave_one_out(cfg, out, args.types)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(markdown(summary))
+        print(f"\ntable: {out / 'leave_one_out.md'}, chart: {out / 'leave_one_out.png'}")
     return 0
 
 
@@ -286,6 +316,13 @@ def _print_evaluation(args, about: dict, result, champion: dict | None, report: 
     print("\n" + _table(["class", "precision", "recall", "F1", "support"],
                         [[c, f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", r["support"]]
                          for c, r in result.metrics["per_class"].items()]))
+    m = result.metrics
+    if "anomaly_threshold" in m:
+        alone = m["classifier_only"]
+        print(f"\nanomaly score > {m['anomaly_threshold']:.4f}: AUROC {m['anomaly_auroc']:.4f}, combined "
+              f"{m['detection_auroc']:.4f}; {m['unknown_defect_answers']} unknown_defect answers; false alarms "
+              f"{m['false_alarm_rate']:.3f} (classifier alone {alone['false_alarm_rate']:.3f}); classifier alone: "
+              f"accuracy {alone['accuracy']:.4f}, defect Dice {alone['defect_dice']:.4f}")
     if decision is not None:
         print(f"\nagainst production {champion['model']}: {decision.message}")
     print(f"\nreport: {report['html']}")
