@@ -24,12 +24,15 @@ def register_model(cfg, model_dir: Path, evaluation: Evaluation, decision: GateD
     """Save the model to the store as a candidate, with its metrics, config, data and gate decision."""
     training = json.loads((model_dir / "training.json").read_text())
     manifest = sha256_file(run_dir / "manifest.csv") if (run_dir / "manifest.csv").exists() else None
+    info = ModelInfo.load(model_dir)
     metadata = {
         "metrics": evaluation.headline(),
         "evaluation": {k: v for k, v in evaluation.metrics.items() if k != "classes"},
-        "classes": evaluation.metrics["classes"],
+        "classes": info.classes,
+        # The anomaly score's memory bank and threshold (absent: no anomaly head).
+        "anomaly": info.anomaly,
         "input_size": int(cfg.model.input_size),
-        "serving_format": ModelInfo.load(model_dir).serving_format,
+        "serving_format": info.serving_format,
         "config": OmegaConf.to_container(cfg, resolve=True),
         "config_sha256": hashlib.sha256(to_yaml(cfg).encode()).hexdigest(),
         "data_root": str(resolve_path(cfg.data.root)),

@@ -176,6 +176,7 @@ def test_fitting_and_calibration_store_the_bank_and_threshold_with_the_model(tmp
     from defectflow.evaluation import evaluate
     from defectflow.inference import ModelInfo, Predictor
     from defectflow.models.unet import build_model
+    from defectflow.report import write_report
     from defectflow.training import TrainResult, save_artifact
 
     cfg = load_config("tiny")
@@ -201,3 +202,7 @@ def test_fitting_and_calibration_store_the_bank_and_threshold_with_the_model(tmp
         r["predicted"] == "unknown_defect" for r in result.per_image)
     assert all("anomaly_score" in r and "classifier_predicted" in r for r in result.per_image)
     assert "Anomaly score" in result.markdown()
+    paths = write_report(tmp_path / "report", result)
+    assert paths["anomaly_scores"].stat().st_size > 0
+    assert "unknown_defect answers" in paths["markdown"].read_text()
+    assert "Anomaly score: defect types never labelled" in paths["html"].read_text()

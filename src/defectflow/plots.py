@@ -210,6 +210,41 @@ def coverage_curve_image(curve: list[dict] | None, threshold: float | None = Non
     return img
 
 
+def anomaly_scores_image(good_scores, defect_scores, threshold: float, size: tuple[int, int] = (520, 300),
+                         bins: int = 30) -> np.ndarray:
+    """Histograms of the anomaly scores of good (green) and defect (red) images, the threshold
+    as a vertical line: how far apart the two are, and what the threshold lets through."""
+    width, height = size
+    left, top, right, bottom = 40, 40, 20, 46
+    img = np.full((height, width, 3), 255, np.uint8)
+    plot_w, plot_h = width - left - right, height - top - bottom
+    good, defect = np.asarray(good_scores, np.float64), np.asarray(defect_scores, np.float64)
+    values = np.r_[good, defect, threshold]
+    lo, hi = float(values.min()), float(values.max())
+    hi = hi if hi > lo else lo + 1.0
+    edges = np.linspace(lo, hi, bins + 1)
+    counts = [np.histogram(v, edges)[0] for v in (good, defect)]
+    tallest = max(1, *(int(c.max()) for c in counts if c.size))
+    bar = plot_w / bins
+    for (count, color), offset in zip(((counts[0], TRUE_COLOR), (counts[1], WRONG_COLOR)), (0.0, 0.5), strict=True):
+        for i, n in enumerate(count):
+            if n:
+                x0 = int(left + (i + offset) * bar)
+                cv2.rectangle(img, (x0, int(top + plot_h * (1 - n / tallest))), (int(x0 + bar / 2), top + plot_h),
+                              color, -1)
+    x = int(left + (threshold - lo) / (hi - lo) * plot_w)
+    cv2.line(img, (x, top - 4), (x, top + plot_h), BLACK, 2)
+    cv2.rectangle(img, (left, top), (left + plot_w, top + plot_h), BLACK, 1)
+    for value in np.linspace(lo, hi, 5):
+        tx = int(left + (value - lo) / (hi - lo) * plot_w)
+        cv2.putText(img, f"{value:.3g}", (tx - 12, top + plot_h + 16), FONT, 0.38, BLACK, 1, cv2.LINE_AA)
+    cv2.putText(img, f"Anomaly scores: good (green, {good.size}) and defect (red, {defect.size}) test images",
+                (8, 20), FONT, 0.42, BLACK, 1, cv2.LINE_AA)
+    cv2.putText(img, f"black line: threshold {threshold:.4g}; above it a part is flagged defective", (left, height - 8),
+                FONT, 0.36, GRAY, 1, cv2.LINE_AA)
+    return img
+
+
 def _outlined(image: np.ndarray, mask: np.ndarray, color, tile_size: int) -> np.ndarray:
     """The mask filled over the image plus its outline, thick enough to survive the shrink to
     a tile (a defect can be a few pixels of a megapixel image)."""

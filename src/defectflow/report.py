@@ -32,6 +32,7 @@ import numpy as np
 
 from defectflow.evaluation import Evaluation
 from defectflow.plots import (
+    anomaly_scores_image,
     confusion_matrix_image,
     coverage_curve_image,
     curves_image,
@@ -182,6 +183,23 @@ def confidence_rows(m: dict) -> list[list[str]]:
     return rows
 
 
+def anomaly_rows(m: dict) -> list[list[str]]:
+    """The anomaly figures of evaluation metrics `m` as [figure, value] rows, with the
+    classifier alone beside the combined decision; empty without an anomaly head."""
+    if "anomaly_threshold" not in m:
+        return []
+    alone = m.get("classifier_only", {})
+    return [["anomaly threshold (chosen on good validation images)", _fmt(m.get("anomaly_threshold"))],
+            ["AUROC of the anomaly score (good vs defect)", _fmt(m.get("anomaly_auroc"))],
+            ["AUROC of the combined decision score", _fmt(m.get("detection_auroc"))],
+            ["unknown_defect answers", str(m.get("unknown_defect_answers"))],
+            ["false alarms on good images: combined / classifier alone",
+             f"{_fmt(m.get('false_alarm_rate'), 3)} / {_fmt(alone.get('false_alarm_rate'), 3)}"],
+            ["accuracy: combined / classifier alone", f"{_fmt(m.get('accuracy'))} / {_fmt(alone.get('accuracy'))}"],
+            ["defect-only Dice: combined / classifier alone",
+             f"{_fmt(m.get('defect_dice'))} / {_fmt(alone.get('defect_dice'))}"]]
+
+
 def summary_markdown(challenger: Evaluation, champion: Evaluation | None = None, decision: dict | None = None,
                      images: dict[str, str] | None = None, title: str = "defectflow evaluation") -> str:
     """The Markdown summary: decision line first, then the metric tables; `images` (caption ->
@@ -205,6 +223,9 @@ def summary_markdown(challenger: Evaluation, champion: Evaluation | None = None,
     confidence = confidence_rows(m)
     if confidence:
         parts += ["### Confidence and coverage", "", _md_table(["figure", "value"], confidence), ""]
+    anomaly = anomaly_rows(m)
+    if anomaly:
+        parts += ["### Anomaly score (defect types never labelled)", "", _md_table(["figure", "value"], anomaly), ""]
     if decision is not None and decision.get("checks"):
         parts += ["### Promotion checks", "", _md_table(CHECK_HEADER, [_check_cells(c) for c in decision["checks"]]),
                   ""]
@@ -353,6 +374,13 @@ def write_report(out_dir: str | Path, challenger: Evaluation, champion: Evaluati
                                      out_dir / "report_coverage.png")
     else:
         notes["coverage"] = "This evaluation recorded no per-image confidences, so no accuracy-versus-coverage plot."
+    scored = [r for r in challenger.per_image if "anomaly_score" in r]
+    if scored and "anomaly_threshold" in m:
+        good = m["classes"][0]
+        paths["anomaly_scores"] = save_rgb(
+            anomaly_scores_image([r["anomaly_score"] for r in scored if r["true"] == good],
+                                 [r["anomaly_score"] for r in scored if r["true"] != good], m["anomaly_threshold"]),
+            out_dir / "report_anomaly_scores.png")
     if history:
         charts = [curves_image(history, keys, size=(560, 320), title=name) for name, keys in CURVES
                   if any(history.get(k) for k in keys)]
@@ -375,6 +403,7 @@ def write_report(out_dir: str | Path, challenger: Evaluation, champion: Evaluati
                 "champion_confusion_matrix": "Confusion matrix of the champion",
                 "reliability": "Reliability diagram",
                 "coverage": "Accuracy vs coverage (confidence threshold)",
+                "anomaly_scores": "Anomaly scores of good and defect test images",
                 "training_curves": "Training curves",
                 "error_analysis": "Worst cases: image | true mask | predicted mask"}
     links = {captions[k]: p.name for k, p in paths.items()}
@@ -418,6 +447,14 @@ def write_report(out_dir: str | Path, challenger: Evaluation, champion: Evaluati
         body += [_html_table(["figure", "value"], [[_e(a), _e(b)] for a, b in confidence])]
     body += [_figure(paths["coverage"], captions["coverage"])] if "coverage" in paths else [
         f'<p class="note">{_e(notes["coverage"])}</p>']
+    anomaly = anomaly_rows(m)
+    if anomaly:
+        body += ["<h2>Anomaly score: defect types never labelled</h2>",
+                 '<p class="note">Learned from good images only: how unlike every good training patch the most '
+                 "unusual patch of an image is. A part the classifier calls good but whose score exceeds the "
+                 "threshold is answered <i>unknown_defect</i> (uncertain), with the anomaly map as its mask.</p>",
+                 _html_table(["figure", "value"], [[_e(a), _e(b)] for a, b in anomaly])]
+        body += [_figure(paths["anomaly_scores"], captions["anomaly_scores"])] if "anomaly_scores" in paths else []
     body += ["<h2>Training curves</h2>"]
     body += [_figure(paths["training_curves"], captions["training_curves"])] if "training_curves" in paths else [
         f'<p class="note">{_e(notes["training_curves"])}</p>']
