@@ -1,6 +1,8 @@
 """The anomaly score: coreset, threshold, decision score, and the head on a real encoder."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from defectflow.anomaly import (
     decision_score,
     fit_memory_bank,
     greedy_coreset,
+    image_score,
     image_scores,
     random_projection,
 )
@@ -45,7 +48,9 @@ def test_random_projection_keeps_distances_roughly():
     before = np.linalg.norm(x[:100] - x[100:], axis=1)
     after = np.linalg.norm(x[:100] @ projection - x[100:] @ projection, axis=1)
     assert 0.8 < np.median(after / before) < 1.2
-    assert np.array_equal(random_projection(16, 0), np.eye(16, dtype=np.float32))  # 0: no projection
+    projection, bank = fit_memory_bank(x.reshape(2, 10, 10, 256), bank_size=50)  # whole features by default
+    assert projection is None and bank.shape == (50, 256)
+    assert random_projection(16, 0) is None and random_projection(16, 16) is None  # no reduction asked
 
 
 def test_memory_bank_holds_projected_patches_of_the_good_images():
@@ -85,7 +90,10 @@ def test_anomaly_mask_is_the_upsampled_map_above_the_threshold():
     ys, xs = np.nonzero(mask)
     assert 10 <= ys.mean() <= 20 and 30 <= xs.mean() <= 45  # cell (1, 2) of a 4x4 grid
     assert not anomaly_mask(coarse, (40, 60), 10.0).any()
-    assert image_scores(coarse[None])[0] == 10.0
+    coarse[3, 3] = 4.0
+    coarse[0, 0] = 1.0
+    assert image_scores(coarse[None])[0] == pytest.approx(5.0)  # the mean of the top 3 patches
+    assert image_score(coarse) == pytest.approx(5.0) and image_scores(np.full((2, 1, 1), 7.0)).tolist() == [7.0, 7.0]
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +150,11 @@ def test_predictor_answers_unknown_defect_only_when_the_classifier_says_good(tmp
     from defectflow.preprocessing import ACCEPTED, UNCERTAIN, UNKNOWN_DEFECT
 
     model_dir = make_anomaly_model_dir(tmp_path / "model", capsules)
+    # A fresh process (as a server is) loads it: the head's layer registers on loading.
+    loaded = subprocess.run([sys.executable, "-c", "import sys; from defectflow.inference import Predictor; "
+                             "print(Predictor.load(sys.argv[1]).has_anomaly_head)", str(model_dir)],
+                            capture_output=True, text=True, timeout=120)
+    assert loaded.returncode == 0 and loaded.stdout.split()[-1] == "True", loaded.stderr[-2000:]
     predictor = Predictor.load(model_dir)
     known, novel = predictor.predict_arrays([capsules[0], stained(capsules[0])])
     assert (known.label, known.is_defective, known.status) == ("good", False, ACCEPTED)

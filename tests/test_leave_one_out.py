@@ -11,13 +11,13 @@ from defectflow.leave_one_out import COLUMNS, figures, summarize
 
 def test_leave_one_out_trains_without_each_type_and_measures_it(tmp_path, tiny_dataset, capsys):
     out = tmp_path / "loo"
-    args = ["evaluate", "--leave-one-out", "--config", "tiny", "--types", "crack", "poke", "--out", str(out),
+    args = ["evaluate", "--leave-one-out", "--config", "tiny", "--types", "poke", "--out", str(out),
             f"data.root={tiny_dataset}", "train.epochs=1", "anomaly.bank_size=200"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "| crack |" in printed and "| poke |" in printed and "**mean**" in printed
+    assert "| poke |" in printed and "**mean**" in printed
     summary = json.loads((out / "leave_one_out.json").read_text())
-    assert [row["left_out"] for row in summary["types"]] == ["crack", "poke"]
+    assert [row["left_out"] for row in summary["types"]] == ["poke"]
     for row in summary["types"]:
         left_out = row["left_out"]
         model = json.loads((out / left_out / "model" / "model.json").read_text())
@@ -33,10 +33,10 @@ def test_leave_one_out_trains_without_each_type_and_measures_it(tmp_path, tiny_d
     assert (out / "leave_one_out.png").stat().st_size > 0
     assert "| left out |" in (out / "leave_one_out.md").read_text()
 
-    # Types already measured are read back, not trained again.
-    trained = (out / "crack" / "model" / "model.keras").stat().st_mtime_ns
-    assert main([*args[:5], "crack", *args[7:]]) == 0
-    assert (out / "crack" / "model" / "model.keras").stat().st_mtime_ns == trained
+    # A type already measured is read back, not trained again.
+    trained = (out / "poke" / "model" / "model.keras").stat().st_mtime_ns
+    assert main(args) == 0
+    assert (out / "poke" / "model" / "model.keras").stat().st_mtime_ns == trained
 
 
 def test_leave_one_out_refuses_an_unknown_type(tmp_path, tiny_dataset, capsys):

@@ -238,9 +238,9 @@ class AnomalyConfig:
     #: Fit the memory bank after training and calibrate its threshold on validation.
     enabled: bool = True
     #: Good-image patches kept in the memory bank (greedy coreset); cost grows with it.
-    bank_size: int = 2000
+    bank_size: int = 1000
     #: Patch features are randomly projected to this many dimensions (0: not projected).
-    projection_dims: int = 64
+    projection_dims: int = 0
     #: Share of good validation images the anomaly score may flag (sets its threshold).
     false_alarm_rate: float = 0.02
     seed: int = 0

@@ -97,8 +97,9 @@ class KerasBackend:
     def __init__(self, path: Path):
         import keras
 
-        import defectflow.models.losses  # noqa: F401  (registers the custom layers and losses
-        import defectflow.models.unet  # noqa: F401   that model.keras refers to by name)
+        import defectflow.models.anomaly  # noqa: F401  (registers the custom layers and losses
+        import defectflow.models.losses  # noqa: F401   that model.keras refers to by name)
+        import defectflow.models.unet  # noqa: F401
 
         self.model = keras.saving.load_model(path, compile=False)
 

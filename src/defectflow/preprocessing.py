@@ -205,8 +205,8 @@ def postprocess(
     other. Confidence: the calibrated probability of the class answered; the answer is
     `uncertain` when it is below `confidence_threshold`, else (or without one) `accepted`.
 
-    Anomaly (`anomaly_map`, the patch distances of `defectflow.anomaly`): its maximum is the
-    image's anomaly score. When the classifier says good but the score exceeds
+    Anomaly (`anomaly_map`, the patch distances of `defectflow.anomaly`): the mean of its most
+    unusual patches is the image's anomaly score (`image_score`). When the classifier says good but the score exceeds
     `anomaly_threshold`, the answer is UNKNOWN_DEFECT: defective, `uncertain` (a person should
     name it), confidence P(defect) from the classifier, and the mask is the anomaly map above
     the threshold (the mask head was only taught the known defects).

@@ -3,7 +3,7 @@
 PatchCore (Roth et al., 2022) in the trained U-Net's own forward pass: the mid-level encoder
 maps the class head already reads (lite0: strides 8 and 16) are smoothed over 3x3
 neighbourhoods, brought to one grid and concatenated into one feature vector per patch; a
-fixed random projection shortens it, and the head returns each patch's Euclidean distance to
+fixed random projection may shorten it (off by default), and the head returns each patch's Euclidean distance to
 the nearest entry of a memory bank (a coreset of good-image patches, see `defectflow.anomaly`).
 
 The bank and the projection are non-trainable weights of the `PatchDistance` layer, so the
@@ -25,7 +25,8 @@ _TAPS = {"backbone": ("stride8_under_mask", "stride16_under_mask"), "plain": ("e
 @keras.saving.register_keras_serializable(package="defectflow")
 class PatchDistance(layers.Layer):
     """Patch features (N, h, w, C) to the distance of each patch to its nearest bank entry,
-    (N, h, w, 1), after projecting them (C -> D) with a fixed matrix.
+    (N, h, w, 1), after projecting them (C -> D) with a fixed matrix when `projection_dims` > 0
+    (else D = C and the features are compared as they are).
 
     Squared distances as |q|^2 - 2 q.b + |b|^2: one (h*w, D) x (D, M) product per image.
     """
@@ -37,14 +38,17 @@ class PatchDistance(layers.Layer):
         self.bank_size = bank_size
 
     def build(self, input_shape):
-        self.projection = self.add_weight(name="projection", shape=(self.feature_dims, self.projection_dims),
-                                          initializer="zeros", trainable=False)
-        self.bank = self.add_weight(name="bank", shape=(self.bank_size, self.projection_dims),
+        self.projection = None
+        if self.projection_dims:
+            self.projection = self.add_weight(name="projection", shape=(self.feature_dims, self.projection_dims),
+                                              initializer="zeros", trainable=False)
+        self.bank = self.add_weight(name="bank", shape=(self.bank_size, self.projection_dims or self.feature_dims),
                                     initializer="zeros", trainable=False)
 
     def call(self, features):
-        features = ops.cast(features, "float32")
-        queries = ops.matmul(features, self.projection)
+        queries = ops.cast(features, "float32")
+        if self.projection is not None:
+            queries = ops.matmul(queries, self.projection)
         bank = ops.convert_to_tensor(self.bank)
         cross = ops.matmul(queries, ops.transpose(bank))
         squared = (ops.sum(queries * queries, axis=-1, keepdims=True) - 2.0 * cross
@@ -98,12 +102,14 @@ def feature_extractor(model: keras.Model) -> keras.Model:
 
 def with_anomaly_head(model: keras.Model, projection, bank) -> keras.Model:
     """`model` (outputs class, mask) with a third output, the patch-distance map to `bank`
-    ((M, D) projected good patches) under `projection` ((C, D)); the same layers and weights."""
+    ((M, D) good patches, projected by `projection` (C, D) when it is not None); the same
+    layers and weights."""
     features = patch_features(model)
-    head = PatchDistance(int(projection.shape[0]), int(projection.shape[1]), int(bank.shape[0]),
-                         name=ANOMALY_OUTPUT, dtype="float32")
+    head = PatchDistance(int(features.shape[-1]), 0 if projection is None else int(projection.shape[1]),
+                         int(bank.shape[0]), name=ANOMALY_OUTPUT, dtype="float32")
     distances = head(features)
-    head.set_weights([projection.astype("float32"), bank.astype("float32")])
+    head.set_weights([bank.astype("float32")] if projection is None else
+                     [projection.astype("float32"), bank.astype("float32")])
     outputs = {"class": model.get_layer("class").output, "mask": model.get_layer("mask").output,
                ANOMALY_OUTPUT: distances}
     return keras.Model(model.inputs, outputs, name=model.name)
