@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+from defectflow.anomaly import image_scores
 from defectflow.data.mvtec import Sample
 from defectflow.inference import MODEL_FILE, TFLITE_FILE, ModelInfo, Predictor
 from defectflow.metrics import dice
@@ -118,7 +119,7 @@ def compare_predictors(keras_predictor: Predictor, tflite_predictor: Predictor, 
     labels: dict[str, list[str]] = {name: [] for name in predictors}
     dices: dict[str, list[float]] = {name: [] for name in predictors}
     defect, paths = [], []
-    max_prob_diff = max_mask_diff = 0.0
+    max_prob_diff = max_mask_diff = max_anomaly_diff = 0.0
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
         images = [read_image(s.path) for s in chunk]
@@ -127,6 +128,9 @@ def compare_predictors(keras_predictor: Predictor, tflite_predictor: Predictor, 
         outputs = {name: p.raw_outputs(images, batch_size) for name, p in predictors.items()}
         max_prob_diff = max(max_prob_diff, float(np.abs(outputs["keras"][0] - outputs["tflite"][0]).max()))
         max_mask_diff = max(max_mask_diff, float(np.abs(outputs["keras"][1] - outputs["tflite"][1]).max()))
+        if outputs["keras"].anomaly is not None and outputs["tflite"].anomaly is not None:
+            max_anomaly_diff = max(max_anomaly_diff, float(np.abs(image_scores(outputs["keras"].anomaly)
+                                                                  - image_scores(outputs["tflite"].anomaly)).max()))
         for name, predictor in predictors.items():
             predictions = predictor.predictions(images, *outputs[name])
             labels[name] += [pred.label for pred in predictions]
@@ -155,6 +159,8 @@ def compare_predictors(keras_predictor: Predictor, tflite_predictor: Predictor, 
         "defect_dice_difference": defect_dice_difference,
         "max_probability_difference": max_prob_diff,
         "max_mask_probability_difference": max_mask_diff,
+        # Of the image anomaly scores (0 without an anomaly head): the float16 bank moves them a little.
+        "max_anomaly_score_difference": max_anomaly_diff,
         "limits": {"min_class_agreement": min_class_agreement, "max_dice_difference": max_dice_difference},
         "passed": bool(class_agreement >= min_class_agreement and dice_difference < max_dice_difference
                        and defect_dice_difference < max_dice_difference),

@@ -55,6 +55,11 @@ def test_flow_trains_packages_and_serves(prefect_server, tiny_dataset, tmp_path)
     model = bentoml.models.get(summary["model_tag"])
     assert model.info.metadata["metrics"]["accuracy"] == pytest.approx(summary["metrics"]["accuracy"])
     assert "config_sha256" in model.info.metadata
+    # The anomaly head was fitted on the good training images and its threshold chosen on validation.
+    info = json.loads((Path(summary["model_dir"]) / "model.json").read_text())
+    assert info["anomaly"]["train_images"] > 0 and info["anomaly_threshold"] > 0
+    assert model.info.metadata["anomaly"]["threshold"] == pytest.approx(info["anomaly_threshold"])
+    assert "anomaly_auroc" in model.info.metadata["evaluation"]
 
     # Through the CLI, as `make demo` does: it must become the server, so stopping it leaves
     # nothing listening.
@@ -66,7 +71,8 @@ def test_flow_trains_packages_and_serves(prefect_server, tiny_dataset, tmp_path)
         image_path = next((tiny_dataset / "test" / "crack").iterdir())
         status, body = _post(url, image_path.name, image_path.read_bytes())
         assert status == 200, body
-        assert body["class"] in ["good", "crack", "faulty_imprint", "poke", "scratch", "squeeze"]
+        assert body["class"] in ["good", "crack", "faulty_imprint", "poke", "scratch", "squeeze", "unknown_defect"]
+        assert body["anomaly_threshold"] == pytest.approx(info["anomaly_threshold"], abs=1e-6)
         assert abs(sum(body["probabilities"].values()) - 1.0) < 1e-4
         mask = cv2.imdecode(np.frombuffer(base64.b64decode(body["mask_png_base64"]), np.uint8), cv2.IMREAD_UNCHANGED)
         assert mask.shape == cv2.imread(str(image_path)).shape[:2]
