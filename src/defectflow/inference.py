@@ -2,9 +2,8 @@
 
 A model artifact is a folder: `model.keras` (weights and graph), `model.json` (classes, input
 size, thresholds, temperature, confidence threshold, anomaly threshold, serving format),
-`config.yaml` (the merged
-config that trained it) and, once exported, `model.tflite` (the compact TensorFlow Lite copy,
-see `defectflow.export`).
+`config.yaml` (the merged config that trained it) and, once exported, `model.tflite` (the
+compact TensorFlow Lite copy, see `defectflow.export`).
 Evaluation, serving and the command line all predict through `Predictor`, so they share one
 code path whichever of the two formats runs the forward pass.
 """

@@ -16,8 +16,8 @@ from __future__ import annotations
 import keras
 from keras import layers, ops
 
-#: The model output holding the patch-distance map.
-ANOMALY_OUTPUT = "anomaly"
+from defectflow.inference import ANOMALY_OUTPUT
+
 #: Names of the tapped feature maps: the inputs of the class head's mask-attention pooling.
 _TAPS = {"backbone": ("stride8_under_mask", "stride16_under_mask"), "plain": ("enc_mid_under_mask",)}
 
