@@ -72,3 +72,29 @@ def test_sigkilled_training_resumes_from_its_last_checkpoint(tiny_dataset, tmp_p
     assert len(record["history"]["loss"]) == EPOCHS
     assert np.isfinite(record["history"]["loss"]).all()
     assert record["best_epoch"] is not None and 1 <= record["best_epoch"] <= EPOCHS
+
+
+def test_a_resumed_first_phase_does_not_shift_the_second(tiny_dataset, tmp_path):
+    """Keras' BackupAndRestore leaves the epoch it restored on the model; the fine-tuning
+    phase after a resumed frozen phase must still train only its own epochs."""
+    from defectflow.config import load_config
+    from defectflow.data.mvtec import class_names, scan_dataset
+    from defectflow.data.split import select, stratified_split
+    from defectflow.training import PreparedData, train
+
+    samples = scan_dataset(tiny_dataset)
+    rows = stratified_split(samples, 0.5, 0.25, 0.25, seed=0)
+    data = PreparedData(select(rows, "train"), select(rows, "val"), class_names(samples))
+
+    def config(epochs, frozen):
+        return load_config("tiny", [f"data.root={tiny_dataset}", "model.backbone=lite0", "model.input_size=32",
+                                    f"train.epochs={epochs}", f"train.frozen_epochs={frozen}",
+                                    "train.early_stopping_patience=1000", "train.verbose=0"])
+
+    run_dir = tmp_path / "run"
+    train(config(1, 1), data, run_dir)  # one frozen epoch checkpointed
+    (run_dir / "checkpoints" / "phase1.done.weights.h5").unlink()  # as if killed before the phase ended
+    result = train(config(3, 2), data, run_dir)  # resumes the frozen phase after its first epoch
+    assert result.resumed_from_epoch == 1
+    assert result.epochs_trained == 2  # frozen epoch 2, then fine-tuning epoch 3: nothing repeated
+    assert len(result.history["loss"]) == 3

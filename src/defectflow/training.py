@@ -479,6 +479,10 @@ def train(cfg, data: PreparedData, run_dir: Path | None = None) -> TrainResult:
             ]
             if cfg.train.tensorboard:
                 callbacks.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), update_freq="epoch"))
+        # Keras' BackupAndRestore stores the epoch it restored on the model, and every later fit
+        # starts there instead of at `initial_epoch`: after a resumed first phase, the second
+        # would repeat epochs. Each phase starts where this loop says.
+        model._initial_epoch = None
         with _device_scope(accel.device):
             fit = model.fit(train_ds, validation_data=val_ds, initial_epoch=done, epochs=until, callbacks=callbacks,
                             verbose=cfg.train.verbose)
