@@ -32,7 +32,7 @@ from defectflow.data.mvtec import DatasetError, Sample, class_names, scan_traini
 from defectflow.data.split import SplitSample, stratified_split
 from defectflow.inference import Predictor
 from defectflow.metrics import auroc
-from defectflow.preprocessing import UNKNOWN_DEFECT, answer_indices, apply_temperature, read_image
+from defectflow.preprocessing import UNKNOWN_DEFECT, read_image
 
 log = logging.getLogger(__name__)
 
@@ -65,21 +65,24 @@ def without(rows: list[SplitSample], split: str, label: str) -> list[Sample]:
 
 
 def score_images(predictor: Predictor, samples: list[Sample], batch_size: int = 8) -> list[dict]:
-    """Per image, through the serving path: the answer, and each part of the decision."""
+    """Per image, through the serving path: the answer, and each part of the decision (the
+    classifier alone is the same outputs without the anomaly map, as evaluation scores it)."""
     info = predictor.info
+    good = predictor.classes[0]
     rows = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
         images = [read_image(s.path) for s in chunk]
         outputs = predictor.raw_outputs(images, batch_size)
-        calibrated = apply_temperature(outputs.probabilities, info.temperature)
-        by_classifier = answer_indices(calibrated, info.defect_threshold) != 0
-        for i, (sample, prediction) in enumerate(zip(chunk, predictor.predictions(images, *outputs), strict=True)):
+        alone = predictor.predictions(images, outputs.probabilities, outputs.masks)
+        for sample, prediction, classifier in zip(chunk, predictor.predictions(images, *outputs), alone,
+                                                  strict=True):
+            score = prediction.anomaly_score
             rows.append({"path": str(sample.path), "true": sample.label, "predicted": prediction.label,
-                         "is_defective": prediction.is_defective, "p_defect": float(1.0 - calibrated[i, 0]),
-                         "by_classifier": bool(by_classifier[i]), "anomaly_score": prediction.anomaly_score,
-                         "by_anomaly": bool(prediction.anomaly_score is not None and info.anomaly_threshold is not None
-                                            and prediction.anomaly_score > info.anomaly_threshold)})
+                         "is_defective": prediction.is_defective, "p_defect": 1.0 - prediction.probabilities[good],
+                         "by_classifier": classifier.label != good, "anomaly_score": score,
+                         "by_anomaly": bool(score is not None and info.anomaly_threshold is not None
+                                            and score > info.anomaly_threshold)})
     return rows
 
 
