@@ -26,10 +26,11 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from timing import take_turns  # noqa: E402
+
 from defectflow.environment import configure_environment  # noqa: E402
 
 GOAL = 0.20
@@ -46,17 +47,7 @@ def _summary(ms: list[float]) -> dict:
 
 
 def _take_turns(calls: dict, repeats: int, warmup: int) -> dict[str, dict]:
-    for call in calls.values():
-        for _ in range(warmup):
-            call()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    names = list(calls)
-    for i in range(repeats):
-        for name in names if i % 2 == 0 else reversed(names):
-            start = time.perf_counter()
-            calls[name]()
-            times[name].append((time.perf_counter() - start) * 1000)
-    return {name: _summary(ms) for name, ms in times.items()}
+    return {name: _summary(ms) for name, ms in take_turns(calls, repeats, warmup).items()}
 
 
 def _models(args, work: Path):

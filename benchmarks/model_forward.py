@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from timing import take_turns  # noqa: E402
+
 from defectflow.environment import configure_environment  # noqa: E402
 
 GOAL_P50_MS = 25.0
@@ -96,16 +98,7 @@ def _latency(model, input_size: int, batch: int, repeats: int, warmup: int) -> l
         # .numpy() on every output: the call is done when the result is on the host.
         "tf.function": lambda: tf.nest.map_structure(lambda t: t.numpy(), forward(x_tf)),
     }
-    for fn in calls.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    names = list(calls)
-    for i in range(repeats):
-        for name in names if i % 2 == 0 else reversed(names):
-            start = time.perf_counter()
-            calls[name]()
-            times[name].append((time.perf_counter() - start) * 1000)
+    times = take_turns(calls, repeats, warmup)
     rows = []
     for name, ms in times.items():
         p50 = statistics.median(ms)

@@ -77,6 +77,8 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "src"))
+from timing import take_turns  # noqa: E402
+
 from defectflow.environment import configure_environment  # noqa: E402
 
 DEFAULT_IMAGE = REPO_ROOT.parent / "shared" / "data" / "mvtec_capsule" / "capsule" / "test" / "crack" / "000.png"
@@ -655,22 +657,6 @@ class InProcess:
 
 
 STAGES = ("decode", "resize_to_input", "forward", "mask_resize_threshold", "mask_png_base64", "json_dumps")
-
-
-def take_turns(calls: dict, repeats: int, warmup: int) -> dict[str, list[float]]:
-    """ms per call of each named `calls[name]()`, the names alternating order every repeat, so
-    a load change on the shared machine affects them alike."""
-    for fn in calls.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    names = list(calls)
-    for i in range(repeats):
-        for name in names if i % 2 == 0 else reversed(names):
-            start = time.perf_counter()
-            calls[name]()
-            times[name].append((time.perf_counter() - start) * 1000)
-    return times
 
 
 def bench_in_process(model: InProcess, repeats: int, warmup: int) -> dict:
