@@ -178,6 +178,12 @@ def train_model(cfg, data: PreparedData, hyperparameters: dict, run_dir: Path) -
     return model_dir
 
 
+def _dims(record: dict) -> str:
+    if record["projection_dims"]:
+        return f"{record['feature_dims']} dims projected to {record['projection_dims']}"
+    return f"{record['feature_dims']} dims"
+
+
 @task(name="fit-anomaly-head", cache_policy=NONE)
 def fit_anomaly_model(cfg, model_dir: Path, data: PreparedData) -> dict | None:
     """The anomaly score's memory bank, from the good training images, added to the model
@@ -189,7 +195,6 @@ def fit_anomaly_model(cfg, model_dir: Path, data: PreparedData) -> dict | None:
     good = [s for s in data.train_samples if s.label == data.classes[0]]
     record = fit_anomaly_head(model_dir, good, cfg.anomaly.bank_size, cfg.anomaly.projection_dims,
                               cfg.anomaly.seed, cfg.train.batch_size)
-    logger.info("anomaly memory bank: %d of %d patches of %d good training images, %d -> %d dims, %.1f s",
-                record["bank_size"], record["patches"], record["train_images"], record["feature_dims"],
-                record["projection_dims"], record["fit_seconds"])
+    logger.info("anomaly memory bank: %d of %d patches of %d good training images, %s, %.1f s",
+                record["bank_size"], record["patches"], record["train_images"], _dims(record), record["fit_seconds"])
     return record

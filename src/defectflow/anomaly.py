@@ -166,7 +166,7 @@ def fit_anomaly_head(model_dir: str | Path, samples: list[Sample], bank_size: in
     info.anomaly = record
     info.anomaly_threshold = None  # a new bank's scores need a new threshold (calibration)
     info.save(model_dir)
-    log.info("anomaly memory bank: %d of %d good patches (%d -> %d dims) from %d images in %.1f s",
-             record["bank_size"], record["patches"], record["feature_dims"], record["projection_dims"],
+    log.info("anomaly memory bank: %d of %d good patches (%d dims, projected to %s) from %d images in %.1f s",
+             record["bank_size"], record["patches"], record["feature_dims"], record["projection_dims"] or "none",
              len(samples), record["fit_seconds"])
     return record
