@@ -367,3 +367,20 @@ def test_review_command_lists_shows_accepts_and_discards(tmp_path, capsys):
     assert [(s.label, s.mask_path is not None) for s in scan_dataset(tmp_path / "incoming")] == [("poke", True)]
     assert read_provenance(tmp_path / "incoming")[0]["reviewer"] == "cli"
     assert main(["review", "--inbox", str(tmp_path / "none"), "--incoming", str(tmp_path), "list"]) == 2
+
+
+def test_an_unknown_defect_answer_is_kept_for_review_and_named_by_a_person(tmp_path):
+    """The anomaly score's answer has no class probability of its own: its confidence is
+    stored, and the reviewer names the defect (with the anomaly map as the mask)."""
+    inbox = Inbox(tmp_path / "inbox", incoming=tmp_path / "incoming")
+    answer = {**_answer("crack"), "class": "unknown_defect", "confidence": 0.12, "anomaly_score": 41.5,
+              "probabilities": {c: (0.88 if c == "good" else 0.024) for c in CLASSES}}
+    stored = inbox.add(_image(3), answer, MODEL)
+    assert stored.stored, stored.reason
+    prediction = inbox.get(stored.id)["prediction"]
+    assert prediction["class"] == "unknown_defect" and prediction["confidence"] == 0.12
+    assert prediction["anomaly_score"] == 41.5
+    done = inbox.review(stored.id, "poke", "keep", "ann")
+    assert (tmp_path / "incoming" / done.image).parent.name == "poke"
+    without_confidence = {k: v for k, v in answer.items() if k != "confidence"}
+    assert inbox.add(_image(4), without_confidence, MODEL).reason == "invalid"

@@ -236,7 +236,8 @@ def test_a_tflite_model_serves_inside_the_http_service(store):
         assert httpx.get(f"{url}/metadata", timeout=10).json()["serving_format"] == "tflite"
         known = _predict(url, _png(cv2.cvtColor(GOOD_CAPSULES[0], cv2.COLOR_RGB2BGR)))
         assert known.status_code == 200, known.text
-        _check_prediction(known.json(), width=64, height=64)
+        # Its classifier answers good unless P(defect) > 0.999: not the most probable class.
+        assert known.json()["mask_size"] == [64, 64] and set(known.json()["probabilities"]) == set(CLASSES)
         assert known.json()["model"] == store["lite"]
         # Its classifier calls everything good; its anomaly head knows these good capsules only.
         known = known.json()

@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from defectflow.files import TMP_PREFIX, atomic_write, fsync_dir, write_temp
+from defectflow.preprocessing import UNKNOWN_DEFECT
 
 log = logging.getLogger("defectflow.inbox")
 
@@ -172,13 +173,16 @@ def _prediction_record(item_id: str, answer: dict, model_tag: str, created: floa
         raise ValueError(f"the answer must be a dict, got {type(answer).__name__}")
     label = answer.get("class")
     probabilities = answer.get("probabilities")
-    if not isinstance(label, str) or not isinstance(probabilities, dict) or label not in probabilities:
+    # An unknown_defect answer (the anomaly score's) has no probability of its own, only `confidence`.
+    known = isinstance(probabilities, dict) and (label in probabilities or
+                                                 (label == UNKNOWN_DEFECT and "confidence" in answer))
+    if not isinstance(label, str) or not known:
         raise ValueError("the answer needs `class` and `probabilities` (with that class)")
     mask_b64 = answer.get("mask_png_base64")
     if not isinstance(mask_b64, str):
         raise ValueError("the answer needs `mask_png_base64`")
     base64.b64decode(mask_b64, validate=True)
-    confidence = answer.get("confidence", probabilities[label])
+    confidence = answer["confidence"] if "confidence" in answer else probabilities[label]
     return {
         "id": item_id,
         "time": created,
@@ -190,6 +194,7 @@ def _prediction_record(item_id: str, answer: dict, model_tag: str, created: floa
         "confidence": float(confidence),
         "status": str(answer.get("status", "accepted")),
         "is_defective": bool(answer.get("is_defective", False)),
+        "anomaly_score": answer.get("anomaly_score"),
         "defect_area_fraction": answer.get("defect_area_fraction"),
         "mask_png_base64": mask_b64,
         "mask_size": answer.get("mask_size"),

@@ -128,7 +128,9 @@ def prediction_record(request_id: str, endpoint: str, model_tag: str, started: f
         record["image_size"] = [int(image.shape[1]), int(image.shape[0])]
     if result is not None:
         record["class"] = result["class"]
-        record["confidence"] = round(float(result.get("confidence", result["probabilities"][result["class"]])), 6)
+        # An unknown_defect answer has no class probability of its own: only `confidence`.
+        confidence = result["confidence"] if "confidence" in result else result["probabilities"][result["class"]]
+        record["confidence"] = round(float(confidence), 6)
         if "status" in result:
             record["answer_status"] = result["status"]
     if error is not None:
