@@ -64,6 +64,7 @@ def test_figures_split_the_decision_into_its_parts():
     r = row(held, goods)
     assert r["flagged"] == 0.75 and r["flagged_by_classifier"] == 0.25 and r["flagged_by_anomaly"] == 0.5
     assert r["unknown_defect"] == 0.5 and r["false_alarm_rate"] == 0.25
+    assert r["false_alarm_rate_classifier"] == 0.0 and r["false_alarm_rate_anomaly"] == 0.25
     assert r["answers"] == {"crack": 1, "good": 1, "unknown_defect": 2}
     # Combined score max(p/0.5, s/10): held 1.8, 1.2, 1.5, 0.4 vs good 0.3, 0.6, 1.1, 0.6.
     assert r["auroc"] == pytest.approx(13 / 16)

@@ -30,7 +30,7 @@ from defectflow.anomaly import decision_score, fit_anomaly_head
 from defectflow.calibration import calibrate_model
 from defectflow.data.mvtec import DatasetError, Sample, class_names, scan_training_data
 from defectflow.data.split import SplitSample, stratified_split
-from defectflow.inference import Predictor
+from defectflow.inference import ModelInfo, Predictor
 from defectflow.metrics import auroc
 from defectflow.preprocessing import UNKNOWN_DEFECT, read_image
 
@@ -49,6 +49,8 @@ COLUMNS = (
     ("anomaly_auroc", "anomaly AUROC", "good test vs left-out, anomaly score"),
     ("classifier_auroc", "classifier AUROC", "good test vs left-out, P(defect)"),
     ("false_alarm_rate", "false alarms", "share of good test images flagged"),
+    ("false_alarm_rate_classifier", "by classifier", "share of good test images the classifier alone flags"),
+    ("false_alarm_rate_anomaly", "by anomaly", "share of good test images above the anomaly threshold"),
 )
 
 
@@ -104,6 +106,8 @@ def figures(rows: list[dict], left_out: str, good: str, defect_threshold, anomal
             "auroc": auroc(is_defect, decision_score(p_defect, scores, defect_threshold, anomaly_threshold)),
             "anomaly_auroc": auroc(is_defect, scores), "classifier_auroc": auroc(is_defect, p_defect),
             "false_alarm_rate": share(goods, "is_defective"),
+            "false_alarm_rate_classifier": share(goods, "by_classifier"),
+            "false_alarm_rate_anomaly": share(goods, "by_anomaly"),
             "answers": {label: sum(r["predicted"] == label for r in held)
                         for label in sorted({r["predicted"] for r in held})}}
 
@@ -214,8 +218,11 @@ def leave_one_out(cfg, out_dir: str | Path, types: list[str] | None = None) -> d
     for left_out in chosen:
         done = out_dir / left_out / "figures.json"
         if done.exists():
-            log.info("leave-one-out %s: figures already in %s", left_out, done)
-            table.append(json.loads(done.read_text()))
+            log.info("leave-one-out %s: measured already, figures from %s", left_out, done.parent / "per_image.json")
+            info = ModelInfo.load(done.parent / "model")
+            per_image = json.loads((done.parent / "per_image.json").read_text())
+            table.append({**json.loads(done.read_text()),
+                          **figures(per_image, left_out, classes[0], info.defect_threshold, info.anomaly_threshold)})
             continue
         table.append(run_left_out(cfg, rows, classes, left_out, out_dir / left_out))
     summary = summarize(table)
