@@ -55,11 +55,12 @@ def _models(args, work: Path):
     import keras
     import numpy as np
 
-    import defectflow.models.losses  # noqa: F401  (registers what a saved model names)
     from defectflow.models.anomaly import PatchDistance, feature_extractor, with_anomaly_head
 
     if args.model_dir:
-        model = keras.saving.load_model(Path(args.model_dir) / "model.keras", compile=False)
+        from defectflow.inference import KerasBackend  # registers defectflow's layers while loading
+
+        model = KerasBackend(Path(args.model_dir) / "model.keras").model
         about = str(args.model_dir)
     else:
         from defectflow.anomaly import fit_memory_bank
