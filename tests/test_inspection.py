@@ -116,25 +116,30 @@ def test_score_equals_defectflow_evaluate_on_the_same_images(folder, model_dir, 
 
 
 def test_ctrl_c_leaves_a_valid_report_of_what_was_done(model_dir, tmp_path):
+    """The last PATH is a named pipe nobody writes to: reading it blocks, so SIGINT always
+    arrives mid-run, after the 40 images before it (batch 1: each written before the next)."""
     many = tmp_path / "many"
     many.mkdir()
     rng = np.random.default_rng(0)
-    for i in range(400):
+    for i in range(40):
         cv2.imwrite(str(many / f"{i:03d}.png"), rng.integers(0, 256, (48, 48, 3), dtype=np.uint8))
+    stuck = tmp_path / "camera.png"
+    os.mkfifo(stuck)
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([str(BIN / "defectflow"), "predict", str(many), "--model", str(model_dir), "--out",
-                             str(out), "--batch-size", "1"], env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([str(BIN / "defectflow"), "predict", str(many), str(stuck), "--model", str(model_dir),
+                             "--out", str(out), "--batch-size", "1"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+    report = out / "report.csv"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        report = out / "report.csv"
-        if report.exists() and len(report.read_text().splitlines()) > 20:
+        if report.exists() and len(report.read_text().splitlines()) == 41:  # header + 40 rows
             break
         time.sleep(0.05)
+    time.sleep(0.2)  # now blocked on the pipe
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr[-2000:]
-    rows = _rows(out / "report.csv")
-    assert 20 <= len(rows) < 400 and all(r["class"] != "" for r in rows)
-    assert "interrupted" in stderr and f"{len(rows)} of 400 files inspected" in stdout
+    rows = _rows(report)
+    assert len(rows) == 40 and all(r["class"] not in ("", "error") for r in rows)
+    assert "interrupted: 40 of 41 files done" in stderr and "40 of 41 files inspected" in stdout
