@@ -26,9 +26,9 @@ import numpy as np
 from fastapi import FastAPI
 from pydantic import Field
 
+from defectflow.artifacts import ModelInfo
 from defectflow.http_guard import HEALTH_PATHS, guard_middlewares
 from defectflow.inbox import AddResult, Inbox, InboxWriter
-from defectflow.inference import ModelInfo
 from defectflow.registry import MODEL_TAG_ENV, production_tag
 from defectflow.serving import (
     ServingSettings,

@@ -63,7 +63,7 @@ def _models(args, work: Path):
         model = KerasBackend(Path(args.model_dir) / "model.keras").model
         about = str(args.model_dir)
     else:
-        from defectflow.anomaly import fit_memory_bank
+        from defectflow.anomaly_fitting import fit_memory_bank
         from defectflow.data.synthetic import render_sample
         from defectflow.models.unet import build_model
         from defectflow.preprocessing import prepare_image
@@ -96,8 +96,9 @@ def main() -> int:
     configure_environment()
     import numpy as np
 
+    from defectflow.artifacts import ModelInfo
     from defectflow.export import export_tflite
-    from defectflow.inference import ModelInfo, Predictor, TFLiteBackend
+    from defectflow.inference import Predictor, TFLiteBackend
 
     with tempfile.TemporaryDirectory(prefix="defectflow-anomaly-bench-") as tmp:
         work = Path(tmp)

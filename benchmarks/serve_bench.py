@@ -557,10 +557,10 @@ def prepare_model(model_dir: Path, work: Path, serving_format: str) -> dict:
 
     import defectflow.models.losses  # noqa: F401  (custom objects model.keras names)
     import defectflow.models.unet  # noqa: F401
+    from defectflow.artifacts import TFLITE_FILE, ModelInfo
     from defectflow.config import load_config
     from defectflow.data.split import read_manifest, select
     from defectflow.export import export_compact, export_tflite
-    from defectflow.inference import TFLITE_FILE, ModelInfo
 
     shutil.copytree(model_dir, work)
     done: dict = {"model_dir": str(model_dir), "keras_mb_original": round((work / "model.keras").stat().st_size / MB, 1)}

@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     import keras
     import tensorflow as tf
 
+    from defectflow.artifacts import TFLITE_FILE, ModelInfo
     from defectflow.config import load_config
     from defectflow.data.split import read_manifest, select
     from defectflow.export import (
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         export_tflite,
         megabytes,
     )
-    from defectflow.inference import TFLITE_FILE, ModelInfo, Predictor, TFLiteBackend
+    from defectflow.inference import Predictor, TFLiteBackend
     from defectflow.preprocessing import read_image
 
     samples = select(read_manifest(manifest), "test")

@@ -9,11 +9,12 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
+from defectflow.artifacts import ModelInfo
 from defectflow.calibration import calibrate_model
 from defectflow.data.split import SplitSample, select
 from defectflow.evaluation import Evaluation, evaluate, evaluate_model_dir
 from defectflow.gate import GateDecision, decide
-from defectflow.inference import ModelInfo, Predictor
+from defectflow.inference import Predictor
 from defectflow.registry import RegistryError, production_tag, verify_model
 from defectflow.report import load_history, metrics_table_rows, summary_markdown, write_report
 

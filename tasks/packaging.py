@@ -11,10 +11,10 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
+from defectflow.artifacts import ModelInfo
 from defectflow.config import REPO_ROOT, resolve_path, to_yaml
 from defectflow.evaluation import Evaluation
 from defectflow.gate import GateDecision
-from defectflow.inference import ModelInfo
 from defectflow.registry import build_bento, code_revision, promote, save_model, sha256_file
 
 

@@ -17,7 +17,7 @@ from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from defectflow import tuning
-from defectflow.anomaly import fit_anomaly_head
+from defectflow.anomaly_fitting import fit_anomaly_head
 from defectflow.config import save_config
 from defectflow.plots import curves_image, save_rgb
 from defectflow.training import (

@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from defectflow.inference import CONFIG_FILE, METRICS_FILE, MODEL_FILE, ModelInfo
+from defectflow.artifacts import CONFIG_FILE, METRICS_FILE, MODEL_FILE, ModelInfo
 
 CLASSES = ["good", "crack", "faulty_imprint", "poke", "scratch", "squeeze"]
 INPUT_SIZE = 32
@@ -63,7 +63,8 @@ def make_anomaly_model_dir(path: Path, good_images, seed: int = 0) -> Path:
     import keras
     import numpy as np
 
-    from defectflow.anomaly import fit_memory_bank, image_scores
+    from defectflow.anomaly import image_scores
+    from defectflow.anomaly_fitting import fit_memory_bank
     from defectflow.models.anomaly import feature_extractor, with_anomaly_head
     from defectflow.models.unet import build_model
     from defectflow.preprocessing import prepare_image

@@ -7,14 +7,11 @@ import sys
 import numpy as np
 import pytest
 
-from defectflow.anomaly import (
-    anomaly_mask,
+from defectflow.anomaly import anomaly_mask, decision_score, image_score, image_scores
+from defectflow.anomaly_fitting import (
     choose_anomaly_threshold,
-    decision_score,
     fit_memory_bank,
     greedy_coreset,
-    image_score,
-    image_scores,
     random_projection,
 )
 from defectflow.data.synthetic import DEFECT_TYPES, render_sample
@@ -146,7 +143,8 @@ def capsules():
 def test_predictor_answers_unknown_defect_only_when_the_classifier_says_good(tmp_path, capsules):
     from helpers_models import make_anomaly_model_dir, stained
 
-    from defectflow.inference import ModelInfo, Predictor
+    from defectflow.artifacts import ModelInfo
+    from defectflow.inference import Predictor
     from defectflow.preprocessing import ACCEPTED, UNCERTAIN, UNKNOWN_DEFECT
 
     model_dir = make_anomaly_model_dir(tmp_path / "model", capsules)
@@ -182,12 +180,13 @@ def test_predictor_answers_unknown_defect_only_when_the_classifier_says_good(tmp
 def test_fitting_and_calibration_store_the_bank_and_threshold_with_the_model(tmp_path, tiny_dataset):
     """fit_anomaly_head rewrites model.keras with the head; calibration picks the threshold on
     the good validation images; evaluation reports both parts of the decision."""
-    from defectflow.anomaly import fit_anomaly_head
+    from defectflow.anomaly_fitting import fit_anomaly_head
+    from defectflow.artifacts import ModelInfo
     from defectflow.calibration import calibrate_model
     from defectflow.config import load_config
     from defectflow.data.mvtec import scan_dataset
     from defectflow.evaluation import evaluate
-    from defectflow.inference import ModelInfo, Predictor
+    from defectflow.inference import Predictor
     from defectflow.models.unet import build_model
     from defectflow.report import write_report
     from defectflow.training import TrainResult, save_artifact

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from defectflow.artifacts import ModelInfo
 from defectflow.calibration import (
     calibrate_classes,
     calibrate_model,
@@ -11,7 +12,7 @@ from defectflow.calibration import (
     negative_log_likelihood,
 )
 from defectflow.data.mvtec import class_names, scan_dataset
-from defectflow.inference import ModelInfo, RawOutputs
+from defectflow.inference import RawOutputs
 from defectflow.preprocessing import (
     ACCEPTED,
     UNCERTAIN,

@@ -39,7 +39,7 @@ from pathlib import Path
 from defectflow.environment import configure_environment
 configure_environment()
 from defectflow import registry
-from defectflow.inference import ModelInfo
+from defectflow.artifacts import ModelInfo
 root, repo, serving_format = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 if serving_format == "tflite":
     from defectflow.export import export_tflite

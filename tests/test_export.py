@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from helpers_models import CLASSES, INPUT_SIZE, make_tiny_model_dir
 
+from defectflow.artifacts import MODEL_FILE, TFLITE_FILE, ModelInfo
 from defectflow.data.mvtec import scan_dataset
 from defectflow.export import (
     check_parity,
@@ -22,14 +23,7 @@ from defectflow.export import (
     export_tflite,
     markdown,
 )
-from defectflow.inference import (
-    MODEL_FILE,
-    TFLITE_FILE,
-    ModelInfo,
-    Predictor,
-    TFLiteBackend,
-    _output_names,
-)
+from defectflow.inference import Predictor, TFLiteBackend, _output_names
 from defectflow.preprocessing import read_image
 
 

@@ -61,8 +61,8 @@ def _scenario(home: Path, first: Path, second: Path) -> dict:
         "requirements": (bento_root / "env/python/requirements.txt").read_text().split(),
     }
     # A model that serves from TFLite gets a Bento without TensorFlow and Keras.
+    from defectflow.artifacts import ModelInfo
     from defectflow.export import export_tflite
-    from defectflow.inference import ModelInfo
 
     lean_dir = first.parent / "lean"
     shutil.copytree(first, lean_dir)

@@ -10,9 +10,10 @@ import cv2
 import numpy as np
 import pytest
 
+from defectflow.artifacts import ModelInfo
 from defectflow.data.mvtec import class_names, scan_dataset
 from defectflow.evaluation import WORST_MASKS_DIR, Evaluation, error_rank, evaluate
-from defectflow.inference import ModelInfo, Predictor
+from defectflow.inference import Predictor
 from defectflow.metrics import classification_metrics, expected_calibration_error, reliability_bins
 from defectflow.plots import (
     coverage_curve_image,

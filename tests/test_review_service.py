@@ -21,9 +21,9 @@ import pytest
 from helpers_models import CLASSES, make_tiny_model_dir
 from helpers_processes import isolated_env, serve_bento
 
+from defectflow.artifacts import ModelInfo
 from defectflow.data.mvtec import scan_dataset
 from defectflow.inbox import Inbox, read_provenance
-from defectflow.inference import ModelInfo
 from defectflow.preprocessing import read_mask
 
 pytestmark = pytest.mark.integration

@@ -44,8 +44,8 @@ def store(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("service")
     make_tiny_model_dir(root / "pinned")
     make_tiny_model_dir(root / "newer", seed=1)
+    from defectflow.artifacts import ModelInfo
     from defectflow.export import export_tflite
-    from defectflow.inference import ModelInfo
 
     export_tflite(make_anomaly_model_dir(root / "lite", GOOD_CAPSULES), "none")
     info = ModelInfo.load(root / "lite")

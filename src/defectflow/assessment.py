@@ -13,12 +13,13 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from defectflow.artifacts import CONFIG_FILE
 from defectflow.config import from_yaml
 from defectflow.data.mvtec import class_names, scan_dataset
 from defectflow.data.split import select, split_dataset
 from defectflow.evaluation import Evaluation, evaluate
 from defectflow.gate import GateDecision, decide
-from defectflow.inference import CONFIG_FILE, Predictor
+from defectflow.inference import Predictor
 from defectflow.registry import (
     DEFAULT_MODEL_NAME,
     IncompleteModel,

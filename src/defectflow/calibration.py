@@ -37,7 +37,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from defectflow.anomaly import choose_anomaly_threshold, image_scores
+from defectflow.anomaly import image_scores
+from defectflow.anomaly_fitting import choose_anomaly_threshold
 from defectflow.data.mvtec import Sample
 from defectflow.metrics import dice, expected_calibration_error, reliability_bins
 from defectflow.preprocessing import (
@@ -323,7 +324,8 @@ def calibrate_model(model_dir, samples: list[Sample], batch_size: int = 8, recor
     them; with `record`, also write the choice and its validation figures there (JSON)."""
     import json
 
-    from defectflow.inference import ModelInfo, Predictor
+    from defectflow.artifacts import ModelInfo
+    from defectflow.inference import Predictor
 
     predictor = Predictor.load(model_dir)
     thresholds = choose_thresholds(predictor, samples, batch_size, temperature_scaling, accept_target_accuracy,

@@ -305,8 +305,8 @@ def _evaluate_leave_one_out(args, overrides: list[str]) -> int:
 
 def _load_predictor_for(model: str | None):
     """(predictor, description) of a model folder, a model tag, or (None) the production model."""
+    from defectflow.artifacts import MODEL_INFO_FILE
     from defectflow.assessment import load_predictor
-    from defectflow.inference import MODEL_INFO_FILE
     from defectflow.registry import RegistryError, production_tag, resolve_tag, verify_model
 
     if model and (Path(model) / MODEL_INFO_FILE).is_file():

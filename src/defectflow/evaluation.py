@@ -10,9 +10,10 @@ import cv2
 import numpy as np
 
 from defectflow.anomaly import decision_score
+from defectflow.artifacts import METRICS_FILE
 from defectflow.calibration import coverage_curve
 from defectflow.data.mvtec import Sample
-from defectflow.inference import METRICS_FILE, Predictor
+from defectflow.inference import Predictor
 from defectflow.metrics import (
     auroc,
     classification_metrics,

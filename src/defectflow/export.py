@@ -48,8 +48,9 @@ from pathlib import Path
 import numpy as np
 
 from defectflow.anomaly import image_scores
+from defectflow.artifacts import MODEL_FILE, TFLITE_FILE, ModelInfo
 from defectflow.data.mvtec import Sample
-from defectflow.inference import MODEL_FILE, TFLITE_FILE, ModelInfo, Predictor
+from defectflow.inference import Predictor
 from defectflow.metrics import dice
 from defectflow.preprocessing import read_image, read_mask
 

@@ -1,38 +1,30 @@
 """Loading a trained model artifact and predicting with it.
 
-A model artifact is a folder: `model.keras` (weights and graph), `model.json` (classes, input
-size, thresholds, temperature, confidence threshold, anomaly threshold, serving format),
-`config.yaml` (the merged config that trained it) and, once exported, `model.tflite` (the
-compact TensorFlow Lite copy, see `defectflow.export`).
+What a model folder holds, and what its outputs are called, is `defectflow.artifacts`.
 Evaluation, serving and the command line all predict through `Predictor`, so they share one
 code path whichever of the two formats runs the forward pass.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from defectflow.artifacts import (
+    ANOMALY_OUTPUT,
+    FORMATS,
+    MODEL_FILE,
+    MODEL_INFO_FILE,
+    OUTPUT_NAMES,
+    TFLITE_FILE,
+    ModelInfo,
+)
 from defectflow.preprocessing import Prediction, decode_image, postprocess, prepare_image
-
-MODEL_FILE = "model.keras"
-TFLITE_FILE = "model.tflite"
-MODEL_INFO_FILE = "model.json"
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.json"
-#: What `Predictor.load` can run: the Keras model or its TensorFlow Lite export.
-FORMATS = ("keras", "tflite")
-#: The model's outputs, by name; every backend returns them under these names. A model with
-#: an anomaly head (`defectflow.anomaly`) has a third, the patch-distance map.
-OUTPUT_NAMES = ("class", "mask")
-ANOMALY_OUTPUT = "anomaly"
 
 
 class RawOutputs(NamedTuple):
@@ -46,48 +38,6 @@ class RawOutputs(NamedTuple):
     anomaly: np.ndarray | None = None
 
 
-@dataclass
-class ModelInfo:
-    classes: list[str]
-    input_size: int
-    #: Mask probability that counts as defect.
-    mask_threshold: float
-    #: P(defect) above which an image is defective; None: the most probable class decides.
-    defect_threshold: float | None = None
-    #: How the thresholds were set: "config", or what they were calibrated on.
-    thresholds_from: str = "config"
-    #: The format `Predictor.load` runs by default: keras | tflite (chosen at export).
-    serving_format: str = "keras"
-    #: The TensorFlow Lite artifact: file, quantization, size and its parity with the Keras
-    #: model on the test split (see `defectflow.export`); None until exported.
-    tflite: dict | None = None
-    #: Temperature of the class probabilities (softmax(log(p) / T)), fitted on the validation
-    #: split (see `defectflow.calibration`); 1: the network's own probabilities.
-    temperature: float = 1.0
-    #: Calibrated confidence (probability of the class answered) below which an answer is
-    #: "uncertain"; None: every answer is "accepted".
-    confidence_threshold: float | None = None
-    #: How `temperature` and `confidence_threshold` were chosen, with their validation figures
-    #: (`defectflow.calibration.Thresholds.confidence_record`); None when not calibrated.
-    confidence_calibration: dict | None = None
-    #: Anomaly score above which an image is defective even when the classifier says good
-    #: (then answered `unknown_defect`), chosen on the validation split's good images; None:
-    #: no anomaly head, or not calibrated yet (the classifier alone decides).
-    anomaly_threshold: float | None = None
-    #: The anomaly head's memory bank and how its threshold was chosen (`defectflow.anomaly`).
-    anomaly: dict | None = None
-
-    def save(self, model_dir: Path) -> None:
-        path = Path(model_dir) / MODEL_INFO_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.__dict__, indent=2))
-        tmp.replace(path)  # a reader never sees half a file
-
-    @classmethod
-    def load(cls, model_dir: Path) -> ModelInfo:
-        return cls(**json.loads((Path(model_dir) / MODEL_INFO_FILE).read_text()))
-
-
 class KerasBackend:
     """The forward pass of `model.keras`."""
 
@@ -96,9 +46,8 @@ class KerasBackend:
     def __init__(self, path: Path):
         import keras
 
-        import defectflow.models.anomaly  # noqa: F401  (registers the custom layers and losses
+        import defectflow.models.layers  # noqa: F401  (registers the custom layers and losses
         import defectflow.models.losses  # noqa: F401   that model.keras refers to by name)
-        import defectflow.models.unet  # noqa: F401
 
         self.model = keras.saving.load_model(path, compile=False)
 

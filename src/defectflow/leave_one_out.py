@@ -26,11 +26,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from defectflow.anomaly import decision_score, fit_anomaly_head
+from defectflow.anomaly import decision_score
+from defectflow.anomaly_fitting import fit_anomaly_head
+from defectflow.artifacts import ModelInfo
 from defectflow.calibration import calibrate_model
 from defectflow.data.mvtec import DatasetError, Sample, class_names, scan_training_data
 from defectflow.data.split import SplitSample, stratified_split
-from defectflow.inference import ModelInfo, Predictor
+from defectflow.inference import Predictor
 from defectflow.metrics import auroc
 from defectflow.preprocessing import UNKNOWN_DEFECT, read_image
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from defectflow.anomaly import anomaly_mask, image_score
+
 #: Decoding a huge upload would exhaust memory; real inspection images are far smaller.
 MAX_PIXELS = 64_000_000
 
@@ -211,8 +213,6 @@ def postprocess(
     name it), confidence P(defect) from the classifier, and the mask is the anomaly map above
     the threshold (the mask head was only taught the known defects).
     """
-    from defectflow.anomaly import anomaly_mask, image_score
-
     probs = apply_temperature(class_probabilities, temperature)
     index = int(answer_indices(probs, defect_threshold)[0])
     confidence = float(probs[index])

@@ -32,7 +32,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from defectflow.inference import METRICS_FILE, MODEL_FILE, MODEL_INFO_FILE
+from defectflow.artifacts import METRICS_FILE, MODEL_FILE, MODEL_INFO_FILE
 
 #: service.py reads the model to serve from this variable when it is not a built Bento's.
 MODEL_TAG_ENV = "DEFECTFLOW_MODEL_TAG"
@@ -344,7 +344,7 @@ def build_bento(model_tag: str, bentofile: Path, build_ctx: Path) -> str:
     import bentoml
     import yaml
 
-    from defectflow.inference import ModelInfo
+    from defectflow.artifacts import ModelInfo
 
     pinned = resolve_tag(model_tag)
     serving_format = ModelInfo.load(model_dir(pinned)).serving_format

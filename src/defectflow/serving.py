@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from defectflow.inference import ANOMALY_OUTPUT, CONFIG_FILE, METRICS_FILE, ModelInfo
+from defectflow.artifacts import ANOMALY_OUTPUT, CONFIG_FILE, METRICS_FILE, ModelInfo
 from defectflow.preprocessing import Prediction, encode_png, overlay
 
 OVERRIDES_ENV = "DEFECTFLOW_SERVE_OVERRIDES"

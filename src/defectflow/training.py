@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
+from defectflow.artifacts import METRICS_FILE, MODEL_FILE, ModelInfo
 from defectflow.config import save_config
 from defectflow.data.augment import JointAugmentation
 from defectflow.data.dataset import ArraySplit, load_split, make_dataset
 from defectflow.data.mvtec import Sample
-from defectflow.inference import METRICS_FILE, MODEL_FILE, ModelInfo
 from defectflow.models.losses import DiceBCELoss, MaskDice, WeightedCrossEntropy
 from defectflow.models.unet import build_model, set_backbone_trainable
 

@@ -24,7 +24,7 @@ import pytest
 from helpers_models import make_tiny_model_dir
 from helpers_processes import REPO_ROOT, isolated_env, serve_bento
 
-from defectflow.inference import ModelInfo
+from defectflow.artifacts import ModelInfo
 
 pytestmark = pytest.mark.integration
 

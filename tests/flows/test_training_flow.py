@@ -170,8 +170,8 @@ def test_a_run_id_resumes_and_refuses_another_config(prefect_server, tiny_datase
 
 
 def test_cli_evaluates_a_finished_run_again(prefect_server, tiny_dataset, tmp_path, capsys):
+    from defectflow.artifacts import ModelInfo
     from defectflow.cli import main
-    from defectflow.inference import ModelInfo
     from flows.training import training_pipeline
 
     run_dir = Path(training_pipeline(config="tiny", overrides=[f"data.root={tiny_dataset}", *TINY,

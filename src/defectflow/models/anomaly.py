@@ -4,9 +4,10 @@ PatchCore (Roth et al., 2022) in the trained U-Net's own forward pass: the mid-l
 maps the class head already reads (lite0: strides 8 and 16) are smoothed over 3x3
 neighbourhoods, brought to one grid and concatenated into one feature vector per patch; a
 fixed random projection may shorten it (off by default), and the head returns each patch's Euclidean distance to
-the nearest entry of a memory bank (a coreset of good-image patches, see `defectflow.anomaly`).
+the nearest entry of a memory bank (a coreset of good-image patches, see `defectflow.anomaly_fitting`).
 
-The bank and the projection are non-trainable weights of the `PatchDistance` layer, so the
+The bank and the projection are non-trainable weights of the `PatchDistance` layer
+(`defectflow.models.layers`), so the
 map is one more output of the same model ("anomaly", (N, h, w, 1)): it is saved in
 model.keras, exported to TFLite with the rest, and costs one matrix product per image.
 """
@@ -14,54 +15,13 @@ model.keras, exported to TFLite with the rest, and costs one matrix product per 
 from __future__ import annotations
 
 import keras
-from keras import layers, ops
+from keras import layers
 
-from defectflow.inference import ANOMALY_OUTPUT
+from defectflow.artifacts import ANOMALY_OUTPUT
+from defectflow.models.layers import PatchDistance
 
 #: Names of the tapped feature maps: the inputs of the class head's mask-attention pooling.
 _TAPS = {"backbone": ("stride8_under_mask", "stride16_under_mask"), "plain": ("enc_mid_under_mask",)}
-
-
-@keras.saving.register_keras_serializable(package="defectflow")
-class PatchDistance(layers.Layer):
-    """Patch features (N, h, w, C) to the distance of each patch to its nearest bank entry,
-    (N, h, w, 1), after projecting them (C -> D) with a fixed matrix when `projection_dims` > 0
-    (else D = C and the features are compared as they are).
-
-    Squared distances as |q|^2 - 2 q.b + |b|^2: one (h*w, D) x (D, M) product per image.
-    """
-
-    def __init__(self, feature_dims: int, projection_dims: int, bank_size: int, **kwargs):
-        super().__init__(**kwargs)
-        self.feature_dims = feature_dims
-        self.projection_dims = projection_dims
-        self.bank_size = bank_size
-
-    def build(self, input_shape):
-        self.projection = None
-        if self.projection_dims:
-            self.projection = self.add_weight(name="projection", shape=(self.feature_dims, self.projection_dims),
-                                              initializer="zeros", trainable=False)
-        self.bank = self.add_weight(name="bank", shape=(self.bank_size, self.projection_dims or self.feature_dims),
-                                    initializer="zeros", trainable=False)
-
-    def call(self, features):
-        queries = ops.cast(features, "float32")
-        if self.projection is not None:
-            queries = ops.matmul(queries, self.projection)
-        bank = ops.convert_to_tensor(self.bank)
-        cross = ops.matmul(queries, ops.transpose(bank))
-        squared = (ops.sum(queries * queries, axis=-1, keepdims=True) - 2.0 * cross
-                   + ops.sum(bank * bank, axis=-1))
-        nearest = ops.min(squared, axis=-1, keepdims=True)
-        return ops.sqrt(ops.maximum(nearest, 0.0))
-
-    def compute_output_shape(self, input_shape):
-        return (*input_shape[:-1], 1)
-
-    def get_config(self):
-        return {**super().get_config(), "feature_dims": self.feature_dims,
-                "projection_dims": self.projection_dims, "bank_size": self.bank_size}
 
 
 def has_anomaly_head(model: keras.Model) -> bool:

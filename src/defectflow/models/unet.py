@@ -14,40 +14,11 @@ global average pooling; under its own mask it is the whole signal.
 from __future__ import annotations
 
 import keras
-from keras import layers, ops
+from keras import layers
 
 from defectflow.models.backbones import BACKBONE, build_encoder, random_init_warning
 from defectflow.models.efficientnet_lite import FEATURE_NAMES
-
-
-@keras.saving.register_keras_serializable(package="defectflow")
-class MaskAttentionPooling(layers.Layer):
-    """Features (N, h, w, C) averaged with weights from a mask (N, H, W, 1), H = k * h.
-
-    The mask is max-pooled to the feature resolution so a one-pixel defect keeps its full
-    weight, and its gradient is stopped: the mask is learnt from the mask loss only, the
-    class loss must not bend it into whatever helps classification.
-    """
-
-    def __init__(self, epsilon: float = 1e-3, **kwargs):
-        super().__init__(**kwargs)
-        self.epsilon = epsilon
-
-    def call(self, inputs):
-        features, weights = inputs
-        weights = ops.stop_gradient(ops.cast(weights, features.dtype))
-        factor = weights.shape[1] // features.shape[1]
-        if factor > 1:
-            weights = ops.max_pool(weights, pool_size=factor, strides=factor)
-        weighted = ops.sum(features * weights, axis=(1, 2))
-        return weighted / (ops.sum(weights, axis=(1, 2)) + self.epsilon)
-
-    def compute_output_shape(self, input_shape):
-        features_shape = input_shape[0]
-        return (features_shape[0], features_shape[-1])
-
-    def get_config(self):
-        return {**super().get_config(), "epsilon": self.epsilon}
+from defectflow.models.layers import MaskAttentionPooling
 
 
 def _conv_block(x, filters: int, name: str, convs: int = 2):

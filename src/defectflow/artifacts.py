@@ -1,0 +1,71 @@
+"""The model artifact contract: what a trained model folder holds and what its outputs are called.
+
+A model artifact is a folder: `model.keras` (weights and graph), `model.json` (`ModelInfo`:
+classes, input size, thresholds, temperature, confidence threshold, anomaly threshold, serving
+format), `config.yaml` (the merged config that trained it), `metrics.json` (its test figures)
+and, once exported, `model.tflite` (the compact TensorFlow Lite copy, see `defectflow.export`).
+
+Training writes this contract and serving reads it, so this module imports nothing but the
+standard library: both sides, and the Bento, can depend on it without depending on each other.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+MODEL_FILE = "model.keras"
+TFLITE_FILE = "model.tflite"
+MODEL_INFO_FILE = "model.json"
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.json"
+#: What `Predictor.load` can run: the Keras model or its TensorFlow Lite export.
+FORMATS = ("keras", "tflite")
+#: The model's outputs, by name; every backend returns them under these names. A model with
+#: an anomaly head (`defectflow.models.anomaly`) has a third, the patch-distance map.
+OUTPUT_NAMES = ("class", "mask")
+ANOMALY_OUTPUT = "anomaly"
+
+
+@dataclass
+class ModelInfo:
+    classes: list[str]
+    input_size: int
+    #: Mask probability that counts as defect.
+    mask_threshold: float
+    #: P(defect) above which an image is defective; None: the most probable class decides.
+    defect_threshold: float | None = None
+    #: How the thresholds were set: "config", or what they were calibrated on.
+    thresholds_from: str = "config"
+    #: The format `Predictor.load` runs by default: keras | tflite (chosen at export).
+    serving_format: str = "keras"
+    #: The TensorFlow Lite artifact: file, quantization, size and its parity with the Keras
+    #: model on the test split (see `defectflow.export`); None until exported.
+    tflite: dict | None = None
+    #: Temperature of the class probabilities (softmax(log(p) / T)), fitted on the validation
+    #: split (see `defectflow.calibration`); 1: the network's own probabilities.
+    temperature: float = 1.0
+    #: Calibrated confidence (probability of the class answered) below which an answer is
+    #: "uncertain"; None: every answer is "accepted".
+    confidence_threshold: float | None = None
+    #: How `temperature` and `confidence_threshold` were chosen, with their validation figures
+    #: (`defectflow.calibration.Thresholds.confidence_record`); None when not calibrated.
+    confidence_calibration: dict | None = None
+    #: Anomaly score above which an image is defective even when the classifier says good
+    #: (then answered `unknown_defect`), chosen on the validation split's good images; None:
+    #: no anomaly head, or not calibrated yet (the classifier alone decides).
+    anomaly_threshold: float | None = None
+    #: The anomaly head's memory bank and how its threshold was chosen
+    #: (`defectflow.anomaly_fitting`).
+    anomaly: dict | None = None
+
+    def save(self, model_dir: Path) -> None:
+        path = Path(model_dir) / MODEL_INFO_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.__dict__, indent=2))
+        tmp.replace(path)  # a reader never sees half a file
+
+    @classmethod
+    def load(cls, model_dir: Path) -> ModelInfo:
+        return cls(**json.loads((Path(model_dir) / MODEL_INFO_FILE).read_text()))
