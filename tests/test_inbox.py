@@ -184,40 +184,84 @@ def test_retention_refuses_new_items_and_keeps_pending_ones(tmp_path, limit):
 
 
 _WRITER = """
-import json, sys, threading
+import json, sys, threading, time
 import cv2, numpy as np
-sys.path.insert(0, sys.argv[3])
+sys.path.insert(0, sys.argv[4])
 from test_inbox import _answer, _image, MODEL
 from defectflow.inbox import Inbox
+process = int(sys.argv[3])
 inbox = Inbox(sys.argv[1], max_items=int(sys.argv[2]))
-barrier = threading.Barrier(8)
+inbox.list()  # opened (and its cleanup done) before the rendezvous
+go = threading.Barrier(9)  # the 8 writers and the main thread, released by the parent's "go"
+results = {}
 def write(i):
-    image = _image(i)
-    data = cv2.imencode(".png", image)[1].tobytes() if i % 2 else image
-    barrier.wait()
-    inbox.add(data, _answer(), MODEL)
+    seed = 8 * process + i
+    image = _image(seed)
+    data = cv2.imencode(".png", image[:, :, ::-1])[1].tobytes() if i % 2 else image  # bytes: as a camera sends
+    answer = {**_answer(), "request_id": f"p{process}-{i}"}
+    go.wait()
+    start = time.time()
+    result = inbox.add(data, answer, MODEL)
+    results[answer["request_id"]] = {"seed": seed, "png": bool(i % 2), "start": start, "end": time.time(),
+                                     "stored": result.stored, "id": result.id, "reason": result.reason}
 threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
 [t.start() for t in threads]
+print("ready", flush=True)
+assert sys.stdin.readline().strip() == "go"
+go.wait()
 [t.join() for t in threads]
-print(json.dumps(inbox.counters))
+print(json.dumps({"counters": inbox.counters, "results": results}))
 """
 
 
 def test_32_concurrent_writers_in_4_processes_lose_nothing(tmp_path):
+    """4 processes x 8 threads, all released at once (a pipe rendezvous across the processes,
+    then a thread barrier in each), add 32 items to an inbox that holds 24: exactly 24 are
+    stored, each whole and as sent, exactly 8 refused as full, and the index names exactly
+    the stored files."""
     root = tmp_path / "inbox"
     Inbox(root).list()  # create the index once
-    start = time.monotonic()
-    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(root), "24", str(Path(__file__).parent)],
-                              stdout=subprocess.PIPE, text=True) for _ in range(4)]
-    outs = [p.communicate(timeout=120)[0] for p in procs]
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(root), "24", str(p), str(Path(__file__).parent)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for p in range(4)]
+    try:
+        for proc in procs:  # every process imported, opened the inbox and started its threads
+            assert proc.stdout.readline().strip() == "ready", proc.communicate(timeout=60)
+        for proc in procs:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        start = time.monotonic()
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
     assert [p.returncode for p in procs] == [0] * 4
-    counters = [json.loads(out.strip().splitlines()[-1]) for out in outs]
-    print(f"\n32 writers in {time.monotonic() - start:.1f} s: {counters}")
+    reports = [json.loads(out.strip().splitlines()[-1]) for out in outs]
+    counters = [r["counters"] for r in reports]
+    results = {k: v for r in reports for k, v in r["results"].items()}
+    print(f"\n32 writers released together, done in {time.monotonic() - start:.2f} s: {counters}")
+    assert sorted(results) == sorted(f"p{p}-{i}" for p in range(4) for i in range(8))
+    # The writes overlapped: every process had started adding before any process finished.
+    assert max(min(v["start"] for k, v in results.items() if k.startswith(f"p{p}-")) for p in range(4)) < \
+        min(max(v["end"] for k, v in results.items() if k.startswith(f"p{p}-")) for p in range(4))
     assert sum(c["stored"] for c in counters) == 24  # max_items, exactly: the check is transactional
     assert sum(c["refused_full"] for c in counters) == 8
     assert sum(c["errors"] for c in counters) == 0
-    rows = _check_consistent(Inbox(root))
-    assert len(rows) == 24 and len({r["id"] for r in rows}) == 24
+    stored = {k: v for k, v in results.items() if v["stored"]}
+    assert len(stored) == 24 and all(v["reason"] == "full_items" for v in results.values() if not v["stored"])
+
+    inbox = Inbox(root)
+    rows = _check_consistent(inbox)
+    assert sorted(r["id"] for r in rows) == sorted(v["id"] for v in stored.values())  # one row per stored item
+    assert inbox.stats()["pending"] == 24
+    for request_id, v in stored.items():
+        item = inbox.get(v["id"])
+        assert item["prediction"]["request_id"] == request_id and item["model"] == MODEL
+        assert item["prediction"]["class"] == "crack" and item["prediction"]["status"] == "uncertain"
+        if v["png"]:  # the upload's bytes, as sent
+            assert item["image_bytes"] == cv2.imencode(".png", _image(v["seed"])[:, :, ::-1])[1].tobytes()
+        decoded = cv2.imdecode(np.frombuffer(item["image_bytes"], np.uint8), cv2.IMREAD_COLOR)
+        assert np.array_equal(decoded[:, :, ::-1], _image(v["seed"])), request_id  # whole: every pixel
 
 
 def test_32_concurrent_threads_share_one_inbox(tmp_path):
