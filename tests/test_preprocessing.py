@@ -126,3 +126,13 @@ def test_encode_png_and_overlay():
     out = overlay(image, mask, (255, 0, 0), 1.0)
     assert out[0, 0].tolist() == [255, 0, 0] and out[0, 1].tolist() == [0, 0, 0]
     assert base64.b64decode(encode_png(image))[:4] == b"\x89PNG"
+
+
+def test_overlay_in_bands_paints_exactly_as_on_the_whole_image():
+    # 3 rows of 700,000 pixels: one row per band, so the bands' edges are crossed.
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (3, 700_000, 3), dtype=np.uint8)
+    mask = rng.integers(0, 2, (3, 700_000), dtype=np.uint8)
+    whole = image.copy()
+    whole[mask.astype(bool)] = (whole[mask.astype(bool)] * (1 - 0.45) + np.array((1, 2, 3)) * 0.45).astype(np.uint8)
+    assert np.array_equal(overlay(image, mask, (1, 2, 3), 0.45), whole)

@@ -19,6 +19,8 @@ from defectflow.uploads import (
     UploadLimits,
     UploadRejected,
     check_declared_type,
+    check_upload,
+    decode_checked,
     decode_upload,
     sniff_format,
 )
@@ -271,6 +273,22 @@ def test_decompression_bombs_are_refused_from_the_header_without_decoding(make, 
 
 def test_the_pixel_limit_is_the_configured_one(decoder_must_not_run):
     assert refusal(png_with_size(101, 100), UploadLimits(max_pixels=100 * 100)).status_code == 413
+
+
+def test_check_upload_gives_the_pixel_count_without_decoding(decoder_must_not_run):
+    # What a server budgets memory on: 40 M pixels declared by a 2 kB file, no pixel decoded.
+    checked = check_upload(png_with_size(8000, 5000), LIMITS)
+    assert (checked.format, checked.width, checked.height, checked.pixels) == ("png", 8000, 5000, 40_000_000)
+    for name in ("jpeg-rgb", "bmp-rgb", "tiff-rgb"):
+        assert check_upload(SAMPLES[name], LIMITS).pixels == 24 * 32
+
+
+def test_decode_checked_is_the_rest_of_decode_upload():
+    checked = check_upload(SAMPLES["png-rgb"], LIMITS)
+    assert np.array_equal(decode_checked(checked, LIMITS), decode_upload(SAMPLES["png-rgb"], LIMITS))
+    with pytest.raises(UploadRejected) as refused:  # a header that passes, pixel data that does not
+        decode_checked(check_upload(png_with_size(400, 300), LIMITS), LIMITS)
+    assert refused.value.status_code == 400
 
 
 def test_the_header_checked_bomb_is_below_the_limit_when_small():

@@ -1,6 +1,9 @@
 """Untrusted image uploads to RGB arrays, or a refusal that says why (no HTTP here).
 
-`decode_upload` checks, cheapest first, and decodes only what passed every check:
+`decode_upload` checks, cheapest first, and decodes only what passed every check. The checks
+alone are `check_upload` (steps 1 to 5), whose `CheckedUpload` says how many pixels the image
+will decode to before any is decoded (a server budgets memory on it), then `decode_checked`
+(step 6):
 
 1. size in bytes: empty (400) or more than `max_bytes` (413);
 2. the real format, sniffed from the magic bytes (never from a file name or a declared
@@ -131,9 +134,30 @@ def check_declared_type(content_type: str | bytes | None) -> None:
                                   "as image/* or application/octet-stream")
 
 
+@dataclass(frozen=True)
+class CheckedUpload:
+    """Upload bytes that passed every check but decoding, with the size their header declares."""
+
+    data: bytes
+    format: str
+    width: int
+    height: int
+
+    @property
+    def pixels(self) -> int:
+        """Width x height from the header: the pixels decoding will produce."""
+        return self.width * self.height
+
+
 def decode_upload(data: bytes, limits: UploadLimits, content_type: str | None = None) -> np.ndarray:
     """Untrusted upload bytes to RGB uint8 (H, W, 3), or UploadRejected (never another error
     for malformed bytes). `content_type` is the type the client declared, if any."""
+    return decode_checked(check_upload(data, limits, content_type), limits)
+
+
+def check_upload(data: bytes, limits: UploadLimits, content_type: str | None = None) -> CheckedUpload:
+    """Every check of `decode_upload` but decoding (no pixel is decoded): the upload with its
+    header's width and height, or UploadRejected."""
     if not data:
         raise UploadRejected(400, f"empty file: expected a {limits.describe_formats()} image")
     if len(data) > limits.max_bytes:
@@ -145,7 +169,13 @@ def decode_upload(data: bytes, limits: UploadLimits, content_type: str | None = 
         raise UploadRejected(415, f"{image_format.upper()} images are not accepted: "
                                   f"send {limits.describe_formats()}")
     check_declared_type(content_type)
-    _check_header(data, image_format, limits)
+    width, height = _check_header(data, image_format, limits)
+    return CheckedUpload(data, image_format, width, height)
+
+
+def decode_checked(upload: CheckedUpload, limits: UploadLimits) -> np.ndarray:
+    """A `check_upload` result decoded to RGB uint8 (H, W, 3), or UploadRejected."""
+    data, image_format = upload.data, upload.format
     try:
         image = decode_image(data)
     except InvalidImageError as exc:
