@@ -241,6 +241,85 @@ def test_a_damaged_or_unknown_model_is_never_promoted(three_models):
     assert registry.production_tag(name) == a
 
 
+_PROMOTER = """
+import json, sys
+from defectflow.environment import configure_environment
+configure_environment()
+from defectflow import registry
+process, tags = sys.argv[1], sys.argv[2:]
+for tag in tags:
+    registry.resolve_tag(tag)  # the store read once: every round starts from the same point
+print("ready", flush=True)
+round_ = 0
+for line in sys.stdin:  # one "go" per round: the parent's barrier
+    event = registry.promote(tags[round_ % len(tags)], reason=f"{process} round {round_}")
+    print(json.dumps(event), flush=True)
+    round_ += 1
+"""
+
+
+def test_concurrent_promotions_keep_one_production_and_a_consistent_history(tmp_path):
+    """Two processes, released together by a barrier every round, each promote one of their
+    own two models (never the current production model, so every promotion must count) for
+    several rounds. Afterwards: one production model, every promotion recorded exactly once,
+    each event's `previous` the production model the one before it made, the rounds in
+    order, and the stage book equal to replaying that history."""
+    rounds = 6
+    name = f"race{uuid.uuid4().hex[:8]}"
+    tags = [registry.save_model(make_tiny_model_dir(tmp_path / str(i), seed=i), name, {"metrics": {"accuracy": i}})
+            for i in range(4)]
+    own = {"A": tags[:2], "B": tags[2:]}
+    procs = {p: subprocess.Popen([sys.executable, "-c", _PROMOTER, p, *models], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+             for p, models in own.items()}
+    returned: dict[str, dict] = {}
+    try:
+        for proc in procs.values():
+            assert proc.stdout.readline().strip() == "ready", proc.communicate(timeout=60)
+        for _ in range(rounds):
+            for proc in procs.values():  # both released at once ...
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+            for proc in procs.values():  # ... and both done before the next round
+                line = proc.stdout.readline()
+                assert line, proc.communicate(timeout=60)
+                event = json.loads(line)
+                returned[event["reason"]] = event
+        for proc in procs.values():
+            proc.stdin.close()
+            assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+
+    expected = {f"{p} round {r}" for p in own for r in range(rounds)}
+    assert set(returned) == expected
+    recorded = registry.history(name)
+    assert [e["action"] for e in recorded] == ["promote"] * 2 * rounds  # every promotion once, nothing else
+    assert sorted(e["reason"] for e in recorded) == sorted(expected)
+    for i, event in enumerate(recorded):  # rounds in order: round r's two events are 2r and 2r+1
+        assert event["reason"].endswith(f" round {i // 2}"), [e["reason"] for e in recorded]
+        assert event["previous"] == (recorded[i - 1]["tag"] if i else None), recorded
+        process, round_ = event["reason"].split(" round ")
+        assert event["tag"] == own[process][int(round_) % 2]
+        assert returned[event["reason"]] == event  # what each process was told is what the book says
+    assert [e["time"] for e in recorded] == sorted(e["time"] for e in recorded)
+
+    lineage: list[str] = []  # the stage book must be the replay of its history
+    archived: set[str] = set()
+    for event in recorded:
+        archived = (archived | ({lineage[-1]} if lineage else set())) - {event["tag"]}
+        lineage = [t for t in lineage if t != event["tag"]] + [event["tag"]]
+    book = json.loads((registry.registry_dir() / f"{name}.json").read_text())
+    assert book["lineage"] == lineage and sorted(book["archived"]) == sorted(archived)
+    assert registry.production_tag(name) == recorded[-1]["tag"] == lineage[-1]
+    stages = {row["tag"]: row["stage"] for row in registry.list_models(name)}
+    assert sorted(stages.values()) == ["archived"] * 3 + ["production"]
+    assert stages[recorded[-1]["tag"]] == "production"
+    assert not list(registry.registry_dir().glob(f".{name}.json.*.tmp"))
+
+
 def test_code_revision_names_a_commit_or_the_version(tmp_path):
     revision = registry.code_revision()
     assert len(revision.split("-")[0]) == 40 or revision.startswith("defectflow ")
