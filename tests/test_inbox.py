@@ -4,9 +4,11 @@ MVTec-layout dataset that defectflow.data.mvtec reads back, and `defectflow revi
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import sqlite3
+import struct
 import subprocess
 import sys
 import threading
@@ -16,6 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
 from defectflow.data.mvtec import scan_dataset
 from defectflow.inbox import (
@@ -359,6 +362,50 @@ def test_an_invalid_review_says_why_and_leaves_the_item_pending(tmp_path):
     with pytest.raises(ItemNotPending):
         inbox.discard(was_good.id)
     assert inbox.review(defect.id, "crack", "keep", "ann").mask  # still reviewable
+
+
+def _lying_chunk_length(png: bytes) -> bytes:
+    """The PNG with its IDAT chunk claiming ~4 GB: OpenCV would allocate that before reading."""
+    data = bytearray(png)
+    idat = data.find(b"IDAT") - 4
+    data[idat:idat + 4] = struct.pack(">I", 0xFF0004D9)
+    return bytes(data)
+
+
+def test_a_hostile_mask_upload_is_refused_from_its_header_and_the_item_stays(tmp_path, monkeypatch):
+    """Mask uploads pass the checks of /predict (defectflow.uploads) before anything decodes them."""
+    from test_uploads import png_with_size, rgb_image
+
+    from defectflow import inbox as inbox_module
+
+    inbox = Inbox(tmp_path / "inbox", incoming=tmp_path / "incoming")
+    item = inbox.add(_image(0), _answer("crack"), MODEL)
+    drawn = np.zeros((40, 56), np.uint8)
+    drawn[2:8, 2:8] = 255
+    two_frames = io.BytesIO()
+    Image.fromarray(drawn).save(two_frames, "PNG", save_all=True, append_images=[Image.fromarray(255 - drawn)])
+    cases = [
+        (_lying_chunk_length(_png(drawn)), 400, "truncated or corrupt PNG"),
+        (png_with_size(100_000, 100_000), 413, "100000x100000 pixels exceeds the limit of 2240 pixels"),
+        (png_with_size(57, 40), 413, "exceeds the limit of 2240 pixels"),
+        (two_frames.getvalue(), 415, "multi-frame PNG"),
+        (_png(rgb_image(40, 56))[:60], 400, "not a decodable image"),
+        (b"GIF89a" + bytes(40), 415, "GIF images are not accepted"),
+    ]
+
+    def decoder_must_not_run(data):
+        raise AssertionError("the mask was decoded")
+
+    monkeypatch.setattr(inbox_module, "_decode_mask", decoder_must_not_run)
+    for mask, status, message in cases:
+        with pytest.raises(InvalidReview, match="the mask must be a PNG file at the image's size, 56x40") as refused:
+            inbox.review(item.id, "crack", mask, "ann")
+        assert refused.value.status == status and message in str(refused.value)
+    assert [i["id"] for i in inbox.list()] == [item.id]
+    assert not (tmp_path / "incoming").exists() or not any(p.is_file() for p in (tmp_path / "incoming").rglob("*"))
+    _check_consistent(inbox)
+    monkeypatch.undo()
+    assert inbox.review(item.id, "crack", _png(drawn), "ann").mask  # a real mask still goes through
 
 
 def test_writer_queue_refuses_when_full_and_never_blocks(tmp_path, monkeypatch):

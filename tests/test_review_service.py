@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from helpers_models import CLASSES, make_tiny_model_dir
 from helpers_processes import isolated_env, serve_bento
+from test_uploads import png_with_size
 
 from defectflow.artifacts import ModelInfo
 from defectflow.data.mvtec import scan_dataset
@@ -167,6 +168,32 @@ def test_review_over_http_writes_the_incoming_dataset(service):
     provenance = {p["inbox_id"]: p for p in read_provenance(service["incoming"])}
     assert provenance[good]["reviewer"] == "bob" and provenance[good]["predicted_class"] == "good"
     assert provenance[good]["model"] == service["tag"] and provenance[good]["mask_source"] == "upload"
+
+
+def test_a_hostile_mask_upload_is_refused_and_the_item_stays_pending(service):
+    """A mask goes through the upload checks of /predict before it is decoded: a PNG whose
+    chunk claims ~4 GB (OpenCV would allocate it) or whose header declares 10^10 pixels."""
+    url = service["url"]
+    item = _seed(service, "crack", 7)
+    lying = bytearray(_png(np.full((36, 48), 255, np.uint8)))
+    idat = lying.find(b"IDAT") - 4
+    lying[idat:idat + 4] = (0xFF0004D9).to_bytes(4, "big")
+    huge = png_with_size(100_000, 100_000)  # a few hundred bytes
+    for body, status, message in [
+        ({"files": {"mask": ("m.png", bytes(lying), "image/png")}}, 400, "truncated or corrupt PNG"),
+        ({"files": {"mask": ("m.png", huge, "image/png")}}, 413, "exceeds the limit of 1728 pixels"),
+    ]:
+        refused = httpx.post(f"{url}/review/items/{item}", headers=AUTH, timeout=10,
+                             data={"label": "crack", "reviewer": "eve"}, **body)
+        assert refused.status_code == status, refused.text
+        assert refused.headers["content-type"] == "application/json"
+        assert message in refused.json()["error"] and "the mask must be a PNG file" in refused.json()["error"]
+    as_json = httpx.post(f"{url}/review/items/{item}", headers=AUTH, timeout=10, json={
+        "label": "crack", "reviewer": "eve", "mask_png_base64": base64.b64encode(bytes(lying)).decode()})
+    assert as_json.status_code == 400 and "truncated or corrupt PNG" in as_json.json()["error"]
+    pending = httpx.get(f"{url}/review/items", headers=AUTH, timeout=10).json()["items"]
+    assert item in {i["id"] for i in pending}
+    assert not list(service["incoming"].rglob(f"inbox-{item}*"))
 
 
 def test_uncertain_answers_land_in_the_inbox_and_are_reviewed(service):

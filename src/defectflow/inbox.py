@@ -54,6 +54,8 @@ from defectflow.preprocessing import UNKNOWN_DEFECT
 log = logging.getLogger("defectflow.inbox")
 
 INDEX_FILE = "index.sqlite3"
+#: The largest mask upload read (a mask is 1 bit of information per pixel: PNG compresses it well).
+MAX_MASK_BYTES = 20_000_000
 ITEMS_DIR = "items"
 PROVENANCE_FILE = "provenance.jsonl"
 #: Seconds a temporary file may live before `cleanup` takes it for a crashed write's leftover
@@ -90,6 +92,11 @@ class InboxError(Exception):
     """A review operation that cannot be done; `status` is the HTTP status it maps to."""
 
     status = 500
+
+    def __init__(self, message: str = "", status: int | None = None) -> None:
+        super().__init__(message)
+        if status is not None:  # else the class's own
+            self.status = status
 
 
 class ItemNotFound(InboxError):
@@ -213,11 +220,20 @@ def _decode_mask(data: bytes) -> np.ndarray:
     return mask
 
 
-def _png_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from a PNG's IHDR, before decoding (a huge mask is refused unread)."""
-    if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR" or len(data) < 24:
-        raise InvalidReview("the mask must be a PNG file (255 or any non-zero value = defect)")
-    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+def _checked_mask_size(data: bytes, width: int, height: int) -> tuple[int, int]:
+    """(width, height) of an uploaded mask from its header, after the checks every upload to
+    /predict passes (`defectflow.uploads`: sniffed format, PNG chunk lengths, pixel limit), so
+    nothing a hostile mask declares is allocated. It must be a PNG of at most the image's pixels
+    (it must have exactly its size anyway); else InvalidReview with the upload check's status."""
+    from defectflow.uploads import UploadLimits, UploadRejected, check_upload
+
+    limits = UploadLimits(max_bytes=MAX_MASK_BYTES, max_pixels=max(1, width * height), allowed_formats=("png",))
+    try:
+        checked = check_upload(data, limits)
+    except UploadRejected as exc:
+        raise InvalidReview(f"the mask must be a PNG file at the image's size, {width}x{height} (255 or any "
+                            f"non-zero value = defect): {exc}", status=exc.status_code) from exc
+    return checked.width, checked.height
 
 
 class Inbox:
@@ -576,7 +592,7 @@ class Inbox:
                 raise InvalidReview(f"{need}: the predicted mask is empty (the model answered "
                                     f"{record['class']!r})")
         else:
-            mask_w, mask_h = _png_size(bytes(mask))
+            mask_w, mask_h = _checked_mask_size(bytes(mask), width, height)
             if (mask_w, mask_h) != (width, height):
                 raise InvalidReview(f"the mask is {mask_w}x{mask_h} pixels, the image {width}x{height}: "
                                     "they must match")

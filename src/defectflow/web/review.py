@@ -7,7 +7,8 @@
     POST /review/items/{id}/discard
 
 Errors are {"error": "..."} with 400 (bad review), 404 (no such item, or the inbox is off),
-409 (already reviewed or discarded), 500 (the disk). The service exempts /review from its
+409 (already reviewed or discarded), 413 / 415 (a mask upload refused by the checks of
+`defectflow.uploads`, as on /predict), 500 (the disk). The service exempts /review from its
 bearer-token middleware so the page loads without a token (like /ui); this app puts the same
 middleware (`BearerAuthMiddleware`, the same token) in front of everything but the page.
 """
@@ -25,12 +26,10 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from defectflow.http_guard import BearerAuthMiddleware
-from defectflow.inbox import Inbox, InboxError, InvalidReview
+from defectflow.inbox import MAX_MASK_BYTES, Inbox, InboxError, InvalidReview
 from defectflow.web import page_endpoint, page_html
 
 PAGE_FILE = "review.html"
-#: The largest mask upload read (a mask is 1 bit of information per pixel: PNG compresses it well).
-MAX_MASK_BYTES = 20_000_000
 
 
 def _error(status: int, message: str) -> JSONResponse:
