@@ -256,38 +256,78 @@ def test_review_app_says_when_the_inbox_is_off_and_keeps_its_page():
         assert client.post("/items/x", headers=AUTH, json={"label": "good", "reviewer": "a"}).status_code == 404
 
 
+def _inbox_series(url: str) -> dict[str, float]:
+    """defectflow_inbox_items_total by outcome, from /metrics (the service's own count, which
+    also has the answers that could not even be queued: outcome="error")."""
+    text = httpx.get(f"{url}/metrics", headers=AUTH, timeout=10).text
+    series = {}
+    for line in text.splitlines():
+        if line.startswith('defectflow_inbox_items_total{'):
+            labels, value = line.rsplit(" ", 1)
+            series[labels.split('outcome="', 1)[1].split('"', 1)[0]] = float(value)
+    return series
+
+
 def test_32_concurrent_clients_lose_no_uncertain_answer(service):
-    """Every uncertain answer of 32 clients at once is stored or counted as refused; every
-    stored item is whole (index row, image and prediction files)."""
+    """32 clients at once, each answered "uncertain": all 32 answers are stored in the inbox,
+    none refused (busy or full) and no error; each stored once, under its own request id,
+    whole (the upload byte for byte, the answer it got) and named by exactly one index row.
+
+    The items of earlier tests are discarded first, so the inbox's retention limits
+    (serve.inbox.max_items, max_bytes) have room for all 32 and only this test's items count."""
     import asyncio
 
     url = service["url"]
-    counted = ("stored", "refused_full", "refused_busy", "errors")
+    for item in httpx.get(f"{url}/review/items", headers=AUTH, timeout=10).json()["items"]:
+        discarded = httpx.post(f"{url}/review/items/{item['id']}/discard", headers=AUTH, timeout=10)
+        assert discarded.status_code == 200, discarded.text
+    uploads = {f"c32-{i:02d}": _png(_image(500 + i)) for i in range(32)}
+    stats = httpx.get(f"{url}/review/items", headers=AUTH, timeout=10).json()["stats"]
+    assert stats["pending"] == 0 and stats["pending_bytes"] == 0
+    assert stats["max_items"] >= 32 and stats["max_bytes"] >= sum(map(len, uploads.values())) + 32 * 16_384
 
-    def offered() -> int:
-        counters = httpx.get(f"{url}/metadata", headers=AUTH, timeout=10).json()["inbox"]["counters"]
-        return sum(counters.get(k, 0) for k in counted)
+    def counters() -> dict[str, int]:
+        return httpx.get(f"{url}/metadata", headers=AUTH, timeout=10).json()["inbox"]["counters"]
 
-    before = offered()
+    before, series_before = counters(), _inbox_series(url)
 
-    async def clients() -> list[int]:
+    async def clients() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=120) as client:
-            answers = await asyncio.gather(*(
-                client.post(f"{url}/predict", headers=AUTH, files={"image": (f"c{i}.png", _png(_image(500 + i)))})
-                for i in range(32)))
-        return [a.status_code for a in answers]
+            return await asyncio.gather(*(
+                client.post(f"{url}/predict", headers={**AUTH, "X-Request-ID": request_id},
+                            files={"image": (f"{request_id}.png", data)})
+                for request_id, data in uploads.items()))
 
-    assert asyncio.run(clients()) == [200] * 32
+    answers = dict(zip(uploads, asyncio.run(clients()), strict=True))
+    assert [a.status_code for a in answers.values()] == [200] * 32, [a.text for a in answers.values()]
+    assert all(a.json()["status"] == "uncertain" and a.json()["request_id"] == r for r, a in answers.items())
+
+    outcomes = ("stored", "refused_full", "refused_busy", "errors")
     deadline = time.monotonic() + 30
-    while offered() - before < 32 and time.monotonic() < deadline:  # the writer works behind the answers
+    while True:  # the writer works behind the answers
+        delta = {k: counters().get(k, 0) - before.get(k, 0) for k in outcomes}
+        if sum(delta.values()) >= 32 or time.monotonic() > deadline:
+            break
         time.sleep(0.2)
-    assert offered() - before == 32
+    assert delta == {"stored": 32, "refused_full": 0, "refused_busy": 0, "errors": 0}
+    series = _inbox_series(url)
+    changed = {k: d for k in {*series, *series_before} if (d := series.get(k, 0) - series_before.get(k, 0))}
+    assert changed == {"stored": 32}
 
+    items_dir = service["inbox"] / "items"
+    files = sorted(p.name for p in items_dir.iterdir())  # before this process opens the inbox (and cleans up)
     inbox = Inbox(service["inbox"], max_items=50, max_bytes=10**9)
     pending = inbox.list()
-    assert pending
+    assert len(pending) == 32
+    assert files == sorted(f"{i['id']}{ext}" for i in pending for ext in (".png", ".json"))  # no leftover
+    stored = {}
     for item in pending:
         detail = inbox.get(item["id"])
-        assert detail["prediction"]["status"] == "uncertain"
-        image = cv2.imdecode(np.frombuffer(detail["image_bytes"], np.uint8), cv2.IMREAD_COLOR)
-        assert image is not None and image.shape[2] == 3  # the stored upload is whole
+        stored[detail["prediction"]["request_id"]] = detail
+    assert sorted(stored) == sorted(uploads)  # each answer once, none lost, none from elsewhere
+    for request_id, detail in stored.items():
+        answer = answers[request_id].json()
+        assert detail["image_bytes"] == uploads[request_id]  # the upload, whole, as sent
+        assert detail["model"] == service["tag"] and detail["prediction"]["status"] == "uncertain"
+        assert detail["prediction"]["class"] == answer["class"]
+        assert detail["prediction"]["probabilities"] == pytest.approx(answer["probabilities"])
