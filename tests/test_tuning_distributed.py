@@ -3,7 +3,11 @@ the Prefect task the training flow runs, against the single-process search on th
 
 import csv
 import json
+import os
+import pickle
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,6 +17,7 @@ from defectflow.config import ConfigError, load_config
 from defectflow.data.mvtec import class_names, scan_dataset
 from defectflow.data.split import select, stratified_split
 from defectflow.training import PreparedData, tune
+from defectflow.tuning import ExchangeFileError, prepare, read_data, read_result, tuner_env
 
 SEARCH = ["tune.max_trials=2", "tune.epochs=1", "tune.space.base_filters=[4,8]", "train.verbose=2"]
 
@@ -26,6 +31,76 @@ def test_tune_workers_and_oracle_port_are_checked(tiny_dataset):
     for port in (-1, 65536):
         with pytest.raises(ConfigError, match="tune.oracle_port must be in 0..65535"):
             load_config("tiny", [f"tune.oracle_port={port}"])
+
+
+def _run_code_when_unpickled(marker: Path, protocol: int) -> bytes:
+    """A pickle whose loading creates `marker` (what a planted file on shared storage could do)."""
+
+    class Payload:
+        def __reduce__(self):
+            return exec, (f"open({str(marker)!r}, 'w').close()",)
+
+    return pickle.dumps(Payload(), protocol=protocol)
+
+
+def test_the_exchange_folder_holds_text_only_and_the_samples_round_trip(tiny_dataset, tmp_path):
+    cfg = load_config("tiny", [f"data.root={tiny_dataset}"])
+    data = _data(tiny_dataset)
+    tuning = prepare(cfg, data, tmp_path)
+    assert sorted(p.name for p in tuning.iterdir()) == ["config.yaml", "data.json"]
+    assert json.loads((tuning / "data.json").read_text())["classes"] == data.classes
+    back = read_data(tuning / "data.json")
+    assert (back.train_samples, back.val_samples, back.classes) == \
+        (data.train_samples, data.val_samples, data.classes)
+    assert any(s.mask_path is not None for s in back.train_samples + back.val_samples)
+
+
+@pytest.mark.parametrize("protocol", [0, 2, pickle.HIGHEST_PROTOCOL])
+def test_a_planted_pickle_is_rejected_without_running_it(tmp_path, protocol):
+    marker = tmp_path / "pwned"
+    payload = _run_code_when_unpickled(marker, protocol)
+    pickle.loads(payload)  # the payload is live: loading it is enough to run it
+    assert marker.exists()
+    marker.unlink()
+
+    for name in ("data.json", "result.json"):
+        (tmp_path / name).write_bytes(payload)
+    complaint = "is a pickle" if protocol >= 2 else "not the tuning data file"
+    with pytest.raises(ExchangeFileError, match=complaint):
+        read_data(tmp_path / "data.json")
+    with pytest.raises(ExchangeFileError, match="tuning result"):
+        read_result(tmp_path / "result.json")
+    assert not marker.exists()
+
+
+def test_a_data_file_of_the_wrong_shape_is_rejected(tmp_path):
+    path = tmp_path / "data.json"
+    for doc, complaint in [
+        ([], "no \"format\""),
+        ({"format": "defectflow-tuning-samples/1", "classes": "good", "train": [], "val": []},
+         "\"classes\" is not a list"),
+        ({"format": "defectflow-tuning-samples/1", "classes": ["good"], "train": [{"path": 1}],
+          "val": []}, r"train\[0\] is not a sample"),
+    ]:
+        path.write_text(json.dumps(doc))
+        with pytest.raises(ExchangeFileError, match=complaint):
+            read_data(path)
+
+
+def test_a_tuner_process_refuses_a_planted_pickle(tiny_dataset, tmp_path):
+    # The process end to end: it exits with the reason, and the pickle's code never ran.
+    cfg = load_config("tiny", [f"data.root={tiny_dataset}"])
+    tuning = prepare(cfg, _data(tiny_dataset), tmp_path)
+    marker = tmp_path / "pwned"
+    (tuning / "data.json").write_bytes(_run_code_when_unpickled(marker, 2))
+    env = {**os.environ, **tuner_env("tuner0", "127.0.0.1", 1)}
+    done = subprocess.run(
+        [sys.executable, "-m", "defectflow.tuning", "--config", str(tuning / "config.yaml"),
+         "--data", str(tuning / "data.json"), "--out", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "is a pickle" in done.stderr and "never loaded" in done.stderr
+    assert not marker.exists()
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 With `tune.workers` = N > 0 the search runs in N + 1 processes, each this module's entry point:
 
     KERASTUNER_TUNER_ID=chief|tuner0|tuner1... KERASTUNER_ORACLE_IP=HOST KERASTUNER_ORACLE_PORT=PORT \\
-        python -m defectflow.tuning --config RUN/tuning/config.yaml --data RUN/tuning/data.pkl --out RUN
+        python -m defectflow.tuning --config RUN/tuning/config.yaml --data RUN/tuning/data.json --out RUN
 
 KerasTuner does the rest: the chief serves the oracle over gRPC (it decides every trial and
 collects every score) and returns once the workers have taken the whole budget; each worker
@@ -18,6 +18,10 @@ For workers on other machines that folder must be shared storage when the algori
 earlier trial's checkpoint (hyperband); the other algorithms only need the config, the data
 file and the sample paths in it to be readable there.
 
+Everything the processes exchange through RUN/tuning is text: the config as YAML, the sample
+lists, the chief's result and the workers' reports as JSON. No pickle: that folder may be shared
+storage, and unpickling a file someone planted there would run their code in every process.
+
 Nothing here knows about Prefect: `tasks/training.py` starts the processes.
 """
 
@@ -27,7 +31,6 @@ import argparse
 import json
 import logging
 import os
-import pickle
 import shutil
 import socket
 import sys
@@ -35,7 +38,8 @@ import threading
 import time
 from pathlib import Path
 
-from defectflow.config import from_yaml, save_config
+from defectflow.config import from_yaml, to_yaml
+from defectflow.data.mvtec import Sample
 from defectflow.files import atomic_write
 from defectflow.training import PreparedData, build_tuner, run_search, search_results
 
@@ -45,9 +49,16 @@ CHIEF = "chief"
 #: Inputs and outputs of the processes, inside the run folder.
 TUNING_DIR = "tuning"
 CONFIG_FILE = "config.yaml"
-DATA_FILE = "data.pkl"
+DATA_FILE = "data.json"
 #: The chief's answer: {"best": {...}, "trials": [...]}.
 RESULT_FILE = "result.json"
+#: Marks DATA_FILE as what it is, and which layout of it.
+DATA_FORMAT = "defectflow-tuning-samples/1"
+_SAMPLE_KEYS = {"path", "label", "mask_path", "origin"}
+
+
+class ExchangeFileError(ValueError):
+    """A file in RUN/tuning is not what the processes wrote there (the message says why)."""
 
 
 def worker_ids(workers: int) -> list[str]:
@@ -76,12 +87,65 @@ def prepare(cfg, data: PreparedData, out_dir: Path) -> Path:
     for old in (out_dir / "tuner", tuning):
         shutil.rmtree(old, ignore_errors=True)
     tuning.mkdir(parents=True)
-    save_config(cfg, tuning / CONFIG_FILE)
+    atomic_write(tuning / CONFIG_FILE, to_yaml(cfg).encode())
     # The sample lists only: every process reads the images itself, at the sizes it tries.
-    samples = PreparedData(list(data.train_samples), list(data.val_samples), list(data.classes))
-    with open(tuning / DATA_FILE, "wb") as f:
-        pickle.dump(samples, f)
+    atomic_write(tuning / DATA_FILE, json.dumps(data_to_json(data), indent=1).encode())
     return tuning
+
+
+def data_to_json(data: PreparedData) -> dict:
+    """The sample lists and classes of `data` as JSON-ready values (no arrays: see `prepare`)."""
+
+    def sample(s: Sample) -> dict:
+        return {"path": str(s.path), "label": s.label,
+                "mask_path": None if s.mask_path is None else str(s.mask_path), "origin": s.origin}
+
+    return {"format": DATA_FORMAT, "classes": list(data.classes),
+            "train": [sample(s) for s in data.train_samples],
+            "val": [sample(s) for s in data.val_samples]}
+
+
+def _read_json(path: Path, what: str):
+    """The JSON in `path`, or ExchangeFileError; never anything that would run code."""
+    raw = Path(path).read_bytes()
+    if raw[:1] == b"\x80":  # pickle protocol 2+ starts with PROTO
+        raise ExchangeFileError(f"{path} is a pickle, not the {what} (JSON); pickles from the "
+                                "exchange folder are never loaded")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ExchangeFileError(f"{path} is not the {what} (JSON): {exc}") from None
+
+
+def read_data(path: Path) -> PreparedData:
+    """The PreparedData `prepare` wrote to `path`; ExchangeFileError for any other file."""
+    doc = _read_json(path, "tuning data file")
+
+    def fail(why: str) -> ExchangeFileError:
+        return ExchangeFileError(f"{path} is not a tuning data file: {why}")
+
+    if not isinstance(doc, dict) or doc.get("format") != DATA_FORMAT:
+        raise fail(f"no \"format\": {DATA_FORMAT!r}")
+    classes = doc.get("classes")
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise fail("\"classes\" is not a list of names")
+
+    def sample(row, split: str, index: int) -> Sample:
+        if not isinstance(row, dict) or set(row) != _SAMPLE_KEYS \
+                or not all(isinstance(row[k], str) for k in ("path", "label", "origin")) \
+                or not isinstance(row["mask_path"], str | None):
+            raise fail(f"{split}[{index}] is not a sample ({sorted(_SAMPLE_KEYS)}, strings)")
+        mask = row["mask_path"]
+        return Sample(Path(row["path"]), row["label"], None if mask is None else Path(mask),
+                      row["origin"])
+
+    splits = {}
+    for split in ("train", "val"):
+        rows = doc.get(split)
+        if not isinstance(rows, list):
+            raise fail(f"\"{split}\" is not a list")
+        splits[split] = [sample(row, split, i) for i, row in enumerate(rows)]
+    return PreparedData(splits["train"], splits["val"], classes)
 
 
 def command(out_dir: Path, *, exit_with_parent: bool = True) -> list[str]:
@@ -126,7 +190,10 @@ def run_tuner(cfg, data: PreparedData, out_dir: Path, result_file: Path | None =
 
 def read_result(path: Path) -> tuple[dict, list[dict]]:
     """The chief's (best, trials), as `defectflow.training.tune` returns them."""
-    result = json.loads(Path(path).read_text())
+    result = _read_json(path, "tuning result")
+    if not (isinstance(result, dict) and isinstance(result.get("best"), dict)
+            and isinstance(result.get("trials"), list)):
+        raise ExchangeFileError(f"{path} is not a tuning result: no \"best\" and \"trials\"")
     return result["best"], result["trials"]
 
 
@@ -150,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         "One process of a distributed KerasTuner search; the role (chief, tuner0, tuner1, ...) and the "
         "chief's address come from KERASTUNER_TUNER_ID, KERASTUNER_ORACLE_IP and KERASTUNER_ORACLE_PORT."))
     parser.add_argument("--config", type=Path, required=True, help="the saved run config (YAML)")
-    parser.add_argument("--data", type=Path, required=True, help="the pickled PreparedData (sample lists)")
+    parser.add_argument("--data", type=Path, required=True, help="the sample lists (JSON, written by prepare)")
     parser.add_argument("--out", type=Path, required=True, help="the run folder: RUN/tuner, trials.csv")
     parser.add_argument("--result", type=Path, help="chief: where to write the result JSON")
     parser.add_argument("--exit-with-parent", action="store_true", help="exit when the launching process dies")
@@ -163,8 +230,11 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_environment()
     cfg = from_yaml(args.config.read_text())
-    with open(args.data, "rb") as f:
-        data = pickle.load(f)
+    try:
+        data = read_data(args.data)
+    except ExchangeFileError as exc:
+        print(f"tuner process: {exc}", file=sys.stderr, flush=True)
+        return 2
     run_tuner(cfg, data, args.out, args.result)
     return 0
 
