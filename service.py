@@ -31,15 +31,25 @@ from defectflow.http_guard import HEALTH_PATHS, guard_middlewares
 from defectflow.inbox import AddResult, Inbox, InboxWriter
 from defectflow.registry import MODEL_TAG_ENV, production_tag
 from defectflow.serving import (
+    REVIEW_ACCESS_MESSAGES,
+    PixelBudget,
+    ServerBusy,
     ServingSettings,
     answer,
     json_log_line,
     metadata,
     pack_outputs,
     prediction_record,
+    review_access,
     unpack_outputs,
 )
-from defectflow.uploads import UploadLimits, UploadRejected, decode_upload
+from defectflow.uploads import (
+    CheckedUpload,
+    UploadLimits,
+    UploadRejected,
+    check_upload,
+    decode_checked,
+)
 from defectflow.web import ui_app
 from defectflow.web.review import review_app
 
@@ -65,7 +75,11 @@ SETTINGS = ServingSettings.for_model(MODEL_DIR)
 # batches, runs in DefectModel behind BentoML's adaptive batching.
 IN_PROCESS = ModelInfo.load(MODEL_DIR).serving_format == "tflite"
 UPLOAD_LIMITS = UploadLimits.from_config(SETTINGS.serve)
+# Decoded pixels per request and in flight, reserved from the headers before decoding.
+PIXEL_BUDGET = PixelBudget.from_config(SETTINGS.serve)
 API_TOKEN = os.environ.get(str(SETTINGS.serve.auth_token_env))
+# Raises (the service does not start) when the review API would write training data for anyone.
+REVIEW_ACCESS = review_access(SETTINGS.serve, API_TOKEN)
 # Uncertain answers are kept for review (serve.inbox): files + an SQLite index, written from a
 # background thread after the answer is ready. The review API and page are at /review.
 INBOX = (Inbox(SETTINGS.serve.inbox.path, int(SETTINGS.serve.inbox.max_items), int(SETTINGS.serve.inbox.max_bytes),
@@ -99,7 +113,8 @@ class _Metrics:
         )
         self.rejected = bentoml.metrics.Counter(
             name="defectflow_rejected_uploads_total",
-            documentation="Uploads refused with a 4xx answer, by status",
+            documentation="Uploads refused before an answer, by status: 4xx for the upload, 503 when the "
+                          "decoded pixels in flight are at their limit",
             labelnames=["status"],
         )
         self.inbox = bentoml.metrics.Counter(
@@ -190,6 +205,9 @@ class DefectInspection:
                                  SETTINGS)
         self.metrics = _Metrics()
         self.inbox_writer = InboxWriter(INBOX, on_result=self._inbox_outcome) if INBOX is not None else None
+        self._log({"event": "start", "review_access": REVIEW_ACCESS, "message": REVIEW_ACCESS_MESSAGES[REVIEW_ACCESS],
+                   "max_request_pixels": PIXEL_BUDGET.max_request_pixels,
+                   "max_inflight_pixels": PIXEL_BUDGET.max_inflight_pixels})
 
     @info_app.get("/metadata")
     def model_metadata(self) -> dict:
@@ -227,12 +245,24 @@ class DefectInspection:
     def _predict_images(self, images: list[np.ndarray]) -> list:
         return self.predictor.predict_arrays(images, batch_size=len(images))
 
-    def _decode(self, upload: Path) -> tuple[bytes, np.ndarray]:
-        data = upload.read_bytes()
-        return data, decode_upload(data, UPLOAD_LIMITS)
+    def _check(self, upload: Path) -> CheckedUpload:
+        """The upload's checks, decoding nothing: its header says how many pixels it needs."""
+        return check_upload(upload.read_bytes(), UPLOAD_LIMITS)
 
     def _log(self, record: dict) -> None:
         prediction_log.info(json_log_line(record))
+
+    def _refuse(self, ctx: bentoml.Context, refusal: UploadRejected | ServerBusy, request_id: str, endpoint: str,
+                started: float) -> dict:
+        """The answer to a refused request: its status (503 with Retry-After when busy) and
+        {"error", "request_id"}. Not `raise InvalidArgument`: BentoML 1.4.39 answers those with a JSON list."""
+        ctx.response.status_code = refusal.status_code
+        if isinstance(refusal, ServerBusy):
+            ctx.response.headers["Retry-After"] = str(refusal.retry_after_s)
+        self.metrics.rejected.labels(status=str(refusal.status_code)).inc()
+        self._log(prediction_record(request_id, endpoint, self.model_tag, started, None, None, refusal.status_code,
+                                    str(refusal)))
+        return {"error": str(refusal), "request_id": request_id}
 
     @bentoml.api(route="/predict")
     def predict(
@@ -252,22 +282,21 @@ class DefectInspection:
         started = time.perf_counter()
         request_id = ctx.request.headers.get("x-request-id") or uuid.uuid4().hex
         ctx.response.headers["X-Request-ID"] = request_id
-        image_array = None
         try:
-            data, image_array = self._decode(image)
-            prediction = self._predict_images([image_array])[0]
-        except UploadRejected as exc:
-            # Not `raise InvalidArgument`: BentoML 1.4.39 answers those with a JSON list.
-            ctx.response.status_code = exc.status_code
-            self.metrics.rejected.labels(status=str(exc.status_code)).inc()
-            self._log(prediction_record(request_id, "/predict", self.model_tag, started, None, None,
-                                        exc.status_code, str(exc)))
-            return {"error": str(exc), "request_id": request_id}
-        result = {**answer(prediction, image_array, self.model_tag, overlay), "request_id": request_id}
+            checked = self._check(image)
+            # Everything that holds pixels at the image's size (decoding, the mask, the overlay)
+            # runs inside the reservation, which is given back however this block ends.
+            with PIXEL_BUDGET.reserve(checked.pixels):
+                image_array = decode_checked(checked, UPLOAD_LIMITS)
+                prediction = self._predict_images([image_array])[0]
+                result = {**answer(prediction, image_array, self.model_tag, overlay), "request_id": request_id}
+                self._log(prediction_record(request_id, "/predict", self.model_tag, started, image_array, result,
+                                            200))
+        except (UploadRejected, ServerBusy) as exc:
+            return self._refuse(ctx, exc, request_id, "/predict", started)
         self.metrics.latency.labels(endpoint="/predict").observe(time.perf_counter() - started)
         self.metrics.by_class.labels(predicted_class=result["class"]).inc()
-        self._log(prediction_record(request_id, "/predict", self.model_tag, started, image_array, result, 200))
-        self._keep_if_uncertain(data, result)
+        self._keep_if_uncertain(checked.data, result)
         return result
 
     @bentoml.api(route="/predict_batch")
@@ -280,7 +309,9 @@ class DefectInspection:
         """Classify several images in one call (one forward pass for all). The answer:
         `results`, one object per image in upload order, each as `/predict` answers it, and
         `model`. One unacceptable image fails the whole call with a 4xx status and
-        {"error": "..."} naming it: nothing is half done.
+        {"error": "..."} naming it: nothing is half done. Images that decode to more than
+        `serve.max_request_pixels` in all are refused (413) before any is decoded; 503 with
+        Retry-After when the service holds too many decoded pixels to take them now.
         """
         started = time.perf_counter()
         request_id = ctx.request.headers.get("x-request-id") or uuid.uuid4().hex
@@ -291,25 +322,39 @@ class DefectInspection:
             self.metrics.rejected.labels(status=str(ctx.response.status_code)).inc()
             return {"error": f"send between 1 and {limit} images as fields `images`, got {len(images)}",
                     "request_id": request_id}
-        arrays, uploads = [], []
-        for index, upload in enumerate(images):
-            try:
-                data, array = self._decode(upload)
-                uploads.append(data)
-                arrays.append(array)
-            except UploadRejected as exc:
-                ctx.response.status_code = exc.status_code
-                self.metrics.rejected.labels(status=str(exc.status_code)).inc()
-                return {"error": f"image {index} (counting from 0): {exc}", "request_id": request_id}
-        results = [answer(p, a, self.model_tag) for p, a in zip(self._predict_images(arrays), arrays, strict=True)]
+        try:
+            checked = [self._check_numbered(index, upload) for index, upload in enumerate(images)]
+            # Every header is read before any image is decoded: the request's pixels are known.
+            with PIXEL_BUDGET.reserve(sum(upload.pixels for upload in checked)):
+                results = self._answer_batch(checked, request_id, started)
+        except (UploadRejected, ServerBusy) as exc:
+            return self._refuse(ctx, exc, request_id, "/predict_batch", started)
         self.metrics.latency.labels(endpoint="/predict_batch").observe(time.perf_counter() - started)
-        for index, (array, result) in enumerate(zip(arrays, results, strict=True)):
+        for index, (upload, result) in enumerate(zip(checked, results, strict=True)):
             self.metrics.by_class.labels(predicted_class=result["class"]).inc()
+            self._keep_if_uncertain(upload.data, {**result, "request_id": f"{request_id}/{index}"})
+        return {"results": results, "model": self.model_tag, "request_id": request_id}
+
+    def _check_numbered(self, index: int, upload: Path) -> CheckedUpload:
+        try:
+            return self._check(upload)
+        except UploadRejected as exc:
+            raise UploadRejected(exc.status_code, f"image {index} (counting from 0): {exc}") from exc
+
+    def _answer_batch(self, checked: list[CheckedUpload], request_id: str, started: float) -> list[dict]:
+        """Decode, predict (one forward pass) and answer the images of a batch; call it only
+        with their pixels reserved. UploadRejected names the image that could not be decoded."""
+        arrays = []
+        for index, upload in enumerate(checked):
+            try:
+                arrays.append(decode_checked(upload, UPLOAD_LIMITS))
+            except UploadRejected as exc:
+                raise UploadRejected(exc.status_code, f"image {index} (counting from 0): {exc}") from exc
+        results = [answer(p, a, self.model_tag) for p, a in zip(self._predict_images(arrays), arrays, strict=True)]
+        for index, (array, result) in enumerate(zip(arrays, results, strict=True)):
             self._log(prediction_record(f"{request_id}/{index}", "/predict_batch", self.model_tag, started, array,
                                         result, 200))
-        for index, (data, result) in enumerate(zip(uploads, results, strict=True)):
-            self._keep_if_uncertain(data, {**result, "request_id": f"{request_id}/{index}"})
-        return {"results": results, "model": self.model_tag, "request_id": request_id}
+        return results
 
 
 # Outermost first: bearer auth (DEFECTFLOW_API_TOKEN), the request size cap, the multipart guard.

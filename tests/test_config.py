@@ -35,6 +35,9 @@ def test_saved_config_round_trips():
         (["train.mixed_precision=maybe"], "auto, on, off"),
         (["train.device=tpu"], "auto, cpu, gpu"),
         (["eval.mask_threshold=1.5"], "mask_threshold"),
+        (["serve.max_request_pixels=200000000"], "at most serve.max_inflight_pixels"),
+        (["serve.max_request_pixels=0"], "serve.max_request_pixels must be >= 1"),
+        (["serve.inbox.allow_anonymous_review=perhaps"], "invalid configuration"),
     ],
 )
 def test_bad_overrides_are_clear_errors(overrides, message):

@@ -106,6 +106,7 @@ def test_review_page_is_open_and_the_api_needs_the_token(service):
     assert httpx.get(f"{url}/metadata", timeout=10).status_code == 401  # the service's own middleware still guards
     listed = httpx.get(f"{url}/review/items", headers=AUTH, timeout=10)
     assert listed.status_code == 200 and {"pending", "max_items", "stored"} <= set(listed.json()["stats"])
+    assert '"review_access":"token_required"' in service["log"].read_text()  # said at start
 
 
 def test_review_over_http_writes_the_incoming_dataset(service):

@@ -304,6 +304,9 @@ class InboxConfig:
     max_bytes: int = 2_000_000_000
     #: Reviewed items become images (and masks) of this MVTec-layout dataset, with provenance.
     incoming: str = "${paths.home}/data/incoming"
+    #: The review API writes training data: with the inbox on, the service refuses to start
+    #: without a bearer token (`serve.auth_token_env`) unless this says anyone may review.
+    allow_anonymous_review: bool = False
 
 
 @dataclass
@@ -318,6 +321,15 @@ class ServeConfig:
     allowed_formats: list[str] = field(default_factory=lambda: ["png", "jpeg", "bmp", "tiff"])
     #: Images in one /predict_batch call.
     max_batch_images: int = 32
+    #: Decoded pixels (width x height from the headers, summed over a request's images) one
+    #: request may need; more is refused (413) before anything is decoded. Holds one image at
+    #: `max_pixels`, or 32 of 1.5 M pixels.
+    max_request_pixels: int = 48_000_000
+    #: Decoded pixels the service holds at once, over all requests in flight; a request that
+    #: would exceed it is refused for now (503 with Retry-After). Serving peaked at 9.4 bytes per
+    #: decoded pixel (10.7 with the overlay: decoding, the full-size mask, the answer), so the
+    #: default holds requests to about 1 GB: room for the model and the OS on a 4 GB machine.
+    max_inflight_pixels: int = 96_000_000
     #: Requests the HTTP service works on at once with a TFLite model (decoding and answers
     #: overlap the forward pass); with a Keras model it handles one, see service.py.
     threads: int = 4
@@ -434,6 +446,10 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"eval.accept_target_accuracy must be in (0, 1], got {cfg.eval.accept_target_accuracy}")
     if cfg.serve.inbox.max_items < 0 or cfg.serve.inbox.max_bytes < 0:
         raise ConfigError("serve.inbox.max_items and serve.inbox.max_bytes must be >= 0")
+    if not 1 <= cfg.serve.max_request_pixels <= cfg.serve.max_inflight_pixels:
+        raise ConfigError("serve.max_request_pixels must be >= 1 and at most serve.max_inflight_pixels (a larger "
+                          f"request could never be served), got {cfg.serve.max_request_pixels} and "
+                          f"{cfg.serve.max_inflight_pixels}")
     if not 0.0 < cfg.eval.mask_threshold < 1.0:
         raise ConfigError(f"eval.mask_threshold must be in (0, 1), got {cfg.eval.mask_threshold}")
     if cfg.anomaly.bank_size < 1 or cfg.anomaly.projection_dims < 0:

@@ -6,13 +6,18 @@
   forward pass (BentoML adaptive batching splits a batch's output along the first axis) can
   carry the class probabilities, the mask and the anomaly map.
 - `prediction_record` and `json_log_line`: the structured log line of one prediction.
+- `PixelBudget`: decoded pixels per request and in flight, reserved before decoding.
+- `review_access`: whether the review API may be served without a token, decided at start.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +25,104 @@ import numpy as np
 
 from defectflow.artifacts import ANOMALY_OUTPUT, CONFIG_FILE, METRICS_FILE, ModelInfo
 from defectflow.preprocessing import Prediction, encode_png, overlay
+from defectflow.uploads import UploadRejected
 
 OVERRIDES_ENV = "DEFECTFLOW_SERVE_OVERRIDES"
+#: What a 503 for a full pixel budget tells the client to wait: about what one request at the
+#: largest allowed size holds its pixels (a 40 M pixel image took 1.1 s here to decode and answer).
+RETRY_AFTER_S = 2
+
+
+class ServerBusy(Exception):
+    """A request refused for now, not for what it is: answer 503 with `Retry-After`."""
+
+    status_code = 503
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class PixelBudget:
+    """How many decoded pixels one request may need (`max_request_pixels`) and all requests
+    in flight may hold at once (`max_inflight_pixels`); thread-safe.
+
+    A request reserves the pixels its images' headers declare (`uploads.check_upload`), before
+    decoding any, for as long as it holds decoded images or full-size masks: `reserve` refuses
+    a request over its own budget (UploadRejected 413: it will never fit) and one that would
+    push the process over its budget (ServerBusy 503: it fits later), and always gives the
+    pixels back when the `with` block ends, however it ends.
+    """
+
+    def __init__(self, max_request_pixels: int, max_inflight_pixels: int, retry_after_s: int = RETRY_AFTER_S) -> None:
+        if not 1 <= max_request_pixels <= max_inflight_pixels:
+            raise ValueError("max_request_pixels must be >= 1 and at most max_inflight_pixels (a larger request "
+                             f"could never be served), got {max_request_pixels} and {max_inflight_pixels}")
+        self.max_request_pixels = int(max_request_pixels)
+        self.max_inflight_pixels = int(max_inflight_pixels)
+        self.retry_after_s = int(retry_after_s)
+        self._lock = threading.Lock()
+        self._in_flight = 0
+
+    @classmethod
+    def from_config(cls, serve_cfg) -> PixelBudget:
+        """From the `serve` section of a config (a DictConfig or a `ServeConfig`)."""
+        return cls(int(serve_cfg.max_request_pixels), int(serve_cfg.max_inflight_pixels))
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return self._in_flight
+
+    @contextmanager
+    def reserve(self, pixels: int) -> Iterator[None]:
+        pixels = int(pixels)
+        if pixels > self.max_request_pixels:
+            raise UploadRejected(413, f"the images of this request decode to {pixels} pixels, more than the limit "
+                                      f"of {self.max_request_pixels} pixels per request: send fewer or smaller images")
+        with self._lock:
+            if self._in_flight + pixels > self.max_inflight_pixels:
+                raise ServerBusy(f"the service is busy: {self._in_flight} of its {self.max_inflight_pixels} decoded "
+                                 f"pixels are in use and this request needs {pixels}: retry in "
+                                 f"{self.retry_after_s} s", self.retry_after_s)
+            self._in_flight += pixels
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight -= pixels
+
+
+class ReviewAccessRefused(RuntimeError):
+    """The review inbox is on, no token is set and anonymous review is not allowed."""
+
+
+def review_access(serve_cfg, token: str | None) -> str:
+    """How the review API (/review, which writes training data) is guarded, decided at start:
+    "off" (the inbox is off), "token_required" (a bearer token is set) or "anonymous_allowed"
+    (no token, and `serve.inbox.allow_anonymous_review` says so). With the inbox on, no token
+    and no such permission, ReviewAccessRefused: the service must not start."""
+    if not serve_cfg.inbox.enabled:
+        return "off"
+    if token:  # empty counts as unset, as for the bearer-token middleware
+        return "token_required"
+    if serve_cfg.inbox.allow_anonymous_review:
+        return "anonymous_allowed"
+    name = serve_cfg.auth_token_env
+    raise ReviewAccessRefused(
+        f"refusing to start: the review inbox is on (serve.inbox.enabled) but {name} is not set, so anyone "
+        "could label images into the training data through /review. Set the bearer token in the environment "
+        f"variable {name} (serve.auth_token_env), or allow anonymous review explicitly with "
+        "serve.inbox.allow_anonymous_review=true")
+
+
+#: The start log line of each `review_access` answer.
+REVIEW_ACCESS_MESSAGES = {
+    "off": "review inbox off: /review answers 404",
+    "token_required": "review inbox on: the review API requires the bearer token",
+    "anonymous_allowed": "review inbox on WITHOUT a token: anonymous review allowed "
+                         "(serve.inbox.allow_anonymous_review=true), anyone reaching /review can label training data",
+}
 
 
 @dataclass
@@ -110,7 +211,9 @@ def metadata(model_tag: str, stage: str | None, model_dir: Path, info: ModelInfo
         "config_sha256": settings.config_sha256,
         "limits": {"max_upload_bytes": settings.serve.max_upload_bytes, "max_pixels": settings.serve.max_pixels,
                    "allowed_formats": list(settings.serve.allowed_formats),
-                   "max_batch_images": settings.serve.max_batch_images},
+                   "max_batch_images": settings.serve.max_batch_images,
+                   "max_request_pixels": settings.serve.max_request_pixels,
+                   "max_inflight_pixels": settings.serve.max_inflight_pixels},
     }
 
 
