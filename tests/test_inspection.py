@@ -54,6 +54,72 @@ def test_collect_inputs_walks_folders_expands_globs_and_reports_what_is_missing(
     assert inputs.missing == [str(folder / "nowhere")]
 
 
+def test_collect_inputs_mirrors_each_input_below_the_common_parent(tmp_path, monkeypatch):
+    for name in ("a/001.png", "b/001.png", "x/imgs/1.png", "y/imgs/1.png", "c/001.png", "c/001.jpg",
+                 "c/001.jpg.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+
+    def outputs(*arguments):
+        return {str(f.relative): str(f.output_stem) for f in collect_inputs(arguments).files}
+
+    assert outputs(str(tmp_path / "a" / "001.png")) == {"001.png": "001"}
+    assert outputs(str(tmp_path / "*" / "001.png")) == {
+        "a/001.png": "a/001", "b/001.png": "b/001", "c/001.png": "c/001"}
+    assert outputs(str(tmp_path / "x" / "imgs"), str(tmp_path / "y" / "imgs")) == {
+        "x/imgs/1.png": "x/imgs/1", "y/imgs/1.png": "y/imgs/1"}
+    # Stems that would clash keep the suffix, and a suffix kept may clash anew (001.jpg.png).
+    assert outputs(str(tmp_path / "c")) == {
+        "c/001.png": "c/001.png", "c/001.jpg": "c/001.jpg", "c/001.jpg.png": "c/001.jpg.png"}
+    # Relative arguments and `..` are mirrored by where they lead, not by how they are spelt.
+    monkeypatch.chdir(tmp_path / "a")
+    assert outputs("001.png", "../b/001.png") == {"a/001.png": "a/001", "b/001.png": "b/001"}
+
+
+def _two_images_named_001(root):
+    """a/001.png and b/001.png: different content, and different sizes, so each output shows
+    which input it came from."""
+    rng = np.random.default_rng(1)
+    shapes = {"a": (40, 56, 3), "b": (48, 32, 3)}
+    for folder, shape in shapes.items():
+        (root / folder).mkdir(parents=True)
+        cv2.imwrite(str(root / folder / "001.png"), rng.integers(0, 256, shape, dtype=np.uint8))
+    return shapes
+
+
+def _check_distinct_outputs(rows, out, shapes):
+    assert len(rows) == 2
+    for row in rows:
+        assert row["class"] != "error", row
+    for kind in ("mask", "overlay"):
+        written = [row[kind] for row in rows]
+        assert len(set(written)) == 2 and all(os.path.isfile(path) for path in written), written
+    for row in rows:
+        folder = os.path.basename(os.path.dirname(row["path"]))
+        shape = shapes[folder]
+        assert row["mask"] == str(out / folder / "001_mask.png")
+        assert row["overlay"] == str(out / folder / "001_overlay.png")
+        assert cv2.imread(row["mask"], cv2.IMREAD_UNCHANGED).shape == shape[:2]
+        assert cv2.imread(row["overlay"]).shape == shape
+
+
+def test_predict_keeps_same_named_files_of_a_glob_apart(tmp_path, model_dir):
+    shapes = _two_images_named_001(tmp_path / "in")
+    out = tmp_path / "out"
+    assert main(["predict", str(tmp_path / "in" / "*" / "001.png"), "--model", str(model_dir),
+                 "--out", str(out)]) == 0
+    _check_distinct_outputs(_rows(out / "report.csv"), out, shapes)
+
+
+def test_predict_keeps_same_named_file_arguments_apart(tmp_path, model_dir):
+    shapes = _two_images_named_001(tmp_path / "in")
+    out = tmp_path / "out"
+    assert main(["predict", str(tmp_path / "in" / "a" / "001.png"), str(tmp_path / "in" / "b" / "001.png"),
+                 "--model", str(model_dir), "--out", str(out), "--format", "json"]) == 0
+    rows = [json.loads(line) for line in (out / "report.jsonl").read_text().splitlines()]
+    _check_distinct_outputs(rows, out, shapes)
+
+
 def test_predict_writes_a_row_per_file_masks_overlays_and_a_summary(folder, model_dir, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["predict", str(folder), "--model", str(model_dir), "--out", str(out), "--batch-size", "4"]) == 0

@@ -71,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", default=None,
                          help="model tag, or a model folder (default: the production model)")
     predict.add_argument("--out", type=Path, default=None,
-                         help="folder for the report and the PNGs (default: <home>/predictions/<time>)")
+                         help="folder for the report and the PNGs, which mirror each input's path below the "
+                              "inputs' common parent folder (default: <home>/predictions/<time>)")
     predict.add_argument("--format", choices=["csv", "json"], default="csv",
                          help="report.csv, or report.jsonl with one JSON object per line (default: csv)")
     predict.add_argument("--overlay", action=argparse.BooleanOptionalAction, default=True,

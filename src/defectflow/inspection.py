@@ -3,9 +3,9 @@
 Every file named, found in a folder (recursively) or matched by a glob is one row of the
 report, in a stable order: readable images get the model's answer (through `Predictor`, the
 serving path, in batches), anything else its error. With an output folder, each image's mask
-and overlay PNGs are written there under the same relative path as the input. Rows are
-written and flushed as they are produced, so a run stopped with Ctrl-C leaves a valid report
-of what it did.
+and overlay PNGs are written there under the input's path below the inputs' common parent
+folder (see `collect_inputs`), so two inputs never share an output. Rows are written and
+flushed as they are produced, so a run stopped with Ctrl-C leaves a valid report of what it did.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import os
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -31,8 +32,11 @@ FORMATS = ("csv", "json")
 @dataclass(frozen=True)
 class InputFile:
     path: Path
-    #: Where its mask and overlay go under the output folder (the input tree, mirrored).
+    #: Its path below the common parent folder of all the inputs (the input tree, mirrored).
     relative: Path
+    #: Its mask and overlay are <output folder>/<output_stem>_mask.png and _overlay.png:
+    #: `relative` without its suffix, or with it when that would clash (a/x.png, a/x.jpg).
+    output_stem: Path
 
 
 @dataclass
@@ -49,13 +53,22 @@ def _is_glob(argument: str) -> bool:
 def collect_inputs(arguments: Iterable[str]) -> InputList:
     """The files behind `arguments`: files as given, folders walked recursively (hidden
     files and folders skipped), globs expanded (`**` recursive). A file reached twice is
-    listed once. Relative paths mirror the input: a folder's files keep their path below
-    the folder, prefixed with its name."""
-    files: dict[Path, InputFile] = {}
+    listed once.
+
+    Output paths mirror the inputs below their common parent folder: the deepest folder
+    holding every file and folder named or matched (symlinks not followed, `..` collapsed).
+    `a/001.png` alone gives `001.png`; the folder `line3` gives `line3/...`; `a/001.png` and
+    `b/001.png` (two arguments, or one glob `*/001.png`) give `a/001.png` and `b/001.png`, so
+    no two inputs ever share an output. Masks and overlays drop the image suffix
+    (`a/001_mask.png`) unless two inputs of a folder differ only by it (`a/001.png`,
+    `a/001.jpg`): those keep it (`a/001.png_mask.png`, `a/001.jpg_mask.png`).
+    """
+    reached: dict[Path, tuple[Path, Path]] = {}  # resolved -> (path as given, absolute path)
+    named: list[Path] = []  # the files and folders named or matched, absolute
     missing = []
 
-    def add(path: Path, relative: Path) -> None:
-        files.setdefault(path.resolve(), InputFile(path, relative))
+    def add(path: Path, absolute: Path) -> None:
+        reached.setdefault(path.resolve(), (path, absolute))
 
     for argument in arguments:
         matches = sorted(glob.glob(argument, recursive=True)) if _is_glob(argument) else [argument]
@@ -63,14 +76,36 @@ def collect_inputs(arguments: Iterable[str]) -> InputList:
             missing.append(argument)
             continue
         for match in map(Path, matches):
+            absolute = Path(os.path.abspath(match))
+            named.append(absolute)
             if match.is_dir():
                 for path in sorted(p for p in match.rglob("*") if p.is_file()):
                     relative = path.relative_to(match)
                     if not any(part.startswith(".") for part in relative.parts):
-                        add(path, Path(match.resolve().name) / relative)
+                        add(path, absolute / relative)
             else:
-                add(match, Path(match.name))
-    return InputList(list(files.values()), missing)
+                add(match, absolute)
+    if not reached:
+        return InputList([], missing)
+    base = Path(os.path.commonpath([path.parent for path in named]))
+    relatives = [absolute.relative_to(base) for _, absolute in reached.values()]
+    files = [InputFile(path, relative, stem) for (path, _), relative, stem
+             in zip(reached.values(), relatives, _output_stems(relatives), strict=True)]
+    return InputList(files, missing)
+
+
+def _output_stems(relatives: list[Path]) -> list[Path]:
+    """Each (distinct) relative path without its suffix, or with it where the stems would clash."""
+    stems = [relative.with_suffix("") for relative in relatives]
+    while True:
+        counts = Counter(stems)
+        # Relative paths are distinct, so in a clash at most one stem is already the full path:
+        # each round frees at least one, and a stem changed may clash anew with another's.
+        clashing = [i for i, stem in enumerate(stems) if counts[stem] > 1 and stem != relatives[i]]
+        if not clashing:
+            return stems
+        for i in clashing:
+            stems[i] = relatives[i]
 
 
 @dataclass
@@ -110,7 +145,9 @@ def inspect_files(predictor, files: list[InputFile], out_dir: Path | None = None
                   with_overlay: bool = True) -> Iterator[InspectionRow]:
     """One row per file, in order: the prediction, or why there is none. Images are read and
     predicted `batch_size` at a time; with `out_dir`, the mask (0/255) and, `with_overlay`,
-    the overlay PNGs are written there as <relative path without suffix>_mask.png and _overlay.png."""
+    the overlay PNGs are written there as <output_stem>_mask.png and _overlay.png: the input's
+    path below the inputs' common parent folder, so distinct inputs never share an output
+    (see `collect_inputs`)."""
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
         images: list[np.ndarray | None] = []
@@ -136,7 +173,7 @@ def inspect_files(predictor, files: list[InputFile], out_dir: Path | None = None
                                 round(prediction.anomaly_score, 4),
                                 probabilities={c: round(p, 6) for c, p in prediction.probabilities.items()})
             if out_dir is not None:
-                stem = out_dir / item.relative.with_suffix("")
+                stem = out_dir / item.output_stem
                 row.mask = _write_png(stem.with_name(stem.name + "_mask.png"), prediction.mask * 255)
                 if with_overlay:
                     row.overlay = _write_png(stem.with_name(stem.name + "_overlay.png"),
