@@ -173,13 +173,66 @@ class PreparedData:
         return self._arrays[split, size]
 
 
+def _derived_seed(*parts: int) -> int:
+    """A 32-bit seed from integers (a seed, a generator's number, an epoch): well mixed, stable."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+class _EpochRandomness:
+    """Makes every random draw of training epoch e a function of (train.seed, e) alone.
+
+    Shuffling (tf.data), augmentation (Keras random layers and JointAugmentation's own draws)
+    and dropout draw from generators whose state runs on from epoch to epoch. A run resumed
+    at epoch e gets its weights and optimizer back from BackupAndRestore, but these states
+    start again from their seeds: it would shuffle, augment and drop out as at epoch 0, and
+    end with other weights than the uninterrupted run. So at the start of every epoch the
+    epoch number the shuffle reads is set and every generator is set to a state derived from
+    (train.seed, its number, e); a resumed run then repeats the uninterrupted one exactly.
+    """
+
+    def __init__(self, seed: int, augmentation: JointAugmentation):
+        import tensorflow as tf
+
+        self.seed = int(seed)
+        self.augmentation = augmentation
+        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="data_epoch")
+
+    def callback(self, model):
+        import keras
+
+        generators = [*self.augmentation.seed_generators(), *_model_seed_generators(model)]
+        seed, epoch_var = self.seed, self.epoch
+
+        class EpochRandomness(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                epoch_var.assign(epoch)
+                for number, generator in enumerate(self.generators):
+                    generator.state.assign(keras.ops.convert_to_tensor(
+                        [_derived_seed(seed, number, epoch), 0], dtype=generator.state.dtype))
+
+        callback = EpochRandomness()
+        callback.generators = generators
+        return callback
+
+
+def _model_seed_generators(model) -> list:
+    """The random generators of the model's layers (Dropout's), in layer order."""
+    found: list = []
+    for layer in model._flatten_layers(include_self=True):
+        found += [g for g in getattr(layer, "_seed_generators", []) if all(g is not f for f in found)]
+    return found
+
+
 def _datasets(cfg, data: PreparedData):
+    """Training and validation data, and the `_EpochRandomness` whose callback every fit on
+    them must have (the shuffle reads the epoch it sets)."""
     size, batch = cfg.model.input_size, cfg.train.batch_size
     augmentation = JointAugmentation(cfg.augment, seed=cfg.train.seed)
+    randomness = _EpochRandomness(cfg.train.seed, augmentation)
     train = make_dataset(data.arrays("train", size), batch, augment=augmentation, shuffle=True, seed=cfg.train.seed,
-                         oversample=cfg.train.oversample)
+                         oversample=cfg.train.oversample, epoch=randomness.epoch)
     val = make_dataset(data.arrays("val", size), batch, cache=True)
-    return train, val
+    return train, val, randomness
 
 
 def _class_weights(cfg, data: PreparedData) -> list[float] | None:
@@ -246,8 +299,8 @@ def build_tuner(cfg, data: PreparedData, directory: Path, overwrite: bool):
 
         def fit(self, hp, model, *args, callbacks=(), **kwargs):
             trial_cfg = self._trial_config(hp)
-            train_ds, val_ds = _datasets(trial_cfg, data)
-            callbacks = [_validation_score_callback(cfg.train.score_weights), *callbacks]
+            train_ds, val_ds, randomness = _datasets(trial_cfg, data)
+            callbacks = [randomness.callback(model), _validation_score_callback(cfg.train.score_weights), *callbacks]
             return model.fit(train_ds, validation_data=val_ds, callbacks=callbacks, **kwargs)
 
     class DefectTuner(getattr(kt, TUNER_CLASSES[cfg.tune.algorithm])):
@@ -437,7 +490,7 @@ def train(cfg, data: PreparedData, run_dir: Path | None = None) -> TrainResult:
     accel = acceleration(cfg)
     with precision_policy(accel.mixed_precision):
         model = _build(cfg, len(data.classes))
-    train_ds, val_ds = _datasets(cfg, data)
+    train_ds, val_ds, randomness = _datasets(cfg, data)
     monitor = cfg.train.monitor
     pretrained = cfg.model.backbone != "plain"
     frozen = min(cfg.train.frozen_epochs, cfg.train.epochs) if pretrained else 0
@@ -460,7 +513,7 @@ def train(cfg, data: PreparedData, run_dir: Path | None = None) -> TrainResult:
             log.info("phase %d already finished in an earlier attempt: its weights are loaded", phase)
             resumed_from, done = until, until
             continue
-        callbacks = [_validation_score_callback(cfg.train.score_weights),
+        callbacks = [randomness.callback(model), _validation_score_callback(cfg.train.score_weights),
                      keras.callbacks.EarlyStopping(monitor=monitor, mode=_mode(monitor),
                                                    patience=cfg.train.early_stopping_patience)]
         if checkpoints:

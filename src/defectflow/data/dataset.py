@@ -57,18 +57,35 @@ def oversampled_indices(labels: np.ndarray, seed: int = 0) -> np.ndarray:
 
 
 def make_dataset(split: ArraySplit, batch_size: int, augment=None, shuffle: bool = False, seed: int = 0,
-                 oversample: bool = False, cache: bool = False):
+                 oversample: bool = False, cache: bool = False, epoch=None):
     """(image, {"class": label, "mask": mask}) batches; augmentation runs per batch on the fly.
 
     With `oversample`, an epoch shows every class as often as the largest one; repeated
     images look different each time through augmentation. `cache` keeps the finished batches
     (for data without augmentation, e.g. validation, on a device that would wait for them).
+
+    `epoch`, a tf.Variable (int64) holding the epoch number: the shuffle order of an iteration
+    is then a function of (`seed`, its value when the iteration starts) rather than of how many
+    iterations came before, so a run resumed at epoch e shuffles epoch e as an uninterrupted run
+    does. Without it, each iteration reshuffles from the dataset's own running state.
     """
     import tensorflow as tf
 
     index = oversampled_indices(split.labels, seed) if oversample else np.arange(len(split))
     ds = tf.data.Dataset.from_tensor_slices((split.images[index], split.labels[index], split.masks[index]))
-    if shuffle:
+    if shuffle and epoch is not None:
+        count = len(index)
+
+        def permuted(*split_tensors):  # runs when an iteration starts, i.e. after the epoch is set
+            key = tf.stack([tf.constant(seed, tf.int64), epoch.read_value()])
+            order = tf.argsort(tf.random.stateless_uniform([count], seed=key), stable=True)
+            return tf.data.Dataset.from_tensor_slices(order).map(lambda i: tuple(t[i] for t in split_tensors))
+
+        # The whole split as one element, read in a permuted order: as much memory as a
+        # shuffle buffer of the split's size.
+        ds = ds.batch(count).flat_map(permuted)
+        ds = ds.apply(tf.data.experimental.assert_cardinality(count))  # Keras counts the steps
+    elif shuffle:
         ds = ds.shuffle(len(index), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
     if augment is not None:
