@@ -195,15 +195,37 @@ def test_failing_nightly_never_changes_production(stack, tiny_dataset, tmp_path)
     assert [m["tag"] for m in stack.models() if m["stage"] == "production"] == production
 
 
+def _train_model_run(stack: Stack, run_id: str) -> dict | None:
+    """The flow run's `train-model` task run, as the API has it (None before it starts)."""
+    tasks = stack.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})
+    found = [t for t in tasks if t["task_key"].startswith("train_model") or t["name"].startswith("train-model")]
+    return found[-1] if found else None
+
+
 def test_killed_worker_crashes_the_run_and_a_retry_completes(stack, tiny_dataset):
+    """The worker is SIGKILLed while the run's `train-model` task is Running (polled from the
+    API, not guessed with a sleep): the flow run ends Crashed, that task never completes, and a
+    retry on a new worker completes."""
+    stack.up()  # idempotent: lets this test run on its own
     run_id = stack.trigger("training-pipeline/training-pipeline",
                            {"config": "tiny", "data_root": str(tiny_dataset), "overrides": TINY, "promote": False,
                             "tuner_trials": 0})
-    stack.wait(run_id, {"RUNNING", *FINAL}, timeout=300)
-    time.sleep(5)  # inside the pipeline's tasks
+    deadline = time.monotonic() + 300
+    while True:  # the training task is short (one tiny epoch): poll often
+        task = _train_model_run(stack, run_id)
+        if task is not None and task["state_type"] == "RUNNING":
+            break
+        flow_run = stack.get(f"/flow_runs/{run_id}")
+        assert flow_run["state_type"] not in FINAL, \
+            f"the run ended {flow_run['state_type']} before train-model was seen Running: {task}" + stack.logs()
+        assert task is None or task["state_type"] in ("PENDING", "SCHEDULED"), task
+        assert time.monotonic() < deadline, f"train-model not Running after 300 s: {task}" + stack.logs()
+        time.sleep(0.1)
     os.kill(stack.state()["processes"]["worker"]["pid"], signal.SIGKILL)
     crashed = stack.wait(run_id, timeout=120)
     assert crashed["state_type"] == "CRASHED", crashed["state"]
+    killed_task = _train_model_run(stack, run_id)
+    assert killed_task["id"] == task["id"] and killed_task["state_type"] != "COMPLETED", killed_task["state"]
 
     stack.up()  # starts only what is missing: a new worker
     # The UI's "Retry" on the crashed run: the same flow run, scheduled again.
