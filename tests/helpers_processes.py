@@ -76,12 +76,15 @@ def running(command: list[str], env: dict[str, str], log: Path, cwd: Path = REPO
 
 
 @contextmanager
-def serve_bento(target: str, env: dict[str, str], log: Path, timeout: float = 120) -> Iterator[str]:
-    """`bentoml serve target` on a free port until /readyz answers; yields its URL."""
+def serve_bento(target: str, env: dict[str, str], log: Path, timeout: float = 120, python: Path | None = None,
+                cwd: Path = REPO_ROOT) -> Iterator[str]:
+    """`bentoml serve target` on a free port until /readyz answers; yields its URL. With
+    `python`, BentoML runs in that interpreter (`python -m bentoml`)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [str(BIN / "bentoml"), "serve", target, "--host", "127.0.0.1", "--port", str(port)]
-    with running(command, env, log) as proc:
+    bentoml = [str(python), "-m", "bentoml"] if python else [str(BIN / "bentoml")]
+    command = [*bentoml, "serve", str(target), "--host", "127.0.0.1", "--port", str(port)]
+    with running(command, env, log, cwd=cwd) as proc:
         seconds = wait_http(f"{url}/readyz", proc, timeout, log)
         print(f"\n{target} ready in {seconds:.1f} s")
         yield url
