@@ -18,7 +18,7 @@ export DO_NOT_TRACK := 1
 export BENTOML_DO_NOT_TRACK := true
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: install demo test lint clean reproduce-capsule browser up down
+.PHONY: install demo test lint clean reproduce-capsule host-packages up down
 
 $(VENV)/.installed-$(EXTRA): pyproject.toml
 	@[ -x "$(BIN)/python" ] || $(PYTHON) -m venv $(VENV)
@@ -51,11 +51,20 @@ reproduce-capsule: install
 	@[ -d ../shared/data/mvtec_capsule/capsule ] || { echo "no ../shared/data/mvtec_capsule/capsule: nothing to reproduce"; exit 1; }
 	/usr/bin/time -v $(BIN)/defectflow reproduce --config capsule --seeds 42 43 44
 
-# Headless Chromium for tests/test_ui_page.py (the tests skip, saying why, when it is absent).
-browser:
-	@command -v chromium > /dev/null || { [ "$$(id -u)" = 0 ] && SUDO= || SUDO=sudo; \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium; } \
-	  || echo "could not install chromium: the browser tests will be skipped"
+# What the container, browser and real-data tests need from Debian, installed when missing:
+# docker.io and debootstrap (tests/test_container.py starts and stops its own dockerd), chromium
+# (the page tests). Where they cannot be installed those tests fail, unless
+# DEFECTFLOW_ALLOW_MISSING=container,browser,real_data (or all) lets them skip (README "Tests").
+HOST_PACKAGES := docker.io:dockerd debootstrap:debootstrap chromium:chromium
+host-packages:
+	@missing=; for pair in $(HOST_PACKAGES); do package=$${pair%%:*}; binary=$${pair##*:}; \
+	  command -v $$binary > /dev/null || [ -x /usr/sbin/$$binary ] || missing="$$missing $$package"; done; \
+	if [ -n "$$missing" ]; then \
+	  [ "$$(id -u)" = 0 ] && SUDO= || SUDO=sudo; echo "apt-get install$$missing"; \
+	  { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+	      --no-install-recommends $$missing > /dev/null; } \
+	  || echo "could not install$$missing: the tests that need them will fail unless DEFECTFLOW_ALLOW_MISSING allows"; \
+	fi
 
 # The orchestration stack (README "Prefect UI and nightly retrain"): a Prefect server with its UI,
 # the work pools, the deployments of prefect.yaml and a worker; `make down` stops what `up` started.
@@ -66,7 +75,7 @@ up: install
 down:
 	@if [ -x "$(BIN)/defectflow" ]; then $(BIN)/defectflow down; else echo "nothing to stop: not installed"; fi
 
-test: install browser
+test: install host-packages
 	$(BIN)/ruff check src tasks flows tests service.py benchmarks scripts
 	$(BIN)/lint-imports --no-logo --cache-dir $(DEFECTFLOW_HOME)/import-linter
 	$(BIN)/python -m pytest --durations=25 --cov=defectflow --cov-report=term --cov-report=xml:$(DEFECTFLOW_HOME)/coverage.xml

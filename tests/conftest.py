@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from helpers_resources import ALLOW_MISSING_ENV, RESOURCE_FIXTURES, allowed_missing, skip_missing
 
 if "DEFECTFLOW_TEST_HOME" not in os.environ:
     os.environ["DEFECTFLOW_TEST_HOME"] = tempfile.mkdtemp(prefix="defectflow-test-")
@@ -22,6 +23,11 @@ configure_environment()
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: The real MVTec AD capsule copy, when present beside the repository (never in git).
 CAPSULE_ROOT = REPO_ROOT.parent / "shared" / "data" / "mvtec_capsule" / "capsule"
+PILL_ROOT = REPO_ROOT.parent / "shared" / "data" / "mvtec_pill" / "pill"
+
+_RESOURCE_ITEMS = pytest.StashKey[dict]()
+_RESOURCE_OUTCOMES = pytest.StashKey[dict]()
+_SESSION_CONFIG: list = []
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +44,74 @@ def tiny_dataset(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def capsule_root() -> Path:
     if not CAPSULE_ROOT.is_dir():
-        print(f"MVTec capsule data not found at {CAPSULE_ROOT}: skipping real-data test")
-        pytest.skip(f"MVTec capsule data not found at {CAPSULE_ROOT}")
+        skip_missing("real_data", f"MVTec capsule data not found at {CAPSULE_ROOT}")
     return CAPSULE_ROOT
+
+
+@pytest.fixture(scope="session")
+def pill_root() -> Path:
+    if not PILL_ROOT.is_dir():
+        skip_missing("real_data", f"MVTec pill data not found at {PILL_ROOT}")
+    return PILL_ROOT
+
+
+@pytest.fixture(scope="session")
+def pipeline_model(tmp_path_factory, tiny_dataset):
+    """A model trained by the real pipeline with its anomaly head, served from TFLite, and its
+    Bento (tests/helpers_pipeline.py): what users serve by default, made once per session."""
+    from helpers_pipeline import train_pipeline_model
+
+    return train_pipeline_model(tmp_path_factory.mktemp("pipeline"), tiny_dataset, REPO_ROOT)
+
+
+# --- tests that need something a machine may lack --------------------------------------------
+# CI has all of it: there a test that cannot run fails the run. A laptop without Docker, say,
+# allows that skip explicitly: DEFECTFLOW_ALLOW_MISSING=container (comma-separated kinds, or
+# "all"). The end of every run lists, per kind, what ran and what skipped.
+
+
+def _kinds_of(item) -> set[str]:
+    return {kind for fixture, kind in RESOURCE_FIXTURES.items() if fixture in getattr(item, "fixturenames", ())}
+
+
+def pytest_collection_modifyitems(config, items):
+    config.stash[_RESOURCE_ITEMS] = {item.nodeid: _kinds_of(item) for item in items if _kinds_of(item)}
+
+
+def pytest_runtest_logreport(report):
+    kinds = _SESSION_CONFIG[0].stash[_RESOURCE_ITEMS].get(report.nodeid) if _SESSION_CONFIG else None
+    if not kinds:
+        return
+    outcome = None
+    if report.skipped:
+        outcome = "skipped"
+    elif report.when == "call":
+        outcome = report.outcome
+    elif report.failed:
+        outcome = "error"
+    if outcome:
+        reason = report.longrepr[2] if report.skipped and isinstance(report.longrepr, tuple) else ""
+        for kind in kinds:
+            _SESSION_CONFIG[0].stash[_RESOURCE_OUTCOMES].setdefault(kind, []).append((report.nodeid, outcome, reason))
+
+
+def pytest_configure(config):
+    _SESSION_CONFIG[:] = [config]
+    config.stash[_RESOURCE_ITEMS] = {}
+    config.stash[_RESOURCE_OUTCOMES] = {}
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    outcomes = config.stash.get(_RESOURCE_OUTCOMES, {})
+    if not config.stash.get(_RESOURCE_ITEMS, {}):
+        return
+    terminalreporter.section("tests that need Docker, Chromium or the real data")
+    terminalreporter.write_line(f"allowed to skip ({ALLOW_MISSING_ENV}): {', '.join(sorted(allowed_missing())) or 'nothing'}")
+    for kind in sorted(set(RESOURCE_FIXTURES.values())):
+        rows = outcomes.get(kind, [])
+        counts = {o: sum(1 for _, got, _ in rows if got == o) for o in ("passed", "failed", "error", "skipped")}
+        terminalreporter.write_line(f"{kind}: ran {counts['passed'] + counts['failed'] + counts['error']} "
+                                    f"({counts['passed']} passed, {counts['failed'] + counts['error']} failed), "
+                                    f"skipped {counts['skipped']}")
+        for nodeid, outcome, reason in rows:
+            terminalreporter.write_line(f"  {outcome:8} {nodeid}" + (f"  ({reason})" if reason else ""))

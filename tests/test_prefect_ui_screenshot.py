@@ -13,6 +13,7 @@ from pathlib import Path
 import cv2
 import pytest
 from helpers_processes import BIN, REPO_ROOT, free_port, isolated_env, running, wait_http
+from helpers_resources import skip_missing
 
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 from browser import BROWSERS, find_browser  # noqa: E402
@@ -40,8 +41,7 @@ def browser_binary() -> str:
     if binary is None:
         reason = (f"no Chromium found (tried {', '.join(BROWSERS)} on PATH and DEFECTFLOW_CHROMIUM): "
                   "install the Debian package `chromium` (make test does)")
-        print(reason)
-        pytest.skip(reason)
+        skip_missing("browser", reason)
     return binary
 
 

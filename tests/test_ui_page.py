@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 from helpers_models import CLASSES, make_tiny_model_dir
 from helpers_processes import isolated_env, running, serve_bento
+from helpers_resources import skip_missing
 
 from defectflow.web import content_security_policy, page_html, ui_app
 
@@ -107,8 +108,7 @@ def browser_binary() -> str:
         reason = (f"no Chromium found (tried {', '.join(BROWSERS)} on PATH"
                   f"{', DEFECTFLOW_CHROMIUM' if os.environ.get('DEFECTFLOW_CHROMIUM') else ''}): "
                   "install the Debian package `chromium` (make test does)")
-        print(reason)
-        pytest.skip(reason)
+        skip_missing("browser", reason)
     return binary
 
 

@@ -472,13 +472,24 @@ def test_benchmark_script_runs(dataset: Path, capsys):
 
 @pytest.mark.real_data
 def test_real_capsule_data_passes(capsule_root: Path):
-    samples = scan_dataset(capsule_root)
+    _check_real_data(capsule_root, ["good", "crack", "faulty_imprint", "poke", "scratch", "squeeze"])
+
+
+@pytest.mark.real_data
+def test_real_pill_data_passes(pill_root: Path):
+    """256x256 images, and a `combined` class of parts with several defects."""
+    _check_real_data(pill_root, ["good", "color", "combined", "contamination", "crack", "faulty_imprint",
+                                 "pill_type", "scratch"])
+
+
+def _check_real_data(root: Path, classes: list[str]) -> None:
+    samples = scan_dataset(root)
     splits = split_map(stratified_split(samples, 0.7, 0.15, 0.15, seed=42))
     facts = image_facts(samples, "good", splits)
     assert len(facts) == len(samples) and facts["readable"].all()
     cfg = replace(
         ValidationConfig(),
-        expected_classes=["good", "crack", "faulty_imprint", "poke", "scratch", "squeeze"],
+        expected_classes=classes,
     )
     result = validate_dataset(facts, cfg)
     assert result.success, result.message()
