@@ -710,9 +710,40 @@ def sample_png() -> tuple[bytes, str]:
     return buf.tobytes(), "a generated 128x96 noise PNG"
 
 
+def answer_problems(answer: dict, height: int, width: int) -> list[str]:
+    """What is wrong with a /predict answer for an image of `height` x `width` (empty: nothing):
+    a class among the probabilities' (or unknown_defect), probabilities summing to 1, a binary
+    mask PNG at the image's size, and an anomaly score."""
+    import cv2
+    import numpy as np
+
+    problems = []
+    missing = {"class", "probabilities", "mask_png_base64", "mask_size", "anomaly_score"} - set(answer)
+    if missing:
+        return [f"no {', '.join(sorted(missing))}"]
+    probabilities = answer["probabilities"]
+    if answer["class"] not in (*probabilities, "unknown_defect"):
+        problems.append(f"class {answer['class']!r} is none of {sorted(probabilities)}")
+    if abs(sum(probabilities.values()) - 1.0) > 1e-4:
+        problems.append(f"probabilities sum to {sum(probabilities.values())}")
+    try:
+        mask = cv2.imdecode(np.frombuffer(base64.b64decode(answer["mask_png_base64"], validate=True), np.uint8),
+                            cv2.IMREAD_UNCHANGED)
+    except ValueError as exc:
+        mask, problems = None, [*problems, f"mask is not base64: {exc}"]
+    if mask is None or mask.shape != (height, width) or not set(np.unique(mask)) <= {0, 255}:
+        problems.append(f"mask is not a binary {width}x{height} PNG: {None if mask is None else mask.shape}")
+    if answer["mask_size"] != [width, height]:
+        problems.append(f"mask_size {answer['mask_size']} for a {width}x{height} image")
+    if not isinstance(answer["anomaly_score"], float):
+        problems.append(f"anomaly_score {answer['anomaly_score']!r} (the default model has an anomaly head)")
+    return problems
+
+
 def smoke_test(docker: Docker, image: str, png: bytes, requests: int = 10) -> dict:
-    """Run `image`, check /readyz, /predict (200 JSON with class, probabilities and mask) and
-    that the server does not run as root. Returns the figures and the first answer."""
+    """Run `image`, check /readyz, /predict (200 JSON with class, probabilities summing to 1,
+    mask at the image's size, anomaly score) and that the server does not run as root.
+    Returns the figures and the first answer."""
     with run_container(docker, image) as running:
         latencies = []
         answer: dict = {}
@@ -724,10 +755,13 @@ def smoke_test(docker: Docker, image: str, png: bytes, requests: int = 10) -> di
                 raise RuntimeError(f"POST /predict answered {status}: {body[:500]!r}")
             if i == 0:
                 answer = json.loads(body)
-        missing = {"class", "probabilities", "mask_png_base64"} - set(answer)
-        if missing:
-            raise RuntimeError(f"/predict answer lacks {sorted(missing)}: {answer}")
-        base64.b64decode(answer["mask_png_base64"], validate=True)
+        import cv2
+        import numpy as np
+
+        height, width = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED).shape[:2]
+        problems = answer_problems(answer, height, width)
+        if problems:
+            raise RuntimeError(f"/predict answered 200 but {'; '.join(problems)}")
         users = process_user(docker, running.name)
         if users["exec_uid"] == 0 or users["main_uid"] == 0:
             raise RuntimeError(f"the service runs as root in {image}: {users}")
