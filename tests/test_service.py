@@ -166,21 +166,48 @@ def test_predict_batch_refuses_bad_calls_whole(server):
     assert response.status_code == 413 and "between 1 and 32" in response.json()["error"]
 
 
-def test_concurrent_requests_share_forward_passes_without_mixing_answers(server):
+@pytest.fixture(scope="module")
+def default_server(pipeline_model, tmp_path_factory) -> Iterator[str]:
+    """The pipeline model's Bento as users run it: anomaly head, TFLite in process, default threads."""
+    log = tmp_path_factory.mktemp("default") / "serve.log"
+    with serve_bento(pipeline_model.bento_tag, pipeline_model.env, log) as url:
+        yield url
+
+
+def test_concurrent_answers_equal_the_sequential_answers_of_the_same_images(default_server, tiny_dataset):
+    """32 different images, each answered alone first, then all at once (twice, in two orders):
+    every concurrent answer must be its own image's answer. The sequential answers differ
+    pairwise, so an answer given to the wrong request cannot go unnoticed."""
     import asyncio
+    import random
 
-    shapes = [(20 + i, 30 + 2 * i) for i in range(32)]
-    uploads = [_png(np.random.default_rng(i).integers(0, 256, (*hw, 3), dtype=np.uint8)) for i, hw in enumerate(shapes)]
+    paths = sorted((tiny_dataset / "test").glob("*/*.png")) + sorted((tiny_dataset / "train" / "good").glob("*.png"))
+    images = []
+    for i in range(32):
+        bgr = cv2.imread(str(paths[i % len(paths)]))
+        images.append(_png(cv2.resize(bgr, (48 + i, 40 + 2 * i))))  # its own size: its own mask size
 
-    async def send_all():
-        async with httpx.AsyncClient(timeout=120) as client:
-            return await asyncio.gather(*[client.post(f"{server}/predict", files={"image": ("x.png", data)})
-                                          for data in uploads])
+    def key(answer: dict) -> tuple:
+        return (answer["class"], tuple(sorted(answer["probabilities"].items())), answer["anomaly_score"],
+                answer["mask_png_base64"])
 
-    responses = asyncio.run(send_all())
-    for (h, w), response in zip(shapes, responses, strict=True):
+    sequential = []
+    for data in images:
+        response = _predict(default_server, data)
         assert response.status_code == 200, response.text
-        assert response.json()["mask_size"] == [w, h]  # each answer belongs to its own image
+        sequential.append(key(response.json()))
+    assert len({answer[1:3] for answer in sequential}) == len(images)  # distinguishable without the mask
+
+    async def send_all(order):
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*[client.post(f"{default_server}/predict", files={"image": ("x.png", images[i])})
+                                          for i in order])
+
+    for order in (list(range(32)), random.Random(0).sample(range(32), 32)):
+        responses = asyncio.run(send_all(order))
+        for i, response in zip(order, responses, strict=True):
+            assert response.status_code == 200, response.text
+            assert key(response.json()) == sequential[i], f"image {i} got another answer when sent with 31 others"
 
 
 def test_overlay_and_request_id(server):

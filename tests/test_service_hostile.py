@@ -1,5 +1,7 @@
 """service.py under hostile input, over real HTTP on 127.0.0.1: `bentoml serve` from source
-in a subprocess, serving a tiny model saved into a temporary DEFECTFLOW_HOME.
+in a subprocess, serving what users serve by default: the pipeline-trained model with its
+anomaly head, from TFLite in process, with the default `serve.threads` (the session's
+`pipeline_model`, tests/helpers_pipeline.py).
 
 One server takes ~1,500 generated malformed requests (mutated and truncated real images,
 non-images, empty files, wrong content types, oversize bodies, huge dimensions, multi-frame
@@ -15,8 +17,6 @@ import asyncio
 import json
 import random
 import struct
-import subprocess
-import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -26,8 +26,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from helpers_models import CLASSES, make_tiny_model_dir
-from helpers_processes import isolated_env, serve_bento
+from helpers_models import CLASSES
+from helpers_processes import serve_bento
 from PIL import Image
 from test_uploads import (
     SAMPLES,
@@ -40,12 +40,15 @@ from test_uploads import (
     tiff_with_size,
 )
 
+from defectflow.preprocessing import UNKNOWN_DEFECT
+
 pytestmark = pytest.mark.integration
 
 #: The hostile server's per-file limit, lowered so oversize requests are cheap to send.
 MAX_UPLOAD_BYTES = 2_000_000
 MAX_BATCH_IMAGES = 32  # configs/default.yaml serve.max_batch_images
 CONCURRENCY = 8
+ANSWERS = {*CLASSES, UNKNOWN_DEFECT}  # the pipeline's synthetic capsule classes
 TOKEN = "hostile-test-token-1234"
 BOUNDARY = "hostileboundary"
 MULTIPART = f"multipart/form-data; boundary={BOUNDARY}"
@@ -53,26 +56,11 @@ MULTIPART = f"multipart/form-data; boundary={BOUNDARY}"
 CLIENT_ERRORS = frozenset(range(400, 500))
 DECODED_OR_REFUSED = CLIENT_ERRORS | {200}
 
-_SAVE = """
-import sys
-from pathlib import Path
-from defectflow.environment import configure_environment
-configure_environment()
-from defectflow import registry
-print(registry.save_model(Path(sys.argv[1]), "defectflow", {"metrics": {"accuracy": 0.5}}))
-"""
-
-
 @pytest.fixture(scope="module")
-def model_env(tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    """A tiny model saved into a fresh store, pinned with DEFECTFLOW_MODEL_TAG."""
-    root = tmp_path_factory.mktemp("hostile")
-    make_tiny_model_dir(root / "model")
-    env = isolated_env(root / "home")
-    done = subprocess.run([sys.executable, "-c", _SAVE, str(root / "model")], env=env, cwd=root,
-                          check=True, timeout=300, capture_output=True, text=True)
-    env["DEFECTFLOW_MODEL_TAG"] = done.stdout.split()[-1]
-    return root, env
+def model_env(pipeline_model, tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """The pipeline's model, pinned with DEFECTFLOW_MODEL_TAG; logs in a folder of the module."""
+    env = {**pipeline_model.env, "DEFECTFLOW_MODEL_TAG": pipeline_model.model_tag}
+    return tmp_path_factory.mktemp("hostile"), env
 
 
 @pytest.fixture(scope="module")
@@ -315,7 +303,7 @@ def _problems(outcome: Outcome) -> list[str]:
         answer = json.loads(outcome.body)
     except ValueError:
         return [*problems, f"{label}: {status} answer is not JSON: {outcome.body[:200]!r}"]
-    if status == 200 and answer.get("class") not in CLASSES:
+    if status == 200 and answer.get("class") not in ANSWERS:
         problems.append(f"{label}: 200 without a class: {outcome.body[:200]!r}")
     if status != 200 and not (isinstance(answer, dict) and isinstance(answer.get("error"), str) and answer["error"]):
         problems.append(f"{label}: {status} without an 'error' message: {outcome.body[:200]!r}")
@@ -349,7 +337,8 @@ def test_a_thousand_malformed_requests_get_no_5xx_and_the_server_stays_up(server
     valid = cv2_encode(".png", rgb_image(50, 70))
     response = httpx.post(f"{server}/predict", files={"image": ("part.png", valid, "image/png")}, timeout=60)
     assert response.status_code == 200, response.text
-    assert response.json()["class"] in CLASSES and response.json()["mask_size"] == [70, 50]
+    assert response.json()["class"] in ANSWERS and response.json()["mask_size"] == [70, 50]
+    assert isinstance(response.json()["anomaly_score"], float)
 
 
 @pytest.fixture(scope="module")
@@ -375,7 +364,7 @@ def test_bearer_token_from_the_environment(auth_server):
         assert "bearer token" in response.json()["error"]
     response = predict({"Authorization": f"Bearer {TOKEN}"})
     assert response.status_code == 200, response.text
-    assert response.json()["class"] in CLASSES
+    assert response.json()["class"] in ANSWERS
     assert httpx.get(f"{auth_server}/readyz", timeout=10).status_code == 200  # health checks stay open
     assert httpx.get(f"{auth_server}/metadata", timeout=10).status_code == 401
     # An oversize body without a token is a 401, not a 413: nothing is read before authentication.
