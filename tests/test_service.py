@@ -175,13 +175,23 @@ def default_server(pipeline_model, tmp_path_factory) -> Iterator[str]:
 
 
 def test_concurrent_answers_equal_the_sequential_answers_of_the_same_images(default_server, tiny_dataset):
+    """The default setup: TFLite in process, requests on `serve.threads` threads."""
+    _check_concurrent_answers(default_server, tiny_dataset)
+
+
+def test_concurrent_answers_from_the_batched_keras_model_are_each_their_own(server, tiny_dataset):
+    """A Keras model: forward passes in the model service behind BentoML's adaptive batching."""
+    _check_concurrent_answers(server, tiny_dataset)
+
+
+def _check_concurrent_answers(url: str, dataset) -> None:
     """32 different images, each answered alone first, then all at once (twice, in two orders):
     every concurrent answer must be its own image's answer. The sequential answers differ
     pairwise, so an answer given to the wrong request cannot go unnoticed."""
     import asyncio
     import random
 
-    paths = sorted((tiny_dataset / "test").glob("*/*.png")) + sorted((tiny_dataset / "train" / "good").glob("*.png"))
+    paths = sorted((dataset / "test").glob("*/*.png")) + sorted((dataset / "train" / "good").glob("*.png"))
     images = []
     for i in range(32):
         bgr = cv2.imread(str(paths[i % len(paths)]))
@@ -193,14 +203,14 @@ def test_concurrent_answers_equal_the_sequential_answers_of_the_same_images(defa
 
     sequential = []
     for data in images:
-        response = _predict(default_server, data)
+        response = _predict(url, data)
         assert response.status_code == 200, response.text
         sequential.append(key(response.json()))
     assert len({answer[1:3] for answer in sequential}) == len(images)  # distinguishable without the mask
 
     async def send_all(order):
         async with httpx.AsyncClient(timeout=120) as client:
-            return await asyncio.gather(*[client.post(f"{default_server}/predict", files={"image": ("x.png", images[i])})
+            return await asyncio.gather(*[client.post(f"{url}/predict", files={"image": ("x.png", images[i])})
                                           for i in order])
 
     for order in (list(range(32)), random.Random(0).sample(range(32), 32)):
