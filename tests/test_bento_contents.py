@@ -38,9 +38,27 @@ def included_modules() -> set[str]:
     """The defectflow modules the bentofile's include list puts in the Bento."""
     files = set()
     for pattern in BENTOFILE["include"]:
-        files.update(p for p in map(REPO_ROOT.joinpath, glob.glob(pattern, root_dir=REPO_ROOT, recursive=True))
+        files.update(p for p in map(REPO_ROOT.joinpath, glob.glob(pattern.lstrip("/"), root_dir=REPO_ROOT,
+                                                                   recursive=True))
                      if p.suffix == ".py" and SRC in p.parents)
     return {_module_name(p) for p in files}
+
+
+def test_the_include_list_takes_only_the_checkouts_own_files(tmp_path):
+    """A state folder inside the checkout (`make demo`'s .defectflow/) holds earlier Bentos whose
+    src/ has service.py and defectflow/ too, and BentoML builds the new Bento in a folder under
+    it: matched by BentoML's own rules, the include list must take the checkout's files only
+    (an unanchored `service.py` copied a Bento into itself until the path was too long)."""
+    from bentoml._internal.bento.build_config import BentoPathSpec
+
+    spec = BentoPathSpec(BENTOFILE["include"], BENTOFILE.get("exclude", []), str(tmp_path))
+    own = ["./service.py", "src/defectflow/anomaly.py", "src/defectflow/models/layers.py", "src/defectflow/web/ui.html"]
+    elsewhere = [".defectflow/bentoml/bentos/defectflow/v1/src/service.py",
+                 ".defectflow/bentoml/tmp/bentoml_bento_x/src/service.py",
+                 ".defectflow/bentoml/tmp/bentoml_bento_x/src/src/defectflow/anomaly.py",
+                 "tests/service.py", "benchmarks/src/defectflow/anomaly.py", "src/defectflow/training.py"]
+    assert [path for path in own if not spec.includes(path)] == []
+    assert [path for path in elsewhere if spec.includes(path)] == []
 
 
 def service_imports(internal: bool = True) -> set[str]:
