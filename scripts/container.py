@@ -874,7 +874,10 @@ def cmd_test(args: argparse.Namespace) -> None:
     answer = dict(figures.pop("answer"))
     answer["mask_png_base64"] = answer["mask_png_base64"][:40] + f"... ({len(answer['mask_png_base64'])} chars)"
     print(json.dumps(answer, indent=2))
-    print(f"\n{image}: ready {figures['ready_seconds']:.1f} s after docker run; POST /predict first "
+    print(f"\n{image}: POST /predict answered 200 with class {answer['class']!r}, probabilities summing to "
+          f"{sum(answer['probabilities'].values()):.4f}, a {answer['mask_size'][0]}x{answer['mask_size'][1]} mask "
+          f"and anomaly score {answer['anomaly_score']}")
+    print(f"{image}: ready {figures['ready_seconds']:.1f} s after docker run; POST /predict first "
           f"{figures['first_ms']:.0f} ms, median {figures['median_ms']:.0f} ms; the server runs as "
           f"{figures['user']} (uid {figures['main_uid']}), not root")
 
