@@ -264,6 +264,18 @@ class CpuShare:
         _print({"what": "cpu share", "phase": name, **row})
 
 
+def busy_note(load_avg_start: float, phases: dict[str, dict]) -> str:
+    """Why the figures were taken on a busy machine (a 1-minute load average >= 1 at the start,
+    other jobs' cores per `CpuShare` phase); empty when it was not."""
+    busy_phases = {k: v["other_jobs_cores"] for k, v in phases.items() if v["other_jobs_cores"] >= BUSY_OTHERS_CORES}
+    busy = []
+    if load_avg_start >= 1.0:
+        busy.append(f"1-minute load average {load_avg_start} before the benchmark started")
+    if busy_phases:
+        busy.append("other jobs kept " + ", ".join(f"{v} cores busy during {k}" for k, v in busy_phases.items()))
+    return "; ".join(busy)
+
+
 # --- servers -----------------------------------------------------------------------------------
 
 
@@ -308,11 +320,12 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 @contextmanager
-def server(command: list[str], env: dict[str, str], log: Path, ready_path: str, port: int, timeout: float = 300):
-    """Run `command` (own process group, output to `log`) until its `ready_path` answers; yields
-    (url, process, seconds to ready); always stopped."""
+def server(command: list[str], env: dict[str, str], log: Path, ready_path: str, port: int, timeout: float = 300,
+           cwd: Path = REPO_ROOT):
+    """Run `command` in `cwd` (own process group, output to `log`) until its `ready_path`
+    answers; yields (url, process, seconds to ready); always stopped."""
     with log.open("wb") as out:
-        proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -378,11 +391,12 @@ def sequential(url: str, files, repeats: int, warmup: int, method: str = "POST",
 
 
 async def _concurrent(url: str, files, images_per_request: int, concurrency: int, count: int | None,
-                      seconds: float | None, phase: str) -> dict:
+                      seconds: float | None, phase: str, check=None) -> dict:
     import httpx
 
     latencies: list[float] = []
     errors: Counter = Counter()
+    to_check: list[tuple[float, object]] = []  # (ms, response) for `check`, after the clock stops
     issued = 0
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(limits=limits, timeout=120) as client:
@@ -397,16 +411,24 @@ async def _concurrent(url: str, files, images_per_request: int, concurrency: int
                 start = time.perf_counter()
                 try:
                     response = await client.post(url, files=files(), headers=headers)
-                    problem = _answer_ok(response, images_per_request)
+                    problem = _answer_ok(response, images_per_request) if check is None else None
                 except httpx.HTTPError as exc:
                     problem = type(exc).__name__
                 if problem:
                     errors[problem] += 1
-                else:
+                elif check is None:
                     latencies.append((time.perf_counter() - start) * 1000)
+                else:
+                    to_check.append(((time.perf_counter() - start) * 1000, response))
 
         await asyncio.gather(*(client_loop() for _ in range(concurrency)))
         wall = time.perf_counter() - started
+    for ms, response in to_check:
+        problem = check(response)
+        if problem:
+            errors[problem] += 1
+        else:
+            latencies.append(ms)
     return {"concurrency": concurrency, "requests": issued, "errors": sum(errors.values()),
             "error_kinds": dict(errors), "wall_s": round(wall, 2),
             "images_per_s": round(len(latencies) * images_per_request / wall, 1),
@@ -414,9 +436,11 @@ async def _concurrent(url: str, files, images_per_request: int, concurrency: int
 
 
 def concurrent(url: str, files, concurrency: int, count: int | None = None, seconds: float | None = None,
-               images_per_request: int = 1, phase: str = "warmup") -> dict:
-    """`concurrency` clients posting back to back, `count` requests in all or for `seconds`."""
-    return asyncio.run(_concurrent(url, files, images_per_request, concurrency, count, seconds, phase))
+               images_per_request: int = 1, phase: str = "warmup", check=None) -> dict:
+    """`concurrency` clients posting back to back, `count` requests in all or for `seconds`.
+    `check(response)` (None, or what is wrong with it) replaces the default answer check and
+    runs after the load, outside the timed requests; the answers it faults count as errors."""
+    return asyncio.run(_concurrent(url, files, images_per_request, concurrency, count, seconds, phase, check))
 
 
 def adaptive_batches(url: str) -> dict | None:
@@ -906,8 +930,8 @@ def goals(results: dict) -> list[dict]:
     return [{"figure": f, "measured": m, "goal": g, "met": met} for f, m, g, met in rows]
 
 
-def print_table(results: dict) -> None:
-    rows = results["goals"]
+def print_goal_rows(rows: list[dict]) -> None:
+    """The figure / measured / goal / result table of `goals` rows."""
     width = max(len(r["figure"]) for r in rows)
     goal_width = max(len(str(r["goal"] or "")) for r in rows)
     header = f"{'figure':<{width}}  {'measured':>12}  {'goal':<{goal_width}}  result"
@@ -915,6 +939,11 @@ def print_table(results: dict) -> None:
     for r in rows:
         result = "" if r["met"] is None else ("met" if r["met"] else "MISSED")
         print(f"{r['figure']:<{width}}  {r['measured']!s:>12}  {r['goal'] or '':<{goal_width}}  {result}")
+
+
+def print_table(results: dict) -> None:
+    rows = results["goals"]
+    print_goal_rows(rows)
     stages = results["in_process"]["stages_p50_ms"]
     print("\nin-process endpoint work, p50 ms per stage: " + ", ".join(f"{k} {v}" for k, v in stages.items()))
     print(f"served: {results['model']['tag']} as {results['in_process']['format']} "
@@ -1020,13 +1049,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results["cpu_share"] = cpu.phases
     results["machine"]["load_avg_1m_end"] = _load_avg()
-    busy_phases = {k: v["other_jobs_cores"] for k, v in cpu.phases.items() if v["other_jobs_cores"] >= BUSY_OTHERS_CORES}
-    busy = []
-    if results["machine"]["load_avg_1m_start"] >= 1.0:
-        busy.append(f"1-minute load average {results['machine']['load_avg_1m_start']} before the benchmark started")
-    if busy_phases:
-        busy.append("other jobs kept " + ", ".join(f"{v} cores busy during {k}" for k, v in busy_phases.items()))
-    results["machine"]["busy"] = "; ".join(busy)
+    results["machine"]["busy"] = busy_note(results["machine"]["load_avg_1m_start"], cpu.phases)
     results["goals"] = goals(results)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
