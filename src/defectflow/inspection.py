@@ -14,6 +14,8 @@ import csv
 import glob
 import json
 import os
+import queue
+import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -148,13 +150,17 @@ def inspect_files(predictor, files: list[InputFile], out_dir: Path | None = None
     the overlay PNGs are written there as <output_stem>_mask.png and _overlay.png: the input's
     path below the inputs' common parent folder, so distinct inputs never share an output
     (see `collect_inputs`)."""
+    contents = read_in_background([item.path for item in files], ahead=2 * batch_size)
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
         images: list[np.ndarray | None] = []
         errors: list[str] = []
-        for item in chunk:
+        for _ in chunk:
             try:
-                images.append(decode_image(item.path.read_bytes()))
+                data = next(contents)
+                if isinstance(data, OSError):
+                    raise data
+                images.append(decode_image(data))
                 errors.append("")
             except (InvalidImageError, OSError) as exc:
                 images.append(None)
@@ -179,6 +185,43 @@ def inspect_files(predictor, files: list[InputFile], out_dir: Path | None = None
                     row.overlay = _write_png(stem.with_name(stem.name + "_overlay.png"),
                                              overlay(image, prediction.mask, (255, 0, 0), 0.5))
             yield row
+
+
+def read_in_background(paths: list[Path], ahead: int = 16, poll_seconds: float = 0.2) -> Iterator[bytes | OSError]:
+    """Each file's bytes (or the OSError reading it raised), in order, read by a daemon thread
+    at most `ahead` files ahead. The caller waits in short steps, so Ctrl-C stops the run even
+    while a read blocks (a stalled network share, a pipe nobody writes to): the signal may
+    reach any of the process's threads (TensorFlow starts many), and a main thread blocked in
+    the read itself would never see it."""
+    results: queue.Queue = queue.Queue(maxsize=max(1, ahead))
+    stop = threading.Event()  # set when the caller is done: the reader ends instead of waiting to put
+
+    def read_all() -> None:
+        for path in paths:
+            try:
+                data: bytes | OSError = path.read_bytes()
+            except OSError as exc:
+                data = exc
+            while not stop.is_set():
+                try:
+                    results.put(data, timeout=poll_seconds)
+                    break
+                except queue.Full:
+                    continue
+            if stop.is_set():
+                return
+
+    threading.Thread(target=read_all, name="defectflow-read", daemon=True).start()
+    try:
+        for _ in paths:
+            while True:
+                try:
+                    yield results.get(timeout=poll_seconds)
+                    break
+                except queue.Empty:
+                    continue
+    finally:
+        stop.set()
 
 
 class ReportWriter:
