@@ -76,12 +76,12 @@ down:
 	@if [ -x "$(BIN)/defectflow" ]; then $(BIN)/defectflow down; else echo "nothing to stop: not installed"; fi
 
 test: install host-packages
-	$(BIN)/ruff check src tasks flows tests service.py benchmarks scripts
+	$(BIN)/ruff check src tasks flows tests service.py benchmarks scripts examples
 	$(BIN)/lint-imports --no-logo --cache-dir $(DEFECTFLOW_HOME)/import-linter
 	$(BIN)/python -m pytest --durations=25 --cov=defectflow --cov-report=term --cov-report=xml:$(DEFECTFLOW_HOME)/coverage.xml
 
 lint: install
-	$(BIN)/ruff check src tasks flows tests service.py benchmarks scripts
+	$(BIN)/ruff check src tasks flows tests service.py benchmarks scripts examples
 	$(BIN)/lint-imports --no-logo --cache-dir $(DEFECTFLOW_HOME)/import-linter
 
 clean: down
