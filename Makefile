@@ -54,7 +54,7 @@ reproduce-capsule: install
 # What the container, browser and real-data tests need from Debian, installed when missing:
 # docker.io and debootstrap (tests/test_container.py starts and stops its own dockerd), chromium
 # (the page tests). Where they cannot be installed those tests fail, unless
-# DEFECTFLOW_ALLOW_MISSING=container,browser,real_data (or all) lets them skip (README "Tests").
+# DEFECTFLOW_ALLOW_MISSING=container,browser,real_data (or all) lets them skip (docs/development.md, "Tests").
 HOST_PACKAGES := docker.io:dockerd debootstrap:debootstrap chromium:chromium
 host-packages:
 	@missing=; for pair in $(HOST_PACKAGES); do package=$${pair%%:*}; binary=$${pair##*:}; \
@@ -66,7 +66,7 @@ host-packages:
 	  || echo "could not install$$missing: the tests that need them will fail unless DEFECTFLOW_ALLOW_MISSING allows"; \
 	fi
 
-# The orchestration stack (README "Prefect UI and nightly retrain"): a Prefect server with its UI,
+# The orchestration stack (docs/orchestration.md): a Prefect server with its UI,
 # the work pools, the deployments of prefect.yaml and a worker; `make down` stops what `up` started.
 PREFECT_PORT ?= 4200
 up: install
@@ -87,7 +87,7 @@ lint: install
 clean: down
 	rm -rf $(VENV) $(DEFECTFLOW_HOME)
 
-# The serving container (scripts/container.py, README "Container"): Debian's docker.io and
+# The serving container (scripts/container.py; docs/serving.md, "Container"): Debian's docker.io and
 # debootstrap are installed when missing; dockerd is started for the run when none answers, and
 # only that one is stopped again. `make container` packs the production model (`make demo` first).
 .PHONY: container container-test container-clean

@@ -1,8 +1,10 @@
 """Turn benchmark results (JSON) into the tables of the docs.
 
-    .venv/bin/python benchmarks/doc_tables.py [--results DIR] [--docs README.md ...]
+    .venv/bin/python benchmarks/doc_tables.py [--results DIR] [--docs FILE.md ...]
 
-A doc marks where a benchmark's table goes with a pair of comments naming the benchmark:
+The docs are README.md and every docs/*.md (sorted) unless --docs names others; the container
+table lives in docs/benchmarks.md. A doc marks where a benchmark's table goes with a pair of
+comments naming the benchmark:
 
     <!-- benchmark: container_bench -->
     ...the table, rewritten by this command...
@@ -80,11 +82,17 @@ def rewrite(doc: Path, results_dir: Path) -> list[str]:
     return done
 
 
+def default_docs() -> list[Path]:
+    """README.md, then every page of docs/ in name order."""
+    return [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     home = Path(os.environ.get("DEFECTFLOW_HOME", REPO_ROOT / ".defectflow"))
     parser.add_argument("--results", type=Path, default=home / "benchmarks", help="folder of the benchmarks' JSON")
-    parser.add_argument("--docs", type=Path, nargs="+", default=[REPO_ROOT / "README.md"])
+    parser.add_argument("--docs", type=Path, nargs="+", default=default_docs(),
+                        help="Markdown files to rewrite (default: README.md and docs/*.md)")
     args = parser.parse_args(argv)
     for doc in args.docs:
         for line in rewrite(doc, args.results):

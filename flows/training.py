@@ -34,7 +34,7 @@ def training_pipeline(config: str = "default", overrides: list[str] | None = Non
 
     Args:
         config: Name of a file in configs/ (without .yaml), layered over configs/default.yaml: default, demo, capsule, tiny.
-        overrides: Extra `key=value` settings applied last, e.g. train.epochs=3 (see the README's configuration table).
+        overrides: Extra `key=value` settings applied last, e.g. train.epochs=3 (see the table in docs/configuration.md).
         data_root: Dataset folder in MVTec AD layout; empty keeps the config's data.root.
         tuner_trials: KerasTuner trials (tune.max_trials); 0 skips the search; empty keeps the config's.
         promote: Make the new model production when it passes the gate; off keeps it a candidate.
