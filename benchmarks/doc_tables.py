@@ -78,7 +78,9 @@ def rewrite(doc: Path, results_dir: Path) -> list[str]:
         done.append(f"{doc.name}: {match.group('name')}: table from {source}")
         return match.group(1) + table + match.group(4)
 
-    doc.write_text(BLOCK.sub(replace, text))
+    rewritten = BLOCK.sub(replace, text)
+    if rewritten != text:  # a doc without a changed table keeps its file (and its time stamp)
+        doc.write_text(rewritten)
     return done
 
 
