@@ -487,6 +487,9 @@ def from_yaml(text: str) -> DictConfig:
 
 
 def resolve_path(path: str | Path) -> Path:
-    """Relative paths in configs are relative to the repository root (where configs/ lives)."""
+    """A data or output path from a config or the command line (`data.root`, `paths.*`, `--out`):
+    relative to the working directory, as a person typing it expects. (The project's own files,
+    `validation.suite` and `classes_suite`, are relative to the repository: see
+    `defectflow.validation.suite_path`.)"""
     p = Path(path).expanduser()
     return p if p.is_absolute() else (Path.cwd() / p)
