@@ -284,6 +284,25 @@ def test_html_report_is_self_contained_and_explains_the_decision(tmp_path):
     assert "run-42" in page and "<h1>run 42</h1>" in page
 
 
+def test_html_report_escapes_markup_in_titles_facts_and_class_names(tmp_path):
+    """The template autoescapes: markup in a title, a fact or a class name shows as text."""
+    challenger = hand_made_evaluation(tmp_path / "e")
+    evil = "<script>alert(1)</script>"
+    per_class = challenger.metrics["per_class"]
+    per_class[evil] = per_class.pop("poke")
+    for row in challenger.per_image:
+        if row["true"] == "poke":
+            row["true"] = evil  # misclassified: also in the worst cases table
+    page = write_report(tmp_path / "r", challenger, title=f"run {evil}", info={"run": evil})["html"].read_text()
+    assert "<script" not in page.lower()
+    escaped = html.escape(evil)
+    assert f"<title>run {escaped}</title>" in page and f"<h1>run {escaped}</h1>" in page
+    cells = bare_cells(page)
+    assert f"<td>run</td><td>{escaped}</td>" in cells
+    assert f"<tr><td>{escaped}</td>" in cells  # the per-class row
+    assert f"<td>{escaped}</td><td>crack</td>" in cells  # the worst case: true, predicted
+
+
 def test_lone_model_report_has_no_comparison_column(tmp_path):
     challenger = hand_made_evaluation(tmp_path / "challenger")
     paths = write_report(tmp_path / "report", challenger)
@@ -470,7 +489,7 @@ def test_report_shows_confidence_figures_and_the_coverage_plot(tmp_path):
     assert "(target 0.990, reached) | 0.990 |" in markdown
     cells = bare_cells(page)
     assert "<h2>Confidence and coverage</h2>" in page
-    assert "<td>temperature (1 = the network&#x27;s own probabilities)</td><td>1.700</td>" in cells
+    assert "<td>temperature (1 = the network's own probabilities)</td><td>1.700</td>" in html.unescape(cells)
     assert "<td>confidence threshold (below: uncertain)</td><td>0.6500</td>" in cells
     # The plot is in the page too (as a data URI, after the section heading).
     section = page[page.index("<h2>Confidence and coverage</h2>"):]

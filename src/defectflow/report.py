@@ -4,6 +4,7 @@
 
 - `report.html`: self-contained (inline CSS, every figure a base64 PNG data URI, no scripts,
   nothing fetched), so it can be mailed, attached or opened from an artifact store as is;
+  rendered from templates/report.html.j2 (Jinja2, autoescaped) with a context of plain values;
 - `report.md`: the same summary in Markdown, figures linked as the PNG files beside it;
 - `report_*.png`: those figures.
 
@@ -22,13 +23,14 @@ from __future__ import annotations
 
 import base64
 import csv
-import html
 import json
 import math
 from datetime import UTC, datetime
+from functools import cache
 from pathlib import Path
 
 import numpy as np
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from defectflow.evaluation import Evaluation
 from defectflow.plots import (
@@ -237,122 +239,33 @@ def summary_markdown(challenger: Evaluation, champion: Evaluation | None = None,
 
 # ---------------------------------------------------------------- HTML
 
-CSS = """
-body{font-family:-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1200px;
-color:#222;padding:0 16px;line-height:1.4}
-h1{font-size:1.6em;margin-bottom:4px}h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:32px}
-table{border-collapse:collapse;margin:8px 0 16px}th,td{border:1px solid #ccc;padding:4px 10px;text-align:right}
-th{background:#f2f2f2}.text{text-align:left}
-.banner{padding:14px 18px;border-radius:6px;margin:16px 0;font-size:1.1em}
-.banner strong{font-size:1.3em;display:block;margin-bottom:4px}
-.promoted{background:#e3f5e1;border:2px solid #2e7d32}.rejected{background:#fdeaea;border:2px solid #c62828}
-.held{background:#fff4e0;border:2px solid #ef8f00}
-.neutral{background:#f2f2f2;border:2px solid #888}
-tr.fail td{background:#fdeaea}tr.wrong td{color:#c62828}.better{color:#2e7d32}.worse{color:#c62828}
-.note{color:#666;font-size:.9em}img{max-width:100%;border:1px solid #ddd}
-.figures{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}
-.figures figure{margin:0}figcaption{color:#666;font-size:.9em}
-"""
+#: Where report.html.j2 lives (package data, beside this module).
+TEMPLATES = Path(__file__).parent / "templates"
+#: The report's figures by name (the keys `write_report` returns), with their captions.
+FIGURE_CAPTIONS = {"confusion_matrix": "Confusion matrix (rows: true class, columns: predicted)",
+                   "champion_confusion_matrix": "Confusion matrix of the champion",
+                   "reliability": "Reliability diagram",
+                   "coverage": "Accuracy vs coverage (confidence threshold)",
+                   "anomaly_scores": "Anomaly scores of good and defect test images",
+                   "training_curves": "Training curves",
+                   "error_analysis": "Worst cases: image | true mask | predicted mask"}
 
 
-def _e(value) -> str:
-    return html.escape(str(value))
+@cache
+def _environment() -> Environment:
+    """Autoescaping: every text the context gives is plain text, escaped by the template."""
+    return Environment(loader=FileSystemLoader(TEMPLATES), autoescape=True, undefined=StrictUndefined,
+                       trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
 
 
-def _html_table(header: list[str] | None, rows: list[list[str]], row_classes: list[str] | None = None,
-                text_columns: int = 1) -> str:
-    """Cells are HTML already (escaped by the caller); the first `text_columns` columns are
-    left-aligned text, the rest right-aligned numbers."""
-    def cells(tag: str, row: list[str]) -> str:
-        text = ' class="text"'
-        return "".join(f"<{tag}{text if i < text_columns else ''}>{c}</{tag}>" for i, c in enumerate(row))
-
-    out = ["<table>" + (f"<thead><tr>{cells('th', header)}</tr></thead>" if header else "") + "<tbody>"]
-    for i, row in enumerate(rows):
-        cls = f' class="{row_classes[i]}"' if row_classes and row_classes[i] else ""
-        out.append(f"<tr{cls}>{cells('td', row)}</tr>")
-    return "\n".join(out) + "</tbody></table>"
-
-
-def _img(png: Path, alt: str) -> str:
-    data = base64.b64encode(png.read_bytes()).decode("ascii")
-    return f'<img alt="{_e(alt)}" src="data:image/png;base64,{data}">'
-
-
-def _banner(decision: dict | None) -> str:
-    """Green: promoted; red: the gate failed; amber: the gate passed but the model was not
-    promoted (e.g. promotion switched off)."""
-    if decision is None:
-        return '<div class="banner neutral"><strong>No promotion decision</strong>evaluation only</div>'
-    checks = decision.get("checks", [])
-    failed = [c for c in checks if not c["passed"]]
-    passed = decision.get("passed", not failed)
-    if decision["promoted"]:
-        css, verdict = "promoted", "Promoted"
-    else:
-        css, verdict = ("held", "Not promoted (gate passed)") if passed else ("rejected", "Not promoted")
-    details = [f"gate checks: {len(checks) - len(failed)} of {len(checks)} passed"]
-    details.append(f"champion: {_e(decision['champion'])}" if decision.get("champion") else "no champion compared")
-    if decision.get("champion_note"):
-        details.append(_e(decision["champion_note"]))
-    return (f'<div class="banner {css}"><strong>{verdict}</strong>{_e(decision["message"])}'
-            f'<div class="note">{" · ".join(details)}</div></div>')
-
-
-def _metrics_html(challenger: Evaluation, champion: Evaluation | None, champion_name: str | None) -> str:
-    header = ["metric", "challenger"]
-    if champion is not None:
-        header += [f"champion{' (' + _e(champion_name) + ')' if champion_name else ''}", "difference"]
-    rows = []
-    for key, row in zip(REPORT_METRICS, metrics_table_rows(challenger, champion), strict=True):
-        cells = [_e(row["metric"]), _fmt(row["challenger"])]
-        if champion is not None:
-            diff = row["difference"]
-            if diff is None:
-                cells += [_fmt(row["champion"]), "—"]
-            else:
-                good = -diff if key in LOWER_IS_BETTER else diff
-                cls = "better" if good > 0 else "worse" if good < 0 else ""
-                cells += [_fmt(row["champion"]), f'<span class="{cls}">{diff:+.4f}</span>']
-        rows.append(cells)
-    return _html_table(header, rows)
-
-
-def _worst_table(cases: list[tuple[dict, np.ndarray]]) -> str:
-    rows = [[str(i + 1), _e("/".join(Path(r["path"]).parts[-3:])), _e(r["true"]), _e(r["predicted"]),
-             _fmt(r.get("confidence"), 3), _fmt(r.get("p_defect"), 3), _fmt(r.get("dice"), 3)]
-            for i, (r, _) in enumerate(cases)]
-    classes = ["wrong" if r["true"] != r["predicted"] else "" for r, _ in cases]
-    return _html_table(["#", "image", "true", "predicted", "confidence", "P(defect)", "Dice"], rows, classes,
-                       text_columns=4)
-
-
-def _figure(png: Path, caption: str) -> str:
-    return f"<figure>{_img(png, caption)}<figcaption>{_e(caption)}</figcaption></figure>"
-
-
-def write_report(out_dir: str | Path, challenger: Evaluation, champion: Evaluation | None = None,
-                 decision: dict | None = None, history: dict[str, list[float]] | None = None,
-                 title: str = "defectflow evaluation", info: dict | None = None,
-                 error_count: int = 12) -> dict[str, Path]:
-    """Write report.html, report.md and their figures into `out_dir`; returns their paths by
-    name: "html", "markdown", and those figures that were drawn: "confusion_matrix",
-    "champion_confusion_matrix", "reliability", "coverage", "training_curves", "error_analysis".
-
-    `champion`: the current production model evaluated on the same images (metrics suffice);
-    `decision`: the gate's decision dict (module docstring) or an object with `to_dict()`
-    giving it; `history`: training history
-    series by name (see `load_history`); `info`: extra facts shown at the top (run, data...);
-    `error_count`: at most this many worst cases in the error analysis.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    decision = _decision_dict(decision)
+def _draw_figures(out_dir: Path, challenger: Evaluation, champion: Evaluation | None,
+                  history: dict[str, list[float]] | None,
+                  cases: list[tuple[dict, np.ndarray]]) -> tuple[dict[str, Path], dict[str, str]]:
+    """Save the report's figures as report_*.png in `out_dir`: their paths by name, and for a
+    figure that could not be drawn the note saying why."""
     m = challenger.metrics
-    champion_name = decision.get("champion") if decision else None
     paths: dict[str, Path] = {}
     notes: dict[str, str] = {}
-
     if "confusion_matrix" in m:
         paths["confusion_matrix"] = save_rgb(confusion_matrix_image(m["confusion_matrix"], m["classes"]),
                                              out_dir / "report_confusion_matrix.png")
@@ -388,7 +301,6 @@ def write_report(out_dir: str | Path, challenger: Evaluation, champion: Evaluati
             paths["training_curves"] = save_rgb(np.hstack(charts), out_dir / "report_training_curves.png")
     if not history or "training_curves" not in paths:
         notes["training_curves"] = "No training history was given."
-    cases = challenger.worst_cases(error_count)
     if cases:
         try:
             paths["error_analysis"] = save_rgb(error_analysis_grid(cases), out_dir / "report_error_analysis.png")
@@ -398,75 +310,92 @@ def write_report(out_dir: str | Path, challenger: Evaluation, champion: Evaluati
         notes["error_analysis"] = "This evaluation kept no predicted masks, so no error analysis."
     else:
         notes["error_analysis"] = "No errors to show: every image was classified correctly and no defect mask kept."
+    return paths, notes
 
-    captions = {"confusion_matrix": "Confusion matrix (rows: true class, columns: predicted)",
-                "champion_confusion_matrix": "Confusion matrix of the champion",
-                "reliability": "Reliability diagram",
-                "coverage": "Accuracy vs coverage (confidence threshold)",
-                "anomaly_scores": "Anomaly scores of good and defect test images",
-                "training_curves": "Training curves",
-                "error_analysis": "Worst cases: image | true mask | predicted mask"}
-    links = {captions[k]: p.name for k, p in paths.items()}
-    markdown = summary_markdown(challenger, champion, decision, links, title)
+
+def _banner(decision: dict | None) -> dict:
+    """The decision banner: its colour (css class), verdict, message and details. Green:
+    promoted; red: the gate failed; amber: the gate passed but the model was not promoted
+    (e.g. promotion switched off); grey: no decision."""
+    if decision is None:
+        return {"css": "neutral", "verdict": "No promotion decision", "message": "evaluation only", "details": []}
+    checks = decision.get("checks", [])
+    failed = [c for c in checks if not c["passed"]]
+    passed = decision.get("passed", not failed)
+    if decision["promoted"]:
+        css, verdict = "promoted", "Promoted"
+    else:
+        css, verdict = ("held", "Not promoted (gate passed)") if passed else ("rejected", "Not promoted")
+    details = [f"gate checks: {len(checks) - len(failed)} of {len(checks)} passed",
+               f"champion: {decision['champion']}" if decision.get("champion") else "no champion compared"]
+    if decision.get("champion_note"):
+        details.append(decision["champion_note"])
+    return {"css": css, "verdict": verdict, "message": decision["message"], "details": details}
+
+
+def _metric_rows(challenger: Evaluation, champion: Evaluation | None) -> list[dict]:
+    """The headline metrics as text: metric, challenger, champion, difference and its css class
+    ("better", "worse"; "" when equal or not comparable)."""
+    rows = []
+    for key, row in zip(REPORT_METRICS, metrics_table_rows(challenger, champion), strict=True):
+        diff = row.get("difference")
+        good = None if diff is None else -diff if key in LOWER_IS_BETTER else diff
+        rows.append({"metric": row["metric"], "challenger": _fmt(row["challenger"]),
+                     "champion": _fmt(row.get("champion")), "difference": "—" if diff is None else f"{diff:+.4f}",
+                     "css": "" if not good else "better" if good > 0 else "worse"})
+    return rows
+
+
+def _worst_rows(cases: list[tuple[dict, np.ndarray]]) -> list[list[str]]:
+    return [[str(i + 1), "/".join(Path(r["path"]).parts[-3:]), r["true"], r["predicted"],
+             _fmt(r.get("confidence"), 3), _fmt(r.get("p_defect"), 3), _fmt(r.get("dice"), 3)]
+            for i, (r, _) in enumerate(cases)]
+
+
+def write_report(out_dir: str | Path, challenger: Evaluation, champion: Evaluation | None = None,
+                 decision: dict | None = None, history: dict[str, list[float]] | None = None,
+                 title: str = "defectflow evaluation", info: dict | None = None,
+                 error_count: int = 12) -> dict[str, Path]:
+    """Write report.html, report.md and their figures into `out_dir`; returns their paths by
+    name: "html", "markdown", and those figures that were drawn: "confusion_matrix",
+    "champion_confusion_matrix", "reliability", "coverage", "training_curves", "error_analysis".
+
+    `champion`: the current production model evaluated on the same images (metrics suffice);
+    `decision`: the gate's decision dict (module docstring) or an object with `to_dict()`
+    giving it; `history`: training history
+    series by name (see `load_history`); `info`: extra facts shown at the top (run, data...);
+    `error_count`: at most this many worst cases in the error analysis.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    decision = _decision_dict(decision)
+    m = challenger.metrics
+    cases = challenger.worst_cases(error_count)
+    paths, notes = _draw_figures(out_dir, challenger, champion, history, cases)
+
+    links = {FIGURE_CAPTIONS[k]: p.name for k, p in paths.items()}
     paths["markdown"] = out_dir / "report.md"
-    paths["markdown"].write_text(markdown, encoding="utf-8")
+    paths["markdown"].write_text(summary_markdown(challenger, champion, decision, links, title), encoding="utf-8")
 
     facts = {"test images": m.get("n_images", len(challenger.per_image)),
              "defective test images": m.get("n_defect_images", "—"),
              **(info or {}),
              "generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}
+    checks = (decision or {}).get("checks") or []
     class_header, class_rows = _per_class_rows(challenger, champion)
-    body = [f"<h1>{_e(title)}</h1>", _banner(decision),
-            _html_table(None, [[_e(k), _e(v)] for k, v in facts.items()], text_columns=2)]
-    if decision is not None and decision.get("checks"):
-        checks = decision["checks"]
-        body += ["<h2>Why: the promotion checks</h2>",
-                 '<p class="note">absolute: a fixed threshold; champion: measured against the champion within '
-                 "the tolerance. Failed checks in red.</p>",
-                 _html_table(CHECK_HEADER, [[_e(c) for c in _check_cells(check)] for check in checks],
-                             ["" if c["passed"] else "fail" for c in checks], text_columns=2)]
-    body += ["<h2>Metrics</h2>", _metrics_html(challenger, champion, champion_name),
-             '<p class="note">' + ("Difference = challenger − champion; green where the challenger is better (for "
-                                   "the calibration error, lower is better). " if champion is not None else "")
-             + "Defect-only figures average over images whose true class is a defect.</p>",
-             "<h2>Per class</h2>", _html_table([_e(h) for h in class_header], [[_e(c) for c in r] for r in class_rows]),
-             "<h2>Confusion matrix</h2>", '<div class="figures">']
-    body += [_figure(paths[k], captions[k]) for k in ("confusion_matrix", "champion_confusion_matrix") if k in paths]
-    body += ["</div>", "<h2>Calibration</h2>",
-             f"<p>Expected calibration error: <b>{_fmt(m.get('expected_calibration_error'))}</b> — the "
-             "count-weighted mean gap between confidence (probability of the class answered) and accuracy over 10 "
-             "equal-width confidence bins; 0 means the confidences can be taken at face value.</p>"]
-    body += [_figure(paths["reliability"], captions["reliability"])] if "reliability" in paths else [
-        f'<p class="note">{_e(notes["reliability"])}</p>']
-    body += ["<h2>Confidence and coverage</h2>",
-             '<p class="note">Confidence: the calibrated probability of the class answered. Answers below the '
-             "confidence threshold are returned as <i>uncertain</i> for a person to review; coverage is the share "
-             "accepted. The temperature and the threshold are chosen on the validation split.</p>"]
-    confidence = confidence_rows(m)
-    if confidence:
-        body += [_html_table(["figure", "value"], [[_e(a), _e(b)] for a, b in confidence])]
-    body += [_figure(paths["coverage"], captions["coverage"])] if "coverage" in paths else [
-        f'<p class="note">{_e(notes["coverage"])}</p>']
-    anomaly = anomaly_rows(m)
-    if anomaly:
-        body += ["<h2>Anomaly score: defect types never labelled</h2>",
-                 '<p class="note">Learned from good images only: how unlike every good training patch the most '
-                 "unusual patch of an image is. A part the classifier calls good but whose score exceeds the "
-                 "threshold is answered <i>unknown_defect</i> (uncertain), with the anomaly map as its mask.</p>",
-                 _html_table(["figure", "value"], [[_e(a), _e(b)] for a, b in anomaly])]
-        body += [_figure(paths["anomaly_scores"], captions["anomaly_scores"])] if "anomaly_scores" in paths else []
-    body += ["<h2>Training curves</h2>"]
-    body += [_figure(paths["training_curves"], captions["training_curves"])] if "training_curves" in paths else [
-        f'<p class="note">{_e(notes["training_curves"])}</p>']
-    body += ["<h2>Error analysis</h2>",
-             '<p class="note">Misclassified images first (most confident first), then defect images with the '
-             "lowest Dice. Green: true mask, red: predicted mask.</p>"]
-    if "error_analysis" in paths:
-        body += [_figure(paths["error_analysis"], captions["error_analysis"]), _worst_table(cases)]
-    else:
-        body += [f'<p class="note">{_e(notes["error_analysis"])}</p>']
-    page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{_e(title)}</title><style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+    context = {
+        "title": title, "banner": _banner(decision), "facts": list(facts.items()),
+        "check_header": CHECK_HEADER, "checks": [_check_cells(c) for c in checks],
+        "check_classes": ["" if c["passed"] else "fail" for c in checks],
+        "compared": champion is not None, "champion_name": decision.get("champion") if decision else None,
+        "metrics": _metric_rows(challenger, champion), "class_header": class_header, "class_rows": class_rows,
+        "ece": _fmt(m.get("expected_calibration_error")), "confidence": confidence_rows(m),
+        "anomaly": anomaly_rows(m),
+        "figures": {k: {"caption": FIGURE_CAPTIONS[k], "png": base64.b64encode(p.read_bytes()).decode("ascii")}
+                    for k, p in paths.items() if k in FIGURE_CAPTIONS},
+        "notes": notes, "worst": _worst_rows(cases),
+        "worst_classes": ["wrong" if r["true"] != r["predicted"] else "" for r, _ in cases],
+    }
     paths["html"] = out_dir / "report.html"
-    paths["html"].write_text(page, encoding="utf-8")
+    paths["html"].write_text(_environment().get_template("report.html.j2").render(context), encoding="utf-8")
     return paths
