@@ -27,10 +27,10 @@ from fastapi import FastAPI
 from pydantic import Field
 
 from defectflow.artifacts import ModelInfo
-from defectflow.http_guard import HEALTH_PATHS, guard_middlewares
-from defectflow.inbox import AddResult, Inbox, InboxWriter
 from defectflow.registry import MODEL_TAG_ENV, production_tag
-from defectflow.serving import (
+from defectflow.serving.guards import HEALTH_PATHS, guard_middlewares
+from defectflow.serving.inbox import AddResult, Inbox, InboxWriter
+from defectflow.serving.settings import (
     REVIEW_ACCESS_MESSAGES,
     PixelBudget,
     ServerBusy,
@@ -43,15 +43,15 @@ from defectflow.serving import (
     review_access,
     unpack_outputs,
 )
-from defectflow.uploads import (
+from defectflow.serving.uploads import (
     CheckedUpload,
     UploadLimits,
     UploadRejected,
     check_upload,
     decode_checked,
 )
-from defectflow.web import ui_app
-from defectflow.web.review import review_app
+from defectflow.serving.web.ui import ui_app
+from defectflow.serving.web.review import review_app
 
 
 def _model_tag() -> str:
@@ -60,8 +60,10 @@ def _model_tag() -> str:
         return pinned
     production = production_tag()
     if production is None:
-        raise RuntimeError("no production model in the registry: train one (`defectflow train`) or promote "
-                           f"one (`defectflow models promote TAG`), or set {MODEL_TAG_ENV}")
+        raise RuntimeError(
+            "no production model in the registry: train one (`defectflow train`) or promote "
+            f"one (`defectflow models promote TAG`), or set {MODEL_TAG_ENV}"
+        )
     return production
 
 
@@ -82,8 +84,16 @@ API_TOKEN = os.environ.get(str(SETTINGS.serve.auth_token_env))
 REVIEW_ACCESS = review_access(SETTINGS.serve, API_TOKEN)
 # Uncertain answers are kept for review (serve.inbox): files + an SQLite index, written from a
 # background thread after the answer is ready. The review API and page are at /review.
-INBOX = (Inbox(SETTINGS.serve.inbox.path, int(SETTINGS.serve.inbox.max_items), int(SETTINGS.serve.inbox.max_bytes),
-               incoming=SETTINGS.serve.inbox.incoming) if SETTINGS.serve.inbox.enabled else None)
+INBOX = (
+    Inbox(
+        SETTINGS.serve.inbox.path,
+        int(SETTINGS.serve.inbox.max_items),
+        int(SETTINGS.serve.inbox.max_bytes),
+        incoming=SETTINGS.serve.inbox.incoming,
+    )
+    if SETTINGS.serve.inbox.enabled
+    else None
+)
 
 # One JSON object per prediction on stdout, apart from BentoML's own access log.
 prediction_log = logging.getLogger("defectflow.predictions")
@@ -114,13 +124,13 @@ class _Metrics:
         self.rejected = bentoml.metrics.Counter(
             name="defectflow_rejected_uploads_total",
             documentation="Uploads refused before an answer, by status: 4xx for the upload, 503 when the "
-                          "decoded pixels in flight are at their limit",
+            "decoded pixels in flight are at their limit",
             labelnames=["status"],
         )
         self.inbox = bentoml.metrics.Counter(
             name="defectflow_inbox_items_total",
             documentation="Uncertain answers offered to the review inbox, by outcome: stored, "
-                          "refused_full (retention limit), refused_busy (writer queue full), error",
+            "refused_full (retention limit), refused_busy (writer queue full), error",
             labelnames=["outcome"],
         )
 
@@ -154,7 +164,7 @@ class DefectModel:
     model_ref = MODEL
 
     def __init__(self) -> None:
-        from defectflow.inference import Predictor  # TensorFlow loads here, not at build
+        from defectflow.inference.predictor import Predictor  # TensorFlow loads here, not at build
 
         self.predictor = Predictor.load(self.model_ref.path)
         _warm_up(self.predictor)
@@ -163,8 +173,11 @@ class DefectModel:
     def __is_ready__(self) -> bool:
         return getattr(self, "ready", False)
 
-    @bentoml.api(batchable=True, max_batch_size=int(SETTINGS.serve.batch.max_batch_size),
-                 max_latency_ms=int(SETTINGS.serve.batch.max_latency_ms))
+    @bentoml.api(
+        batchable=True,
+        max_batch_size=int(SETTINGS.serve.batch.max_batch_size),
+        max_latency_ms=int(SETTINGS.serve.batch.max_latency_ms),
+    )
     def forward(self, images: np.ndarray) -> np.ndarray:
         return pack_outputs(self.predictor.backend(images.astype(np.float32)))
 
@@ -175,8 +188,12 @@ info_app = FastAPI(title="defectflow model information")
 # With a Keras model, requests handled at once from more than one thread made the calls to
 # DefectModel fail now and then (aiohttp ServerDisconnectedError, seen as HTTP 500 in the
 # hostile-input test): that path keeps BentoML's default of one.
-@bentoml.service(name="defectflow", workers=1, threads=int(SETTINGS.serve.threads) if IN_PROCESS else 1,
-                 traffic={"timeout": 60})
+@bentoml.service(
+    name="defectflow",
+    workers=1,
+    threads=int(SETTINGS.serve.threads) if IN_PROCESS else 1,
+    traffic={"timeout": 60},
+)
 @bentoml.asgi_app(info_app, path="/")
 @bentoml.asgi_app(ui_app(), path="/ui")
 @bentoml.asgi_app(review_app(INBOX, API_TOKEN), path="/review")
@@ -187,7 +204,7 @@ class DefectInspection:
         model = bentoml.depends(DefectModel)
 
     def __init__(self) -> None:
-        from defectflow.inference import Predictor
+        from defectflow.inference.predictor import Predictor
         from defectflow.registry import stage_of
 
         self.model_tag = str(self.model_ref.tag)
@@ -201,13 +218,22 @@ class DefectInspection:
             self.stage = stage_of(self.model_tag)
         except Exception:  # noqa: BLE001
             self.stage = None
-        self.metadata = metadata(self.model_tag, self.stage, Path(self.model_ref.path), self.predictor.info,
-                                 SETTINGS)
+        self.metadata = metadata(
+            self.model_tag, self.stage, Path(self.model_ref.path), self.predictor.info, SETTINGS
+        )
         self.metrics = _Metrics()
-        self.inbox_writer = InboxWriter(INBOX, on_result=self._inbox_outcome) if INBOX is not None else None
-        self._log({"event": "start", "review_access": REVIEW_ACCESS, "message": REVIEW_ACCESS_MESSAGES[REVIEW_ACCESS],
-                   "max_request_pixels": PIXEL_BUDGET.max_request_pixels,
-                   "max_inflight_pixels": PIXEL_BUDGET.max_inflight_pixels})
+        self.inbox_writer = (
+            InboxWriter(INBOX, on_result=self._inbox_outcome) if INBOX is not None else None
+        )
+        self._log(
+            {
+                "event": "start",
+                "review_access": REVIEW_ACCESS,
+                "message": REVIEW_ACCESS_MESSAGES[REVIEW_ACCESS],
+                "max_request_pixels": PIXEL_BUDGET.max_request_pixels,
+                "max_inflight_pixels": PIXEL_BUDGET.max_inflight_pixels,
+            }
+        )
 
     @info_app.get("/metadata")
     def model_metadata(self) -> dict:
@@ -215,17 +241,35 @@ class DefectInspection:
         metrics, config digest, upload limits and the review inbox's counters."""
         inbox = {"enabled": self.inbox_writer is not None}
         if self.inbox_writer is not None:
-            inbox.update(path=str(INBOX.root), incoming=str(INBOX.incoming), max_items=INBOX.max_items,
-                         max_bytes=INBOX.max_bytes, counters=self.inbox_writer.counters)
+            inbox.update(
+                path=str(INBOX.root),
+                incoming=str(INBOX.incoming),
+                max_items=INBOX.max_items,
+                max_bytes=INBOX.max_bytes,
+                counters=self.inbox_writer.counters,
+            )
         return {**self.metadata, "inbox": inbox}
 
     def _inbox_outcome(self, result: AddResult) -> None:
-        outcome = "stored" if result.stored else "refused_full" if result.reason in ("full_items", "full_bytes") \
+        outcome = (
+            "stored"
+            if result.stored
+            else "refused_full"
+            if result.reason in ("full_items", "full_bytes")
             else "error"
+        )
         self.metrics.inbox.labels(outcome=outcome).inc()
         if not result.stored:
-            prediction_log.info(json_log_line({"event": "inbox", "outcome": outcome, "reason": result.reason,
-                                               "error": result.message}))
+            prediction_log.info(
+                json_log_line(
+                    {
+                        "event": "inbox",
+                        "outcome": outcome,
+                        "reason": result.reason,
+                        "error": result.message,
+                    }
+                )
+            )
 
     def _keep_if_uncertain(self, data: bytes, result: dict) -> None:
         """Queue an uncertain answer for review (a missing `status` means accepted). Never
@@ -236,10 +280,19 @@ class DefectInspection:
             kept = {k: v for k, v in result.items() if k != "overlay_png_base64"}
             if not self.inbox_writer.submit(data, kept, self.model_tag):
                 self.metrics.inbox.labels(outcome="refused_busy").inc()
-                prediction_log.info(json_log_line({"event": "inbox", "outcome": "refused_busy",
-                                                   "request_id": result.get("request_id")}))
+                prediction_log.info(
+                    json_log_line(
+                        {
+                            "event": "inbox",
+                            "outcome": "refused_busy",
+                            "request_id": result.get("request_id"),
+                        }
+                    )
+                )
         except Exception:  # noqa: BLE001
-            logging.getLogger("defectflow.inbox").exception("could not queue an uncertain answer for review")
+            logging.getLogger("defectflow.serving.inbox").exception(
+                "could not queue an uncertain answer for review"
+            )
             self.metrics.inbox.labels(outcome="error").inc()
 
     def _predict_images(self, images: list[np.ndarray]) -> list:
@@ -252,26 +305,51 @@ class DefectInspection:
     def _log(self, record: dict) -> None:
         prediction_log.info(json_log_line(record))
 
-    def _refuse(self, ctx: bentoml.Context, refusal: UploadRejected | ServerBusy, request_id: str, endpoint: str,
-                started: float) -> dict:
+    def _refuse(
+        self,
+        ctx: bentoml.Context,
+        refusal: UploadRejected | ServerBusy,
+        request_id: str,
+        endpoint: str,
+        started: float,
+    ) -> dict:
         """The answer to a refused request: its status (503 with Retry-After when busy) and
         {"error", "request_id"}. Not `raise InvalidArgument`: BentoML 1.4.39 answers those with a JSON list."""
         ctx.response.status_code = refusal.status_code
         if isinstance(refusal, ServerBusy):
             ctx.response.headers["Retry-After"] = str(refusal.retry_after_s)
         self.metrics.rejected.labels(status=str(refusal.status_code)).inc()
-        self._log(prediction_record(request_id, endpoint, self.model_tag, started, None, None, refusal.status_code,
-                                    str(refusal)))
+        self._log(
+            prediction_record(
+                request_id,
+                endpoint,
+                self.model_tag,
+                started,
+                None,
+                None,
+                refusal.status_code,
+                str(refusal),
+            )
+        )
         return {"error": str(refusal), "request_id": request_id}
 
     @bentoml.api(route="/predict")
     def predict(
         self,
-        image: Annotated[Path, Field(description="The image file (PNG, JPEG, BMP or TIFF; gray, RGB, RGBA; "
-                                                 "8 or 16 bit), as multipart/form-data field `image`.")],
+        image: Annotated[
+            Path,
+            Field(
+                description="The image file (PNG, JPEG, BMP or TIFF; gray, RGB, RGBA; "
+                "8 or 16 bit), as multipart/form-data field `image`."
+            ),
+        ],
         ctx: bentoml.Context,
-        overlay: Annotated[bool, Field(description="Also return `overlay_png_base64`: the image with the "
-                                                   "mask painted red.")] = False,
+        overlay: Annotated[
+            bool,
+            Field(
+                description="Also return `overlay_png_base64`: the image with the mask painted red."
+            ),
+        ] = False,
     ) -> dict:
         """Classify an image and localise its defect. The answer: `class` (the decided class),
         `probabilities` (per class, summing to 1), `is_defective`, `defect_area_fraction`,
@@ -289,9 +367,15 @@ class DefectInspection:
             with PIXEL_BUDGET.reserve(checked.pixels):
                 image_array = decode_checked(checked, UPLOAD_LIMITS)
                 prediction = self._predict_images([image_array])[0]
-                result = {**answer(prediction, image_array, self.model_tag, overlay), "request_id": request_id}
-                self._log(prediction_record(request_id, "/predict", self.model_tag, started, image_array, result,
-                                            200))
+                result = {
+                    **answer(prediction, image_array, self.model_tag, overlay),
+                    "request_id": request_id,
+                }
+                self._log(
+                    prediction_record(
+                        request_id, "/predict", self.model_tag, started, image_array, result, 200
+                    )
+                )
         except (UploadRejected, ServerBusy) as exc:
             return self._refuse(ctx, exc, request_id, "/predict", started)
         self.metrics.latency.labels(endpoint="/predict").observe(time.perf_counter() - started)
@@ -302,8 +386,10 @@ class DefectInspection:
     @bentoml.api(route="/predict_batch")
     def predict_batch(
         self,
-        images: Annotated[list[Path], Field(description="Several image files, each as a multipart/form-data "
-                                                        "field `images`.")],
+        images: Annotated[
+            list[Path],
+            Field(description="Several image files, each as a multipart/form-data field `images`."),
+        ],
         ctx: bentoml.Context,
     ) -> dict:
         """Classify several images in one call (one forward pass for all). The answer:
@@ -320,8 +406,10 @@ class DefectInspection:
         if not images or len(images) > limit:
             ctx.response.status_code = 413 if images else 400
             self.metrics.rejected.labels(status=str(ctx.response.status_code)).inc()
-            return {"error": f"send between 1 and {limit} images as fields `images`, got {len(images)}",
-                    "request_id": request_id}
+            return {
+                "error": f"send between 1 and {limit} images as fields `images`, got {len(images)}",
+                "request_id": request_id,
+            }
         try:
             checked = [self._check_numbered(index, upload) for index, upload in enumerate(images)]
             # Every header is read before any image is decoded: the request's pixels are known.
@@ -329,7 +417,9 @@ class DefectInspection:
                 results = self._answer_batch(checked, request_id, started)
         except (UploadRejected, ServerBusy) as exc:
             return self._refuse(ctx, exc, request_id, "/predict_batch", started)
-        self.metrics.latency.labels(endpoint="/predict_batch").observe(time.perf_counter() - started)
+        self.metrics.latency.labels(endpoint="/predict_batch").observe(
+            time.perf_counter() - started
+        )
         for index, (upload, result) in enumerate(zip(checked, results, strict=True)):
             self.metrics.by_class.labels(predicted_class=result["class"]).inc()
             self._keep_if_uncertain(upload.data, {**result, "request_id": f"{request_id}/{index}"})
@@ -339,9 +429,13 @@ class DefectInspection:
         try:
             return self._check(upload)
         except UploadRejected as exc:
-            raise UploadRejected(exc.status_code, f"image {index} (counting from 0): {exc}") from exc
+            raise UploadRejected(
+                exc.status_code, f"image {index} (counting from 0): {exc}"
+            ) from exc
 
-    def _answer_batch(self, checked: list[CheckedUpload], request_id: str, started: float) -> list[dict]:
+    def _answer_batch(
+        self, checked: list[CheckedUpload], request_id: str, started: float
+    ) -> list[dict]:
         """Decode, predict (one forward pass) and answer the images of a batch; call it only
         with their pixels reserved. UploadRejected names the image that could not be decoded."""
         arrays = []
@@ -349,11 +443,25 @@ class DefectInspection:
             try:
                 arrays.append(decode_checked(upload, UPLOAD_LIMITS))
             except UploadRejected as exc:
-                raise UploadRejected(exc.status_code, f"image {index} (counting from 0): {exc}") from exc
-        results = [answer(p, a, self.model_tag) for p, a in zip(self._predict_images(arrays), arrays, strict=True)]
+                raise UploadRejected(
+                    exc.status_code, f"image {index} (counting from 0): {exc}"
+                ) from exc
+        results = [
+            answer(p, a, self.model_tag)
+            for p, a in zip(self._predict_images(arrays), arrays, strict=True)
+        ]
         for index, (array, result) in enumerate(zip(arrays, results, strict=True)):
-            self._log(prediction_record(f"{request_id}/{index}", "/predict_batch", self.model_tag, started, array,
-                                        result, 200))
+            self._log(
+                prediction_record(
+                    f"{request_id}/{index}",
+                    "/predict_batch",
+                    self.model_tag,
+                    started,
+                    array,
+                    result,
+                    200,
+                )
+            )
         return results
 
 
@@ -361,9 +469,13 @@ class DefectInspection:
 # /review is exempt here only so its page loads without a token: review_app checks the same
 # token itself on everything under /review but the page.
 for _middleware, _options in guard_middlewares(
-        token=API_TOKEN,
-        file_fields={"/predict": ["image"], "/predict_batch": ["images"]},
-        max_bytes=int(SETTINGS.serve.max_upload_bytes),
-        path_max_bytes={"/predict_batch": int(SETTINGS.serve.max_upload_bytes) * int(SETTINGS.serve.max_batch_images)},
-        auth_exempt=(*HEALTH_PATHS, "/ui", "/review")):  # the pages load without a token, then send it
+    token=API_TOKEN,
+    file_fields={"/predict": ["image"], "/predict_batch": ["images"]},
+    max_bytes=int(SETTINGS.serve.max_upload_bytes),
+    path_max_bytes={
+        "/predict_batch": int(SETTINGS.serve.max_upload_bytes)
+        * int(SETTINGS.serve.max_batch_images)
+    },
+    auth_exempt=(*HEALTH_PATHS, "/ui", "/review"),
+):  # the pages load without a token, then send it
     DefectInspection.add_asgi_middleware(_middleware, **_options)

@@ -42,8 +42,12 @@ def _print(row: dict) -> dict:
 
 
 def _summary(ms: list[float]) -> dict:
-    return {"n": len(ms), "min_ms": round(min(ms), 2), "median_ms": round(statistics.median(ms), 2),
-            "max_ms": round(max(ms), 2)}
+    return {
+        "n": len(ms),
+        "min_ms": round(min(ms), 2),
+        "median_ms": round(statistics.median(ms), 2),
+        "max_ms": round(max(ms), 2),
+    }
 
 
 def _take_turns(calls: dict, repeats: int, warmup: int) -> dict[str, dict]:
@@ -55,37 +59,55 @@ def _models(args, work: Path):
     import keras
     import numpy as np
 
-    from defectflow.models.anomaly import PatchDistance, feature_extractor, with_anomaly_head
+    from defectflow.models.anomaly_head import PatchDistance, feature_extractor, with_anomaly_head
 
     if args.model_dir:
-        from defectflow.inference import KerasBackend  # registers defectflow's layers while loading
+        from defectflow.inference.predictor import (
+            KerasBackend,  # registers defectflow's layers while loading
+        )
 
         model = KerasBackend(Path(args.model_dir) / "model.keras").model
         about = str(args.model_dir)
     else:
-        from defectflow.anomaly_fitting import fit_memory_bank
         from defectflow.data.synthetic import render_sample
+        from defectflow.inference.preprocessing import prepare_image
         from defectflow.models.unet import build_model
-        from defectflow.preprocessing import prepare_image
+        from defectflow.training.anomaly_fitting import fit_memory_bank
 
         base = build_model("lite0", args.input_size, 6)
         rng = np.random.default_rng(0)
-        goods = np.stack([prepare_image(render_sample(rng, args.input_size, None)[0], args.input_size)
-                          for _ in range(40)])
-        projection, bank = fit_memory_bank(feature_extractor(base).predict(goods, verbose=0), args.bank_size,
-                                           args.projection_dims)
+        goods = np.stack(
+            [
+                prepare_image(render_sample(rng, args.input_size, None)[0], args.input_size)
+                for _ in range(40)
+            ]
+        )
+        projection, bank = fit_memory_bank(
+            feature_extractor(base).predict(goods, verbose=0), args.bank_size, args.projection_dims
+        )
         model = with_anomaly_head(base, projection, bank)
-        about = f"lite0 U-Net at {args.input_size} px, untrained heads, bank of synthetic good capsules"
+        about = (
+            f"lite0 U-Net at {args.input_size} px, untrained heads, bank of synthetic good capsules"
+        )
     head = next(layer for layer in model.layers if isinstance(layer, PatchDistance))
-    alone = keras.Model(model.inputs, {"class": model.get_layer("class").output,
-                                       "mask": model.get_layer("mask").output}, name="classifier_alone")
-    shape = {"bank_size": head.bank_size, "projection_dims": head.projection_dims,
-             "feature_dims": head.feature_dims, "grid": list(model.get_layer("anomaly").output.shape[1:3])}
+    alone = keras.Model(
+        model.inputs,
+        {"class": model.get_layer("class").output, "mask": model.get_layer("mask").output},
+        name="classifier_alone",
+    )
+    shape = {
+        "bank_size": head.bank_size,
+        "projection_dims": head.projection_dims,
+        "feature_dims": head.feature_dims,
+        "grid": list(model.get_layer("anomaly").output.shape[1:3]),
+    }
     return model, alone, about, shape
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model-dir", type=Path, default=None)
     parser.add_argument("--input-size", type=int, default=256)
     parser.add_argument("--bank-size", type=int, default=1000)
@@ -97,8 +119,8 @@ def main() -> int:
     import numpy as np
 
     from defectflow.artifacts import ModelInfo
-    from defectflow.export import export_tflite
-    from defectflow.inference import Predictor, TFLiteBackend
+    from defectflow.inference.predictor import Predictor, TFLiteBackend
+    from defectflow.training.export import export_tflite
 
     with tempfile.TemporaryDirectory(prefix="defectflow-anomaly-bench-") as tmp:
         work = Path(tmp)
@@ -106,8 +128,10 @@ def main() -> int:
         size = int(model.inputs[0].shape[1])
         _print({"model": about, "input_size": size, **shape})
         image = np.random.default_rng(1).uniform(0, 255, (1, size, size, 3)).astype(np.float32)
-        calls = {"keras_classifier": lambda: alone.predict_on_batch(image),
-                 "keras_with_anomaly": lambda: model.predict_on_batch(image)}
+        calls = {
+            "keras_classifier": lambda: alone.predict_on_batch(image),
+            "keras_with_anomaly": lambda: model.predict_on_batch(image),
+        }
         for name, variant in (("classifier", alone), ("with_anomaly", model)):
             folder = work / name
             folder.mkdir()
@@ -120,28 +144,51 @@ def main() -> int:
 
         # Post-processing on a 512x512 image: resize the mask (and the anomaly map) to it.
         outputs = {k: np.asarray(v) for k, v in model.predict_on_batch(image).items()}
-        info = ModelInfo(classes=["good", "crack", "faulty_imprint", "poke", "scratch", "squeeze"], input_size=size,
-                         mask_threshold=0.5, anomaly_threshold=float(outputs["anomaly"].max()) + 1.0,
-                         anomaly=shape)
+        info = ModelInfo(
+            classes=["good", "crack", "faulty_imprint", "poke", "scratch", "squeeze"],
+            input_size=size,
+            mask_threshold=0.5,
+            anomaly_threshold=float(outputs["anomaly"].max()) + 1.0,
+            anomaly=shape,
+        )
         predictor = Predictor(None, info)
         full = [np.zeros((512, 512, 3), np.uint8)]
-        post = _take_turns({
-            "postprocess_classifier": lambda: predictor.predictions(full, outputs["class"], outputs["mask"]),
-            "postprocess_with_anomaly": lambda: predictor.predictions(full, outputs["class"], outputs["mask"],
-                                                                      outputs["anomaly"]),
-        }, args.repeats, args.warmup)
+        post = _take_turns(
+            {
+                "postprocess_classifier": lambda: predictor.predictions(
+                    full, outputs["class"], outputs["mask"]
+                ),
+                "postprocess_with_anomaly": lambda: predictor.predictions(
+                    full, outputs["class"], outputs["mask"], outputs["anomaly"]
+                ),
+            },
+            args.repeats,
+            args.warmup,
+        )
         for name, row in post.items():
             _print({"postprocess": name, **row})
 
     def extra(without: str, with_: str, table: dict) -> float:
-        return round((table[with_]["median_ms"] - table[without]["median_ms"]) / table[without]["median_ms"], 4)
+        return round(
+            (table[with_]["median_ms"] - table[without]["median_ms"]) / table[without]["median_ms"],
+            4,
+        )
 
-    summary = {"summary": "extra cost of the anomaly head (median, batch 1)", "goal": GOAL,
-               "keras_forward": extra("keras_classifier", "keras_with_anomaly", forward),
-               "tflite_forward": extra("tflite_classifier", "tflite_with_anomaly", forward),
-               "postprocess_extra_ms": round(post["postprocess_with_anomaly"]["median_ms"]
-                                             - post["postprocess_classifier"]["median_ms"], 2)}
-    summary["met"] = {"keras": summary["keras_forward"] <= GOAL, "tflite": summary["tflite_forward"] <= GOAL}
+    summary = {
+        "summary": "extra cost of the anomaly head (median, batch 1)",
+        "goal": GOAL,
+        "keras_forward": extra("keras_classifier", "keras_with_anomaly", forward),
+        "tflite_forward": extra("tflite_classifier", "tflite_with_anomaly", forward),
+        "postprocess_extra_ms": round(
+            post["postprocess_with_anomaly"]["median_ms"]
+            - post["postprocess_classifier"]["median_ms"],
+            2,
+        ),
+    }
+    summary["met"] = {
+        "keras": summary["keras_forward"] <= GOAL,
+        "tflite": summary["tflite_forward"] <= GOAL,
+    }
     _print(summary)
     return 0
 

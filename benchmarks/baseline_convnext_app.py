@@ -47,8 +47,9 @@ def build_model(seed: int = 0):
     from keras import layers
 
     keras.utils.set_random_seed(seed)
-    encoder = keras.applications.ConvNeXtTiny(weights=None, include_top=False,
-                                              input_shape=(INPUT_SIZE, INPUT_SIZE, 3))
+    encoder = keras.applications.ConvNeXtTiny(
+        weights=None, include_top=False, input_shape=(INPUT_SIZE, INPUT_SIZE, 3)
+    )
     # Stage outputs at strides 4, 8 and 16: the inputs of the downsampling blocks after them.
     skips = [encoder.get_layer(f"convnext_tiny_downsampling_block_{i}").input for i in (2, 1, 0)]
     deepest = encoder.output  # stride 32, 768 channels
@@ -62,7 +63,9 @@ def build_model(seed: int = 0):
     mask = layers.Conv2D(1, 1, activation="sigmoid", name="mask")(x)
     pooled = layers.GlobalAveragePooling2D()(deepest)
     class_probs = layers.Dense(len(CLASSES), activation="softmax", name="class")(pooled)
-    return keras.Model(encoder.input, {"class": class_probs, "mask": mask}, name="convnext_tiny_unet")
+    return keras.Model(
+        encoder.input, {"class": class_probs, "mask": mask}, name="convnext_tiny_unet"
+    )
 
 
 def decode_rgb(data: bytes) -> np.ndarray:
@@ -90,8 +93,14 @@ class BaselineModel:
         outputs = self.model.predict_on_batch(batch[None].astype(np.float32))
         probs = np.asarray(outputs["class"])[0].astype(np.float64)
         index = int(np.argmax(probs))
-        soft = cv2.resize(np.asarray(outputs["mask"])[0, :, :, 0], (width, height), interpolation=cv2.INTER_LINEAR)
-        mask = (soft > MASK_THRESHOLD).astype(np.uint8) if index != 0 else np.zeros((height, width), np.uint8)
+        soft = cv2.resize(
+            np.asarray(outputs["mask"])[0, :, :, 0], (width, height), interpolation=cv2.INTER_LINEAR
+        )
+        mask = (
+            (soft > MASK_THRESHOLD).astype(np.uint8)
+            if index != 0
+            else np.zeros((height, width), np.uint8)
+        )
         ok, png = cv2.imencode(".png", mask * 255)
         if not ok:  # pragma: no cover - cv2 encodes any uint8 array
             raise RuntimeError("PNG encoding failed")
@@ -138,7 +147,9 @@ def predict(image: UploadFile = File(...)) -> dict:  # noqa: B008 (FastAPI's dec
 def main() -> None:
     import uvicorn
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     args = parser.parse_args()

@@ -70,7 +70,9 @@ from timing import take_turns  # noqa: E402
 
 from defectflow.environment import configure_environment  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("defectflow_container", REPO_ROOT / "scripts" / "container.py")
+_spec = importlib.util.spec_from_file_location(
+    "defectflow_container", REPO_ROOT / "scripts" / "container.py"
+)
 container = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = container  # dataclasses look their module up there
 _spec.loader.exec_module(container)
@@ -113,7 +115,9 @@ def resolve_bento(tag: str | None) -> str:
     try:
         return str(bentoml.get(tag).tag)
     except NotFound:
-        sys.exit(f"no Bento {tag} in the BentoML store {os.environ['BENTOML_HOME']} (`bentoml list`)")
+        sys.exit(
+            f"no Bento {tag} in the BentoML store {os.environ['BENTOML_HOME']} (`bentoml list`)"
+        )
 
 
 def docker_proxy_pids(port: int) -> list[int]:
@@ -135,7 +139,9 @@ def container_pids(docker, running) -> list[int]:
     return [main, *docker_proxy_pids(int(running.url.rsplit(":", 1)[1]))]
 
 
-def bench_turns(model: InProcess, urls: dict[str, str], png: bytes, check, args, cpu: CpuShare) -> dict:
+def bench_turns(
+    model: InProcess, urls: dict[str, str], png: bytes, check, args, cpu: CpuShare
+) -> dict:
     """Concurrency 1, in turns: in process end to end, bare forward, POST /predict to each server."""
     import httpx
 
@@ -148,30 +154,50 @@ def bench_turns(model: InProcess, urls: dict[str, str], png: bytes, check, args,
                 answers[name].append(client.post(f"{urls[name]}/predict", files=files()))
             except httpx.HTTPError as exc:
                 answers[name].append(exc)
+
         return call
 
     with contextlib.ExitStack() as stack:
         clients = {name: stack.enter_context(httpx.Client(timeout=120)) for name in urls}
-        calls = {"in_process_e2e": model.endpoint_work, "bare_forward": model.bare_forward,
-                 **{f"{name}_http": post(name, clients[name]) for name in urls}}
+        calls = {
+            "in_process_e2e": model.endpoint_work,
+            "bare_forward": model.bare_forward,
+            **{f"{name}_http": post(name, clients[name]) for name in urls},
+        }
         with cpu.phase("concurrency 1, in turns"):
             times = take_turns(calls, args.requests, args.warmup)
-    result: dict = {"in_process_e2e": _stats(times["in_process_e2e"]), "bare_forward": _stats(times["bare_forward"])}
+    result: dict = {
+        "in_process_e2e": _stats(times["in_process_e2e"]),
+        "bare_forward": _stats(times["bare_forward"]),
+    }
     for name in urls:
         ok, errors = [], {}
         # take_turns makes the warm-up calls first: the timed answers are the last `requests`.
-        for ms, response in zip(times[f"{name}_http"], answers[name][args.warmup:], strict=True):
-            problem = type(response).__name__ if isinstance(response, Exception) else check(response)
+        for ms, response in zip(times[f"{name}_http"], answers[name][args.warmup :], strict=True):
+            problem = (
+                type(response).__name__ if isinstance(response, Exception) else check(response)
+            )
             if problem:
                 errors[problem] = errors.get(problem, 0) + 1
             else:
                 ok.append(ms)
-        warmup_errors = sum(1 for r in answers[name][:args.warmup] if isinstance(r, Exception) or check(r))
-        result[f"{name}_http"] = {**_stats(ok), "errors": sum(errors.values()), "error_kinds": errors,
-                                  "warmup_errors": warmup_errors}
-    for name, what in (("in_process_e2e", "in process: predict_bytes + to_json + json.dumps (decode -> answer JSON)"),
-                       ("bare_forward", "in process: bare forward, batch 1, image at input size"),
-                       *((f"{name}_http", f"HTTP POST /predict to the {name} server") for name in urls)):
+        warmup_errors = sum(
+            1 for r in answers[name][: args.warmup] if isinstance(r, Exception) or check(r)
+        )
+        result[f"{name}_http"] = {
+            **_stats(ok),
+            "errors": sum(errors.values()),
+            "error_kinds": errors,
+            "warmup_errors": warmup_errors,
+        }
+    for name, what in (
+        (
+            "in_process_e2e",
+            "in process: predict_bytes + to_json + json.dumps (decode -> answer JSON)",
+        ),
+        ("bare_forward", "in process: bare forward, batch 1, image at input size"),
+        *((f"{name}_http", f"HTTP POST /predict to the {name} server") for name in urls),
+    ):
         _print({"what": f"{what}, concurrency 1, in turns", **result[name]})
     return result
 
@@ -191,53 +217,116 @@ def goals(results: dict, concurrency: int) -> list[dict]:
         ("venv bentoml serve /predict p99, c1 (ms)", venv.get("p99_ms"), None, None),
         ("container /predict p50, c1 (ms)", box.get("p50_ms"), None, None),
         ("container /predict p99, c1 (ms)", box.get("p99_ms"), None, None),
-        ("container p50 / in process end to end p50", ratio, f"<= {GOAL_CONTAINER_OVER_IN_PROCESS}",
-         ratio is not None and ratio <= GOAL_CONTAINER_OVER_IN_PROCESS),
-        ("venv p50 / in process end to end p50", round(venv["p50_ms"] / e2e, 3) if venv.get("p50_ms") else None,
-         None, None),
-        ("container p50 / venv p50", round(box["p50_ms"] / venv["p50_ms"], 3)
-         if box.get("p50_ms") and venv.get("p50_ms") else None, None, None),
+        (
+            "container p50 / in process end to end p50",
+            ratio,
+            f"<= {GOAL_CONTAINER_OVER_IN_PROCESS}",
+            ratio is not None and ratio <= GOAL_CONTAINER_OVER_IN_PROCESS,
+        ),
+        (
+            "venv p50 / in process end to end p50",
+            round(venv["p50_ms"] / e2e, 3) if venv.get("p50_ms") else None,
+            None,
+            None,
+        ),
+        (
+            "container p50 / venv p50",
+            round(box["p50_ms"] / venv["p50_ms"], 3)
+            if box.get("p50_ms") and venv.get("p50_ms")
+            else None,
+            None,
+            None,
+        ),
         ("in process end to end p50 / bare forward p50", round(e2e / bare, 2), None, None),
-        ("errors, c1 (venv + container)", venv["errors"] + box["errors"], "0", venv["errors"] + box["errors"] == 0),
+        (
+            "errors, c1 (venv + container)",
+            venv["errors"] + box["errors"],
+            "0",
+            venv["errors"] + box["errors"] == 0,
+        ),
     ]
     for name, label in (("venv", "venv bentoml serve"), ("container", "container")):
         cc = results[f"{name}_concurrent"]
         rows += [
-            (f"{label} /predict, c{concurrency} (images/s)", cc["images_per_s"], f">= {GOAL_IMAGES_PER_S:g}",
-             cc["images_per_s"] >= GOAL_IMAGES_PER_S),
+            (
+                f"{label} /predict, c{concurrency} (images/s)",
+                cc["images_per_s"],
+                f">= {GOAL_IMAGES_PER_S:g}",
+                cc["images_per_s"] >= GOAL_IMAGES_PER_S,
+            ),
             (f"{label} /predict p50, c{concurrency} (ms)", cc.get("p50_ms"), None, None),
             (f"{label} /predict p99, c{concurrency} (ms)", cc.get("p99_ms"), None, None),
             (f"{label} errors, c{concurrency}", cc["errors"], "0", cc["errors"] == 0),
         ]
     venv_rate = results["venv_concurrent"]["images_per_s"]
     rows += [
-        (f"container / venv images/s, c{concurrency}",
-         round(results["container_concurrent"]["images_per_s"] / venv_rate, 3) if venv_rate else None, None, None),
+        (
+            f"container / venv images/s, c{concurrency}",
+            round(results["container_concurrent"]["images_per_s"] / venv_rate, 3)
+            if venv_rate
+            else None,
+            None,
+            None,
+        ),
         ("image size (MB)", results["image"]["size_mb"], None, None),
         ("docker run to /readyz (s)", results["image"]["run_to_ready_s"], None, None),
-        ("venv bentoml serve start to /readyz (s)", results["venv"]["start_to_ready_s"], None, None),
+        (
+            "venv bentoml serve start to /readyz (s)",
+            results["venv"]["start_to_ready_s"],
+            None,
+            None,
+        ),
     ]
     memory = results["memory"]
-    for name, label in (("venv", "venv server"), ("container", "container (with its docker-proxy)")):
-        rows.append((f"{label} RSS after warm-up -> after load (MB, host view)",
-                     f"{memory[f'{name}_after_warmup']['rss_mb']} -> {memory[f'{name}_after_load']['rss_mb']}",
-                     None, None))
+    for name, label in (
+        ("venv", "venv server"),
+        ("container", "container (with its docker-proxy)"),
+    ):
+        rows.append(
+            (
+                f"{label} RSS after warm-up -> after load (MB, host view)",
+                f"{memory[f'{name}_after_warmup']['rss_mb']} -> {memory[f'{name}_after_load']['rss_mb']}",
+                None,
+                None,
+            )
+        )
     return [{"figure": f, "measured": m, "goal": g, "met": met} for f, m, g, met in rows]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("bento_tag", nargs="?", help="a Bento in the store (default: a fresh Bento of the "
-                        "registry's production model)")
-    parser.add_argument("--requests", type=int, default=100, help="timed calls of each at concurrency 1")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "bento_tag",
+        nargs="?",
+        help="a Bento in the store (default: a fresh Bento of the registry's production model)",
+    )
+    parser.add_argument(
+        "--requests", type=int, default=100, help="timed calls of each at concurrency 1"
+    )
     parser.add_argument("--warmup", type=int, default=10, help="untimed calls of each first")
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--concurrent-requests", type=int, default=640, help="requests to each server at --concurrency")
-    parser.add_argument("--out", type=Path, help="JSON file (default: $DEFECTFLOW_HOME/benchmarks/container_bench.json)")
-    parser.add_argument("--keep-image", action="store_true", help="keep the benchmark's image (default: removed)")
+    parser.add_argument(
+        "--concurrent-requests",
+        type=int,
+        default=640,
+        help="requests to each server at --concurrency",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="JSON file (default: $DEFECTFLOW_HOME/benchmarks/container_bench.json)",
+    )
+    parser.add_argument(
+        "--keep-image", action="store_true", help="keep the benchmark's image (default: removed)"
+    )
     args = parser.parse_args(argv)
     if args.requests < 100:
-        print(f"note: --requests {args.requests} < 100: p99 at concurrency 1 rests on few samples", flush=True)
+        print(
+            f"note: --requests {args.requests} < 100: p99 at concurrency 1 rests on few samples",
+            flush=True,
+        )
 
     home = configure_environment()
     out = args.out or home / "benchmarks" / "container_bench.json"
@@ -248,61 +337,124 @@ def main(argv: list[str] | None = None) -> int:
     height, width = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED).shape[:2]
     cpu = CpuShare()
     results: dict = {
-        "machine": {"cpus": os.cpu_count(), "load_avg_1m_start": serve_bench._load_avg(),
-                    "psutil": serve_bench.psutil is not None},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "load_avg_1m_start": serve_bench._load_avg(),
+            "psutil": serve_bench.psutil is not None,
+        },
         "git_head": serve_bench._git("log", "--oneline", "-1"),
         # A fresh Bento packs the working tree: tracked serving files that differ from the commit.
-        "serving_files_modified": serve_bench._git("status", "--porcelain", "--untracked-files=no", "--",
-                                                   "service.py", "bentofile.yaml", "src/defectflow").splitlines(),
+        "serving_files_modified": serve_bench._git(
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+            "--",
+            "service.py",
+            "bentofile.yaml",
+            "src/defectflow",
+        ).splitlines(),
         "input": {"source": image_source, "bytes": len(png), "width": width, "height": height},
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
-    _print({"what": "setup", **results["machine"], "git_head": results["git_head"],
-            "serving_files_modified": results["serving_files_modified"], **results["input"]})
+    _print(
+        {
+            "what": "setup",
+            **results["machine"],
+            "git_head": results["git_head"],
+            "serving_files_modified": results["serving_files_modified"],
+            **results["input"],
+        }
+    )
 
     bento = resolve_bento(args.bento_tag)
     from defectflow import registry
 
     model_tag = container._bento_model(bento, None)
     model_dir = registry.model_dir(model_tag)
-    results["model"] = {"bento": bento, "tag": model_tag, "path": str(model_dir), "fresh_bento": not args.bento_tag}
+    results["model"] = {
+        "bento": bento,
+        "tag": model_tag,
+        "path": str(model_dir),
+        "fresh_bento": not args.bento_tag,
+    }
     _print({"what": "model", **results["model"]})
     check = answer_check(height, width, model_tag)
     image = f"{IMAGE_REPOSITORY}:{bento.split(':', 1)[1]}"
     state = container._state_dir()
 
     try:
-        with container.engine(state) as docker, tempfile.TemporaryDirectory(prefix="defectflow-container-bench-") as tmp:
+        with (
+            container.engine(state) as docker,
+            tempfile.TemporaryDirectory(prefix="defectflow-container-bench-") as tmp,
+        ):
             tmp = Path(tmp)
             try:
                 base = container.ensure_base_image(docker, container.bentofile_base_image())
-                built = container.build_image(docker, bento, image, log_file=state / "container_bench-containerize.log")
-                results["image"] = {"image": image, "size_mb": round(built["size"] / MB, 1),
-                                    "containerize_size_mb": round(built["containerize_size"] / MB, 1),
-                                    "build_s": round(built["seconds"], 1), "base": base["image"],
-                                    "base_built_now": base["built"], "docker_buildkit": docker.buildkit,
-                                    "dockerd_started_here": docker.started_daemon}
+                built = container.build_image(
+                    docker, bento, image, log_file=state / "container_bench-containerize.log"
+                )
+                results["image"] = {
+                    "image": image,
+                    "size_mb": round(built["size"] / MB, 1),
+                    "containerize_size_mb": round(built["containerize_size"] / MB, 1),
+                    "build_s": round(built["seconds"], 1),
+                    "base": base["image"],
+                    "base_built_now": base["built"],
+                    "docker_buildkit": docker.buildkit,
+                    "dockerd_started_here": docker.started_daemon,
+                }
                 _print({"what": "image built", **results["image"]})
 
                 with container.run_container(docker, image) as running:
                     results["image"]["run_to_ready_s"] = round(running.ready_seconds, 1)
-                    _print({"what": "container ready", "url": running.url,
-                            "run_to_ready_s": results["image"]["run_to_ready_s"]})
+                    _print(
+                        {
+                            "what": "container ready",
+                            "url": running.url,
+                            "run_to_ready_s": results["image"]["run_to_ready_s"],
+                        }
+                    )
                     port = serve_bench.free_port()
                     env = serve_bench.server_env(home)
                     env["BENTOML_HOME"] = os.environ["BENTOML_HOME"]  # the store holding the Bento
-                    command = [str(BIN / "bentoml"), "serve", bento, "--host", "127.0.0.1", "--port", str(port)]
+                    command = [
+                        str(BIN / "bentoml"),
+                        "serve",
+                        bento,
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(port),
+                    ]
                     # Served from an empty folder: the Bento's own files, not the checkout's.
                     (tmp / "cwd").mkdir()
-                    with serve_bench.server(command, env, tmp / "venv.log", "/readyz", port,
-                                            cwd=tmp / "cwd") as (venv_url, proc, ready_s):
+                    with serve_bench.server(
+                        command, env, tmp / "venv.log", "/readyz", port, cwd=tmp / "cwd"
+                    ) as (venv_url, proc, ready_s):
                         results["venv"] = {"start_to_ready_s": ready_s}
-                        _print({"what": "venv bentoml serve ready", "url": venv_url, "start_to_ready_s": ready_s})
+                        _print(
+                            {
+                                "what": "venv bentoml serve ready",
+                                "url": venv_url,
+                                "start_to_ready_s": ready_s,
+                            }
+                        )
                         box_pids = container_pids(docker, running)
                         cpu.roots += [proc.pid, *box_pids]
                         results["image"]["host_pids"] = box_pids
-                        results.update(measure(args, png, check, model_dir, cpu,
-                                               {"venv": (venv_url, [proc.pid]), "container": (running.url, box_pids)}))
+                        results.update(
+                            measure(
+                                args,
+                                png,
+                                check,
+                                model_dir,
+                                cpu,
+                                {
+                                    "venv": (venv_url, [proc.pid]),
+                                    "container": (running.url, box_pids),
+                                },
+                            )
+                        )
             finally:
                 if not args.keep_image:
                     docker("rmi", "--force", image, check=False)
@@ -316,7 +468,9 @@ def main(argv: list[str] | None = None) -> int:
 
     results["cpu_share"] = cpu.phases
     results["machine"]["load_avg_1m_end"] = serve_bench._load_avg()
-    results["machine"]["busy"] = serve_bench.busy_note(results["machine"]["load_avg_1m_start"], cpu.phases)
+    results["machine"]["busy"] = serve_bench.busy_note(
+        results["machine"]["load_avg_1m_start"], cpu.phases
+    )
     results["goals"] = goals(results, args.concurrency)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
@@ -328,20 +482,39 @@ def main(argv: list[str] | None = None) -> int:
 def _memory(pids: list[int]) -> dict:
     """RSS (and PSS) in MB summed over the process trees of `pids`."""
     rows = [tree_memory(pid) for pid in pids]
-    return {"rss_mb": round(sum(r["rss_mb"] for r in rows), 1), "pss_mb": round(sum(r.get("pss_mb", 0) for r in rows), 1),
-            "n_processes": sum(r["n_processes"] for r in rows), "processes": [p for r in rows for p in r["processes"]]}
+    return {
+        "rss_mb": round(sum(r["rss_mb"] for r in rows), 1),
+        "pss_mb": round(sum(r.get("pss_mb", 0) for r in rows), 1),
+        "n_processes": sum(r["n_processes"] for r in rows),
+        "processes": [p for r in rows for p in r["processes"]],
+    }
 
 
-def measure(args, png: bytes, check, model_dir: Path, cpu: CpuShare, servers: dict[str, tuple[str, list[int]]]) -> dict:
+def measure(
+    args,
+    png: bytes,
+    check,
+    model_dir: Path,
+    cpu: CpuShare,
+    servers: dict[str, tuple[str, list[int]]],
+) -> dict:
     """The two phases against the running servers ({name: (url, host pids)}), the model in process."""
     files = serve_bench._files(png)
     urls = {name: url for name, (url, _) in servers.items()}
     result: dict = {}
     # Warm-up: a burst at full concurrency on each (threads, connections, first allocations).
     for name, url in urls.items():
-        warm = concurrent(f"{url}/predict", files, args.concurrency, count=args.concurrency, check=check)
-        _print({"what": f"warm-up burst, {name}", "requests": warm["requests"], "errors": warm["errors"],
-                "error_kinds": warm["error_kinds"]})
+        warm = concurrent(
+            f"{url}/predict", files, args.concurrency, count=args.concurrency, check=check
+        )
+        _print(
+            {
+                "what": f"warm-up burst, {name}",
+                "requests": warm["requests"],
+                "errors": warm["errors"],
+                "error_kinds": warm["error_kinds"],
+            }
+        )
     time.sleep(2)
     for name, (_, pids) in servers.items():
         memory = _memory(pids)
@@ -349,18 +522,32 @@ def measure(args, png: bytes, check, model_dir: Path, cpu: CpuShare, servers: di
         result.setdefault("memory", {})[f"{name}_after_warmup"] = memory
 
     model = InProcess(model_dir, png)
-    result["in_process"] = {"format": model.predictor.format, "load_s": model.load_s,
-                            "input_size": model.predictor.info.input_size,
-                            "anomaly_head": model.predictor.has_anomaly_head}
+    result["in_process"] = {
+        "format": model.predictor.format,
+        "load_s": model.load_s,
+        "input_size": model.predictor.info.input_size,
+        "anomaly_head": model.predictor.has_anomaly_head,
+    }
     _print({"what": "in-process model", **result["in_process"]})
     result["concurrency_1"] = bench_turns(model, urls, png, check, args, cpu)
 
     for name, url in urls.items():
         with cpu.phase(f"{name} c{args.concurrency}"):
-            cc = concurrent(f"{url}/predict", files, args.concurrency, count=args.concurrent_requests,
-                            phase="concurrent", check=check)
+            cc = concurrent(
+                f"{url}/predict",
+                files,
+                args.concurrency,
+                count=args.concurrent_requests,
+                phase="concurrent",
+                check=check,
+            )
         result[f"{name}_concurrent"] = cc
-        _print({"what": f"HTTP POST /predict to the {name} server, concurrency {args.concurrency}", **cc})
+        _print(
+            {
+                "what": f"HTTP POST /predict to the {name} server, concurrency {args.concurrency}",
+                **cc,
+            }
+        )
     for name, (_, pids) in servers.items():
         result["memory"][f"{name}_after_load"] = _memory(pids)
     return result
@@ -369,15 +556,21 @@ def measure(args, png: bytes, check, model_dir: Path, cpu: CpuShare, servers: di
 def print_table(results: dict) -> None:
     serve_bench.print_goal_rows(results["goals"])
     machine = results["machine"]
-    print(f"\nserved: {results['model']['tag']} (Bento {results['model']['bento']}) as "
-          f"{results['in_process']['format']}; image {results['image']['image']}"
-          f"{' (kept)' if results['settings']['keep_image'] else ' (removed)'}")
-    print(f"machine: {machine['cpus']} CPUs; load average (1 min) {machine['load_avg_1m_start']} at the start, "
-          f"{machine['load_avg_1m_end']} at the end; cores busy in other jobs per phase: "
-          + ", ".join(f"{k} {v['other_jobs_cores']}" for k, v in results["cpu_share"].items()))
+    print(
+        f"\nserved: {results['model']['tag']} (Bento {results['model']['bento']}) as "
+        f"{results['in_process']['format']}; image {results['image']['image']}"
+        f"{' (kept)' if results['settings']['keep_image'] else ' (removed)'}"
+    )
+    print(
+        f"machine: {machine['cpus']} CPUs; load average (1 min) {machine['load_avg_1m_start']} at the start, "
+        f"{machine['load_avg_1m_end']} at the end; cores busy in other jobs per phase: "
+        + ", ".join(f"{k} {v['other_jobs_cores']}" for k, v in results["cpu_share"].items())
+    )
     if machine["busy"]:
-        print(f"NOTE: the machine was busy with other jobs ({machine['busy']}): latencies and throughput are "
-              "lower than on an idle machine.")
+        print(
+            f"NOTE: the machine was busy with other jobs ({machine['busy']}): latencies and throughput are "
+            "lower than on an idle machine."
+        )
     missed = [r["figure"] for r in results["goals"] if r["met"] is False]
     print(f"goals missed: {', '.join(missed)}" if missed else "all goals met")
 

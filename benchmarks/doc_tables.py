@@ -28,7 +28,9 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-BLOCK = re.compile(r"(<!-- benchmark: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /benchmark: (?P=name) -->)", re.S)
+BLOCK = re.compile(
+    r"(<!-- benchmark: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /benchmark: (?P=name) -->)", re.S
+)
 
 
 def _cell(value) -> str:
@@ -44,7 +46,9 @@ def render(results: dict, source: Path) -> str:
     lines = ["| figure | measured | goal | |", "|---|---|---|---|"]
     for row in results["goals"]:
         verdict = {True: "met", False: "**missed**", None: ""}[row.get("met")]
-        lines.append(f"| {_cell(row['figure'])} | {_cell(row['measured'])} | {_cell(row.get('goal'))} | {verdict} |")
+        lines.append(
+            f"| {_cell(row['figure'])} | {_cell(row['measured'])} | {_cell(row.get('goal'))} | {verdict} |"
+        )
     machine = results.get("machine", {})
     when = time.strftime("%Y-%m-%d", time.gmtime(source.stat().st_mtime))
     load = [machine.get(k) for k in ("load_avg_1m_start", "load_avg_1m_end")]
@@ -64,9 +68,13 @@ def rewrite(doc: Path, results_dir: Path) -> list[str]:
     text = doc.read_text()
     names = [m.group("name") for m in BLOCK.finditer(text)]
     if len(names) != len(set(names)):
-        raise SystemExit(f"{doc}: a benchmark block appears twice: {sorted(n for n in names if names.count(n) > 1)}")
+        raise SystemExit(
+            f"{doc}: a benchmark block appears twice: {sorted(n for n in names if names.count(n) > 1)}"
+        )
     if text.count("<!-- benchmark: ") != len(names):
-        raise SystemExit(f"{doc}: a '<!-- benchmark: NAME -->' has no matching '<!-- /benchmark: NAME -->'")
+        raise SystemExit(
+            f"{doc}: a '<!-- benchmark: NAME -->' has no matching '<!-- /benchmark: NAME -->'"
+        )
     done = []
 
     def replace(match: re.Match) -> str:
@@ -92,9 +100,16 @@ def default_docs() -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     home = Path(os.environ.get("DEFECTFLOW_HOME", REPO_ROOT / ".defectflow"))
-    parser.add_argument("--results", type=Path, default=home / "benchmarks", help="folder of the benchmarks' JSON")
-    parser.add_argument("--docs", type=Path, nargs="+", default=default_docs(),
-                        help="Markdown files to rewrite (default: README.md and docs/*.md)")
+    parser.add_argument(
+        "--results", type=Path, default=home / "benchmarks", help="folder of the benchmarks' JSON"
+    )
+    parser.add_argument(
+        "--docs",
+        type=Path,
+        nargs="+",
+        default=default_docs(),
+        help="Markdown files to rewrite (default: README.md and docs/*.md)",
+    )
     args = parser.parse_args(argv)
     for doc in args.docs:
         for line in rewrite(doc, args.results):

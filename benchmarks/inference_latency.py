@@ -29,8 +29,13 @@ from defectflow.environment import configure_environment  # noqa: E402
 
 def _summary(name: str, samples: list[float]) -> dict:
     ms = [s * 1000 for s in samples]
-    row = {"what": name, "n": len(ms), "min_ms": round(min(ms), 1),
-           "median_ms": round(statistics.median(ms), 1), "max_ms": round(max(ms), 1)}
+    row = {
+        "what": name,
+        "n": len(ms),
+        "min_ms": round(min(ms), 1),
+        "median_ms": round(statistics.median(ms), 1),
+        "max_ms": round(max(ms), 1),
+    }
     print(json.dumps(row))
     return row
 
@@ -46,12 +51,14 @@ def _time(fn, repeats: int) -> list[float]:
 
 
 def bench_in_process(model_tag: str, image: bytes, repeats: int) -> dict:
-    from defectflow.inference import Predictor
+    from defectflow.inference.predictor import Predictor
     from defectflow.registry import model_dir
 
     predictor = Predictor.load(model_dir(model_tag))
-    row = _summary(f"in-process predict_bytes+to_json ({model_tag})",
-                   _time(lambda: predictor.predict_bytes(image).to_json(), repeats))
+    row = _summary(
+        f"in-process predict_bytes+to_json ({model_tag})",
+        _time(lambda: predictor.predict_bytes(image).to_json(), repeats),
+    )
     row["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     print(json.dumps({"peak_rss_mb": row["peak_rss_mb"]}))
     return row
@@ -62,8 +69,12 @@ def bench_http(bento_tag: str, image: bytes, repeats: int) -> dict:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     bentoml = Path(sys.executable).with_name("bentoml")
-    server = subprocess.Popen([str(bentoml), "serve", bento_tag, "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = subprocess.Popen(
+        [str(bentoml), "serve", bento_tag, "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         started = time.perf_counter()
@@ -75,12 +86,21 @@ def bench_http(bento_tag: str, image: bytes, repeats: int) -> dict:
                 time.sleep(0.5)
         print(json.dumps({"server_start_to_ready_s": round(time.perf_counter() - started, 1)}))
         boundary = uuid.uuid4().hex
-        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\n"
-                "Content-Type: image/png\r\n\r\n").encode() + image + f"\r\n--{boundary}--\r\n".encode()
+        body = (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n'
+                "Content-Type: image/png\r\n\r\n"
+            ).encode()
+            + image
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
 
         def call():
-            req = urllib.request.Request(url + "/predict", data=body,
-                                         headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+            req = urllib.request.Request(
+                url + "/predict",
+                data=body,
+                headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+            )
             with urllib.request.urlopen(req, timeout=60) as response:
                 response.read()
 
@@ -91,14 +111,20 @@ def bench_http(bento_tag: str, image: bytes, repeats: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="defectflow:latest")
     parser.add_argument("--bento", default="defectflow:latest")
-    parser.add_argument("--image", type=Path, help="default: a crack image of the synthetic dataset")
+    parser.add_argument(
+        "--image", type=Path, help="default: a crack image of the synthetic dataset"
+    )
     parser.add_argument("--repeats", type=int, default=50)
     args = parser.parse_args()
     home = configure_environment()
-    image_path = args.image or next(iter(sorted((home / "data/synthetic/capsule/test/crack").glob("*.png"))), None)
+    image_path = args.image or next(
+        iter(sorted((home / "data/synthetic/capsule/test/crack").glob("*.png"))), None
+    )
     if image_path is None:
         sys.exit("no image: pass --image or run `make demo` first to write the synthetic dataset")
     image = image_path.read_bytes()

@@ -72,8 +72,10 @@ def _sizes(model) -> dict:
         full, weights = Path(tmp) / "x.keras", Path(tmp) / "x.weights.h5"
         model.save(full)
         model.save_weights(weights)
-        return {"keras_file_mb": round(full.stat().st_size / 1e6, 2),
-                "weights_h5_mb": round(weights.stat().st_size / 1e6, 2)}
+        return {
+            "keras_file_mb": round(full.stat().st_size / 1e6, 2),
+            "weights_h5_mb": round(weights.stat().st_size / 1e6, 2),
+        }
 
 
 def _params(model) -> dict:
@@ -82,7 +84,11 @@ def _params(model) -> dict:
 
     trainable = count(model.trainable_weights)
     non_trainable = count(model.non_trainable_weights)
-    return {"total": trainable + non_trainable, "trainable": trainable, "non_trainable": non_trainable}
+    return {
+        "total": trainable + non_trainable,
+        "trainable": trainable,
+        "non_trainable": non_trainable,
+    }
 
 
 def _latency(model, input_size: int, batch: int, repeats: int, warmup: int) -> list[dict]:
@@ -102,19 +108,33 @@ def _latency(model, input_size: int, batch: int, repeats: int, warmup: int) -> l
     rows = []
     for name, ms in times.items():
         p50 = statistics.median(ms)
-        rows.append(_print({
-            "what": f"forward {name}", "batch": batch, "n": len(ms),
-            "p50_ms": round(p50, 2), "p99_ms": round(_np_percentile(ms, 99), 2),
-            "min_ms": round(min(ms), 2), "max_ms": round(max(ms), 2),
-            "images_per_s": round(batch * 1000 / p50, 1),
-        }))
+        rows.append(
+            _print(
+                {
+                    "what": f"forward {name}",
+                    "batch": batch,
+                    "n": len(ms),
+                    "p50_ms": round(p50, 2),
+                    "p99_ms": round(_np_percentile(ms, 99), 2),
+                    "min_ms": round(min(ms), 2),
+                    "max_ms": round(max(ms), 2),
+                    "images_per_s": round(batch * 1000 / p50, 1),
+                }
+            )
+        )
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input-size", type=int, default=256, help="side of the square input (built model)")
-    parser.add_argument("--model-dir", type=Path, help="a trained model folder (model.keras) instead")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--input-size", type=int, default=256, help="side of the square input (built model)"
+    )
+    parser.add_argument(
+        "--model-dir", type=Path, help="a trained model folder (model.keras) instead"
+    )
     parser.add_argument("--repeats", type=int, default=100, help="timed calls at batch 1")
     parser.add_argument("--batch-repeats", type=int, default=20, help="timed calls at batch 16")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls of each kind first")
@@ -127,25 +147,43 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     model, source = _load_model(args)
     input_size = int(model.input_shape[1])
-    _print({"what": "setup", "model": source, "name": model.name, "input_size": input_size,
-            "load_s": round(time.perf_counter() - started, 1), "cpus": os.cpu_count(),
-            "load_avg_1m": round(os.getloadavg()[0], 2), "tensorflow": tf.__version__,
-            "keras": keras.__version__})
+    _print(
+        {
+            "what": "setup",
+            "model": source,
+            "name": model.name,
+            "input_size": input_size,
+            "load_s": round(time.perf_counter() - started, 1),
+            "cpus": os.cpu_count(),
+            "load_avg_1m": round(os.getloadavg()[0], 2),
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+        }
+    )
     _print({"what": "parameters", **_params(model)})
     _print({"what": "saved size", **_sizes(model)})
 
     repeats = {1: args.repeats, 16: args.batch_repeats}
-    rows = {batch: _latency(model, input_size, batch, repeats[batch], args.warmup) for batch in BATCHES}
+    rows = {
+        batch: _latency(model, input_size, batch, repeats[batch], args.warmup) for batch in BATCHES
+    }
     best1 = min(rows[1], key=lambda r: r["p50_ms"])
     best16 = max(rows[16], key=lambda r: r["images_per_s"])
     passed = best1["p50_ms"] <= GOAL_P50_MS
-    _print({"what": "headline", "batch1_call": best1["what"].removeprefix("forward "),
-            "batch1_p50_ms": best1["p50_ms"], "batch1_p99_ms": best1["p99_ms"],
+    _print(
+        {
+            "what": "headline",
+            "batch1_call": best1["what"].removeprefix("forward "),
+            "batch1_p50_ms": best1["p50_ms"],
+            "batch1_p99_ms": best1["p99_ms"],
             "batch16_call": best16["what"].removeprefix("forward "),
             "batch16_images_per_s": best16["images_per_s"],
             "goal": f"batch-1 forward p50 <= {GOAL_P50_MS:g} ms on 2 CPU cores",
-            "result": "PASS" if passed else "FAIL", "cpus": os.cpu_count(),
-            "load_avg_1m_after": round(os.getloadavg()[0], 2)})
+            "result": "PASS" if passed else "FAIL",
+            "cpus": os.cpu_count(),
+            "load_avg_1m_after": round(os.getloadavg()[0], 2),
+        }
+    )
     return 0
 
 

@@ -55,8 +55,14 @@ sys.path.insert(0, str(REPO_ROOT))
 from defectflow.environment import configure_environment  # noqa: E402
 
 GOAL_PERCENT = 10.0
-BASE_OVERRIDES = ["train.epochs=2", "tune.max_trials=1", "tune.epochs=1", "package.build_bento=false",
-                  "gate.promote=false", "package.model_name=orchestration-bench"]
+BASE_OVERRIDES = [
+    "train.epochs=2",
+    "tune.max_trials=1",
+    "tune.epochs=1",
+    "package.build_bento=false",
+    "gate.promote=false",
+    "package.model_name=orchestration-bench",
+]
 
 
 def _print(row: dict) -> dict:
@@ -104,9 +110,17 @@ def without_prefect(watch: Stopwatch):
 
     from prefect import Task
 
-    modules = [importlib.import_module(name) for name in
-               ("flows.training", "tasks.data", "tasks.training", "tasks.evaluation", "tasks.export",
-                "tasks.packaging")]
+    modules = [
+        importlib.import_module(name)
+        for name in (
+            "defectflow.orchestration.flows.training",
+            "defectflow.orchestration.tasks.data",
+            "defectflow.orchestration.tasks.training",
+            "defectflow.orchestration.tasks.evaluation",
+            "defectflow.orchestration.tasks.export",
+            "defectflow.orchestration.tasks.packaging",
+        )
+    ]
     saved = []
     for module in modules:
         for attr, value in list(vars(module).items()):
@@ -130,7 +144,7 @@ def without_prefect(watch: Stopwatch):
 def direct_pipeline(config: str, overrides: list[str], watch: Stopwatch | None = None) -> dict:
     """flows/training.py's training_pipeline body with its tasks called as plain functions (see
     `without_prefect`): the same code in the same order, no Prefect. Returns the flow's summary."""
-    from flows.training import training_pipeline
+    from defectflow.orchestration.flows.training import training_pipeline
 
     watch = watch or Stopwatch()
     with without_prefect(watch):
@@ -140,7 +154,7 @@ def direct_pipeline(config: str, overrides: list[str], watch: Stopwatch | None =
 
 def flow_pipeline(config: str, overrides: list[str]) -> tuple[dict, str]:
     """The Prefect flow; its summary and flow run id."""
-    from flows.training import training_pipeline
+    from defectflow.orchestration.flows.training import training_pipeline
 
     state = training_pipeline(config=config, overrides=overrides, return_state=True)
     if not state.is_completed():
@@ -154,7 +168,9 @@ def task_breakdown(flow_run_id: str) -> dict[str, float]:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
     seconds: dict[str, float] = {}
     for run in runs:
         if run.task_inputs.get("__parents__"):
@@ -166,16 +182,21 @@ def task_breakdown(flow_run_id: str) -> dict[str, float]:
 
 @contextmanager
 def prefect_server(home: Path):
-    """A Prefect server on a free 127.0.0.1 port (defectflow.stack, no worker: the flow runs in
+    """A Prefect server on a free 127.0.0.1 port (defectflow.orchestration.stack, no worker: the flow runs in
     this process), stopped afterwards; yields its API URL."""
-    from defectflow import stack
+    from defectflow.orchestration import stack
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     start = time.monotonic()
-    state = stack.up(home, port=port, deploy=False, worker=False, say=lambda line: print(line, file=sys.stderr))
-    print(f"prefect server at {state.ui_url} ready in {time.monotonic() - start:.1f} s", file=sys.stderr)
+    state = stack.up(
+        home, port=port, deploy=False, worker=False, say=lambda line: print(line, file=sys.stderr)
+    )
+    print(
+        f"prefect server at {state.ui_url} ready in {time.monotonic() - start:.1f} s",
+        file=sys.stderr,
+    )
     try:
         yield state.api_url
     finally:
@@ -183,16 +204,26 @@ def prefect_server(home: Path):
 
 
 def _stats(values: list[float]) -> dict:
-    return {"min": round(min(values), 2), "median": round(statistics.median(values), 2),
-            "max": round(max(values), 2), "runs": [round(v, 2) for v in values]}
+    return {
+        "min": round(min(values), 2),
+        "median": round(statistics.median(values), 2),
+        "max": round(max(values), 2),
+        "runs": [round(v, 2) for v in values],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Prefect flow vs direct calls: orchestration overhead")
+    parser = argparse.ArgumentParser(
+        description="Prefect flow vs direct calls: orchestration overhead"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (default 3)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per variant first (default 1)")
+    parser.add_argument(
+        "--warmup", type=int, default=1, help="untimed runs per variant first (default 1)"
+    )
     parser.add_argument("--config", default="tiny", help="config name (default tiny)")
-    parser.add_argument("--api-url", default=None, help="an existing Prefect API (default: start a server)")
+    parser.add_argument(
+        "--api-url", default=None, help="an existing Prefect API (default: start a server)"
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="more config overrides")
     args = parser.parse_args(argv)
 
@@ -200,10 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     bench = home / "benchmarks" / "orchestration"
     bench.mkdir(parents=True, exist_ok=True)
     # Own state folders, set before Prefect, BentoML or Keras is imported; runs go under bench/.
-    os.environ.update(BENTOML_HOME=str(bench / "bentoml"), KERAS_HOME=str(bench / "keras"),
-                      PREFECT_HOME=str(bench / "prefect"),
-                      # The same work in both variants: no task result is taken from the cache.
-                      PREFECT_TASKS_REFRESH_CACHE="true")
+    os.environ.update(
+        BENTOML_HOME=str(bench / "bentoml"),
+        KERAS_HOME=str(bench / "keras"),
+        PREFECT_HOME=str(bench / "prefect"),
+        # The same work in both variants: no task result is taken from the cache.
+        PREFECT_TASKS_REFRESH_CACHE="true",
+    )
     configure_environment(home)
     os.chdir(REPO_ROOT)
 
@@ -213,19 +247,41 @@ def main(argv: list[str] | None = None) -> int:
     synth = load_config(args.config).data.synth
     data_root = bench / "data" / "capsule"
     if not (data_root / "train").is_dir():
-        generate_dataset(data_root, image_size=synth.image_size, n_train_good=synth.n_train_good,
-                         n_test_good=synth.n_test_good, n_per_defect=synth.n_per_defect, seed=synth.seed)
-    overrides = [f"data.root={data_root}", f"paths.runs={bench / 'runs'}", *BASE_OVERRIDES, *args.overrides]
-    _print({"what": "setup", "config": args.config, "overrides": overrides, "data": str(data_root),
-            "repeats": args.repeats, "warmup": args.warmup, "cpus": os.cpu_count(),
-            "code": str(Path(sys.modules["defectflow"].__file__).parent)})
+        generate_dataset(
+            data_root,
+            image_size=synth.image_size,
+            n_train_good=synth.n_train_good,
+            n_test_good=synth.n_test_good,
+            n_per_defect=synth.n_per_defect,
+            seed=synth.seed,
+        )
+    overrides = [
+        f"data.root={data_root}",
+        f"paths.runs={bench / 'runs'}",
+        *BASE_OVERRIDES,
+        *args.overrides,
+    ]
+    _print(
+        {
+            "what": "setup",
+            "config": args.config,
+            "overrides": overrides,
+            "data": str(data_root),
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "cpus": os.cpu_count(),
+            "code": str(Path(sys.modules["defectflow"].__file__).parent),
+        }
+    )
 
-    with (prefect_server(bench) if args.api_url is None else _given(args.api_url)) as api_url:
+    with prefect_server(bench) if args.api_url is None else _given(args.api_url) as api_url:
         os.environ["PREFECT_API_URL"] = api_url
         times: dict[str, list[float]] = {"flow": [], "direct": []}
         stages: dict[str, dict[str, list[float]]] = {"flow": {}, "direct": {}}
         flow_outside_tasks: list[float] = []
-        schedule = [("warmup", i) for i in range(args.warmup)] + [("timed", i) for i in range(args.repeats)]
+        schedule = [("warmup", i) for i in range(args.warmup)] + [
+            ("timed", i) for i in range(args.repeats)
+        ]
         for kind, i in schedule:
             order = ("flow", "direct") if i % 2 == 0 else ("direct", "flow")
             for variant in order:
@@ -236,8 +292,14 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     summary = direct_pipeline(args.config, overrides, watch)
                 seconds = time.perf_counter() - start
-                row = {"what": kind, "variant": variant, "i": i, "seconds": round(seconds, 2),
-                       "model": summary["model_tag"], "accuracy": round(summary["metrics"]["accuracy"], 4)}
+                row = {
+                    "what": kind,
+                    "variant": variant,
+                    "i": i,
+                    "seconds": round(seconds, 2),
+                    "model": summary["model_tag"],
+                    "accuracy": round(summary["metrics"]["accuracy"], 4),
+                }
                 if kind == "timed":
                     times[variant].append(seconds)
                     per_stage = watch.stages if variant == "direct" else task_breakdown(flow_run_id)
@@ -253,28 +315,42 @@ def main(argv: list[str] | None = None) -> int:
     median_flow = statistics.median(times["flow"])
     median_direct = statistics.median(times["direct"])
     overhead = 100.0 * (median_flow - median_direct) / median_direct
-    per_stage = {name: {"direct_s": round(statistics.median(stages["direct"].get(name, [0.0])), 2),
-                        "flow_task_s": round(statistics.median(stages["flow"].get(name, [0.0])), 2)}
-                 for name in stages["direct"]}
+    per_stage = {
+        name: {
+            "direct_s": round(statistics.median(stages["direct"].get(name, [0.0])), 2),
+            "flow_task_s": round(statistics.median(stages["flow"].get(name, [0.0])), 2),
+        }
+        for name in stages["direct"]
+    }
     result = {
-        "what": "orchestration overhead", "goal_percent": GOAL_PERCENT,
-        "flow": _stats(times["flow"]), "direct": _stats(times["direct"]),
-        "overhead_percent": round(overhead, 1), "overhead_seconds": round(median_flow - median_direct, 2),
+        "what": "orchestration overhead",
+        "goal_percent": GOAL_PERCENT,
+        "flow": _stats(times["flow"]),
+        "direct": _stats(times["direct"]),
+        "overhead_percent": round(overhead, 1),
+        "overhead_seconds": round(median_flow - median_direct, 2),
         "verdict": "PASS" if overhead <= GOAL_PERCENT else "FAIL",
         "flow_outside_tasks_s": _stats(flow_outside_tasks),
         # Prefect's own time that no stage can hide: flow wall time outside its task runs.
-        "outside_tasks_percent": round(100.0 * statistics.median(flow_outside_tasks) / median_direct, 1),
+        "outside_tasks_percent": round(
+            100.0 * statistics.median(flow_outside_tasks) / median_direct, 1
+        ),
         "stages_median": per_stage,
-        "config": args.config, "overrides": overrides, "repeats": args.repeats, "warmup": args.warmup,
+        "config": args.config,
+        "overrides": overrides,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
         "cpus": os.cpu_count(),
     }
     path = home / "benchmarks" / f"orchestration-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(result, indent=2))
     _print({**result, "file": str(path)})
-    print(f"flow   min/median/max {result['flow']['min']}/{result['flow']['median']}/{result['flow']['max']} s\n"
-          f"direct min/median/max {result['direct']['min']}/{result['direct']['median']}/{result['direct']['max']} s\n"
-          f"overhead {overhead:+.1f} % of the direct median (goal <= {GOAL_PERCENT:g} %): {result['verdict']}",
-          file=sys.stderr)
+    print(
+        f"flow   min/median/max {result['flow']['min']}/{result['flow']['median']}/{result['flow']['max']} s\n"
+        f"direct min/median/max {result['direct']['min']}/{result['direct']['median']}/{result['direct']['max']} s\n"
+        f"overhead {overhead:+.1f} % of the direct median (goal <= {GOAL_PERCENT:g} %): {result['verdict']}",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -56,8 +56,12 @@ def make_folder(folder: Path, count: int) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="model tag or folder (default: the production model)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", default=None, help="model tag or folder (default: the production model)"
+    )
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=3)
@@ -65,15 +69,22 @@ def main() -> int:
     args = parser.parse_args()
     configure_environment()
     from defectflow.cli import _load_predictor_for
-    from defectflow.inspection import ReportWriter, collect_inputs, inspect_files
+    from defectflow.inference.inspection import ReportWriter, collect_inputs, inspect_files
 
     predictor, model = _load_predictor_for(args.model)
     with tempfile.TemporaryDirectory(prefix="defectflow-predict-bench-") as tmp:
         folder = Path(tmp) / "images"
         folder.mkdir()
         source = make_folder(folder, args.images)
-        _print({"model": model, "format": predictor.format, "images": args.images, "source": source,
-                "overlay": args.overlay})
+        _print(
+            {
+                "model": model,
+                "format": predictor.format,
+                "images": args.images,
+                "source": source,
+                "overlay": args.overlay,
+            }
+        )
         files = collect_inputs([str(folder)]).files
         warmup = list(inspect_files(predictor, files[:8], Path(tmp) / "warmup", 8, args.overlay))
         assert all(row.ok for row in warmup), [row.error for row in warmup]
@@ -89,9 +100,15 @@ def main() -> int:
                 writer.close()
                 rates[batch].append(len(files) / seconds)
         for batch, values in rates.items():
-            _print({"batch_size": batch, "repeats": len(values), "images_per_second_min": round(min(values), 1),
+            _print(
+                {
+                    "batch_size": batch,
+                    "repeats": len(values),
+                    "images_per_second_min": round(min(values), 1),
                     "images_per_second_median": round(statistics.median(values), 1),
-                    "images_per_second_max": round(max(values), 1)})
+                    "images_per_second_max": round(max(values), 1),
+                }
+            )
     return 0
 
 

@@ -9,7 +9,7 @@ goals, and a ConvNeXt-Tiny + U-Net baseline served side by side, all in one run.
 MODEL_DIR: a trained model folder (default: `$DEFECTFLOW_HOME/runs/capsule-seed44/model`, the
 256-px capsule model, when present). It is copied to a temporary folder and only the copy is
 touched: model.keras re-saved without optimizer state (as `save_artifact` writes it) and, when
-the folder has no model.tflite, exported as the pipeline does (`defectflow.export.export_compact`
+the folder has no model.tflite, exported as the pipeline does (`defectflow.training.export.export_compact`
 on the run's test split, `configs/default.yaml` export section: TFLite float16, served when it
 passes parity and is faster; without the run's manifest the export is served unchecked). The
 copy is saved into a temporary DEFECTFLOW_HOME model store, promoted, and
@@ -81,7 +81,16 @@ from timing import take_turns  # noqa: E402
 
 from defectflow.environment import configure_environment  # noqa: E402
 
-DEFAULT_IMAGE = REPO_ROOT.parent / "shared" / "data" / "mvtec_capsule" / "capsule" / "test" / "crack" / "000.png"
+DEFAULT_IMAGE = (
+    REPO_ROOT.parent
+    / "shared"
+    / "data"
+    / "mvtec_capsule"
+    / "capsule"
+    / "test"
+    / "crack"
+    / "000.png"
+)
 BIN = Path(sys.executable).parent
 MB = 1e6
 
@@ -118,12 +127,20 @@ def _stats(ms: list[float]) -> dict:
 
     if not ms:
         return {"n": 0}
-    return {"n": len(ms), "p50_ms": round(statistics.median(ms), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2),
-            "min_ms": round(min(ms), 2), "max_ms": round(max(ms), 2), "mean_ms": round(statistics.fmean(ms), 2)}
+    return {
+        "n": len(ms),
+        "p50_ms": round(statistics.median(ms), 2),
+        "p99_ms": round(float(np.percentile(ms, 99)), 2),
+        "min_ms": round(min(ms), 2),
+        "max_ms": round(max(ms), 2),
+        "mean_ms": round(statistics.fmean(ms), 2),
+    }
 
 
 def _git(*args: str) -> str:
-    return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True
+    ).stdout.strip()
 
 
 def _load_avg() -> float:
@@ -194,7 +211,11 @@ def _cpu_seconds(pid: int) -> float:
 
 def _name(pid: int) -> str:
     try:
-        args = [c.decode(errors="replace") for c in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if c]
+        args = [
+            c.decode(errors="replace")
+            for c in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if c
+        ]
     except OSError:
         return "?"
     name = " ".join(Path(a).name if i < 2 else a for i, a in enumerate(args[:4]))
@@ -224,9 +245,16 @@ def _machine_busy_seconds() -> float:
     """CPU seconds the whole machine spent busy (all cores, every process) since boot."""
     if psutil is not None:
         times = psutil.cpu_times()
-        return sum(times) - times.idle - getattr(times, "iowait", 0.0) - getattr(times, "guest", 0.0) \
+        return (
+            sum(times)
+            - times.idle
+            - getattr(times, "iowait", 0.0)
+            - getattr(times, "guest", 0.0)
             - getattr(times, "guest_nice", 0.0)
-    user, nice, system, _idle, _iowait, irq, softirq, steal, *_ = map(int, Path("/proc/stat").read_text().split()[1:11])
+        )
+    user, nice, system, _idle, _iowait, irq, softirq, steal, *_ = map(
+        int, Path("/proc/stat").read_text().split()[1:11]
+    )
     return (user + nice + system + irq + softirq + steal) / _CLOCK_TICKS
 
 
@@ -241,7 +269,7 @@ class CpuShare:
     def _ours(self) -> dict[int, float]:
         seconds = {}
         for root in self.roots:
-            for pid in ([root] if root == os.getpid() else _tree_pids(root)):
+            for pid in [root] if root == os.getpid() else _tree_pids(root):
                 try:
                     seconds[pid] = _cpu_seconds(pid)
                 except _PROCESS_GONE:
@@ -250,16 +278,25 @@ class CpuShare:
 
     @contextmanager
     def phase(self, name: str):
-        ours_before, busy_before, started = self._ours(), _machine_busy_seconds(), time.perf_counter()
+        ours_before, busy_before, started = (
+            self._ours(),
+            _machine_busy_seconds(),
+            time.perf_counter(),
+        )
         yield
         wall = time.perf_counter() - started
         ours_after, busy_after = self._ours(), _machine_busy_seconds()
         ours = sum(ours_after[pid] - ours_before.get(pid, 0.0) for pid in ours_after)
         client = ours_after.get(os.getpid(), 0.0) - ours_before.get(os.getpid(), 0.0)
         busy = busy_after - busy_before
-        row = {"wall_s": round(wall, 1), "machine_busy_cores": round(busy / wall, 2),
-               "benchmark_cores": round(ours / wall, 2), "of_which_this_process_cores": round(client / wall, 2),
-               "other_jobs_cores": round(max(busy - ours, 0.0) / wall, 2), "load_avg_1m": _load_avg()}
+        row = {
+            "wall_s": round(wall, 1),
+            "machine_busy_cores": round(busy / wall, 2),
+            "benchmark_cores": round(ours / wall, 2),
+            "of_which_this_process_cores": round(client / wall, 2),
+            "other_jobs_cores": round(max(busy - ours, 0.0) / wall, 2),
+            "load_avg_1m": _load_avg(),
+        }
         self.phases[name] = row
         _print({"what": "cpu share", "phase": name, **row})
 
@@ -267,12 +304,19 @@ class CpuShare:
 def busy_note(load_avg_start: float, phases: dict[str, dict]) -> str:
     """Why the figures were taken on a busy machine (a 1-minute load average >= 1 at the start,
     other jobs' cores per `CpuShare` phase); empty when it was not."""
-    busy_phases = {k: v["other_jobs_cores"] for k, v in phases.items() if v["other_jobs_cores"] >= BUSY_OTHERS_CORES}
+    busy_phases = {
+        k: v["other_jobs_cores"]
+        for k, v in phases.items()
+        if v["other_jobs_cores"] >= BUSY_OTHERS_CORES
+    }
     busy = []
     if load_avg_start >= 1.0:
         busy.append(f"1-minute load average {load_avg_start} before the benchmark started")
     if busy_phases:
-        busy.append("other jobs kept " + ", ".join(f"{v} cores busy during {k}" for k, v in busy_phases.items()))
+        busy.append(
+            "other jobs kept "
+            + ", ".join(f"{v} cores busy during {k}" for k, v in busy_phases.items())
+        )
     return "; ".join(busy)
 
 
@@ -296,8 +340,10 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> f
     start = time.monotonic()
     while True:
         if proc.poll() is not None:
-            sys.exit(f"{' '.join(map(str, proc.args[:4]))} exited {proc.returncode} before answering {url}:\n"
-                     + _log_tail(log))
+            sys.exit(
+                f"{' '.join(map(str, proc.args[:4]))} exited {proc.returncode} before answering {url}:\n"
+                + _log_tail(log)
+            )
         try:
             if httpx.get(url, timeout=2).status_code == 200:
                 return time.monotonic() - start
@@ -320,13 +366,21 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 @contextmanager
-def server(command: list[str], env: dict[str, str], log: Path, ready_path: str, port: int, timeout: float = 300,
-           cwd: Path = REPO_ROOT):
+def server(
+    command: list[str],
+    env: dict[str, str],
+    log: Path,
+    ready_path: str,
+    port: int,
+    timeout: float = 300,
+    cwd: Path = REPO_ROOT,
+):
     """Run `command` in `cwd` (own process group, output to `log`) until its `ready_path`
     answers; yields (url, process, seconds to ready); always stopped."""
     with log.open("wb") as out:
-        proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         url = f"http://127.0.0.1:{port}"
         seconds = wait_ready(url + ready_path, proc, timeout, log)
@@ -338,10 +392,21 @@ def server(command: list[str], env: dict[str, str], log: Path, ready_path: str, 
 def server_env(home: Path, model_tag: str | None = None) -> dict[str, str]:
     """This environment without any DEFECTFLOW_/BENTOML_/PREFECT_/KERAS_ setting (so no API token
     or serve overrides apply), on the temporary DEFECTFLOW_HOME."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DEFECTFLOW_", "BENTOML_", "PREFECT_", "KERAS_"))}
-    env.update(DEFECTFLOW_HOME=str(home), BENTOML_HOME=str(home / "bentoml"), KERAS_HOME=str(home / "keras"),
-               PREFECT_HOME=str(home / "prefect"), BENTOML_DO_NOT_TRACK="true", DO_NOT_TRACK="1",
-               TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("DEFECTFLOW_", "BENTOML_", "PREFECT_", "KERAS_"))
+    }
+    env.update(
+        DEFECTFLOW_HOME=str(home),
+        BENTOML_HOME=str(home / "bentoml"),
+        KERAS_HOME=str(home / "keras"),
+        PREFECT_HOME=str(home / "prefect"),
+        BENTOML_DO_NOT_TRACK="true",
+        DO_NOT_TRACK="1",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        KERAS_BACKEND="tensorflow",
+    )
     if model_tag:
         env["DEFECTFLOW_MODEL_TAG"] = model_tag
     return env
@@ -360,7 +425,11 @@ def _answer_ok(response, images: int) -> str | None:
         return "not JSON"
     if images == 1:
         return None if isinstance(body, dict) and "class" in body else "no class in answer"
-    answers = body if isinstance(body, list) else next((v for v in body.values() if isinstance(v, list)), None)
+    answers = (
+        body
+        if isinstance(body, list)
+        else next((v for v in body.values() if isinstance(v, list)), None)
+    )
     return None if answers is not None and len(answers) == images else f"not {images} predictions"
 
 
@@ -369,7 +438,9 @@ def _request_id(phase: str, number: int) -> dict:
     return {"x-request-id": f"{REQUEST_ID_PREFIX}{phase}-{number}"}
 
 
-def sequential(url: str, files, repeats: int, warmup: int, method: str = "POST", phase: str = "warmup") -> list[float]:
+def sequential(
+    url: str, files, repeats: int, warmup: int, method: str = "POST", phase: str = "warmup"
+) -> list[float]:
     """ms per request, one at a time, after `warmup` untimed ones; SystemExit on a failed answer."""
     import httpx
 
@@ -378,11 +449,17 @@ def sequential(url: str, files, repeats: int, warmup: int, method: str = "POST",
         for i in range(warmup + repeats):
             headers = _request_id(phase if i >= warmup else "warmup", i)
             start = time.perf_counter()
-            response = (client.post(url, files=files(), headers=headers) if method == "POST"
-                        else client.get(url, headers=headers))
+            response = (
+                client.post(url, files=files(), headers=headers)
+                if method == "POST"
+                else client.get(url, headers=headers)
+            )
             elapsed = (time.perf_counter() - start) * 1000
-            problem = _answer_ok(response, 1) if method == "POST" else (
-                None if response.status_code == 200 else f"HTTP {response.status_code}")
+            problem = (
+                _answer_ok(response, 1)
+                if method == "POST"
+                else (None if response.status_code == 200 else f"HTTP {response.status_code}")
+            )
             if problem:
                 sys.exit(f"{method} {url}: {problem}: {response.text[:500]}")
             if i >= warmup:
@@ -390,8 +467,16 @@ def sequential(url: str, files, repeats: int, warmup: int, method: str = "POST",
     return times
 
 
-async def _concurrent(url: str, files, images_per_request: int, concurrency: int, count: int | None,
-                      seconds: float | None, phase: str, check=None) -> dict:
+async def _concurrent(
+    url: str,
+    files,
+    images_per_request: int,
+    concurrency: int,
+    count: int | None,
+    seconds: float | None,
+    phase: str,
+    check=None,
+) -> dict:
     import httpx
 
     latencies: list[float] = []
@@ -405,7 +490,9 @@ async def _concurrent(url: str, files, images_per_request: int, concurrency: int
 
         async def client_loop() -> None:
             nonlocal issued
-            while (count is None or issued < count) and (deadline is None or time.perf_counter() < deadline):
+            while (count is None or issued < count) and (
+                deadline is None or time.perf_counter() < deadline
+            ):
                 issued += 1
                 headers = _request_id(phase, issued)
                 start = time.perf_counter()
@@ -429,18 +516,34 @@ async def _concurrent(url: str, files, images_per_request: int, concurrency: int
             errors[problem] += 1
         else:
             latencies.append(ms)
-    return {"concurrency": concurrency, "requests": issued, "errors": sum(errors.values()),
-            "error_kinds": dict(errors), "wall_s": round(wall, 2),
-            "images_per_s": round(len(latencies) * images_per_request / wall, 1),
-            "requests_per_s": round(len(latencies) / wall, 1), **_stats(latencies)}
+    return {
+        "concurrency": concurrency,
+        "requests": issued,
+        "errors": sum(errors.values()),
+        "error_kinds": dict(errors),
+        "wall_s": round(wall, 2),
+        "images_per_s": round(len(latencies) * images_per_request / wall, 1),
+        "requests_per_s": round(len(latencies) / wall, 1),
+        **_stats(latencies),
+    }
 
 
-def concurrent(url: str, files, concurrency: int, count: int | None = None, seconds: float | None = None,
-               images_per_request: int = 1, phase: str = "warmup", check=None) -> dict:
+def concurrent(
+    url: str,
+    files,
+    concurrency: int,
+    count: int | None = None,
+    seconds: float | None = None,
+    images_per_request: int = 1,
+    phase: str = "warmup",
+    check=None,
+) -> dict:
     """`concurrency` clients posting back to back, `count` requests in all or for `seconds`.
     `check(response)` (None, or what is wrong with it) replaces the default answer check and
     runs after the load, outside the timed requests; the answers it faults count as errors."""
-    return asyncio.run(_concurrent(url, files, images_per_request, concurrency, count, seconds, phase, check))
+    return asyncio.run(
+        _concurrent(url, files, images_per_request, concurrency, count, seconds, phase, check)
+    )
 
 
 def adaptive_batches(url: str) -> dict | None:
@@ -461,7 +564,9 @@ def adaptive_batches(url: str) -> dict | None:
             continue
         if name.endswith("_count") or name.endswith("_sum"):
             found = True
-            totals["batches" if name.endswith("_count") else "requests"] += float(line.rsplit(" ", 1)[1])
+            totals["batches" if name.endswith("_count") else "requests"] += float(
+                line.rsplit(" ", 1)[1]
+            )
     return totals if found else None
 
 
@@ -469,8 +574,11 @@ def batching_during(before: dict | None, after: dict | None) -> dict:
     if before is None or after is None:
         return {"note": "/metrics shows no adaptive_batch_size histogram"}
     batches, requests = after["batches"] - before["batches"], after["requests"] - before["requests"]
-    return {"forward_calls": int(batches), "requests_merged": int(requests),
-            "mean_requests_per_forward_call": round(requests / batches, 2) if batches else None}
+    return {
+        "forward_calls": int(batches),
+        "requests_merged": int(requests),
+        "mean_requests_per_forward_call": round(requests / batches, 2) if batches else None,
+    }
 
 
 _ACCESS_LINE = re.compile(r"path=(/[\w/]+)[,)].*\(status=(\d+)[^)]*\) ([\d.]+)ms")
@@ -509,15 +617,18 @@ def server_side_latency(log: Path) -> dict[str, dict]:
         if record.get("status") != 200 or not request_id.startswith(REQUEST_ID_PREFIX):
             phase = None
             continue
-        phase = request_id[len(REQUEST_ID_PREFIX):].split("/")[0].rsplit("-", 1)[0]
+        phase = request_id[len(REQUEST_ID_PREFIX) :].split("/")[0].rsplit("-", 1)[0]
         figures = by_phase.setdefault(phase, {})
         figures.setdefault("model_forward", []).extend(pending_forward)
         pending_forward = []
         if "/" not in request_id or request_id.endswith("/0"):
             # /predict_batch logs each image with the call's latency: count the call once
             figures.setdefault("handler", []).append(float(record["latency_ms"]))
-    return {name: {kind: _stats(ms) for kind, ms in figures.items()}
-            for name, figures in by_phase.items() if name != "warmup"}
+    return {
+        name: {kind: _stats(ms) for kind, ms in figures.items()}
+        for name, figures in by_phase.items()
+        if name != "warmup"
+    }
 
 
 def _slope_per_minute(samples: list[float], interval_s: float) -> float | None:
@@ -584,10 +695,13 @@ def prepare_model(model_dir: Path, work: Path, serving_format: str) -> dict:
     from defectflow.artifacts import TFLITE_FILE, ModelInfo
     from defectflow.config import load_config
     from defectflow.data.split import read_manifest, select
-    from defectflow.export import export_compact, export_tflite
+    from defectflow.training.export import export_compact, export_tflite
 
     shutil.copytree(model_dir, work)
-    done: dict = {"model_dir": str(model_dir), "keras_mb_original": round((work / "model.keras").stat().st_size / MB, 1)}
+    done: dict = {
+        "model_dir": str(model_dir),
+        "keras_mb_original": round((work / "model.keras").stat().st_size / MB, 1),
+    }
     keras.saving.load_model(work / "model.keras", compile=False).save(work / "model.keras")
     done["keras_mb"] = round((work / "model.keras").stat().st_size / MB, 1)
     if not (work / TFLITE_FILE).exists() and serving_format != "keras":
@@ -597,21 +711,33 @@ def prepare_model(model_dir: Path, work: Path, serving_format: str) -> dict:
         started = time.perf_counter()
         if samples and serving_format == "auto":
             summary = export_compact(work, samples, load_config("default").export)
-            done["export"] = {"how": f"export_compact on {len(samples)} test images of {manifest}",
-                              "format": summary["format"], "reason": summary["reason"],
-                              "tflite_mb": summary["tflite"]["size_mb"],
-                              "parity_passed": summary["parity"]["passed"],
-                              "latency_batch1_p50_ms": {k: v["p50_ms"] for k, v in summary["latency_batch1"].items()}}
+            done["export"] = {
+                "how": f"export_compact on {len(samples)} test images of {manifest}",
+                "format": summary["format"],
+                "reason": summary["reason"],
+                "tflite_mb": summary["tflite"]["size_mb"],
+                "parity_passed": summary["parity"]["passed"],
+                "latency_batch1_p50_ms": {
+                    k: v["p50_ms"] for k, v in summary["latency_batch1"].items()
+                },
+            }
         else:
             quantization = load_config("default").export.quantization
             path = export_tflite(work, quantization)
-            done["export"] = {"how": f"export_tflite {quantization}" + (
-                "" if serving_format == "tflite" else f" (parity not checked: no test images from {manifest})"),
-                "tflite_mb": round(path.stat().st_size / MB, 2)}
+            done["export"] = {
+                "how": f"export_tflite {quantization}"
+                + (
+                    ""
+                    if serving_format == "tflite"
+                    else f" (parity not checked: no test images from {manifest})"
+                ),
+                "tflite_mb": round(path.stat().st_size / MB, 2),
+            }
         done["export"]["seconds"] = round(time.perf_counter() - started, 1)
     info = ModelInfo.load(work)
-    if serving_format in ("keras", "tflite") or (serving_format == "auto" and "export" in done
-                                                   and "format" not in done["export"]):
+    if serving_format in ("keras", "tflite") or (
+        serving_format == "auto" and "export" in done and "format" not in done["export"]
+    ):
         info.serving_format = "keras" if serving_format == "keras" else "tflite"
         info.save(work)
     done["serving_format"] = ModelInfo.load(work).serving_format
@@ -620,8 +746,14 @@ def prepare_model(model_dir: Path, work: Path, serving_format: str) -> dict:
 
 def save_and_promote(work: Path, home: Path, source: str) -> dict:
     """Save the copy into the temporary store and promote it, in a subprocess on that store."""
-    done = subprocess.run([sys.executable, "-c", _SAVE_AND_PROMOTE, str(work), source], env=server_env(home),
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", _SAVE_AND_PROMOTE, str(work), source],
+        env=server_env(home),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if done.returncode != 0:
         sys.exit(f"saving the model into the temporary store failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -635,8 +767,8 @@ class InProcess:
     names), in this process, and the image decoded and at the model's input size."""
 
     def __init__(self, model_dir: Path, image: bytes) -> None:
-        from defectflow.inference import Predictor
-        from defectflow.preprocessing import decode_image, prepare_image
+        from defectflow.inference.predictor import Predictor
+        from defectflow.inference.preprocessing import decode_image, prepare_image
 
         started = time.perf_counter()
         self.predictor = Predictor.load(model_dir)
@@ -659,7 +791,8 @@ class InProcess:
 
     def stages(self) -> dict[str, float]:
         """ms per stage of the endpoint's work."""
-        from defectflow.preprocessing import decode_image, postprocess, prepare_image
+        from defectflow.inference.postprocessing import postprocess
+        from defectflow.inference.preprocessing import decode_image, prepare_image
 
         info = self.predictor.info
         t0 = time.perf_counter()
@@ -669,18 +802,33 @@ class InProcess:
         t2 = time.perf_counter()
         probs, masks = self.predictor.backend(batch)
         t3 = time.perf_counter()
-        prediction = postprocess(probs[0], masks[0], decoded.shape[:2], info.classes, info.mask_threshold,
-                                 info.defect_threshold)
+        prediction = postprocess(
+            probs[0],
+            masks[0],
+            decoded.shape[:2],
+            info.classes,
+            info.mask_threshold,
+            info.defect_threshold,
+        )
         t4 = time.perf_counter()
         body = prediction.to_json()
         t5 = time.perf_counter()
         json.dumps(body)
         t6 = time.perf_counter()
         marks = (t0, t1, t2, t3, t4, t5, t6)
-        return {name: (b - a) * 1000 for name, a, b in zip(STAGES, marks[:-1], marks[1:], strict=True)}
+        return {
+            name: (b - a) * 1000 for name, a, b in zip(STAGES, marks[:-1], marks[1:], strict=True)
+        }
 
 
-STAGES = ("decode", "resize_to_input", "forward", "mask_resize_threshold", "mask_png_base64", "json_dumps")
+STAGES = (
+    "decode",
+    "resize_to_input",
+    "forward",
+    "mask_resize_threshold",
+    "mask_png_base64",
+    "json_dumps",
+)
 
 
 def bench_in_process(model: InProcess, repeats: int, warmup: int) -> dict:
@@ -691,16 +839,32 @@ def bench_in_process(model: InProcess, repeats: int, warmup: int) -> dict:
         for name, ms in model.stages().items():
             stage_ms.setdefault(name, []).append(ms)
 
-    times = take_turns({"bare_forward": model.bare_forward, "predict_arrays": model.predict_arrays,
-                        "endpoint_work": model.endpoint_work, "stages": stages}, repeats, warmup)
-    result = {"format": model.predictor.format, "load_s": model.load_s, "input_size": model.predictor.info.input_size,
-              "image_hw": list(model.rgb.shape[:2])}
-    for name, what in (("bare_forward", "bare forward, batch 1 (raw_outputs on an image at input size)"),
-                       ("predict_arrays", "predict_arrays (resize, forward, mask at input size)"),
-                       ("endpoint_work", "predict_bytes + to_json + json.dumps (the endpoint's work)")):
+    times = take_turns(
+        {
+            "bare_forward": model.bare_forward,
+            "predict_arrays": model.predict_arrays,
+            "endpoint_work": model.endpoint_work,
+            "stages": stages,
+        },
+        repeats,
+        warmup,
+    )
+    result = {
+        "format": model.predictor.format,
+        "load_s": model.load_s,
+        "input_size": model.predictor.info.input_size,
+        "image_hw": list(model.rgb.shape[:2]),
+    }
+    for name, what in (
+        ("bare_forward", "bare forward, batch 1 (raw_outputs on an image at input size)"),
+        ("predict_arrays", "predict_arrays (resize, forward, mask at input size)"),
+        ("endpoint_work", "predict_bytes + to_json + json.dumps (the endpoint's work)"),
+    ):
         result[name] = _stats(times[name])
         _print({"what": f"in process: {what}", "format": model.predictor.format, **result[name]})
-    result["stages_p50_ms"] = {name: round(statistics.median(ms[warmup:]), 2) for name, ms in stage_ms.items()}
+    result["stages_p50_ms"] = {
+        name: round(statistics.median(ms[warmup:]), 2) for name, ms in stage_ms.items()
+    }
     _print({"what": "in process: stages, p50 ms", **result["stages_p50_ms"]})
     return result
 
@@ -723,19 +887,34 @@ def find_batch_endpoint(url: str) -> dict:
     try:
         spec = httpx.get(f"{url}/docs.json", timeout=10).json()
     except (httpx.HTTPError, ValueError) as exc:
-        return {"present": False, "note": f"/docs.json unreadable ({exc}); /predict_batch not benchmarked"}
+        return {
+            "present": False,
+            "note": f"/docs.json unreadable ({exc}); /predict_batch not benchmarked",
+        }
     post = spec.get("paths", {}).get("/predict_batch", {}).get("post")
     if not post:
-        return {"present": False, "note": "the service has no POST /predict_batch (not in /docs.json)"}
-    schema = post.get("requestBody", {}).get("content", {}).get("multipart/form-data", {}).get("schema", {})
+        return {
+            "present": False,
+            "note": "the service has no POST /predict_batch (not in /docs.json)",
+        }
+    schema = (
+        post.get("requestBody", {})
+        .get("content", {})
+        .get("multipart/form-data", {})
+        .get("schema", {})
+    )
     if "$ref" in schema:
-        schema = spec.get("components", {}).get("schemas", {}).get(schema["$ref"].rsplit("/", 1)[-1], {})
+        schema = (
+            spec.get("components", {}).get("schemas", {}).get(schema["$ref"].rsplit("/", 1)[-1], {})
+        )
     fields = list(schema.get("properties", {}))
     field = "images" if "images" in fields or not fields else fields[0]
     return {"present": True, "field": field, "fields": fields}
 
 
-def bench_defectflow(url: str, proc: subprocess.Popen, image: bytes, args, cpu: CpuShare, model: InProcess) -> dict:
+def bench_defectflow(
+    url: str, proc: subprocess.Popen, image: bytes, args, cpu: CpuShare, model: InProcess
+) -> dict:
     import httpx
 
     result: dict = {}
@@ -765,35 +944,66 @@ def bench_defectflow(url: str, proc: subprocess.Popen, image: bytes, args, cpu: 
             sys.exit(f"POST {url}/predict: {_answer_ok(response, 1)}: {response.text[:500]}")
 
     with cpu.phase("predict c1"), httpx.Client(timeout=120) as client:
-        times = take_turns({"bare_forward": model.bare_forward, "http_predict": http_predict}, args.requests, 3)
+        times = take_turns(
+            {"bare_forward": model.bare_forward, "http_predict": http_predict}, args.requests, 3
+        )
     result["bare_forward_in_turns"] = _stats(times["bare_forward"])
     result["predict_c1"] = _stats(times["http_predict"])
-    _print({"what": "in process: bare forward, batch 1, in turns with HTTP /predict", **result["bare_forward_in_turns"]})
+    _print(
+        {
+            "what": "in process: bare forward, batch 1, in turns with HTTP /predict",
+            **result["bare_forward_in_turns"],
+        }
+    )
     _print({"what": "HTTP POST /predict, concurrency 1", **result["predict_c1"]})
 
     batches_before = adaptive_batches(url)
     with cpu.phase(f"predict c{args.concurrency}"), MemorySampler(proc.pid) as memory:
-        result["predict_concurrent"] = concurrent(f"{url}/predict", files, args.concurrency,
-                                                  count=args.concurrent_requests, phase="concurrent")
+        result["predict_concurrent"] = concurrent(
+            f"{url}/predict",
+            files,
+            args.concurrency,
+            count=args.concurrent_requests,
+            phase="concurrent",
+        )
     result["predict_concurrent"]["rss_peak_mb"] = max(memory.samples, default=None)
-    result["predict_concurrent"]["adaptive_batching"] = batching_during(batches_before, adaptive_batches(url))
-    _print({"what": f"HTTP POST /predict, concurrency {args.concurrency}", **result["predict_concurrent"]})
+    result["predict_concurrent"]["adaptive_batching"] = batching_during(
+        batches_before, adaptive_batches(url)
+    )
+    _print(
+        {
+            "what": f"HTTP POST /predict, concurrency {args.concurrency}",
+            **result["predict_concurrent"],
+        }
+    )
 
     batch = find_batch_endpoint(url)
     if batch["present"]:
         images = args.batch_images
         batch_files = _batch_files(image, images, batch["field"])
-        sequential_ok = concurrent(f"{url}/predict_batch", batch_files, 1, count=2, images_per_request=images)
+        sequential_ok = concurrent(
+            f"{url}/predict_batch", batch_files, 1, count=2, images_per_request=images
+        )
         if sequential_ok["errors"]:
             batch["note"] = f"/predict_batch answered with errors: {sequential_ok['error_kinds']}"
         else:
             batches_before = adaptive_batches(url)
             with cpu.phase("predict_batch"), MemorySampler(proc.pid) as memory:
-                batch.update(concurrent(f"{url}/predict_batch", batch_files, args.batch_concurrency,
-                                        count=max(1, args.concurrent_requests // images), images_per_request=images,
-                                        phase="batch"))
-            batch.update(images_per_request=images, rss_peak_mb=max(memory.samples, default=None),
-                         adaptive_batching=batching_during(batches_before, adaptive_batches(url)))
+                batch.update(
+                    concurrent(
+                        f"{url}/predict_batch",
+                        batch_files,
+                        args.batch_concurrency,
+                        count=max(1, args.concurrent_requests // images),
+                        images_per_request=images,
+                        phase="batch",
+                    )
+                )
+            batch.update(
+                images_per_request=images,
+                rss_peak_mb=max(memory.samples, default=None),
+                adaptive_batching=batching_during(batches_before, adaptive_batches(url)),
+            )
     result["predict_batch"] = batch
     _print({"what": "HTTP POST /predict_batch", **batch})
 
@@ -801,8 +1011,9 @@ def bench_defectflow(url: str, proc: subprocess.Popen, image: bytes, args, cpu: 
     result["rss_before_load"] = tree_memory(proc.pid)
     batches_before = adaptive_batches(url)
     with cpu.phase(f"load run {args.load_seconds:g} s"), MemorySampler(proc.pid) as memory:
-        result["load_run"] = concurrent(f"{url}/predict", files, args.concurrency, seconds=args.load_seconds,
-                                        phase="load")
+        result["load_run"] = concurrent(
+            f"{url}/predict", files, args.concurrency, seconds=args.load_seconds, phase="load"
+        )
     result["rss_after_load"] = tree_memory(proc.pid)
     load = result["load_run"]
     load["adaptive_batching"] = batching_during(batches_before, adaptive_batches(url))
@@ -813,8 +1024,12 @@ def bench_defectflow(url: str, proc: subprocess.Popen, image: bytes, args, cpu: 
     load["rss_before_mb"], load["rss_after_mb"] = before, after
     load["rss_growth_pct"] = round(100 * (after - before) / before, 2)
     load["rss_trend_mb_per_min"] = _slope_per_minute(memory.samples, memory.interval)
-    _print({"what": f"load run, {args.load_seconds:g} s at concurrency {args.concurrency}",
-            **{k: v for k, v in load.items() if k != "rss_samples_mb"}})
+    _print(
+        {
+            "what": f"load run, {args.load_seconds:g} s at concurrency {args.concurrency}",
+            **{k: v for k, v in load.items() if k != "rss_samples_mb"},
+        }
+    )
     return result
 
 
@@ -830,16 +1045,32 @@ def bench_baseline(url: str, baseline_url: str, image: bytes, requests: int, cpu
         for _ in range(requests):
             for server_url in times:
                 start = time.perf_counter()
-                response = client.post(f"{server_url}/predict", files=files(),
-                                       headers=_request_id("in-turns", len(times[server_url])))
+                response = client.post(
+                    f"{server_url}/predict",
+                    files=files(),
+                    headers=_request_id("in-turns", len(times[server_url])),
+                )
                 times[server_url].append((time.perf_counter() - start) * 1000)
                 if _answer_ok(response, 1):
-                    sys.exit(f"POST {server_url}/predict: {_answer_ok(response, 1)}: {response.text[:500]}")
-    result = {"baseline_c1": _stats(times[baseline_url]), "defectflow_c1_in_turns": _stats(times[url])}
-    result["ratio"] = round(result["baseline_c1"]["p50_ms"] / result["defectflow_c1_in_turns"]["p50_ms"], 1)
-    _print({"what": "baseline (ConvNeXt-Tiny + U-Net 512, FastAPI) vs defectflow, POST /predict in turns",
-            "baseline_p50_ms": result["baseline_c1"]["p50_ms"], "baseline_p99_ms": result["baseline_c1"]["p99_ms"],
-            "defectflow_p50_ms": result["defectflow_c1_in_turns"]["p50_ms"], "ratio": result["ratio"]})
+                    sys.exit(
+                        f"POST {server_url}/predict: {_answer_ok(response, 1)}: {response.text[:500]}"
+                    )
+    result = {
+        "baseline_c1": _stats(times[baseline_url]),
+        "defectflow_c1_in_turns": _stats(times[url]),
+    }
+    result["ratio"] = round(
+        result["baseline_c1"]["p50_ms"] / result["defectflow_c1_in_turns"]["p50_ms"], 1
+    )
+    _print(
+        {
+            "what": "baseline (ConvNeXt-Tiny + U-Net 512, FastAPI) vs defectflow, POST /predict in turns",
+            "baseline_p50_ms": result["baseline_c1"]["p50_ms"],
+            "baseline_p99_ms": result["baseline_c1"]["p99_ms"],
+            "defectflow_p50_ms": result["defectflow_c1_in_turns"]["p50_ms"],
+            "ratio": result["ratio"],
+        }
+    )
     return result
 
 
@@ -858,59 +1089,155 @@ def goals(results: dict) -> list[dict]:
     c1, cc, load = df["predict_c1"], df["predict_concurrent"], df["load_run"]
     n = cc["concurrency"]
     handler = df.get("server_handler_latency", {})
-    rss_seen = [df["rss_idle_after_warmup"]["rss_mb"], df["rss_after_load"]["rss_mb"],
-                *(v for v in (cc.get("rss_peak_mb"), load.get("rss_peak_mb"),
-                              df["predict_batch"].get("rss_peak_mb")) if v is not None)]
+    rss_seen = [
+        df["rss_idle_after_warmup"]["rss_mb"],
+        df["rss_after_load"]["rss_mb"],
+        *(
+            v
+            for v in (
+                cc.get("rss_peak_mb"),
+                load.get("rss_peak_mb"),
+                df["predict_batch"].get("rss_peak_mb"),
+            )
+            if v is not None
+        ),
+    ]
     rows = [
         ("bare forward p50, batch 1, in process, in turns with c1 (ms)", bare, None, None),
         ("bare forward p99, same (ms)", df["bare_forward_in_turns"]["p99_ms"], None, None),
-        ("bare forward p50, in-process phase (ms)", results["in_process"]["bare_forward"]["p50_ms"], None, None),
-        ("in-process endpoint work p50 (decode..JSON) (ms)", results["in_process"]["endpoint_work"]["p50_ms"],
-         None, None),
+        (
+            "bare forward p50, in-process phase (ms)",
+            results["in_process"]["bare_forward"]["p50_ms"],
+            None,
+            None,
+        ),
+        (
+            "in-process endpoint work p50 (decode..JSON) (ms)",
+            results["in_process"]["endpoint_work"]["p50_ms"],
+            None,
+            None,
+        ),
         ("HTTP GET /livez p50, c1 (ms)", df["livez_c1"]["p50_ms"], None, None),
-        ("HTTP /predict p50, c1 (ms)", c1["p50_ms"], f"<= {GOAL_HTTP_OVER_FORWARD} x bare = "
-         f"{GOAL_HTTP_OVER_FORWARD * bare:.1f}", c1["p50_ms"] <= GOAL_HTTP_OVER_FORWARD * bare),
-        ("HTTP /predict p50 / bare forward p50", round(c1["p50_ms"] / bare, 2), f"<= {GOAL_HTTP_OVER_FORWARD}",
-         c1["p50_ms"] / bare <= GOAL_HTTP_OVER_FORWARD),
+        (
+            "HTTP /predict p50, c1 (ms)",
+            c1["p50_ms"],
+            f"<= {GOAL_HTTP_OVER_FORWARD} x bare = {GOAL_HTTP_OVER_FORWARD * bare:.1f}",
+            c1["p50_ms"] <= GOAL_HTTP_OVER_FORWARD * bare,
+        ),
+        (
+            "HTTP /predict p50 / bare forward p50",
+            round(c1["p50_ms"] / bare, 2),
+            f"<= {GOAL_HTTP_OVER_FORWARD}",
+            c1["p50_ms"] / bare <= GOAL_HTTP_OVER_FORWARD,
+        ),
         ("HTTP /predict p99, c1 (ms)", c1["p99_ms"], None, None),
-        ("  server: HTTP service, p50, c1 (access log) (ms)", _p50(handler, "c1", "entry"), None, None),
-        ("  server: /predict handler, p50, c1 (its log line) (ms)", _p50(handler, "c1", "handler"), None, None),
-        ("  server: model service /forward, p50, c1 (access log) (ms)", _p50(handler, "c1", "model_forward"),
-         None, None),
+        (
+            "  server: HTTP service, p50, c1 (access log) (ms)",
+            _p50(handler, "c1", "entry"),
+            None,
+            None,
+        ),
+        (
+            "  server: /predict handler, p50, c1 (its log line) (ms)",
+            _p50(handler, "c1", "handler"),
+            None,
+            None,
+        ),
+        (
+            "  server: model service /forward, p50, c1 (access log) (ms)",
+            _p50(handler, "c1", "model_forward"),
+            None,
+            None,
+        ),
         (f"HTTP /predict p50, c{n} (ms)", cc.get("p50_ms"), None, None),
         (f"HTTP /predict p99, c{n} (ms)", cc.get("p99_ms"), None, None),
-        (f"  server: HTTP service, p50, c{n} (access log) (ms)", _p50(handler, "concurrent", "entry"), None, None),
-        (f"  server: /predict handler, p50, c{n} (its log line) (ms)", _p50(handler, "concurrent", "handler"),
-         None, None),
-        (f"  server: model service /forward, p50, c{n} (access log) (ms)", _p50(handler, "concurrent", "model_forward"),
-         None, None),
-        (f"throughput /predict, c{n} (images/s)", cc["images_per_s"], f">= {GOAL_IMAGES_PER_S:g}",
-         cc["images_per_s"] >= GOAL_IMAGES_PER_S),
+        (
+            f"  server: HTTP service, p50, c{n} (access log) (ms)",
+            _p50(handler, "concurrent", "entry"),
+            None,
+            None,
+        ),
+        (
+            f"  server: /predict handler, p50, c{n} (its log line) (ms)",
+            _p50(handler, "concurrent", "handler"),
+            None,
+            None,
+        ),
+        (
+            f"  server: model service /forward, p50, c{n} (access log) (ms)",
+            _p50(handler, "concurrent", "model_forward"),
+            None,
+            None,
+        ),
+        (
+            f"throughput /predict, c{n} (images/s)",
+            cc["images_per_s"],
+            f">= {GOAL_IMAGES_PER_S:g}",
+            cc["images_per_s"] >= GOAL_IMAGES_PER_S,
+        ),
         (f"errors /predict, c{n}", cc["errors"], "0", cc["errors"] == 0),
-        (f"adaptive batching, c{n}: requests per forward call",
-         cc["adaptive_batching"].get("mean_requests_per_forward_call", "-"), None, None),
+        (
+            f"adaptive batching, c{n}: requests per forward call",
+            cc["adaptive_batching"].get("mean_requests_per_forward_call", "-"),
+            None,
+            None,
+        ),
     ]
     batch = df["predict_batch"]
     if batch.get("images_per_s") is not None:
-        rows.append((f"throughput /predict_batch ({batch['images_per_request']}/call, c{batch['concurrency']}) "
-                     "(images/s)", batch["images_per_s"], None, None))
+        rows.append(
+            (
+                f"throughput /predict_batch ({batch['images_per_request']}/call, c{batch['concurrency']}) "
+                "(images/s)",
+                batch["images_per_s"],
+                None,
+                None,
+            )
+        )
     else:
         rows.append(("throughput /predict_batch", "-", batch.get("note", "absent"), None))
     rows += [
-        ("server RSS idle after warm-up (MB)", df["rss_idle_after_warmup"]["rss_mb"], f"<= {GOAL_RSS_MB:g}",
-         df["rss_idle_after_warmup"]["rss_mb"] <= GOAL_RSS_MB),
-        ("server PSS idle after warm-up (MB)", df["rss_idle_after_warmup"].get("pss_mb"), None, None),
-        ("server RSS after load (MB)", df["rss_after_load"]["rss_mb"], f"<= {GOAL_RSS_MB:g}",
-         df["rss_after_load"]["rss_mb"] <= GOAL_RSS_MB),
-        ("server RSS largest seen (MB)", max(rss_seen), f"<= {GOAL_RSS_MB:g}", max(rss_seen) <= GOAL_RSS_MB),
+        (
+            "server RSS idle after warm-up (MB)",
+            df["rss_idle_after_warmup"]["rss_mb"],
+            f"<= {GOAL_RSS_MB:g}",
+            df["rss_idle_after_warmup"]["rss_mb"] <= GOAL_RSS_MB,
+        ),
+        (
+            "server PSS idle after warm-up (MB)",
+            df["rss_idle_after_warmup"].get("pss_mb"),
+            None,
+            None,
+        ),
+        (
+            "server RSS after load (MB)",
+            df["rss_after_load"]["rss_mb"],
+            f"<= {GOAL_RSS_MB:g}",
+            df["rss_after_load"]["rss_mb"] <= GOAL_RSS_MB,
+        ),
+        (
+            "server RSS largest seen (MB)",
+            max(rss_seen),
+            f"<= {GOAL_RSS_MB:g}",
+            max(rss_seen) <= GOAL_RSS_MB,
+        ),
     ]
     if "baseline" in results:
         base = results["baseline"]
         rows += [
             ("baseline /predict p50, c1 (ms)", base["baseline_c1"]["p50_ms"], None, None),
-            ("defectflow /predict p50, c1, in turns (ms)", base["defectflow_c1_in_turns"]["p50_ms"], None, None),
-            ("baseline p50 / defectflow p50", base["ratio"], f">= {GOAL_BASELINE_RATIO:g}",
-             base["ratio"] >= GOAL_BASELINE_RATIO),
+            (
+                "defectflow /predict p50, c1, in turns (ms)",
+                base["defectflow_c1_in_turns"]["p50_ms"],
+                None,
+                None,
+            ),
+            (
+                "baseline p50 / defectflow p50",
+                base["ratio"],
+                f">= {GOAL_BASELINE_RATIO:g}",
+                base["ratio"] >= GOAL_BASELINE_RATIO,
+            ),
         ]
     else:
         rows.append(("baseline p50 / defectflow p50", "-", "not run (--no-baseline)", None))
@@ -919,12 +1246,25 @@ def goals(results: dict) -> list[dict]:
         ("load run errors", load["errors"], "0", load["errors"] == 0),
         ("load run p50 (ms)", load.get("p50_ms"), None, None),
         ("load run p99 (ms)", load.get("p99_ms"), None, None),
-        ("load run p99 / p50", load["p99_over_p50"], f"<= {GOAL_TAIL_RATIO:g}",
-         load["p99_over_p50"] is not None and load["p99_over_p50"] <= GOAL_TAIL_RATIO),
+        (
+            "load run p99 / p50",
+            load["p99_over_p50"],
+            f"<= {GOAL_TAIL_RATIO:g}",
+            load["p99_over_p50"] is not None and load["p99_over_p50"] <= GOAL_TAIL_RATIO,
+        ),
         ("load run throughput (images/s)", load["images_per_s"], None, None),
-        ("load run RSS before -> after (MB)", f"{load['rss_before_mb']} -> {load['rss_after_mb']}", None, None),
-        ("load run RSS growth (%)", load["rss_growth_pct"], f"<= {GOAL_RSS_GROWTH_PCT:g}",
-         load["rss_growth_pct"] <= GOAL_RSS_GROWTH_PCT),
+        (
+            "load run RSS before -> after (MB)",
+            f"{load['rss_before_mb']} -> {load['rss_after_mb']}",
+            None,
+            None,
+        ),
+        (
+            "load run RSS growth (%)",
+            load["rss_growth_pct"],
+            f"<= {GOAL_RSS_GROWTH_PCT:g}",
+            load["rss_growth_pct"] <= GOAL_RSS_GROWTH_PCT,
+        ),
         ("load run RSS trend (MB/min, least squares)", load["rss_trend_mb_per_min"], None, None),
     ]
     return [{"figure": f, "measured": m, "goal": g, "met": met} for f, m, g, met in rows]
@@ -938,69 +1278,125 @@ def print_goal_rows(rows: list[dict]) -> None:
     print("\n" + header + "\n" + "-" * len(header))
     for r in rows:
         result = "" if r["met"] is None else ("met" if r["met"] else "MISSED")
-        print(f"{r['figure']:<{width}}  {r['measured']!s:>12}  {r['goal'] or '':<{goal_width}}  {result}")
+        print(
+            f"{r['figure']:<{width}}  {r['measured']!s:>12}  {r['goal'] or '':<{goal_width}}  {result}"
+        )
 
 
 def print_table(results: dict) -> None:
     rows = results["goals"]
     print_goal_rows(rows)
     stages = results["in_process"]["stages_p50_ms"]
-    print("\nin-process endpoint work, p50 ms per stage: " + ", ".join(f"{k} {v}" for k, v in stages.items()))
-    print(f"served: {results['model']['tag']} as {results['in_process']['format']} "
-          f"(service metadata: {json.dumps(results['defectflow'].get('metadata'))[:200]})")
+    print(
+        "\nin-process endpoint work, p50 ms per stage: "
+        + ", ".join(f"{k} {v}" for k, v in stages.items())
+    )
+    print(
+        f"served: {results['model']['tag']} as {results['in_process']['format']} "
+        f"(service metadata: {json.dumps(results['defectflow'].get('metadata'))[:200]})"
+    )
     load = results["machine"]
-    print(f"machine: {load['cpus']} CPUs; load average (1 min) {load['load_avg_1m_start']} at the start, "
-          f"{load['load_avg_1m_end']} at the end; cores busy in other jobs per phase: "
-          + ", ".join(f"{k} {v['other_jobs_cores']}" for k, v in results["cpu_share"].items())
-          + "; cores used by this process (HTTP client, in-process model): "
-          + ", ".join(f"{k} {v['of_which_this_process_cores']}" for k, v in results["cpu_share"].items()))
+    print(
+        f"machine: {load['cpus']} CPUs; load average (1 min) {load['load_avg_1m_start']} at the start, "
+        f"{load['load_avg_1m_end']} at the end; cores busy in other jobs per phase: "
+        + ", ".join(f"{k} {v['other_jobs_cores']}" for k, v in results["cpu_share"].items())
+        + "; cores used by this process (HTTP client, in-process model): "
+        + ", ".join(
+            f"{k} {v['of_which_this_process_cores']}" for k, v in results["cpu_share"].items()
+        )
+    )
     if load["busy"]:
-        print(f"NOTE: the machine was busy with other jobs ({load['busy']}): latencies and throughput are "
-              "lower than on an idle machine.")
+        print(
+            f"NOTE: the machine was busy with other jobs ({load['busy']}): latencies and throughput are "
+            "lower than on an idle machine."
+        )
     missed = [r["figure"] for r in rows if r["met"] is False]
     print(f"goals missed: {', '.join(missed)}" if missed else "all goals met")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model_dir", type=Path, nargs="?", help="a trained model folder (default: capsule-seed44)")
-    parser.add_argument("--image", type=Path, help=f"the image to send (default: {DEFAULT_IMAGE} when present)")
-    parser.add_argument("--serving-format", choices=["auto", "keras", "tflite"], default="auto",
-                        help="auto: as the pipeline chooses (model.json, or the export when there is none)")
-    parser.add_argument("--requests", type=int, default=120, help="timed requests at concurrency 1 (and in process)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "model_dir", type=Path, nargs="?", help="a trained model folder (default: capsule-seed44)"
+    )
+    parser.add_argument(
+        "--image", type=Path, help=f"the image to send (default: {DEFAULT_IMAGE} when present)"
+    )
+    parser.add_argument(
+        "--serving-format",
+        choices=["auto", "keras", "tflite"],
+        default="auto",
+        help="auto: as the pipeline chooses (model.json, or the export when there is none)",
+    )
+    parser.add_argument(
+        "--requests", type=int, default=120, help="timed requests at concurrency 1 (and in process)"
+    )
     parser.add_argument("--warmup", type=int, default=10, help="untimed requests / calls first")
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--concurrent-requests", type=int, default=640, help="requests in the concurrent phase")
-    parser.add_argument("--batch-images", type=int, default=16, help="images per /predict_batch call")
-    parser.add_argument("--batch-concurrency", type=int, default=4, help="concurrent /predict_batch calls")
+    parser.add_argument(
+        "--concurrent-requests", type=int, default=640, help="requests in the concurrent phase"
+    )
+    parser.add_argument(
+        "--batch-images", type=int, default=16, help="images per /predict_batch call"
+    )
+    parser.add_argument(
+        "--batch-concurrency", type=int, default=4, help="concurrent /predict_batch calls"
+    )
     parser.add_argument("--load-seconds", type=float, default=60.0)
-    parser.add_argument("--baseline-requests", type=int, default=30, help="requests to each server, in turns")
-    parser.add_argument("--no-baseline", action="store_true", help="skip the ConvNeXt-Tiny baseline")
-    parser.add_argument("--out", type=Path, help="JSON file (default: $DEFECTFLOW_HOME/benchmarks/serve_bench.json)")
-    parser.add_argument("--logs", type=Path, help="keep the servers' logs in this folder (default: discarded)")
+    parser.add_argument(
+        "--baseline-requests", type=int, default=30, help="requests to each server, in turns"
+    )
+    parser.add_argument(
+        "--no-baseline", action="store_true", help="skip the ConvNeXt-Tiny baseline"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="JSON file (default: $DEFECTFLOW_HOME/benchmarks/serve_bench.json)"
+    )
+    parser.add_argument(
+        "--logs", type=Path, help="keep the servers' logs in this folder (default: discarded)"
+    )
     args = parser.parse_args(argv)
     if args.requests < 100:
-        print(f"note: --requests {args.requests} < 100: p99 at concurrency 1 rests on few samples", flush=True)
+        print(
+            f"note: --requests {args.requests} < 100: p99 at concurrency 1 rests on few samples",
+            flush=True,
+        )
 
     home = configure_environment()
     model_dir = args.model_dir or home / "runs" / "capsule-seed44" / "model"
     if not (model_dir / "model.keras").is_file() or not (model_dir / "model.json").is_file():
-        sys.exit(f"{model_dir} is not a trained model folder (model.keras and model.json): pass one, e.g. RUN/model "
-                 "of a `defectflow train` run; the default is the 256-px capsule run capsule-seed44, absent here")
+        sys.exit(
+            f"{model_dir} is not a trained model folder (model.keras and model.json): pass one, e.g. RUN/model "
+            "of a `defectflow train` run; the default is the 256-px capsule run capsule-seed44, absent here"
+        )
     out = args.out or home / "benchmarks" / "serve_bench.json"
     image, image_source = sample_image(args.image)
     cpu = CpuShare()
     results: dict = {
-        "machine": {"cpus": os.cpu_count(), "load_avg_1m_start": _load_avg(), "psutil": psutil is not None},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "load_avg_1m_start": _load_avg(),
+            "psutil": psutil is not None,
+        },
         "git_head": _git("log", "--oneline", "-1"),
         # Served from the working tree: tracked serving files that differ from the commit above.
-        "serving_files_modified": _git("status", "--porcelain", "--untracked-files=no", "--", "service.py",
-                                       "src/defectflow").splitlines(),
+        "serving_files_modified": _git(
+            "status", "--porcelain", "--untracked-files=no", "--", "service.py", "src/defectflow"
+        ).splitlines(),
         "image": {"source": image_source, "bytes": len(image)},
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
-    _print({"what": "setup", **results["machine"], "git_head": results["git_head"],
-            "serving_files_modified": results["serving_files_modified"], **results["image"]})
+    _print(
+        {
+            "what": "setup",
+            **results["machine"],
+            "git_head": results["git_head"],
+            "serving_files_modified": results["serving_files_modified"],
+            **results["image"],
+        }
+    )
 
     with tempfile.TemporaryDirectory(prefix="defectflow-serve-bench-") as tmp:
         tmp = Path(tmp)
@@ -1016,10 +1412,22 @@ def main(argv: list[str] | None = None) -> int:
             results["in_process"] = bench_in_process(model, args.requests, args.warmup)
 
         port = free_port()
-        command = [str(BIN / "bentoml"), "serve", "service:DefectInspection", "--host", "127.0.0.1",
-                   "--port", str(port)]
-        with server(command, server_env(store_home, results["model"]["tag"]), tmp / "defectflow.log", "/readyz",
-                    port) as (url, proc, ready_s):
+        command = [
+            str(BIN / "bentoml"),
+            "serve",
+            "service:DefectInspection",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
+        with server(
+            command,
+            server_env(store_home, results["model"]["tag"]),
+            tmp / "defectflow.log",
+            "/readyz",
+            port,
+        ) as (url, proc, ready_s):
             cpu.roots.append(proc.pid)
             _print({"what": "defectflow server ready", "url": url, "start_to_ready_s": ready_s})
             results["defectflow"] = {"start_to_ready_s": ready_s}
@@ -1027,25 +1435,60 @@ def main(argv: list[str] | None = None) -> int:
 
             if not args.no_baseline:
                 baseline_port = free_port()
-                baseline_command = [sys.executable, "-m", "uvicorn", "baseline_convnext_app:app", "--app-dir",
-                                    str(REPO_ROOT / "benchmarks"), "--host", "127.0.0.1", "--port",
-                                    str(baseline_port), "--workers", "1", "--log-level", "warning"]
-                with server(baseline_command, server_env(tmp / "baseline-home"), tmp / "baseline.log", "/readyz",
-                            baseline_port, timeout=600) as (baseline_url, baseline_proc, baseline_ready_s):
+                baseline_command = [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "baseline_convnext_app:app",
+                    "--app-dir",
+                    str(REPO_ROOT / "benchmarks"),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(baseline_port),
+                    "--workers",
+                    "1",
+                    "--log-level",
+                    "warning",
+                ]
+                with server(
+                    baseline_command,
+                    server_env(tmp / "baseline-home"),
+                    tmp / "baseline.log",
+                    "/readyz",
+                    baseline_port,
+                    timeout=600,
+                ) as (baseline_url, baseline_proc, baseline_ready_s):
                     cpu.roots.append(baseline_proc.pid)
-                    _print({"what": "baseline server ready", "url": baseline_url, "start_to_ready_s": baseline_ready_s})
-                    results["baseline"] = {"start_to_ready_s": baseline_ready_s,
-                                           "rss": tree_memory(baseline_proc.pid)}
-                    results["baseline"].update(bench_baseline(url, baseline_url, image, args.baseline_requests, cpu))
+                    _print(
+                        {
+                            "what": "baseline server ready",
+                            "url": baseline_url,
+                            "start_to_ready_s": baseline_ready_s,
+                        }
+                    )
+                    results["baseline"] = {
+                        "start_to_ready_s": baseline_ready_s,
+                        "rss": tree_memory(baseline_proc.pid),
+                    }
+                    results["baseline"].update(
+                        bench_baseline(url, baseline_url, image, args.baseline_requests, cpu)
+                    )
                     cpu.roots.remove(baseline_proc.pid)
             cpu.roots.remove(proc.pid)
-        results["defectflow"]["server_handler_latency"] = server_side_latency(tmp / "defectflow.log")
+        results["defectflow"]["server_handler_latency"] = server_side_latency(
+            tmp / "defectflow.log"
+        )
         if args.logs:
             args.logs.mkdir(parents=True, exist_ok=True)
             for log in tmp.glob("*.log"):
                 shutil.copy2(log, args.logs / log.name)
-        _print({"what": "server-side handler latency per phase (the service's log lines)",
-                **results["defectflow"]["server_handler_latency"]})
+        _print(
+            {
+                "what": "server-side handler latency per phase (the service's log lines)",
+                **results["defectflow"]["server_handler_latency"],
+            }
+        )
 
     results["cpu_share"] = cpu.phases
     results["machine"]["load_avg_1m_end"] = _load_avg()

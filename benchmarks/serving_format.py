@@ -20,12 +20,12 @@ model input + forward pass):
   TFLite both ways of running a batch: one invocation per image (what `TFLiteBackend` does by
   default) and one invocation for the whole batch (input tensor resized), plus the cost of a
   batch-size change in the latter (a batch-8 call right after a batch-1 call);
-- parity with the Keras model on the test split (`defectflow.export.compare_predictors`): class
+- parity with the Keras model on the test split (`defectflow.training.export.compare_predictors`): class
   agreement, mean thresholded Dice (all images and defect images) of each, the differences.
 
 Headline: what `export.serve=auto` serves for each export (TFLite when it passed parity, i.e.
 class agreement >= 0.99 and |ΔDice| < 0.01, and is faster than Keras at batch 1: the rule of
-`defectflow.export.choose_serving_format`), and for the quantization configs/default.yaml
+`defectflow.training.export.choose_serving_format`), and for the quantization configs/default.yaml
 configures; the batch-1 speed-up over Keras; goals: TFLite artifact <= 15 MB, parity passed. Prints JSON lines and a table, writes
 all figures to `--out` (default `$DEFECTFLOW_HOME/benchmarks/serving_format.json`).
 """
@@ -57,8 +57,13 @@ def _print(row: dict) -> dict:
 def _stats(ms: list[float]) -> dict:
     import numpy as np
 
-    return {"n": len(ms), "p50_ms": round(statistics.median(ms), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2),
-            "min_ms": round(min(ms), 2), "max_ms": round(max(ms), 2)}
+    return {
+        "n": len(ms),
+        "p50_ms": round(statistics.median(ms), 2),
+        "p99_ms": round(float(np.percentile(ms, 99)), 2),
+        "min_ms": round(min(ms), 2),
+        "max_ms": round(max(ms), 2),
+    }
 
 
 def _timed(fn) -> float:
@@ -95,21 +100,41 @@ def _work_copy(model_dir: Path, work: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model_dir", type=Path, nargs="?", help="a trained model folder (default: capsule-seed44)")
-    parser.add_argument("--manifest", type=Path, help="the split CSV (default: MODEL_DIR/../manifest.csv)")
-    parser.add_argument("--quantizations", nargs="+", default=["dynamic", "float16", "none"],
-                        choices=["dynamic", "float16", "none"])
-    parser.add_argument("--repeats", type=int, default=100, help="timed calls at batch 1 (per format)")
-    parser.add_argument("--batch-repeats", type=int, default=10, help="timed calls at batch 8 and 16")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "model_dir", type=Path, nargs="?", help="a trained model folder (default: capsule-seed44)"
+    )
+    parser.add_argument(
+        "--manifest", type=Path, help="the split CSV (default: MODEL_DIR/../manifest.csv)"
+    )
+    parser.add_argument(
+        "--quantizations",
+        nargs="+",
+        default=["dynamic", "float16", "none"],
+        choices=["dynamic", "float16", "none"],
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=100, help="timed calls at batch 1 (per format)"
+    )
+    parser.add_argument(
+        "--batch-repeats", type=int, default=10, help="timed calls at batch 8 and 16"
+    )
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls of each kind first")
-    parser.add_argument("--out", type=Path, help="JSON file (default: $DEFECTFLOW_HOME/benchmarks/serving_format.json)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="JSON file (default: $DEFECTFLOW_HOME/benchmarks/serving_format.json)",
+    )
     args = parser.parse_args(argv)
     home = configure_environment()
     model_dir = args.model_dir or home / "runs" / "capsule-seed44" / "model"
     if not (model_dir / "model.keras").is_file():
-        sys.exit(f"{model_dir} has no model.keras: pass a trained model folder (e.g. RUN/model of a "
-                 "`defectflow train` run); the default is the capsule-seed44 run, absent here")
+        sys.exit(
+            f"{model_dir} has no model.keras: pass a trained model folder (e.g. RUN/model of a "
+            "`defectflow train` run); the default is the capsule-seed44 run, absent here"
+        )
     manifest = args.manifest or model_dir.parent / "manifest.csv"
     if not manifest.is_file():
         sys.exit(f"{manifest} not found: pass the model's split with --manifest")
@@ -121,32 +146,45 @@ def main(argv: list[str] | None = None) -> int:
     from defectflow.artifacts import TFLITE_FILE, ModelInfo
     from defectflow.config import load_config
     from defectflow.data.split import read_manifest, select
-    from defectflow.export import (
+    from defectflow.inference.predictor import Predictor, TFLiteBackend
+    from defectflow.inference.preprocessing import read_image
+    from defectflow.training.export import (
         choose_serving_format,
         compare_predictors,
         export_tflite,
         megabytes,
     )
-    from defectflow.inference import Predictor, TFLiteBackend
-    from defectflow.preprocessing import read_image
 
     samples = select(read_manifest(manifest), "test")
     if not samples:
         sys.exit(f"{manifest} has no test split")
     missing = [s.path for s in samples if not Path(s.path).is_file()]
     if missing:
-        sys.exit(f"{len(missing)} test images of {manifest} not found, e.g. {missing[0]} (paths are relative to "
-                 f"the directory the run was started in; run from there)")
-    results: dict = {"model_dir": str(model_dir), "manifest": str(manifest), "cpus": os.cpu_count(),
-                     "load_avg_1m": round(os.getloadavg()[0], 2), "tensorflow": tf.__version__,
-                     "keras": keras.__version__, "n_test_images": len(samples)}
+        sys.exit(
+            f"{len(missing)} test images of {manifest} not found, e.g. {missing[0]} (paths are relative to "
+            f"the directory the run was started in; run from there)"
+        )
+    results: dict = {
+        "model_dir": str(model_dir),
+        "manifest": str(manifest),
+        "cpus": os.cpu_count(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "n_test_images": len(samples),
+    }
     _print({"what": "setup", **results})
 
     with tempfile.TemporaryDirectory(prefix="defectflow-serving-format-") as tmp:
         work = Path(tmp) / "model"
         results.update(_work_copy(model_dir, work))
-        _print({"what": "keras artifact", "with_optimizer_state_mb": results["original_keras_mb"],
-                "without_mb": megabytes(work / "model.keras")})
+        _print(
+            {
+                "what": "keras artifact",
+                "with_optimizer_state_mb": results["original_keras_mb"],
+                "without_mb": megabytes(work / "model.keras"),
+            }
+        )
         info = ModelInfo.load(work)
         sizes = {"keras": megabytes(work / "model.keras")}
         exports = {}
@@ -155,16 +193,25 @@ def main(argv: list[str] | None = None) -> int:
             path = export_tflite(work, quantization).rename(work / f"model.{quantization}.tflite")
             exports[f"tflite-{quantization}"] = path
             sizes[f"tflite-{quantization}"] = megabytes(path)
-            _print({"what": "export", "quantization": quantization, "size_mb": sizes[f"tflite-{quantization}"],
-                    "export_s": round(time.perf_counter() - started, 1)})
+            _print(
+                {
+                    "what": "export",
+                    "quantization": quantization,
+                    "size_mb": sizes[f"tflite-{quantization}"],
+                    "export_s": round(time.perf_counter() - started, 1),
+                }
+            )
         assert not (work / TFLITE_FILE).exists()  # every export was renamed to its own file
 
         images = [read_image(s.path) for s in samples]
         predictors, loading = {}, {}
         for name in ["keras", *exports]:
             started = time.perf_counter()
-            predictors[name] = (Predictor.load(work, format="keras") if name == "keras"
-                                else Predictor(TFLiteBackend(exports[name]), info))
+            predictors[name] = (
+                Predictor.load(work, format="keras")
+                if name == "keras"
+                else Predictor(TFLiteBackend(exports[name]), info)
+            )
             load_s = time.perf_counter() - started
             first_ms = _timed(lambda name=name: predictors[name].raw_outputs(images[:1], 1))
             loading[name] = {"load_s": round(load_s, 2), "first_call_ms": round(first_ms, 1)}
@@ -174,31 +221,50 @@ def main(argv: list[str] | None = None) -> int:
         for name in exports:
             row = compare_predictors(predictors["keras"], predictors[name], samples)
             parity[name] = row
-            _print({"what": "parity", "format": name, "passed": row["passed"],
+            _print(
+                {
+                    "what": "parity",
+                    "format": name,
+                    "passed": row["passed"],
                     "class_agreement": round(row["class_agreement"], 4),
-                    "keras_dice": round(row["keras"]["dice"], 4), "tflite_dice": round(row["tflite"]["dice"], 4),
+                    "keras_dice": round(row["keras"]["dice"], 4),
+                    "tflite_dice": round(row["tflite"]["dice"], 4),
                     "dice_difference": round(row["dice_difference"], 5),
                     "keras_defect_dice": round(row["keras"]["defect_dice"] or float("nan"), 4),
                     "tflite_defect_dice": round(row["tflite"]["defect_dice"] or float("nan"), 4),
                     "defect_dice_difference": round(row["defect_dice_difference"], 5),
                     "max_probability_difference": round(row["max_probability_difference"], 5),
-                    "max_mask_probability_difference": round(row["max_mask_probability_difference"], 5)})
+                    "max_mask_probability_difference": round(
+                        row["max_mask_probability_difference"], 5
+                    ),
+                }
+            )
 
         n = len(images)
-        batch1 = _take_turns({name: (lambda i, p=p: p.raw_outputs([images[i % n]], 1)) for name, p in predictors.items()},
-                             args.repeats, args.warmup)
+        batch1 = _take_turns(
+            {
+                name: (lambda i, p=p: p.raw_outputs([images[i % n]], 1))
+                for name, p in predictors.items()
+            },
+            args.repeats,
+            args.warmup,
+        )
         latency = {name: _stats(ms) for name, ms in batch1.items()}
         for name, row in latency.items():
             _print({"what": "latency batch 1", "format": name, **row})
 
         # Whole-batch invocation of each export, beside the default one-invocation-per-image.
-        batched = {f"{name} (whole batch)": Predictor(TFLiteBackend(path, per_image=False), info)
-                   for name, path in exports.items()}
+        batched = {
+            f"{name} (whole batch)": Predictor(TFLiteBackend(path, per_image=False), info)
+            for name, path in exports.items()
+        }
         throughput = {}
         for batch in BATCHES:
             chunk = (images * (batch // n + 1))[:batch]
-            calls = {name: (lambda i, p=p, chunk=chunk, batch=batch: p.raw_outputs(chunk, batch))
-                     for name, p in {**predictors, **batched}.items()}
+            calls = {
+                name: (lambda i, p=p, chunk=chunk, batch=batch: p.raw_outputs(chunk, batch))
+                for name, p in {**predictors, **batched}.items()
+            }
             for name, ms in _take_turns(calls, args.batch_repeats, 2).items():
                 row = {**_stats(ms), "images_per_s": round(batch * 1000 / statistics.median(ms), 1)}
                 throughput.setdefault(name, {})[f"batch{batch}"] = row
@@ -210,31 +276,54 @@ def main(argv: list[str] | None = None) -> int:
                 predictor.raw_outputs(images[:1], 1)
                 ms.append(_timed(lambda p=predictor: p.raw_outputs((images * 8)[:8], 8)))
             switch[name] = round(statistics.median(ms), 1)
-            _print({"what": "batch-8 call right after a batch-1 call (whole batch)", "format": name,
-                    "median_ms": switch[name]})
+            _print(
+                {
+                    "what": "batch-8 call right after a batch-1 call (whole batch)",
+                    "format": name,
+                    "median_ms": switch[name],
+                }
+            )
 
     # What `export.serve=auto` decides for each export: TFLite when it passed parity and is
-    # faster at batch 1 (the serving case), by the same rule `defectflow.export` applies.
+    # faster at batch 1 (the serving case), by the same rule `defectflow.training.export` applies.
     configured = load_config("default").export.quantization
-    decisions = {name: choose_serving_format("auto", True, parity[name]["passed"],
-                                             latency[name]["p50_ms"] < latency["keras"]["p50_ms"])
-                 for name in exports}
+    decisions = {
+        name: choose_serving_format(
+            "auto",
+            True,
+            parity[name]["passed"],
+            latency[name]["p50_ms"] < latency["keras"]["p50_ms"],
+        )
+        for name in exports
+    }
     headline = {
         "what": "headline",
         "auto_serves": {name: decision for name, decision in decisions.items()},
         "configured_quantization": configured,
         "serve": decisions.get(f"tflite-{configured}", "(configured quantization not benchmarked)"),
-        "batch1_speedup_vs_keras": {name: round(latency["keras"]["p50_ms"] / latency[name]["p50_ms"], 2)
-                                    for name in exports},
+        "batch1_speedup_vs_keras": {
+            name: round(latency["keras"]["p50_ms"] / latency[name]["p50_ms"], 2) for name in exports
+        },
         "goal_size": f"TFLite artifact <= {GOAL_SIZE_MB:g} MB",
-        "size_result": {name: ("PASS" if sizes[name] <= GOAL_SIZE_MB else "FAIL") for name in exports},
+        "size_result": {
+            name: ("PASS" if sizes[name] <= GOAL_SIZE_MB else "FAIL") for name in exports
+        },
         "goal_parity": "class agreement >= 0.99, |ΔDice| < 0.01 (all and defect images)",
         "parity_result": {name: ("PASS" if parity[name]["passed"] else "FAIL") for name in exports},
         "load_avg_1m_after": round(os.getloadavg()[0], 2),
     }
     _print(headline)
-    results.update({"sizes_mb": sizes, "loading": loading, "latency_batch1": latency, "throughput": throughput,
-                    "batch_switch_ms": switch, "parity": parity, "headline": headline})
+    results.update(
+        {
+            "sizes_mb": sizes,
+            "loading": loading,
+            "latency_batch1": latency,
+            "throughput": throughput,
+            "batch_switch_ms": switch,
+            "parity": parity,
+            "headline": headline,
+        }
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     _table(results, list(predictors))
@@ -243,30 +332,44 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _table(results: dict, names: list[str]) -> None:
-    header = (f"{'format':<16} {'MB':>6} {'load s':>7} {'b1 p50':>7} {'b1 p99':>7} {'img/s b8':>9} {'img/s b16':>9}"
-              f" {'agree':>6} {'Dice':>7} {'|ΔDice|':>8} {'defDice':>7} {'|ΔdefD|':>8}")
+    header = (
+        f"{'format':<16} {'MB':>6} {'load s':>7} {'b1 p50':>7} {'b1 p99':>7} {'img/s b8':>9} {'img/s b16':>9}"
+        f" {'agree':>6} {'Dice':>7} {'|ΔDice|':>8} {'defDice':>7} {'|ΔdefD|':>8}"
+    )
     print("\n" + header + "\n" + "-" * len(header))
     for name in names:
         latency, tput = results["latency_batch1"][name], results["throughput"][name]
         parity = results["parity"].get(name)
-        dice = parity["tflite"] if parity else next(iter(results["parity"].values()), {}).get("keras", {})
-        cells = (f"{name:<16} {results['sizes_mb'][name]:>6.2f} {results['loading'][name]['load_s']:>7.2f}"
-                 f" {latency['p50_ms']:>7.1f} {latency['p99_ms']:>7.1f} {tput['batch8']['images_per_s']:>9.1f}"
-                 f" {tput['batch16']['images_per_s']:>9.1f}")
+        dice = (
+            parity["tflite"]
+            if parity
+            else next(iter(results["parity"].values()), {}).get("keras", {})
+        )
+        cells = (
+            f"{name:<16} {results['sizes_mb'][name]:>6.2f} {results['loading'][name]['load_s']:>7.2f}"
+            f" {latency['p50_ms']:>7.1f} {latency['p99_ms']:>7.1f} {tput['batch8']['images_per_s']:>9.1f}"
+            f" {tput['batch16']['images_per_s']:>9.1f}"
+        )
         if parity:
-            cells += (f" {parity['class_agreement']:>6.3f} {dice['dice']:>7.4f} {parity['dice_difference']:>8.5f}"
-                      f" {dice['defect_dice'] or float('nan'):>7.4f} {parity['defect_dice_difference']:>8.5f}")
+            cells += (
+                f" {parity['class_agreement']:>6.3f} {dice['dice']:>7.4f} {parity['dice_difference']:>8.5f}"
+                f" {dice['defect_dice'] or float('nan'):>7.4f} {parity['defect_dice_difference']:>8.5f}"
+            )
         elif dice:
             cells += f" {'-':>6} {dice['dice']:>7.4f} {'-':>8} {dice['defect_dice'] or float('nan'):>7.4f} {'-':>8}"
         print(cells)
     for name, by_batch in results["throughput"].items():
         if name.endswith("(whole batch)"):
-            print(f"{name:<32} img/s b8 {by_batch['batch8']['images_per_s']:.1f}, b16 "
-                  f"{by_batch['batch16']['images_per_s']:.1f}; batch-8 call after a batch-1 call "
-                  f"{results['batch_switch_ms'][name]:.0f} ms")
+            print(
+                f"{name:<32} img/s b8 {by_batch['batch8']['images_per_s']:.1f}, b16 "
+                f"{by_batch['batch16']['images_per_s']:.1f}; batch-8 call after a batch-1 call "
+                f"{results['batch_switch_ms'][name]:.0f} ms"
+            )
     headline = results["headline"]
-    print(f"\nexport.serve=auto with export.quantization={headline['configured_quantization']} "
-          f"(configs/default.yaml) serves: {headline['serve']}")
+    print(
+        f"\nexport.serve=auto with export.quantization={headline['configured_quantization']} "
+        f"(configs/default.yaml) serves: {headline['serve']}"
+    )
 
 
 if __name__ == "__main__":

@@ -99,8 +99,13 @@ def bench_pipeline(cfg, split, batch_size: int, batches: int, warmup: int) -> di
     from defectflow.data.augment import JointAugmentation
     from defectflow.data.dataset import make_dataset
 
-    ds = make_dataset(split, batch_size, augment=JointAugmentation(cfg.augment, seed=0), shuffle=True,
-                      oversample=True).repeat()
+    ds = make_dataset(
+        split,
+        batch_size,
+        augment=JointAugmentation(cfg.augment, seed=0),
+        shuffle=True,
+        oversample=True,
+    ).repeat()
     iterator = iter(ds)
     started = time.perf_counter()
     for _ in range(warmup):
@@ -112,9 +117,18 @@ def bench_pipeline(cfg, split, batch_size: int, batches: int, warmup: int) -> di
         x, _targets = next(iterator)
         images += int(x.shape[0])
     seconds = time.perf_counter() - started
-    return _print({"what": "input pipeline (alone)", "batches": batches, "batch_size": batch_size,
-                   "images": images, "seconds": round(seconds, 2), "warmup_s": round(warmup_s, 2),
-                   "batches_per_s": round(batches / seconds, 2), "images_per_s": round(images / seconds, 1)})
+    return _print(
+        {
+            "what": "input pipeline (alone)",
+            "batches": batches,
+            "batch_size": batch_size,
+            "images": images,
+            "seconds": round(seconds, 2),
+            "warmup_s": round(warmup_s, 2),
+            "batches_per_s": round(batches / seconds, 2),
+            "images_per_s": round(images / seconds, 1),
+        }
+    )
 
 
 def _fixed_batches(cfg, split, batch_size: int, count: int) -> list:
@@ -122,8 +136,13 @@ def _fixed_batches(cfg, split, batch_size: int, count: int) -> list:
     from defectflow.data.augment import JointAugmentation
     from defectflow.data.dataset import make_dataset
 
-    ds = make_dataset(split, batch_size, augment=JointAugmentation(cfg.augment, seed=0), shuffle=True,
-                      oversample=True).repeat()
+    ds = make_dataset(
+        split,
+        batch_size,
+        augment=JointAugmentation(cfg.augment, seed=0),
+        shuffle=True,
+        oversample=True,
+    ).repeat()
     return list(ds.take(count))
 
 
@@ -131,7 +150,7 @@ def bench_train_step(model, cfg, batches: list, steps: int, warmup: int, phase: 
     import numpy as np
 
     from defectflow.models.unet import set_backbone_trainable
-    from defectflow.training import compile_model
+    from defectflow.training.train import compile_model
 
     set_backbone_trainable(model, phase == "unfrozen")
     compile_model(model, cfg, LEARNING_RATE)
@@ -151,20 +170,35 @@ def bench_train_step(model, cfg, batches: list, steps: int, warmup: int, phase: 
         model.train_on_batch(x, y)  # returns the losses as numbers: the step has finished
         ms.append((time.perf_counter() - start) * 1000)
     median = statistics.median(ms)
-    return _print({"what": f"train step ({phase} encoder)", "trainable_params": trainable,
-                   "batch_size": batch_size, "steps": steps, "first_step_s": round(first_step_s, 1),
-                   "median_ms": round(median, 1), "p90_ms": round(_np_percentile(ms, 90), 1),
-                   "min_ms": round(min(ms), 1), "max_ms": round(max(ms), 1),
-                   "images_per_s": round(batch_size * 1000 / median, 1)})
+    return _print(
+        {
+            "what": f"train step ({phase} encoder)",
+            "trainable_params": trainable,
+            "batch_size": batch_size,
+            "steps": steps,
+            "first_step_s": round(first_step_s, 1),
+            "median_ms": round(median, 1),
+            "p90_ms": round(_np_percentile(ms, 90), 1),
+            "min_ms": round(min(ms), 1),
+            "max_ms": round(max(ms), 1),
+            "images_per_s": round(batch_size * 1000 / median, 1),
+        }
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--input-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20, help="timed train steps per phase")
-    parser.add_argument("--data-root", type=Path, help="MVTec-layout dataset (default: configs/capsule.yaml's)")
-    parser.add_argument("--pipeline-batches", type=int, default=50, help="timed batches of the input pipeline")
+    parser.add_argument(
+        "--data-root", type=Path, help="MVTec-layout dataset (default: configs/capsule.yaml's)"
+    )
+    parser.add_argument(
+        "--pipeline-batches", type=int, default=50, help="timed batches of the input pipeline"
+    )
     parser.add_argument("--warmup", type=int, default=3, help="untimed batches / train steps first")
     args = parser.parse_args(argv)
     configure_environment()
@@ -176,10 +210,21 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg, root, config_name = _config_and_root(args.data_root)
     split, classes, load_s = _load_train_split(cfg, root, args.input_size)
-    _print({"what": "setup", "config": config_name, "data_root": str(root), "train_images": len(split),
-            "classes": classes, "input_size": args.input_size, "load_arrays_s": round(load_s, 1),
-            "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
-            "tensorflow": tf.__version__, "keras": keras.__version__})
+    _print(
+        {
+            "what": "setup",
+            "config": config_name,
+            "data_root": str(root),
+            "train_images": len(split),
+            "classes": classes,
+            "input_size": args.input_size,
+            "load_arrays_s": round(load_s, 1),
+            "cpus": os.cpu_count(),
+            "load_avg_1m": round(os.getloadavg()[0], 2),
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+        }
+    )
 
     pipeline = bench_pipeline(cfg, split, args.batch_size, args.pipeline_batches, args.warmup)
 
@@ -192,11 +237,15 @@ def main(argv: list[str] | None = None) -> int:
         ratios[phase] = pipeline["images_per_s"] / step["images_per_s"]
 
     worst = min(ratios.values())
-    _print({"what": "ratio pipeline/training images/s",
+    _print(
+        {
+            "what": "ratio pipeline/training images/s",
             **{phase: round(r, 2) for phase, r in ratios.items()},
             "goal": f">= {RATIO_GOAL:g} (input pipeline must not starve training)",
             "result": "PASS" if worst >= RATIO_GOAL else "FAIL",
-            "load_avg_1m_after": round(os.getloadavg()[0], 2)})
+            "load_avg_1m_after": round(os.getloadavg()[0], 2),
+        }
+    )
     return 0
 
 

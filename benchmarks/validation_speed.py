@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from defectflow.config import ValidationConfig
     from defectflow.data.mvtec import scan_dataset
     from defectflow.data.split import stratified_split
-    from defectflow.validation import (
+    from defectflow.data.validation import (
         _good_mask_path,
         default_workers,
         image_facts,

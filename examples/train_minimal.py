@@ -20,17 +20,19 @@ from defectflow.data.dataset import load_split, make_dataset
 from defectflow.data.mvtec import class_names, scan_dataset
 from defectflow.data.split import select, stratified_split
 from defectflow.data.synthetic import generate_dataset
-from defectflow.evaluation import evaluate
-from defectflow.inference import Predictor
+from defectflow.evaluation.evaluate import evaluate
+from defectflow.inference.predictor import Predictor
 from defectflow.models.unet import build_model
-from defectflow.training import compile_model
+from defectflow.training.train import compile_model
 
 args = sys.argv[1:]
 work = Path(tempfile.mkdtemp(prefix="defectflow-minimal-"))
 if args and "=" not in args[0]:
     root = Path(args.pop(0))
 else:
-    root = generate_dataset(work / "capsule", image_size=64, n_train_good=12, n_test_good=4, n_per_defect=6, seed=0)
+    root = generate_dataset(
+        work / "capsule", image_size=64, n_train_good=12, n_test_good=4, n_per_defect=6, seed=0
+    )
 
 # 1. Configuration: configs/default.yaml, then configs/tiny.yaml's small model, then the command line.
 cfg = load_config("tiny", [f"data.root={root}", "train.epochs=15", *args])
@@ -40,15 +42,27 @@ keras.utils.set_random_seed(cfg.train.seed)
 # 2. Data: find the images and masks, split every class 70/15/15, load them at the model's size.
 samples = scan_dataset(root)
 classes = class_names(samples)
-rows = stratified_split(samples, cfg.data.split.train, cfg.data.split.val, cfg.data.split.test, cfg.data.split.seed)
+rows = stratified_split(
+    samples, cfg.data.split.train, cfg.data.split.val, cfg.data.split.test, cfg.data.split.seed
+)
 train, val, test = (select(rows, name) for name in ("train", "val", "test"))
-train_ds = make_dataset(load_split(train, classes, size), cfg.train.batch_size, shuffle=True, oversample=True)
+train_ds = make_dataset(
+    load_split(train, classes, size), cfg.train.batch_size, shuffle=True, oversample=True
+)
 val_ds = make_dataset(load_split(val, classes, size), cfg.train.batch_size)
-print(f"{len(samples)} images, classes {classes}: {len(train)} train, {len(val)} val, {len(test)} test")
+print(
+    f"{len(samples)} images, classes {classes}: {len(train)} train, {len(val)} val, {len(test)} test"
+)
 
 # 3. Model: a U-Net with a class head and a mask head, trained on both losses at once.
-model = build_model(cfg.model.backbone, size, len(classes), base_filters=cfg.model.base_filters,
-                    depth=cfg.model.depth, weights="none")
+model = build_model(
+    cfg.model.backbone,
+    size,
+    len(classes),
+    base_filters=cfg.model.base_filters,
+    depth=cfg.model.depth,
+    weights="none",
+)
 compile_model(model, cfg, cfg.train.learning_rate)
 model.fit(train_ds, validation_data=val_ds, epochs=cfg.train.epochs, verbose=2)
 
@@ -61,7 +75,9 @@ ModelInfo(classes=classes, input_size=size, mask_threshold=cfg.eval.mask_thresho
 # 5. Predict one image the way the service does (decode, resize, forward pass, mask at full size).
 predictor = Predictor.load(model_dir)
 answer = predictor.predict_bytes(test[0].path.read_bytes())
-print(f"{test[0].path.name} ({test[0].label}): {answer.label}, mask of {int(answer.mask.sum())} pixels")
+print(
+    f"{test[0].path.name} ({test[0].label}): {answer.label}, mask of {int(answer.mask.sum())} pixels"
+)
 
 # 6. Evaluate on the test split: accuracy, defect presence, Dice of the masks.
 result = evaluate(predictor, test)

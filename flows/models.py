@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from typing import Literal
 
+from defectflow.orchestration.tasks.evaluation import assess_stored_model
+from defectflow.orchestration.tasks.packaging import build_production_bento, change_stage
 from prefect import flow
 from prefect.states import Completed
 
-from tasks.evaluation import assess_stored_model
-from tasks.packaging import build_production_bento, change_stage
-
 
 @flow(name="evaluate", log_prints=True)
-def evaluate(model: str | None = None, data_root: str | None = None, overrides: list[str] | None = None) -> dict:
+def evaluate(
+    model: str | None = None, data_root: str | None = None, overrides: list[str] | None = None
+) -> dict:
     """Evaluate a stored model on the test split of a dataset, with the production model beside it.
 
     Args:
@@ -27,8 +28,12 @@ def evaluate(model: str | None = None, data_root: str | None = None, overrides: 
 
 
 @flow(name="promote", log_prints=True)
-def promote(action: Literal["promote", "rollback", "archive"] = "promote", model: str | None = None,
-            reason: str = "changed from the Prefect UI", build_bento: bool = True):
+def promote(
+    action: Literal["promote", "rollback", "archive"] = "promote",
+    model: str | None = None,
+    reason: str = "changed from the Prefect UI",
+    build_bento: bool = True,
+):
     """Promote a model to production, roll production back to the previous model, or archive a model.
 
     Args:
@@ -39,5 +44,7 @@ def promote(action: Literal["promote", "rollback", "archive"] = "promote", model
     """
     event = change_stage(action, model, reason)
     bento = build_production_bento() if build_bento and action != "archive" else None
-    return Completed(message=f"{action}: {event['tag']} (previous production: {event['previous'] or 'none'})",
-                     data={**event, "bento": bento})
+    return Completed(
+        message=f"{action}: {event['tag']} (previous production: {event['previous'] or 'none'})",
+        data={**event, "bento": bento},
+    )

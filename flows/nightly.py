@@ -3,18 +3,24 @@ production model was trained."""
 
 from __future__ import annotations
 
+from defectflow.orchestration.flows.training import training_pipeline
+from defectflow.orchestration.tasks.data import fingerprint_data, load_config_only
+from defectflow.orchestration.tasks.packaging import production_data_version
 from prefect import flow
 from prefect.states import Completed
 
 from defectflow.config import form_overrides
-from flows.training import training_pipeline
-from tasks.data import fingerprint_data, load_config_only
-from tasks.packaging import production_data_version
 
 
 @flow(name="nightly-retrain", log_prints=True)
-def nightly_retrain(config: str = "default", overrides: list[str] | None = None, data_root: str | None = None,
-                    tuner_trials: int | None = None, merge_reviewed: bool = True, force: bool = False):
+def nightly_retrain(
+    config: str = "default",
+    overrides: list[str] | None = None,
+    data_root: str | None = None,
+    tuner_trials: int | None = None,
+    merge_reviewed: bool = True,
+    force: bool = False,
+):
     """Retrain on the current data when it differs from the production model's; the champion/challenger gate decides.
 
     Args:
@@ -34,8 +40,10 @@ def nightly_retrain(config: str = "default", overrides: list[str] | None = None,
     data_version = fingerprint_data(cfg)
     production = production_data_version(cfg)
     if not force and production["data_version"] == data_version:
-        return Completed(message=f"skipped: no new data (data version {data_version[:12]} is the one production "
-                                 f"model {production['tag']} was trained on)",
-                         data={"skipped": True, "data_version": data_version, "production": production["tag"]})
+        return Completed(
+            message=f"skipped: no new data (data version {data_version[:12]} is the one production "
+            f"model {production['tag']} was trained on)",
+            data={"skipped": True, "data_version": data_version, "production": production["tag"]},
+        )
     summary = training_pipeline(config=config, overrides=settings)  # a failure fails this run too
     return Completed(message=summary["decision"], data=summary)

@@ -6,13 +6,13 @@ import json
 import time
 from pathlib import Path
 
+from defectflow.orchestration.flows.training import training_pipeline
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
-from defectflow import results
-from defectflow.training import HYPERPARAMETER_KEYS
-from flows.training import training_pipeline
+from defectflow.evaluation import results
+from defectflow.training.train import HYPERPARAMETER_KEYS
 
 
 @task(name="summarize-results", cache_policy=NONE)
@@ -21,15 +21,24 @@ def summarize_results(runs: list[dict], out_dir: Path) -> dict:
         metrics = json.loads((Path(run["run_dir"]) / "evaluation" / "metrics.json").read_text())
         run.update(confusion_matrix=metrics["confusion_matrix"], classes=metrics["classes"])
     summary = results.write(runs, out_dir)
-    create_markdown_artifact(markdown=results.markdown(runs, summary), key="reproduce-results",
-                             description=f"mean ± std over split seeds; files in {out_dir}")
-    get_run_logger().info("results over %d seeds:\n%s", len(runs), (out_dir / "results.md").read_text())
+    create_markdown_artifact(
+        markdown=results.markdown(runs, summary),
+        key="reproduce-results",
+        description=f"mean ± std over split seeds; files in {out_dir}",
+    )
+    get_run_logger().info(
+        "results over %d seeds:\n%s", len(runs), (out_dir / "results.md").read_text()
+    )
     return summary
 
 
 @flow(name="reproduce", log_prints=True)
-def reproduce(config: str = "capsule", seeds: list[int] | None = None, overrides: list[str] | None = None,
-              out_dir: str | None = None) -> dict:
+def reproduce(
+    config: str = "capsule",
+    seeds: list[int] | None = None,
+    overrides: list[str] | None = None,
+    out_dir: str | None = None,
+) -> dict:
     """The training pipeline on each split seed. The first seed's run tunes (on its own
     validation split, never on test data); the others train with the values it chose.
 
@@ -46,11 +55,19 @@ def reproduce(config: str = "capsule", seeds: list[int] | None = None, overrides
     for seed in seeds:
         extra = [f"data.split.seed={seed}"]
         if tuned is not None:
-            extra += ["tune.enabled=false", *(f"{HYPERPARAMETER_KEYS[k]}={v}" for k, v in tuned.items())]
+            extra += [
+                "tune.enabled=false",
+                *(f"{HYPERPARAMETER_KEYS[k]}={v}" for k, v in tuned.items()),
+            ]
         summary = training_pipeline(config=config, overrides=[*base, *extra])
         tuned = summary["hyperparameters"] if tuned is None else tuned
         runs.append({"seed": seed, "metrics": summary["metrics"], "run_dir": summary["run_dir"]})
-    target = Path(out_dir) if out_dir else Path(runs[0]["run_dir"]).parents[1] / "results" / (
-        f"{config}-" + time.strftime("%Y%m%d-%H%M%S"))
+    target = (
+        Path(out_dir)
+        if out_dir
+        else Path(runs[0]["run_dir"]).parents[1]
+        / "results"
+        / (f"{config}-" + time.strftime("%Y%m%d-%H%M%S"))
+    )
     summary = summarize_results(runs, target)
     return {"out_dir": str(target), "tuned": tuned, "runs": runs, "summary": summary}

@@ -3,11 +3,7 @@ calibrate, export, evaluate challenger and champion, gate, register, promote, pa
 
 from __future__ import annotations
 
-from prefect import flow
-from prefect.states import Completed
-
-from defectflow.config import form_overrides
-from tasks.data import (
+from defectflow.orchestration.tasks.data import (
     augment_data,
     fingerprint_data,
     load_run_config,
@@ -15,21 +11,35 @@ from tasks.data import (
     split_data,
     validate_data,
 )
-from tasks.evaluation import (
+from defectflow.orchestration.tasks.evaluation import (
     apply_gate,
     calibrate_thresholds,
     evaluate_champion,
     evaluate_model,
     write_evaluation_report,
 )
-from tasks.export import export_compact_model
-from tasks.packaging import promote_model, register_model
-from tasks.training import fit_anomaly_model, train_model, tune_hyperparameters
+from defectflow.orchestration.tasks.export import export_compact_model
+from defectflow.orchestration.tasks.packaging import promote_model, register_model
+from defectflow.orchestration.tasks.training import (
+    fit_anomaly_model,
+    train_model,
+    tune_hyperparameters,
+)
+from prefect import flow
+from prefect.states import Completed
+
+from defectflow.config import form_overrides
 
 
 @flow(name="training-pipeline", log_prints=True)
-def training_pipeline(config: str = "default", overrides: list[str] | None = None, data_root: str | None = None,
-                      tuner_trials: int | None = None, promote: bool = True, run_id: str | None = None):
+def training_pipeline(
+    config: str = "default",
+    overrides: list[str] | None = None,
+    data_root: str | None = None,
+    tuner_trials: int | None = None,
+    promote: bool = True,
+    run_id: str | None = None,
+):
     """Train a defect model and promote it to production only if it is not worse than production.
 
     Args:
@@ -43,8 +53,9 @@ def training_pipeline(config: str = "default", overrides: list[str] | None = Non
     A challenger the gate rejects ends the run Completed with a "not promoted: ..." message
     and production untouched; errors end it Failed.
     """
-    cfg, run_dir, resumed = load_run_config(config, form_overrides(data_root, tuner_trials, promote, overrides),
-                                            run_id)
+    cfg, run_dir, resumed = load_run_config(
+        config, form_overrides(data_root, tuner_trials, promote, overrides), run_id
+    )
     data_version = fingerprint_data(cfg)
     samples, facts = scan_data(cfg, data_version)
     split = split_data(cfg, samples, facts, run_dir)

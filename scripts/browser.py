@@ -2,7 +2,7 @@
 defectflow imports: usable from a fresh checkout).
 
 Used by scripts/prefect_ui_screenshot.py (imported from its own directory) and by
-tests/test_ui_page.py (which puts scripts/ on sys.path). Needs `websockets` (a dependency of
+tests/serving/web/test_ui_page.py (which puts scripts/ on sys.path). Needs `websockets` (a dependency of
 the project) and a Chromium binary: the Debian package `chromium`, or DEFECTFLOW_CHROMIUM
 naming another binary.
 """
@@ -68,12 +68,18 @@ class DevTools:
                 self.events.append(message)
 
     def evaluate(self, expression: str, timeout: float = 30):
-        result = self.call("Runtime.evaluate", timeout=timeout, expression=expression,
-                           returnByValue=True, awaitPromise=True)
+        result = self.call(
+            "Runtime.evaluate",
+            timeout=timeout,
+            expression=expression,
+            returnByValue=True,
+            awaitPromise=True,
+        )
         if "exceptionDetails" in result:
             details = result["exceptionDetails"]
             raise DevToolsError(
-                f"page script failed: {details.get('exception', {}).get('description') or details}")
+                f"page script failed: {details.get('exception', {}).get('description') or details}"
+            )
         return result["result"].get("value")
 
     def wait_for(self, expression: str, what: str, timeout: float = WAIT):
@@ -84,12 +90,15 @@ class DevTools:
                 return value
             if time.monotonic() > deadline:
                 state = self.evaluate(self.describe)
-                raise DevToolsError(f"timed out after {timeout} s waiting for {what}; page: {state}")
+                raise DevToolsError(
+                    f"timed out after {timeout} s waiting for {what}; page: {state}"
+                )
             time.sleep(0.1)
 
     def screenshot(self, path: Path, beyond_viewport: bool = False) -> Path:
-        data = self.call("Page.captureScreenshot", format="png",
-                         captureBeyondViewport=beyond_viewport)["data"]
+        data = self.call(
+            "Page.captureScreenshot", format="png", captureBeyondViewport=beyond_viewport
+        )["data"]
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(base64.b64decode(data))
@@ -111,16 +120,28 @@ def chromium_command(binary: str, profile: Path, width: int = 1280, height: int 
     """Headless Chromium on a fresh profile; port 0: Chromium picks a free DevTools port and
     writes it to <profile>/DevToolsActivePort (no race)."""
     return [
-        binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-        "--remote-debugging-port=0", f"--user-data-dir={profile}",
-        "--no-first-run", "--no-default-browser-check", "--disable-extensions", "--disable-sync",
-        "--disable-background-networking", "--disable-component-update", "--no-proxy-server",
-        f"--window-size={width},{height}", "about:blank",
+        binary,
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--remote-debugging-port=0",
+        f"--user-data-dir={profile}",
+        "--no-first-run",
+        "--no-default-browser-check",
+        "--disable-extensions",
+        "--disable-sync",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-proxy-server",
+        f"--window-size={width},{height}",
+        "about:blank",
     ]
 
 
-def connect_browser(profile: Path, proc: subprocess.Popen, timeout: float = WAIT,
-                    log: Path | None = None) -> DevTools:
+def connect_browser(
+    profile: Path, proc: subprocess.Popen, timeout: float = WAIT, log: Path | None = None
+) -> DevTools:
     """Wait for the DevToolsActivePort file of a starting Chromium; a connection to the browser."""
     start = time.monotonic()
     active = Path(profile) / "DevToolsActivePort"
@@ -129,7 +150,9 @@ def connect_browser(profile: Path, proc: subprocess.Popen, timeout: float = WAIT
         if proc.poll() is not None:
             raise DevToolsError(f"{proc.args[0]} exited {proc.returncode}" + tail())
         if time.monotonic() - start > timeout:
-            raise DevToolsError(f"{proc.args[0]} did not open its DevTools port within {timeout} s" + tail())
+            raise DevToolsError(
+                f"{proc.args[0]} did not open its DevTools port within {timeout} s" + tail()
+            )
         time.sleep(0.1)
     port, path = active.read_text().split()[:2]
     connection = DevTools(f"ws://127.0.0.1:{port}{path}")
@@ -138,12 +161,23 @@ def connect_browser(profile: Path, proc: subprocess.Popen, timeout: float = WAIT
 
 
 @contextmanager
-def headless_chromium(binary: str, profile: Path, log: Path, width: int = 1280, height: int = 900,
-                      timeout: float = WAIT) -> Iterator[DevTools]:
+def headless_chromium(
+    binary: str,
+    profile: Path,
+    log: Path,
+    width: int = 1280,
+    height: int = 900,
+    timeout: float = WAIT,
+) -> Iterator[DevTools]:
     """Start Chromium in its own process group; yield the browser connection; always stop it."""
     with Path(log).open("wb") as out:
-        proc = subprocess.Popen(chromium_command(binary, profile, width, height), cwd=profile,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            chromium_command(binary, profile, width, height),
+            cwd=profile,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     connection = None
     try:
         connection = connect_browser(profile, proc, timeout, log)
@@ -161,16 +195,25 @@ def headless_chromium(binary: str, profile: Path, log: Path, width: int = 1280, 
 
 
 @contextmanager
-def new_tab(browser: DevTools, width: int = 1280, height: int = 900,
-            domains: tuple[str, ...] = ("Page", "Runtime")) -> Iterator[DevTools]:
+def new_tab(
+    browser: DevTools,
+    width: int = 1280,
+    height: int = 900,
+    domains: tuple[str, ...] = ("Page", "Runtime"),
+) -> Iterator[DevTools]:
     """A new about:blank tab of `browser` with `domains` enabled and a width x height viewport."""
     target = browser.call("Target.createTarget", url="about:blank")["targetId"]
     tab = DevTools(f"ws://127.0.0.1:{browser.port}/devtools/page/{target}")
     try:
         for domain in domains:
             tab.call(f"{domain}.enable")
-        tab.call("Emulation.setDeviceMetricsOverride", width=width, height=height,
-                 deviceScaleFactor=1, mobile=False)
+        tab.call(
+            "Emulation.setDeviceMetricsOverride",
+            width=width,
+            height=height,
+            deviceScaleFactor=1,
+            mobile=False,
+        )
         yield tab
     finally:
         tab.close()

@@ -121,11 +121,16 @@ def log(message: str) -> None:
     print(f"[container] {message}", flush=True)
 
 
-def _run(cmd: list[str], timeout: float, env: dict[str, str] | None = None, check: bool = True,
-         capture: bool = True, input: bytes | None = None) -> subprocess.CompletedProcess:
+def _run(
+    cmd: list[str],
+    timeout: float,
+    env: dict[str, str] | None = None,
+    check: bool = True,
+    capture: bool = True,
+    input: bytes | None = None,
+) -> subprocess.CompletedProcess:
     try:
-        done = subprocess.run(cmd, env=env, timeout=timeout, input=input,
-                              capture_output=capture)
+        done = subprocess.run(cmd, env=env, timeout=timeout, input=input, capture_output=capture)
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"{shlex.join(cmd)} did not finish within {timeout:.0f} s") from None
     if check and done.returncode != 0:
@@ -139,8 +144,12 @@ def _run(cmd: list[str], timeout: float, env: dict[str, str] | None = None, chec
 
 def _client_version(binary: str) -> tuple[int, ...] | None:
     try:
-        out = subprocess.run([binary, "version", "--format", "{{.Client.Version}}"],
-                             capture_output=True, text=True, timeout=20).stdout
+        out = subprocess.run(
+            [binary, "version", "--format", "{{.Client.Version}}"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return None
     match = re.match(r"(\d+)\.(\d+)", out.strip())
@@ -152,8 +161,12 @@ def _has_buildkit(binary: str, version: tuple[int, ...]) -> bool:
     if version < (23,):
         return True
     try:
-        return subprocess.run([binary, "buildx", "version"], capture_output=True,
-                              timeout=20).returncode == 0
+        return (
+            subprocess.run(
+                [binary, "buildx", "version"], capture_output=True, timeout=20
+            ).returncode
+            == 0
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
 
@@ -162,12 +175,18 @@ def choose_client() -> tuple[str, bool]:
     """The docker client to use and whether it builds with BuildKit."""
     candidates: list[str] = []
     for path in (shutil.which("docker"), "/usr/bin/docker", "/usr/local/bin/docker"):
-        if path and os.access(path, os.X_OK) and os.path.realpath(path) not in map(os.path.realpath, candidates):
+        if (
+            path
+            and os.access(path, os.X_OK)
+            and os.path.realpath(path) not in map(os.path.realpath, candidates)
+        ):
             candidates.append(path)
     clients = [(path, v) for path in candidates if (v := _client_version(path)) is not None]
     if not clients:
-        raise EngineUnavailable("no docker client: install Debian's docker.io "
-                                "(`apt-get install docker.io`, which `make container` does)")
+        raise EngineUnavailable(
+            "no docker client: install Debian's docker.io "
+            "(`apt-get install docker.io`, which `make container` does)"
+        )
     for path, version in clients:
         if _has_buildkit(path, version):
             return path, True
@@ -185,8 +204,9 @@ class Docker:
     daemon_log: Path | None = None
     notes: list[str] = field(default_factory=list)
 
-    def __call__(self, *args: str, timeout: float = 120, check: bool = True,
-                 capture: bool = True) -> subprocess.CompletedProcess:
+    def __call__(
+        self, *args: str, timeout: float = 120, check: bool = True, capture: bool = True
+    ) -> subprocess.CompletedProcess:
         return _run([self.binary, *args], timeout=timeout, check=check, capture=capture)
 
     def out(self, *args: str, timeout: float = 120) -> str:
@@ -208,8 +228,12 @@ class Docker:
 
 def _daemon_answers(binary: str) -> tuple[bool, str]:
     try:
-        done = subprocess.run([binary, "version", "--format", "{{.Server.Version}}"],
-                              capture_output=True, text=True, timeout=30)
+        done = subprocess.run(
+            [binary, "version", "--format", "{{.Server.Version}}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except subprocess.TimeoutExpired:
         return False, "docker version timed out"
     return done.returncode == 0, (done.stderr or done.stdout).strip()
@@ -226,8 +250,9 @@ def _session_lock(timeout: float) -> Iterator[None]:
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise EngineUnavailable(f"another container session holds {LOCK_FILE} "
-                                            f"for more than {timeout:.0f} s") from None
+                    raise EngineUnavailable(
+                        f"another container session holds {LOCK_FILE} for more than {timeout:.0f} s"
+                    ) from None
                 time.sleep(1)
         try:
             yield
@@ -247,29 +272,44 @@ def _stop_daemon(proc: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def engine(state_dir: Path, start_timeout: float = 90, lock_timeout: float = 900) -> Iterator[Docker]:
+def engine(
+    state_dir: Path, start_timeout: float = 90, lock_timeout: float = 900
+) -> Iterator[Docker]:
     """A docker engine for the session: the running daemon, or a `dockerd` started (and
     stopped again at exit) here. Raises EngineUnavailable with the reason when neither works."""
     binary, buildkit = choose_client()
-    with _session_lock(lock_timeout), tempfile.TemporaryDirectory(prefix="defectflow-docker-") as shim:
+    with (
+        _session_lock(lock_timeout),
+        tempfile.TemporaryDirectory(prefix="defectflow-docker-") as shim,
+    ):
         Path(shim, "docker").symlink_to(binary)
         answers, why = _daemon_answers(binary)
         proc = None
         daemon_log = None
         if not answers:
             dockerd = shutil.which("dockerd") or next(
-                (p for p in ("/usr/sbin/dockerd", "/usr/bin/dockerd") if os.access(p, os.X_OK)), None)
+                (p for p in ("/usr/sbin/dockerd", "/usr/bin/dockerd") if os.access(p, os.X_OK)),
+                None,
+            )
             if dockerd is None:
-                raise EngineUnavailable(f"no docker daemon answers ({why}) and there is no dockerd: "
-                                        "install Debian's docker.io (`make container` does)")
+                raise EngineUnavailable(
+                    f"no docker daemon answers ({why}) and there is no dockerd: "
+                    "install Debian's docker.io (`make container` does)"
+                )
             if os.geteuid() != 0:
-                raise EngineUnavailable(f"no docker daemon answers ({why}) and only root can start "
-                                        "dockerd here")
+                raise EngineUnavailable(
+                    f"no docker daemon answers ({why}) and only root can start dockerd here"
+                )
             state_dir.mkdir(parents=True, exist_ok=True)
             daemon_log = state_dir / "dockerd.log"
             with daemon_log.open("ab") as out:
-                proc = subprocess.Popen([dockerd], stdout=out, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, start_new_session=True)
+                proc = subprocess.Popen(
+                    [dockerd],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
             log(f"started dockerd (pid {proc.pid}, log {daemon_log})")
             deadline = time.monotonic() + start_timeout
             while True:
@@ -279,13 +319,22 @@ def engine(state_dir: Path, start_timeout: float = 90, lock_timeout: float = 900
                 if proc.poll() is not None or time.monotonic() > deadline:
                     tail = daemon_log.read_text(errors="replace")[-1500:]
                     _stop_daemon(proc)
-                    raise EngineUnavailable(f"dockerd did not come up within {start_timeout:.0f} s "
-                                            f"(exit code {proc.returncode}): {tail}")
+                    raise EngineUnavailable(
+                        f"dockerd did not come up within {start_timeout:.0f} s "
+                        f"(exit code {proc.returncode}): {tail}"
+                    )
                 time.sleep(0.5)
-        docker = Docker(binary=binary, buildkit=buildkit, started_daemon=proc is not None,
-                        shim_dir=Path(shim), daemon_log=daemon_log)
-        log(f"docker client {binary} ({'BuildKit' if buildkit else 'DOCKER_BUILDKIT=0'}), "
-            f"server {docker.out('version', '--format', '{{.Server.Version}}')}")
+        docker = Docker(
+            binary=binary,
+            buildkit=buildkit,
+            started_daemon=proc is not None,
+            shim_dir=Path(shim),
+            daemon_log=daemon_log,
+        )
+        log(
+            f"docker client {binary} ({'BuildKit' if buildkit else 'DOCKER_BUILDKIT=0'}), "
+            f"server {docker.out('version', '--format', '{{.Server.Version}}')}"
+        )
         try:
             yield docker
         finally:
@@ -353,10 +402,12 @@ def host_debian_sources(suite: str = SUITE) -> list[tuple[str, str, str]]:
 def host_apt_acquire() -> str:
     """The host's apt proxy and Release-date settings, as an apt.conf fragment."""
     try:
-        dump = subprocess.run(["apt-config", "dump"], capture_output=True, text=True, timeout=30).stdout
+        dump = subprocess.run(
+            ["apt-config", "dump"], capture_output=True, text=True, timeout=30
+        ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return ""
-    keep = re.compile(r'^Acquire::(https?::Proxy|Check-Valid-Until|Check-Date|Retries)(::[^ ]+)? ')
+    keep = re.compile(r"^Acquire::(https?::Proxy|Check-Valid-Until|Check-Date|Retries)(::[^ ]+)? ")
     return "".join(line + "\n" for line in dump.splitlines() if keep.match(line))
 
 
@@ -365,18 +416,27 @@ def host_pip_index() -> dict[str, str]:
     visible inside a build) as environment variables for pip and uv."""
     values: dict[str, list[str]] = {"index-url": [], "extra-index-url": []}
     try:
-        listing = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True,
-                                 text=True, timeout=60).stdout
+        listing = subprocess.run(
+            [sys.executable, "-m", "pip", "config", "list"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
     except (OSError, subprocess.TimeoutExpired):
         listing = ""
     for line in listing.splitlines():
         match = re.match(r"^[^.]*\.(index-url|extra-index-url)='(.*)'$", line.strip())
         if match:
             values[match.group(1)].extend(match.group(2).split())
-    for key, env_name in (("index-url", "PIP_INDEX_URL"), ("extra-index-url", "PIP_EXTRA_INDEX_URL")):
+    for key, env_name in (
+        ("index-url", "PIP_INDEX_URL"),
+        ("extra-index-url", "PIP_EXTRA_INDEX_URL"),
+    ):
         values[key].extend(os.environ.get(env_name, "").split())
-    web = {k: list(dict.fromkeys(u for u in v if u.startswith(("http://", "https://"))))
-           for k, v in values.items()}
+    web = {
+        k: list(dict.fromkeys(u for u in v if u.startswith(("http://", "https://"))))
+        for k, v in values.items()
+    }
     env: dict[str, str] = {}
     if web["index-url"]:
         env["PIP_INDEX_URL"] = env["UV_INDEX_URL"] = web["index-url"][-1]
@@ -389,7 +449,9 @@ def host_extra_ca_certificates() -> list[Path]:
     """Certificates the host trusts beyond Debian's bundle: /usr/local/share/ca-certificates,
     and a CA bundle that SSL_CERT_FILE, REQUESTS_CA_BUNDLE or PIP_CERT point at when that is
     not the system bundle."""
-    found = sorted(p for p in Path("/usr/local/share/ca-certificates").rglob("*.crt") if p.is_file())
+    found = sorted(
+        p for p in Path("/usr/local/share/ca-certificates").rglob("*.crt") if p.is_file()
+    )
     system = Path("/etc/ssl/certs/ca-certificates.crt")
     for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "PIP_CERT"):
         value = os.environ.get(name)
@@ -410,8 +472,12 @@ class BaseRecipe:
 
     @classmethod
     def from_host(cls) -> BaseRecipe:
-        return cls(host_debian_sources(), host_apt_acquire(), host_pip_index(),
-                   host_extra_ca_certificates())
+        return cls(
+            host_debian_sources(),
+            host_apt_acquire(),
+            host_pip_index(),
+            host_extra_ca_certificates(),
+        )
 
     @property
     def mirror(self) -> str:
@@ -434,17 +500,29 @@ class BaseRecipe:
 
     def key(self) -> str:
         payload = {
-            "recipe": BASE_RECIPE_VERSION, "suite": SUITE, "variant": VARIANT,
-            "packages": BASE_PACKAGES, "sources": self.sources, "acquire": self.acquire,
+            "recipe": BASE_RECIPE_VERSION,
+            "suite": SUITE,
+            "variant": VARIANT,
+            "packages": BASE_PACKAGES,
+            "sources": self.sources,
+            "acquire": self.acquire,
             "env": self.env(),
-            "certificates": sorted(hashlib.sha256(p.read_bytes()).hexdigest() for p in self.certificates),
+            "certificates": sorted(
+                hashlib.sha256(p.read_bytes()).hexdigest() for p in self.certificates
+            ),
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _docker_changes(env: dict[str, str], labels: dict[str, str], user: str = "", workdir: str = "",
-                    entrypoint: list[str] | None = None, cmd: list[str] | None = None,
-                    ports: list[str] = ()) -> list[str]:
+def _docker_changes(
+    env: dict[str, str],
+    labels: dict[str, str],
+    user: str = "",
+    workdir: str = "",
+    entrypoint: list[str] | None = None,
+    cmd: list[str] | None = None,
+    ports: list[str] = (),
+) -> list[str]:
     changes = [f"ENV {k}={json.dumps(v)}" for k, v in env.items()]
     changes += [f"LABEL {k}={json.dumps(v)}" for k, v in labels.items()]
     if user:
@@ -463,18 +541,32 @@ def ensure_base_image(docker: Docker, image: str, rebuild: bool = False) -> dict
     """Reuse `image` when its label matches the current recipe's key, else build it."""
     recipe = BaseRecipe.from_host()
     key = recipe.key()
-    previous = docker.out("image", "inspect", "--format", "{{.Id}}", image) if docker.image_exists(image) else ""
+    previous = (
+        docker.out("image", "inspect", "--format", "{{.Id}}", image)
+        if docker.image_exists(image)
+        else ""
+    )
     if not rebuild and previous:
-        have = docker.out("image", "inspect", "--format", f'{{{{ index .Config.Labels "{LABEL}.base-key" }}}}', image)
+        have = docker.out(
+            "image",
+            "inspect",
+            "--format",
+            f'{{{{ index .Config.Labels "{LABEL}.base-key" }}}}',
+            image,
+        )
         if have == key:
             size = docker.image_size(image)
             log(f"base image {image} is current (key {key}, {size / 1e6:.0f} MB)")
             return {"image": image, "key": key, "size": size, "built": False, "seconds": 0.0}
         log(f"base image {image} has key {have or 'none'}, recipe is {key}: rebuilding")
-    debootstrap = shutil.which("debootstrap") or ("/usr/sbin/debootstrap" if os.access("/usr/sbin/debootstrap", os.X_OK) else None)
+    debootstrap = shutil.which("debootstrap") or (
+        "/usr/sbin/debootstrap" if os.access("/usr/sbin/debootstrap", os.X_OK) else None
+    )
     if debootstrap is None:
-        raise EngineUnavailable(f"no base image {image} and no debootstrap to make it: "
-                                "`apt-get install debootstrap` (`make container` does)")
+        raise EngineUnavailable(
+            f"no base image {image} and no debootstrap to make it: "
+            "`apt-get install debootstrap` (`make container` does)"
+        )
     if os.geteuid() != 0:
         raise EngineUnavailable(f"no base image {image}, and debootstrap needs root")
     start = time.monotonic()
@@ -482,9 +574,20 @@ def ensure_base_image(docker: Docker, image: str, rebuild: bool = False) -> dict
     rootfs = work / "rootfs"
     try:
         log(f"debootstrap {VARIANT} {SUITE} from {recipe.mirror} (+ {', '.join(BASE_PACKAGES)})")
-        _run([debootstrap, f"--variant={VARIANT}", f"--include={','.join(BASE_PACKAGES)}", SUITE,
-              str(rootfs), recipe.mirror], timeout=1800)
-        sources = "".join(f"deb {uri} {suite} {components}\n" for uri, suite, components in recipe.sources)
+        _run(
+            [
+                debootstrap,
+                f"--variant={VARIANT}",
+                f"--include={','.join(BASE_PACKAGES)}",
+                SUITE,
+                str(rootfs),
+                recipe.mirror,
+            ],
+            timeout=1800,
+        )
+        sources = "".join(
+            f"deb {uri} {suite} {components}\n" for uri, suite, components in recipe.sources
+        )
         (rootfs / "etc/apt/sources.list").write_text(sources)
         if recipe.acquire:
             (rootfs / "etc/apt/apt.conf.d/99defectflow-host").write_text(recipe.acquire)
@@ -494,27 +597,43 @@ def ensure_base_image(docker: Docker, image: str, rebuild: bool = False) -> dict
             for i, cert in enumerate(recipe.certificates):
                 shutil.copyfile(cert, target / f"{i:02d}-{cert.stem}.crt")
             _run(["chroot", str(rootfs), "update-ca-certificates"], timeout=300)
-        listing = _run(["chroot", str(rootfs), "dpkg-query", "-W", "-f", "${binary:Package}\\n"],
-                       timeout=120).stdout.decode()
+        listing = _run(
+            ["chroot", str(rootfs), "dpkg-query", "-W", "-f", "${binary:Package}\\n"], timeout=120
+        ).stdout.decode()
         record = rootfs / BASE_PACKAGE_LIST.lstrip("/")
         record.parent.mkdir(parents=True, exist_ok=True)
         record.write_text("".join(sorted(line + "\n" for line in listing.split())))
-        for pattern in ("var/cache/apt/archives/*.deb", "var/cache/apt/*.bin", "var/lib/apt/lists/*",
-                        "usr/share/man/*", "usr/share/info/*", "usr/share/locale/*/LC_MESSAGES/*.mo",
-                        "var/log/*.log", "var/log/apt/*"):
+        for pattern in (
+            "var/cache/apt/archives/*.deb",
+            "var/cache/apt/*.bin",
+            "var/lib/apt/lists/*",
+            "usr/share/man/*",
+            "usr/share/info/*",
+            "usr/share/locale/*/LC_MESSAGES/*.mo",
+            "var/log/*.log",
+            "var/log/apt/*",
+        ):
             for path in rootfs.glob(pattern):
                 shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
         for path in (rootfs / "usr/share/doc").rglob("*"):
             if path.is_file() and path.name != "copyright":
                 path.unlink()
-        labels = {f"{LABEL}.base-key": key, f"{LABEL}.built-by": "scripts/container.py",
-                  f"{LABEL}.base-recipe": f"debootstrap --variant={VARIANT} {SUITE} {recipe.mirror} +{','.join(BASE_PACKAGES)}"}
+        labels = {
+            f"{LABEL}.base-key": key,
+            f"{LABEL}.built-by": "scripts/container.py",
+            f"{LABEL}.base-recipe": f"debootstrap --variant={VARIANT} {SUITE} {recipe.mirror} +{','.join(BASE_PACKAGES)}",
+        }
         changes = _docker_changes(recipe.env(), labels, cmd=["/bin/bash"])
-        tar = subprocess.Popen(["tar", "--numeric-owner", "-C", str(rootfs), "-c", "."],
-                               stdout=subprocess.PIPE)
+        tar = subprocess.Popen(
+            ["tar", "--numeric-owner", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE
+        )
         try:
-            imported = subprocess.run([docker.binary, "import", *changes, "-", image], stdin=tar.stdout,
-                                      capture_output=True, timeout=600)
+            imported = subprocess.run(
+                [docker.binary, "import", *changes, "-", image],
+                stdin=tar.stdout,
+                capture_output=True,
+                timeout=600,
+            )
         finally:
             tar.stdout.close()
             tar.wait(timeout=60)
@@ -543,31 +662,61 @@ def slim_and_flatten(docker: Docker, built: str, image: str, labels: dict[str, s
     config = _config(docker, built)
     name = f"defectflow-slim-{os.getpid()}-{int(time.time())}"
     try:
-        done = docker("run", "--name", name, "--user", "root", "--network", "none",
-                      "--entrypoint", "/bin/sh", built, "-c", SLIM_SCRIPT, timeout=900)
+        done = docker(
+            "run",
+            "--name",
+            name,
+            "--user",
+            "root",
+            "--network",
+            "none",
+            "--entrypoint",
+            "/bin/sh",
+            built,
+            "-c",
+            SLIM_SCRIPT,
+            timeout=900,
+        )
         log(done.stdout.decode().strip().splitlines()[-1])
         env = dict(item.split("=", 1) for item in config.get("Env") or [])
         env = {k: v for k, v in env.items() if not k.startswith(BUILD_ONLY_ENV)}
         changes = _docker_changes(
-            env, {**(config.get("Labels") or {}), **labels}, user=config.get("User") or "",
-            workdir=config.get("WorkingDir") or "", entrypoint=config.get("Entrypoint"),
-            cmd=config.get("Cmd"), ports=sorted(config.get("ExposedPorts") or {}))
+            env,
+            {**(config.get("Labels") or {}), **labels},
+            user=config.get("User") or "",
+            workdir=config.get("WorkingDir") or "",
+            entrypoint=config.get("Entrypoint"),
+            cmd=config.get("Cmd"),
+            ports=sorted(config.get("ExposedPorts") or {}),
+        )
         export = subprocess.Popen([docker.binary, "export", name], stdout=subprocess.PIPE)
         try:
-            imported = subprocess.run([docker.binary, "import", *changes, "-", image],
-                                      stdin=export.stdout, capture_output=True, timeout=900)
+            imported = subprocess.run(
+                [docker.binary, "import", *changes, "-", image],
+                stdin=export.stdout,
+                capture_output=True,
+                timeout=900,
+            )
         finally:
             export.stdout.close()
             export.wait(timeout=120)
         if imported.returncode != 0 or export.returncode != 0:
-            raise RuntimeError(f"docker export | import failed: {imported.stderr.decode(errors='replace')}")
+            raise RuntimeError(
+                f"docker export | import failed: {imported.stderr.decode(errors='replace')}"
+            )
         return imported.stdout.decode().strip()
     finally:
         docker("rm", "--force", name, check=False)
 
 
-def build_image(docker: Docker, bento_tag: str, image: str, env: dict[str, str] | None = None,
-                extra_tags: tuple[str, ...] = (), log_file: Path | None = None) -> dict:
+def build_image(
+    docker: Docker,
+    bento_tag: str,
+    image: str,
+    env: dict[str, str] | None = None,
+    extra_tags: tuple[str, ...] = (),
+    log_file: Path | None = None,
+) -> dict:
     """`bentoml containerize` the Bento `bento_tag` (in the BentoML store of `env`), slim and
     flatten it into `image`. Returns the figures."""
     bentoml = str(Path(sys.executable).with_name("bentoml"))
@@ -579,22 +728,35 @@ def build_image(docker: Docker, bento_tag: str, image: str, env: dict[str, str] 
     log(f"{shlex.join(cmd)}" + (f" (log {log_file})" if log_file else ""))
     out = log_file.open("wb") if log_file else None
     try:
-        done = subprocess.run(cmd, env=docker.env(env), stdout=out or subprocess.PIPE,
-                              stderr=subprocess.STDOUT, timeout=3600, cwd=REPO_ROOT)
+        done = subprocess.run(
+            cmd,
+            env=docker.env(env),
+            stdout=out or subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            timeout=3600,
+            cwd=REPO_ROOT,
+        )
     except subprocess.TimeoutExpired:
         raise RuntimeError("bentoml containerize did not finish within 3600 s") from None
     finally:
         if out:
             out.close()
     if done.returncode != 0:
-        text = log_file.read_text(errors="replace") if log_file else done.stdout.decode(errors="replace")
+        text = (
+            log_file.read_text(errors="replace")
+            if log_file
+            else done.stdout.decode(errors="replace")
+        )
         raise RuntimeError(f"bentoml containerize failed ({done.returncode}):\n{text[-6000:]}")
     containerized = time.monotonic() - start
     built_size = docker.image_size(built)
-    labels = {f"{LABEL}.bento": bento_tag, f"{LABEL}.model": model_tag,
-              f"{LABEL}.built-by": "scripts/container.py",
-              "org.opencontainers.image.title": "defectflow",
-              "org.opencontainers.image.description": "defectflow visual defect inspection (BentoML): POST /predict"}
+    labels = {
+        f"{LABEL}.bento": bento_tag,
+        f"{LABEL}.model": model_tag,
+        f"{LABEL}.built-by": "scripts/container.py",
+        "org.opencontainers.image.title": "defectflow",
+        "org.opencontainers.image.description": "defectflow visual defect inspection (BentoML): POST /predict",
+    }
     try:
         slim_and_flatten(docker, built, image, labels)
     finally:
@@ -603,10 +765,18 @@ def build_image(docker: Docker, bento_tag: str, image: str, env: dict[str, str] 
         docker("tag", image, tag)
     seconds = time.monotonic() - start
     size = docker.image_size(image)
-    log(f"image {image}: {size / 1e6:.0f} MB (containerize {containerized:.0f} s -> {built_size / 1e6:.0f} MB; "
-        f"slimmed and flattened: {seconds:.0f} s in all)")
-    return {"image": image, "size": size, "containerize_size": built_size,
-            "containerize_seconds": containerized, "seconds": seconds, "model": model_tag}
+    log(
+        f"image {image}: {size / 1e6:.0f} MB (containerize {containerized:.0f} s -> {built_size / 1e6:.0f} MB; "
+        f"slimmed and flattened: {seconds:.0f} s in all)"
+    )
+    return {
+        "image": image,
+        "size": size,
+        "containerize_size": built_size,
+        "containerize_seconds": containerized,
+        "seconds": seconds,
+        "model": model_tag,
+    }
 
 
 def _bento_model(bento_tag: str, env: dict[str, str] | None) -> str:
@@ -629,8 +799,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _http(method: str, url: str, timeout: float, body: bytes | None = None,
-          headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+def _http(
+    method: str,
+    url: str,
+    timeout: float,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, bytes]:
     import urllib.error
     import urllib.request
 
@@ -642,12 +817,25 @@ def _http(method: str, url: str, timeout: float, body: bytes | None = None,
         return exc.code, exc.read()
 
 
-def post_image(url: str, png: bytes, filename: str = "part.png", timeout: float = 60) -> tuple[int, bytes]:
+def post_image(
+    url: str, png: bytes, filename: str = "part.png", timeout: float = 60
+) -> tuple[int, bytes]:
     boundary = f"defectflow{os.urandom(8).hex()}"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{filename}\"\r\n"
-            f"Content-Type: image/png\r\n\r\n").encode() + png + f"\r\n--{boundary}--\r\n".encode()
-    return _http("POST", f"{url}/predict", timeout, body,
-                 {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
+            f"Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + png
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    return _http(
+        "POST",
+        f"{url}/predict",
+        timeout,
+        body,
+        {"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
 
 
 @dataclass
@@ -663,7 +851,9 @@ def run_container(docker: Docker, image: str, ready_timeout: float = 240) -> Ite
     port = free_port()
     name = f"defectflow-run-{os.getpid()}-{port}"
     start = time.monotonic()
-    docker("run", "--detach", "--name", name, "--publish", f"127.0.0.1:{port}:3000", image, timeout=120)
+    docker(
+        "run", "--detach", "--name", name, "--publish", f"127.0.0.1:{port}:3000", image, timeout=120
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         checked = 0.0
@@ -678,11 +868,15 @@ def run_container(docker: Docker, image: str, ready_timeout: float = 240) -> Ite
                 checked = now
                 if docker.out("inspect", "--format", "{{.State.Running}}", name) != "true":
                     logs = docker("logs", "--tail", "60", name, check=False)
-                    raise RuntimeError(f"container {name} exited:\n{logs.stdout.decode()}{logs.stderr.decode()}")
+                    raise RuntimeError(
+                        f"container {name} exited:\n{logs.stdout.decode()}{logs.stderr.decode()}"
+                    )
             if now - start > ready_timeout:
                 logs = docker("logs", "--tail", "60", name, check=False)
-                raise RuntimeError(f"{url}/readyz did not answer within {ready_timeout:.0f} s:\n"
-                                   f"{logs.stdout.decode()}{logs.stderr.decode()}")
+                raise RuntimeError(
+                    f"{url}/readyz did not answer within {ready_timeout:.0f} s:\n"
+                    f"{logs.stdout.decode()}{logs.stderr.decode()}"
+                )
             time.sleep(0.25)
         yield Running(name, url, time.monotonic() - start)
     finally:
@@ -706,7 +900,9 @@ def sample_png() -> tuple[bytes, str]:
     import cv2
     import numpy as np
 
-    ok, buf = cv2.imencode(".png", np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8))
+    ok, buf = cv2.imencode(
+        ".png", np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    )
     return buf.tobytes(), "a generated 128x96 noise PNG"
 
 
@@ -718,7 +914,9 @@ def answer_problems(answer: dict, height: int, width: int) -> list[str]:
     import numpy as np
 
     problems = []
-    missing = {"class", "probabilities", "mask_png_base64", "mask_size", "anomaly_score"} - set(answer)
+    missing = {"class", "probabilities", "mask_png_base64", "mask_size", "anomaly_score"} - set(
+        answer
+    )
     if missing:
         return [f"no {', '.join(sorted(missing))}"]
     probabilities = answer["probabilities"]
@@ -727,16 +925,22 @@ def answer_problems(answer: dict, height: int, width: int) -> list[str]:
     if abs(sum(probabilities.values()) - 1.0) > 1e-4:
         problems.append(f"probabilities sum to {sum(probabilities.values())}")
     try:
-        mask = cv2.imdecode(np.frombuffer(base64.b64decode(answer["mask_png_base64"], validate=True), np.uint8),
-                            cv2.IMREAD_UNCHANGED)
+        mask = cv2.imdecode(
+            np.frombuffer(base64.b64decode(answer["mask_png_base64"], validate=True), np.uint8),
+            cv2.IMREAD_UNCHANGED,
+        )
     except ValueError as exc:
         mask, problems = None, [*problems, f"mask is not base64: {exc}"]
     if mask is None or mask.shape != (height, width) or not set(np.unique(mask)) <= {0, 255}:
-        problems.append(f"mask is not a binary {width}x{height} PNG: {None if mask is None else mask.shape}")
+        problems.append(
+            f"mask is not a binary {width}x{height} PNG: {None if mask is None else mask.shape}"
+        )
     if answer["mask_size"] != [width, height]:
         problems.append(f"mask_size {answer['mask_size']} for a {width}x{height} image")
     if not isinstance(answer["anomaly_score"], float):
-        problems.append(f"anomaly_score {answer['anomaly_score']!r} (the default model has an anomaly head)")
+        problems.append(
+            f"anomaly_score {answer['anomaly_score']!r} (the default model has an anomaly head)"
+        )
     return problems
 
 
@@ -765,9 +969,13 @@ def smoke_test(docker: Docker, image: str, png: bytes, requests: int = 10) -> di
         users = process_user(docker, running.name)
         if users["exec_uid"] == 0 or users["main_uid"] == 0:
             raise RuntimeError(f"the service runs as root in {image}: {users}")
-        return {"ready_seconds": running.ready_seconds, "answer": answer, **users,
-                "first_ms": 1000 * latencies[0],
-                "median_ms": 1000 * statistics.median(latencies[1:] or latencies)}
+        return {
+            "ready_seconds": running.ready_seconds,
+            "answer": answer,
+            **users,
+            "first_ms": 1000 * latencies[0],
+            "median_ms": 1000 * statistics.median(latencies[1:] or latencies),
+        }
 
 
 # --------------------------------------------------------------------------- commands
@@ -775,17 +983,26 @@ def smoke_test(docker: Docker, image: str, png: bytes, requests: int = 10) -> di
 
 def ensure_host_packages() -> None:
     """Debian's docker.io and debootstrap (installed when missing and this is root with apt)."""
-    missing = [pkg for pkg, binary in (("docker.io", "dockerd"), ("debootstrap", "debootstrap"))
-               if not (shutil.which(binary) or os.access(f"/usr/sbin/{binary}", os.X_OK))]
+    missing = [
+        pkg
+        for pkg, binary in (("docker.io", "dockerd"), ("debootstrap", "debootstrap"))
+        if not (shutil.which(binary) or os.access(f"/usr/sbin/{binary}", os.X_OK))
+    ]
     if not missing:
         return
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise SystemExit(f"missing {', '.join(missing)}: install them (Debian: apt-get install {' '.join(missing)})")
+        raise SystemExit(
+            f"missing {', '.join(missing)}: install them (Debian: apt-get install {' '.join(missing)})"
+        )
     log(f"apt-get install {' '.join(missing)}")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     _run(["apt-get", "update", "-q"], timeout=900, env=env, capture=False)
-    _run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing], timeout=1800, env=env,
-         capture=False)
+    _run(
+        ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing],
+        timeout=1800,
+        env=env,
+        capture=False,
+    )
 
 
 def _state_dir() -> Path:
@@ -801,8 +1018,10 @@ def production_bento() -> str:
 
     tag = registry.production_tag()
     if tag is None:
-        raise SystemExit("no production model in the registry: run `make demo` first "
-                         "(or `defectflow models promote TAG`)")
+        raise SystemExit(
+            "no production model in the registry: run `make demo` first "
+            "(or `defectflow models promote TAG`)"
+        )
     bento = registry.build_bento(tag, BENTOFILE, REPO_ROOT)
     log(f"built Bento {bento} for the production model {tag}")
     return bento
@@ -820,8 +1039,9 @@ def _build(docker: Docker) -> dict:
     image = f"defectflow:{bento.split(':', 1)[1]}"
     state = _state_dir()
     state.mkdir(parents=True, exist_ok=True)
-    figures = build_image(docker, bento, image, extra_tags=("defectflow:latest",),
-                          log_file=state / "containerize.log")
+    figures = build_image(
+        docker, bento, image, extra_tags=("defectflow:latest",), log_file=state / "containerize.log"
+    )
     figures["base"] = base
     prune_old_images(docker, "defectflow", keep=KEEP_IMAGES)
     (state / "build.json").write_text(json.dumps(figures, indent=2, default=str))
@@ -830,8 +1050,15 @@ def _build(docker: Docker) -> dict:
 
 def prune_old_images(docker: Docker, repository: str, keep: int) -> None:
     """Remove all but the `keep` newest images of `repository` this script made."""
-    rows = docker.out("image", "ls", repository, "--filter", f"label={LABEL}.built-by",
-                      "--format", "{{.ID}} {{.Tag}} {{.CreatedAt}}").splitlines()
+    rows = docker.out(
+        "image",
+        "ls",
+        repository,
+        "--filter",
+        f"label={LABEL}.built-by",
+        "--format",
+        "{{.ID}} {{.Tag}} {{.CreatedAt}}",
+    ).splitlines()
     newest: dict[str, str] = {}
     for row in rows:  # one row per tag; an image is as old as its creation
         image_id, _tag, created = row.split(" ", 2)
@@ -845,10 +1072,12 @@ def cmd_build(args: argparse.Namespace) -> None:
     ensure_host_packages()
     with engine(_state_dir()) as docker:
         figures = _build(docker)
-    print(f"\nimage {figures['image']} (also defectflow:latest): {figures['size'] / 1e6:.0f} MB "
-          f"(base {figures['base']['size'] / 1e6:.0f} MB; bentoml containerize alone "
-          f"{figures['containerize_size'] / 1e6:.0f} MB); built in {figures['seconds']:.0f} s\n"
-          "run it:  docker run -d --name defectflow --restart unless-stopped -p 3000:3000 defectflow:latest")
+    print(
+        f"\nimage {figures['image']} (also defectflow:latest): {figures['size'] / 1e6:.0f} MB "
+        f"(base {figures['base']['size'] / 1e6:.0f} MB; bentoml containerize alone "
+        f"{figures['containerize_size'] / 1e6:.0f} MB); built in {figures['seconds']:.0f} s\n"
+        "run it:  docker run -d --name defectflow --restart unless-stopped -p 3000:3000 defectflow:latest"
+    )
 
 
 def cmd_test(args: argparse.Namespace) -> None:
@@ -863,37 +1092,58 @@ def cmd_test(args: argparse.Namespace) -> None:
             from defectflow import registry
 
             wanted = registry.production_tag()
-        have = docker.out("image", "inspect", "--format", f'{{{{ index .Config.Labels "{LABEL}.model" }}}}',
-                          image) if docker.image_exists(image) else None
+        have = (
+            docker.out(
+                "image",
+                "inspect",
+                "--format",
+                f'{{{{ index .Config.Labels "{LABEL}.model" }}}}',
+                image,
+            )
+            if docker.image_exists(image)
+            else None
+        )
         if have is None or (wanted and have != wanted):
-            log(f"{image} {'is missing' if have is None else f'serves {have}, production is {wanted}'}: building it")
+            log(
+                f"{image} {'is missing' if have is None else f'serves {have}, production is {wanted}'}: building it"
+            )
             _build(docker)
         png, source = sample_png()
         log(f"POST /predict with {source}")
         figures = smoke_test(docker, image, png)
     answer = dict(figures.pop("answer"))
-    answer["mask_png_base64"] = answer["mask_png_base64"][:40] + f"... ({len(answer['mask_png_base64'])} chars)"
+    answer["mask_png_base64"] = (
+        answer["mask_png_base64"][:40] + f"... ({len(answer['mask_png_base64'])} chars)"
+    )
     print(json.dumps(answer, indent=2))
-    print(f"\n{image}: POST /predict answered 200 with class {answer['class']!r}, probabilities summing to "
-          f"{sum(answer['probabilities'].values()):.4f}, a {answer['mask_size'][0]}x{answer['mask_size'][1]} mask "
-          f"and anomaly score {answer['anomaly_score']}")
-    print(f"{image}: ready {figures['ready_seconds']:.1f} s after docker run; POST /predict first "
-          f"{figures['first_ms']:.0f} ms, median {figures['median_ms']:.0f} ms; the server runs as "
-          f"{figures['user']} (uid {figures['main_uid']}), not root")
+    print(
+        f"\n{image}: POST /predict answered 200 with class {answer['class']!r}, probabilities summing to "
+        f"{sum(answer['probabilities'].values()):.4f}, a {answer['mask_size'][0]}x{answer['mask_size'][1]} mask "
+        f"and anomaly score {answer['anomaly_score']}"
+    )
+    print(
+        f"{image}: ready {figures['ready_seconds']:.1f} s after docker run; POST /predict first "
+        f"{figures['first_ms']:.0f} ms, median {figures['median_ms']:.0f} ms; the server runs as "
+        f"{figures['user']} (uid {figures['main_uid']}), not root"
+    )
 
 
 def cmd_clean(args: argparse.Namespace) -> None:
     with engine(_state_dir()) as docker:
         removed: set[str] = set()
         for _ in range(5):  # tagged images first, then what is left: a legacy build's layers
-            ids = docker.out("image", "ls", "--all", "--quiet", "--filter", f"label={LABEL}.built-by").split()
+            ids = docker.out(
+                "image", "ls", "--all", "--quiet", "--filter", f"label={LABEL}.built-by"
+            ).split()
             if not ids:
                 break
             for image_id in dict.fromkeys(ids):
                 if docker("rmi", "--force", image_id, check=False).returncode == 0:
                     removed.add(image_id)
-        log(f"removed {len(removed)} image(s) made by scripts/container.py and their build layers "
-            "(BuildKit's cache stays: `docker builder prune` empties it)")
+        log(
+            f"removed {len(removed)} image(s) made by scripts/container.py and their build layers "
+            "(BuildKit's cache stays: `docker builder prune` empties it)"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -902,8 +1152,12 @@ def main(argv: list[str] | None = None) -> int:
     base = sub.add_parser("base-image", help="make (or confirm) the local Debian base image")
     base.add_argument("--rebuild", action="store_true")
     base.set_defaults(func=cmd_base_image)
-    sub.add_parser("build", help="image of the production model's Bento").set_defaults(func=cmd_build)
-    sub.add_parser("test", help="run the image, call /readyz and /predict").set_defaults(func=cmd_test)
+    sub.add_parser("build", help="image of the production model's Bento").set_defaults(
+        func=cmd_build
+    )
+    sub.add_parser("test", help="run the image, call /readyz and /predict").set_defaults(
+        func=cmd_test
+    )
     sub.add_parser("clean", help="remove the images this script made").set_defaults(func=cmd_clean)
     args = parser.parse_args(argv)
     try:

@@ -55,8 +55,11 @@ WIDTH, HEIGHT = 1400, 1000
 def _get_json(url: str, timeout: float = 10, body: dict | None = None) -> dict | list:
     # No proxy: the server is local, and a proxy from the environment must not intercept.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    request = urllib.request.Request(url, headers={"Accept": "application/json", "Content-Type": "application/json"},
-                                     data=json.dumps(body).encode() if body is not None else None)
+    request = urllib.request.Request(
+        url,
+        headers={"Accept": "application/json", "Content-Type": "application/json"},
+        data=json.dumps(body).encode() if body is not None else None,
+    )
     with opener.open(request, timeout=timeout) as response:
         return json.loads(response.read())
 
@@ -64,8 +67,14 @@ def _get_json(url: str, timeout: float = 10, body: dict | None = None) -> dict |
 def _first_log_words(ui: str, flow_run_id: str) -> str | None:
     """The start of the run's first log line: the page has rendered its logs when it shows it."""
     with suppress(urllib.error.URLError, OSError, ValueError):
-        logs = _get_json(f"{ui}/api/logs/filter", body={"logs": {"flow_run_id": {"any_": [flow_run_id]}},
-                                                         "sort": "TIMESTAMP_ASC", "limit": 1})
+        logs = _get_json(
+            f"{ui}/api/logs/filter",
+            body={
+                "logs": {"flow_run_id": {"any_": [flow_run_id]}},
+                "sort": "TIMESTAMP_ASC",
+                "limit": 1,
+            },
+        )
         if logs:
             return " ".join(logs[0]["message"].split()[:4]) or None
     return None
@@ -79,19 +88,28 @@ def _fail(message: str, code: int = 1, **fields) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ui-url", required=True, help="the Prefect server, e.g. http://127.0.0.1:4200")
+    parser.add_argument(
+        "--ui-url", required=True, help="the Prefect server, e.g. http://127.0.0.1:4200"
+    )
     parser.add_argument("--flow-run-id", required=True)
     parser.add_argument("--out", required=True, type=Path, help="PNG path")
-    parser.add_argument("--timeout", type=float, default=90.0,
-                        help="seconds to wait for the page to show the run (default 90)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=90.0,
+        help="seconds to wait for the page to show the run (default 90)",
+    )
     args = parser.parse_args(argv)
     ui = args.ui_url.rstrip("/")
     out = args.out.expanduser().resolve()
 
     binary = find_browser()
     if binary is None:
-        return _fail("no Chromium found (tried chromium, chromium-browser, google-chrome on PATH, "
-                     "and DEFECTFLOW_CHROMIUM): install the Debian package `chromium`", code=2)
+        return _fail(
+            "no Chromium found (tried chromium, chromium-browser, google-chrome on PATH, "
+            "and DEFECTFLOW_CHROMIUM): install the Debian package `chromium`",
+            code=2,
+        )
 
     try:
         run = _get_json(f"{ui}/api/flow_runs/{args.flow_run_id}")
@@ -101,8 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     state = (run.get("state") or {}).get("name") or run.get("state_name") or ""
     wanted = [w for w in (name, state) if w]
     if len(wanted) < 2:
-        return _fail(f"flow run {args.flow_run_id} has no name or no state in the API answer",
-                     flow_run=name, state=state)
+        return _fail(
+            f"flow run {args.flow_run_id} has no name or no state in the API answer",
+            flow_run=name,
+            state=state,
+        )
     log_words = _first_log_words(ui, args.flow_run_id)
     if log_words:
         wanted.append(log_words)
@@ -114,17 +135,28 @@ def main(argv: list[str] | None = None) -> int:
     unreachable = bool(ui_api) and ui_api.rstrip("/") != f"{ui}/api"
     page_url = f"{ui}/runs/flow-run/{args.flow_run_id}"
     found: list[str] = []
-    result = {"screenshot": str(out), "flow_run": name, "state": state, "found": found,
-              "url": page_url}
+    result = {
+        "screenshot": str(out),
+        "flow_run": name,
+        "state": state,
+        "found": found,
+        "url": page_url,
+    }
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="prefect-ui-chromium-") as tmp:
         profile = Path(tmp)
         try:
-            with (headless_chromium(binary, profile, profile / "chromium.log", WIDTH, HEIGHT) as browser,
-                  new_tab(browser, WIDTH, HEIGHT) as tab):
+            with (
+                headless_chromium(
+                    binary, profile, profile / "chromium.log", WIDTH, HEIGHT
+                ) as browser,
+                new_tab(browser, WIDTH, HEIGHT) as tab,
+            ):
                 navigated = tab.call("Page.navigate", url=page_url)
                 if navigated.get("errorText"):
-                    return _fail(f"Chromium could not open {page_url}: {navigated['errorText']}", **result)
+                    return _fail(
+                        f"Chromium could not open {page_url}: {navigated['errorText']}", **result
+                    )
                 deadline = started + args.timeout
                 text = ""
                 while True:
@@ -145,11 +177,16 @@ def main(argv: list[str] | None = None) -> int:
         missing = [w for w in wanted if w not in found]
         hint = ""
         if unreachable:
-            hint = (f"; the server tells the UI its API is at {ui_api}, not {ui}/api: start it with "
-                    f"PREFECT_UI_API_URL={ui}/api")
+            hint = (
+                f"; the server tells the UI its API is at {ui_api}, not {ui}/api: start it with "
+                f"PREFECT_UI_API_URL={ui}/api"
+            )
         snippet = " ".join(text.split())[:300]
-        return _fail(f"{page_url} did not show {missing} after {result['seconds']:g} s (screenshot "
-                     f"{out}){hint}; page text: {snippet!r}", **result)
+        return _fail(
+            f"{page_url} did not show {missing} after {result['seconds']:g} s (screenshot "
+            f"{out}){hint}; page text: {snippet!r}",
+            **result,
+        )
     print(json.dumps(result), flush=True)
     return 0
 

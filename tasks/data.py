@@ -13,7 +13,7 @@ from prefect.cache_policies import NONE
 from prefect.utilities.hashing import hash_objects
 
 from defectflow.config import load_config, resolve_path
-from defectflow.data.augment import JointAugmentation, augmentation_preview
+from defectflow.data.augment import JointAugmentation
 from defectflow.data.dataset import load_split, spread_over_classes
 from defectflow.data.mvtec import class_counts, class_names, scan_training_data
 from defectflow.data.split import (
@@ -24,10 +24,7 @@ from defectflow.data.split import (
     split_dataset,
     write_manifest,
 )
-from defectflow.plots import save_rgb
-from defectflow.runs import open_run_dir
-from defectflow.training import PreparedData
-from defectflow.validation import (
+from defectflow.data.validation import (
     ValidationResult,
     image_facts,
     require_valid,
@@ -36,6 +33,9 @@ from defectflow.validation import (
     validate_dataset,
     with_splits,
 )
+from defectflow.evaluation.plots import augmentation_preview, save_rgb
+from defectflow.orchestration.runs import open_run_dir
+from defectflow.training.train import PreparedData
 
 CACHE_FOR = timedelta(days=30)
 
@@ -45,8 +45,13 @@ def load_run_config(config: str, overrides: list[str], run_id: str | None = None
     """The merged config and the run folder; an existing run id resumes that run."""
     cfg = load_config(config, overrides)
     run_dir, resumed = open_run_dir(cfg, run_id)
-    get_run_logger().info("%s run folder %s (config %s, overrides %s)", "resuming" if resumed else "new",
-                          run_dir, config, overrides or "none")
+    get_run_logger().info(
+        "%s run folder %s (config %s, overrides %s)",
+        "resuming" if resumed else "new",
+        run_dir,
+        config,
+        overrides or "none",
+    )
     return cfg, run_dir, resumed
 
 
@@ -63,35 +68,55 @@ def _data_key(cfg) -> str:
 
 def _listing(cfg) -> str:
     return listing_signature(resolve_path(cfg.data.root)) + (
-        listing_signature(resolve_path(cfg.data.incoming)) if cfg.data.incoming else "")
+        listing_signature(resolve_path(cfg.data.incoming)) if cfg.data.incoming else ""
+    )
 
 
 # Deterministic steps are cached by what they read, with persisted results (under
 # $PREFECT_HOME/storage), so a retrain of unchanged data, or a re-run after a crash, skips them.
-@task(name="fingerprint-data", persist_result=True, cache_expiration=CACHE_FOR,
-      cache_key_fn=lambda _, p: "fingerprint:" + hash_objects(
-          _listing(p["cfg"]), _data_key(p["cfg"]),
-          OmegaConf.to_container(p["cfg"].data.split)))
+@task(
+    name="fingerprint-data",
+    persist_result=True,
+    cache_expiration=CACHE_FOR,
+    cache_key_fn=lambda _, p: (
+        "fingerprint:"
+        + hash_objects(
+            _listing(p["cfg"]), _data_key(p["cfg"]), OmegaConf.to_container(p["cfg"].data.split)
+        )
+    ),
+)
 def fingerprint_data(cfg) -> str:
     """The data version: a hash of every file's class, name and bytes, and the split settings.
     Cached by the folder listing (path, size, mtime), so unchanged data is not read again."""
-    fingerprint = dataset_fingerprint(resolve_path(cfg.data.root), cfg.data.good_class, cfg.data.split,
-                                      resolve_path(cfg.data.incoming) if cfg.data.incoming else None)
+    fingerprint = dataset_fingerprint(
+        resolve_path(cfg.data.root),
+        cfg.data.good_class,
+        cfg.data.split,
+        resolve_path(cfg.data.incoming) if cfg.data.incoming else None,
+    )
     get_run_logger().info("data version %s of %s", fingerprint[:12], cfg.data.root)
     return fingerprint
 
 
-@task(name="scan-data", persist_result=True, cache_expiration=CACHE_FOR,
-      cache_key_fn=lambda _, p: "scan:" + hash_objects(p["data_version"], _data_key(p["cfg"])))
+@task(
+    name="scan-data",
+    persist_result=True,
+    cache_expiration=CACHE_FOR,
+    cache_key_fn=lambda _, p: "scan:" + hash_objects(p["data_version"], _data_key(p["cfg"])),
+)
 def scan_data(cfg, data_version: str):
     """Find the images and masks and read each file once into the facts table (cached by the
     data version)."""
     samples = scan_training_data(cfg.data.root, cfg.data.good_class, cfg.data.incoming or None)
     facts = image_facts(samples, cfg.data.good_class)
     reviewed = sum(s.origin.startswith("incoming/") for s in samples)
-    get_run_logger().info("found %d images in %s%s: %s", len(samples), cfg.data.root,
-                          f" ({reviewed} reviewed ones from {cfg.data.incoming})" if reviewed else "",
-                          class_counts(samples))
+    get_run_logger().info(
+        "found %d images in %s%s: %s",
+        len(samples),
+        cfg.data.root,
+        f" ({reviewed} reviewed ones from {cfg.data.incoming})" if reviewed else "",
+        class_counts(samples),
+    )
     return samples, facts
 
 
@@ -107,8 +132,13 @@ def split_data(cfg, samples, facts, run_dir: Path) -> SplitOutcome:
     write_manifest(outcome.rows, run_dir / "manifest.csv", sha256)
     (run_dir / "data_fingerprint.txt").write_text(outcome.fingerprint + "\n")
     counts = {name: sum(r.split == name for r in outcome.rows) for name in ("train", "val", "test")}
-    log.info("data version %s: split %s (%s), manifest %s", outcome.fingerprint[:12], counts,
-             "reused" if outcome.reused else "new", run_dir / "manifest.csv")
+    log.info(
+        "data version %s: split %s (%s), manifest %s",
+        outcome.fingerprint[:12],
+        counts,
+        "reused" if outcome.reused else "new",
+        run_dir / "manifest.csv",
+    )
     return outcome
 
 
@@ -117,21 +147,39 @@ def _validation_dir(cfg, data_version: str) -> Path:
     return Path(cfg.paths.home) / "validation" / data_version[:16]
 
 
-@task(name="check-data", persist_result=True, cache_expiration=CACHE_FOR,
-      cache_key_fn=lambda _, p: "validation:" + hash_objects(
-          p["data_version"], _data_key(p["cfg"]), p["split"].fingerprint, p["split"].problem,
-          OmegaConf.to_container(p["cfg"].validation),
-          *(path.read_bytes() for path in suite_paths(p["cfg"].validation))))
+@task(
+    name="check-data",
+    persist_result=True,
+    cache_expiration=CACHE_FOR,
+    cache_key_fn=lambda _, p: (
+        "validation:"
+        + hash_objects(
+            p["data_version"],
+            _data_key(p["cfg"]),
+            p["split"].fingerprint,
+            p["split"].problem,
+            OmegaConf.to_container(p["cfg"].validation),
+            *(path.read_bytes() for path in suite_paths(p["cfg"].validation)),
+        )
+    ),
+)
 def check_data(cfg, samples, facts, split: SplitOutcome, data_version: str) -> ValidationResult:
     """The Great Expectations suite on the facts table; cached by data version, split and suite,
     with its Data Docs kept per data version under <paths.home>/validation/."""
     out = _validation_dir(cfg, data_version)
-    return validate_dataset(with_splits(facts, split.rows), cfg.validation, class_counts(samples),
-                            data_docs_dir=out / "data_docs", facts_csv=out / "image_facts.csv")
+    return validate_dataset(
+        with_splits(facts, split.rows),
+        cfg.validation,
+        class_counts(samples),
+        data_docs_dir=out / "data_docs",
+        facts_csv=out / "image_facts.csv",
+    )
 
 
 @task(name="validate-data", cache_policy=NONE)
-def validate_data(cfg, samples, facts, split: SplitOutcome, data_version: str, run_dir: Path) -> None:
+def validate_data(
+    cfg, samples, facts, split: SplitOutcome, data_version: str, run_dir: Path
+) -> None:
     """The validation gate of this run: the (cached) result, its Data Docs copied into the run
     folder and shown in the UI; invalid data stops the run here."""
     result = check_data(cfg, samples, facts, split, data_version)
@@ -146,8 +194,10 @@ def validate_data(cfg, samples, facts, split: SplitOutcome, data_version: str, r
         shutil.copy2(facts_csv, out / "image_facts.csv")
     (out / "summary.md").write_text(result.summary_markdown())
     create_markdown_artifact(
-        markdown=result.summary_markdown() + (f"\n\nData Docs: [{docs}](file://{docs})" if docs else ""),
-        key="data-validation", description="Great Expectations gate",
+        markdown=result.summary_markdown()
+        + (f"\n\nData Docs: [{docs}](file://{docs})" if docs else ""),
+        key="data-validation",
+        description="Great Expectations gate",
     )
     require_valid(result, split.problem)
     get_run_logger().info("data valid: %d images; Data Docs %s", len(samples), docs)
@@ -160,15 +210,22 @@ def augment_data(cfg, samples, split: SplitOutcome, run_dir: Path) -> PreparedDa
     size = cfg.model.input_size
     data = PreparedData(select(rows, "train"), select(rows, "val"), classes)
     augmentation = JointAugmentation(cfg.augment, seed=cfg.train.seed)
-    shown = load_split(spread_over_classes(select(rows, "train"), cfg.augment.preview_count), classes, size)
-    preview = save_rgb(augmentation_preview(augmentation, shown.images, shown.masks, len(shown)),
-                       run_dir / "augmentation_preview.png")
+    shown = load_split(
+        spread_over_classes(select(rows, "train"), cfg.augment.preview_count), classes, size
+    )
+    preview = save_rgb(
+        augmentation_preview(augmentation, shown.images, shown.masks, len(shown)),
+        run_dir / "augmentation_preview.png",
+    )
     create_markdown_artifact(
         markdown=f"Augmentation: {', '.join(augmentation.describe())}\n\n![preview](file://{preview})\n\n"
-                 f"Preview grid: `{preview}`", key="augmentation-preview",
+        f"Preview grid: `{preview}`",
+        key="augmentation-preview",
     )
     get_run_logger().info(
         "augmentation %s on %d training images (preview %s)",
-        augmentation.describe(), len(data.train_samples), run_dir / "augmentation_preview.png",
+        augmentation.describe(),
+        len(data.train_samples),
+        run_dir / "augmentation_preview.png",
     )
     return data

@@ -10,45 +10,77 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
 from defectflow.artifacts import ModelInfo
-from defectflow.calibration import calibrate_model
 from defectflow.data.split import SplitSample, select
-from defectflow.evaluation import Evaluation, evaluate, evaluate_model_dir
-from defectflow.gate import GateDecision, decide
-from defectflow.inference import Predictor
+from defectflow.evaluation.calibration import calibrate_model
+from defectflow.evaluation.evaluate import Evaluation, evaluate, evaluate_model_dir
+from defectflow.evaluation.gate import GateDecision, decide
+from defectflow.evaluation.report import (
+    load_history,
+    metrics_table_rows,
+    summary_markdown,
+    write_report,
+)
+from defectflow.inference.predictor import Predictor
 from defectflow.registry import RegistryError, production_tag, verify_model
-from defectflow.report import load_history, metrics_table_rows, summary_markdown, write_report
 
 
 @task(name="calibrate-thresholds", cache_policy=NONE)
-def calibrate_thresholds(cfg, model_dir: Path, rows: list[SplitSample], run_dir: Path) -> dict | None:
+def calibrate_thresholds(
+    cfg, model_dir: Path, rows: list[SplitSample], run_dir: Path
+) -> dict | None:
     """Temperature, P(defect), mask and confidence thresholds chosen on the validation split,
     stored with the model."""
     if not cfg.eval.calibrate:
-        get_run_logger().info("calibration off: argmax class, mask threshold %s, no temperature, every answer "
-                              "accepted", cfg.eval.mask_threshold)
+        get_run_logger().info(
+            "calibration off: argmax class, mask threshold %s, no temperature, every answer "
+            "accepted",
+            cfg.eval.mask_threshold,
+        )
         return None
-    thresholds = calibrate_model(model_dir, select(rows, "val"), cfg.train.batch_size, run_dir / "calibration.json",
-                                 temperature_scaling=cfg.eval.temperature_scaling,
-                                 accept_target_accuracy=cfg.eval.accept_target_accuracy,
-                                 anomaly_false_alarm_rate=cfg.anomaly.false_alarm_rate)
-    create_markdown_artifact(markdown=thresholds.markdown(), key="calibration",
-                             description="Temperature, decision and confidence thresholds chosen on the validation "
-                                         "split")
-    get_run_logger().info("from the validation split: temperature %.3f (ECE %.4f -> %.4f), P(defect) > %.2f, "
-                          "mask > %.2f, confidence >= %.4f (coverage %.3f, accuracy %.3f, target %s)",
-                          thresholds.temperature, thresholds.val_ece_before, thresholds.val_ece_after,
-                          thresholds.defect_threshold, thresholds.mask_threshold, thresholds.confidence_threshold,
-                          thresholds.val_coverage, thresholds.val_accepted_accuracy,
-                          "reached" if thresholds.target_reached else "not reached")
+    thresholds = calibrate_model(
+        model_dir,
+        select(rows, "val"),
+        cfg.train.batch_size,
+        run_dir / "calibration.json",
+        temperature_scaling=cfg.eval.temperature_scaling,
+        accept_target_accuracy=cfg.eval.accept_target_accuracy,
+        anomaly_false_alarm_rate=cfg.anomaly.false_alarm_rate,
+    )
+    create_markdown_artifact(
+        markdown=thresholds.markdown(),
+        key="calibration",
+        description="Temperature, decision and confidence thresholds chosen on the validation "
+        "split",
+    )
+    get_run_logger().info(
+        "from the validation split: temperature %.3f (ECE %.4f -> %.4f), P(defect) > %.2f, "
+        "mask > %.2f, confidence >= %.4f (coverage %.3f, accuracy %.3f, target %s)",
+        thresholds.temperature,
+        thresholds.val_ece_before,
+        thresholds.val_ece_after,
+        thresholds.defect_threshold,
+        thresholds.mask_threshold,
+        thresholds.confidence_threshold,
+        thresholds.val_coverage,
+        thresholds.val_accepted_accuracy,
+        "reached" if thresholds.target_reached else "not reached",
+    )
     return thresholds.__dict__
 
 
 @task(name="evaluate-model", cache_policy=NONE)
 def evaluate_model(cfg, model_dir: Path, rows: list[SplitSample], run_dir: Path) -> Evaluation:
     """The new model (challenger) on the test split, through the serving code path."""
-    result = evaluate_model_dir(model_dir, select(rows, "test"), run_dir / "evaluation", cfg.train.batch_size,
-                                cfg.eval.plot_count)
-    create_markdown_artifact(markdown=result.markdown(), key="test-metrics", description="Test split metrics")
+    result = evaluate_model_dir(
+        model_dir,
+        select(rows, "test"),
+        run_dir / "evaluation",
+        cfg.train.batch_size,
+        cfg.eval.plot_count,
+    )
+    create_markdown_artifact(
+        markdown=result.markdown(), key="test-metrics", description="Test split metrics"
+    )
     get_run_logger().info("test metrics %s", {k: round(v, 4) for k, v in result.headline().items()})
     return result
 
@@ -74,14 +106,25 @@ def evaluate_champion(cfg, challenger_dir: Path, rows: list[SplitSample], run_di
         return {"tag": tag, "evaluation": None, "note": note}
     classes = ModelInfo.load(challenger_dir).classes
     if champion_classes != classes:
-        note = f"champion {tag} predicts other classes ({', '.join(champion_classes)}): not comparable"
+        note = (
+            f"champion {tag} predicts other classes ({', '.join(champion_classes)}): not comparable"
+        )
         logger.warning(note)
         return {"tag": tag, "evaluation": None, "note": note}
     # Read-only on the store: the figures go to the run folder, never into the model's folder.
-    result = evaluate(Predictor.load(champion_dir), select(rows, "test"), cfg.train.batch_size,
-                      plot_dir=run_dir / "champion_evaluation", plot_count=cfg.eval.plot_count)
+    result = evaluate(
+        Predictor.load(champion_dir),
+        select(rows, "test"),
+        cfg.train.batch_size,
+        plot_dir=run_dir / "champion_evaluation",
+        plot_count=cfg.eval.plot_count,
+    )
     result.save(run_dir / "champion_evaluation")
-    logger.info("champion %s on the same test split: %s", tag, {k: round(v, 4) for k, v in result.headline().items()})
+    logger.info(
+        "champion %s on the same test split: %s",
+        tag,
+        {k: round(v, 4) for k, v in result.headline().items()},
+    )
     return {"tag": tag, "evaluation": result, "note": None}
 
 
@@ -90,36 +133,66 @@ def apply_gate(cfg, evaluation: Evaluation, champion: dict, run_dir: Path) -> Ga
     """Absolute floors, then not worse than the champion beyond the tolerance. Never raises on a
     rejection: a rejected challenger is a normal outcome, recorded with every reason."""
     champion_eval = champion["evaluation"]
-    decision = decide(evaluation.metrics, cfg.gate, champion_eval.metrics if champion_eval else None,
-                      champion["tag"], champion["note"])
+    decision = decide(
+        evaluation.metrics,
+        cfg.gate,
+        champion_eval.metrics if champion_eval else None,
+        champion["tag"],
+        champion["note"],
+    )
     decision.promoted = decision.passed and cfg.gate.promote
     (run_dir / "gate.json").write_text(json.dumps(decision.to_dict(), indent=2))
-    create_markdown_artifact(markdown=decision.markdown(), key="gate-decision",
-                             description="Promotion decision with every check")
+    create_markdown_artifact(
+        markdown=decision.markdown(),
+        key="gate-decision",
+        description="Promotion decision with every check",
+    )
     get_run_logger().info(decision.message)
     return decision
 
 
 @task(name="write-report", cache_policy=NONE)
-def write_evaluation_report(cfg, evaluation: Evaluation, champion: dict, decision: GateDecision, model_tag: str,
-                            run_dir: Path) -> dict:
+def write_evaluation_report(
+    cfg,
+    evaluation: Evaluation,
+    champion: dict,
+    decision: GateDecision,
+    model_tag: str,
+    run_dir: Path,
+) -> dict:
     """The page a person reads: the decision and its reasons, champion beside challenger, figures."""
     champion_eval = champion["evaluation"]
     training_file = run_dir / "model" / "training.json"
     paths = write_report(
-        run_dir / "report", evaluation, champion_eval, decision,
+        run_dir / "report",
+        evaluation,
+        champion_eval,
+        decision,
         history=load_history(training_file) if training_file.exists() else None,
         title=f"defectflow: {model_tag}",
-        info={"model": model_tag, "champion": champion["tag"] or "none (first model)", "run": run_dir.name,
-              "serving format": ModelInfo.load(run_dir / "model").serving_format,
-              "data": str(cfg.data.root), "test images": evaluation.metrics["n_images"]},
-        error_count=cfg.eval.plot_count)
-    create_markdown_artifact(markdown=summary_markdown(evaluation, champion_eval, decision,
-                                                       title=f"{model_tag}: evaluation")
-                             + f"\n\nFull report: `{paths['html']}`",
-                             key="evaluation-report", description="Decision, metrics, champion beside challenger")
-    create_table_artifact(table=metrics_table_rows(evaluation, champion_eval), key="metrics-comparison",
-                          description=f"Test split metrics of {model_tag} beside the champion {champion['tag']}")
+        info={
+            "model": model_tag,
+            "champion": champion["tag"] or "none (first model)",
+            "run": run_dir.name,
+            "serving format": ModelInfo.load(run_dir / "model").serving_format,
+            "data": str(cfg.data.root),
+            "test images": evaluation.metrics["n_images"],
+        },
+        error_count=cfg.eval.plot_count,
+    )
+    create_markdown_artifact(
+        markdown=summary_markdown(
+            evaluation, champion_eval, decision, title=f"{model_tag}: evaluation"
+        )
+        + f"\n\nFull report: `{paths['html']}`",
+        key="evaluation-report",
+        description="Decision, metrics, champion beside challenger",
+    )
+    create_table_artifact(
+        table=metrics_table_rows(evaluation, champion_eval),
+        key="metrics-comparison",
+        description=f"Test split metrics of {model_tag} beside the champion {champion['tag']}",
+    )
     get_run_logger().info("report: %s", paths["html"])
     return {k: str(v) for k, v in paths.items()}
 
@@ -127,17 +200,34 @@ def write_evaluation_report(cfg, evaluation: Evaluation, champion: dict, decisio
 @task(name="assess-stored-model", cache_policy=NONE)
 def assess_stored_model(tag: str | None, overrides: list[str]) -> dict:
     """A stored model (default: production) on the test split of its data, production beside it."""
-    from defectflow.assessment import assess_stored_model as assess
+    from defectflow.evaluation.champion import assess_stored_model as assess
 
     a = assess(tag, overrides)
     title = f"{a.tag} ({a.stage}) on {a.result.metrics['n_images']} test images of {a.data_root}"
-    create_markdown_artifact(markdown=summary_markdown(a.result, a.champion, a.decision, title=title)
-                             + f"\n\nFull report: `{a.report['html']}`",
-                             key="evaluation-report", description=f"Re-evaluation of {a.tag}")
-    create_table_artifact(table=metrics_table_rows(a.result, a.champion), key="metrics-comparison",
-                          description=f"Test split metrics of {a.tag} beside production {a.champion_tag}")
-    get_run_logger().info("%s: %s; report %s", a.tag, {k: round(v, 4) for k, v in a.result.headline().items()},
-                          a.report["html"])
-    return {"model": a.tag, "stage": a.stage, "data_root": a.data_root, "metrics": a.result.headline(),
-            "production": a.champion_tag, "production_metrics": a.champion.headline() if a.champion else None,
-            "gate": a.decision.message if a.decision else None, "report": str(a.report["html"])}
+    create_markdown_artifact(
+        markdown=summary_markdown(a.result, a.champion, a.decision, title=title)
+        + f"\n\nFull report: `{a.report['html']}`",
+        key="evaluation-report",
+        description=f"Re-evaluation of {a.tag}",
+    )
+    create_table_artifact(
+        table=metrics_table_rows(a.result, a.champion),
+        key="metrics-comparison",
+        description=f"Test split metrics of {a.tag} beside production {a.champion_tag}",
+    )
+    get_run_logger().info(
+        "%s: %s; report %s",
+        a.tag,
+        {k: round(v, 4) for k, v in a.result.headline().items()},
+        a.report["html"],
+    )
+    return {
+        "model": a.tag,
+        "stage": a.stage,
+        "data_root": a.data_root,
+        "metrics": a.result.headline(),
+        "production": a.champion_tag,
+        "production_metrics": a.champion.headline() if a.champion else None,
+        "gate": a.decision.message if a.decision else None,
+        "report": str(a.report["html"]),
+    }

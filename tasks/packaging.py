@@ -13,17 +13,25 @@ from prefect.cache_policies import NONE
 
 from defectflow.artifacts import ModelInfo
 from defectflow.config import REPO_ROOT, resolve_path, to_yaml
-from defectflow.evaluation import Evaluation
-from defectflow.gate import GateDecision
+from defectflow.evaluation.evaluate import Evaluation
+from defectflow.evaluation.gate import GateDecision
 from defectflow.registry import build_bento, code_revision, promote, save_model, sha256_file
 
 
 @task(name="register-model", cache_policy=NONE, retries=1, retry_delay_seconds=5)
-def register_model(cfg, model_dir: Path, evaluation: Evaluation, decision: GateDecision,
-                   data_fingerprint: str, run_dir: Path) -> str:
+def register_model(
+    cfg,
+    model_dir: Path,
+    evaluation: Evaluation,
+    decision: GateDecision,
+    data_fingerprint: str,
+    run_dir: Path,
+) -> str:
     """Save the model to the store as a candidate, with its metrics, config, data and gate decision."""
     training = json.loads((model_dir / "training.json").read_text())
-    manifest = sha256_file(run_dir / "manifest.csv") if (run_dir / "manifest.csv").exists() else None
+    manifest = (
+        sha256_file(run_dir / "manifest.csv") if (run_dir / "manifest.csv").exists() else None
+    )
     info = ModelInfo.load(model_dir)
     metadata = {
         "metrics": evaluation.headline(),
@@ -52,22 +60,33 @@ def register_model(cfg, model_dir: Path, evaluation: Evaluation, decision: GateD
     return tag
 
 
-@task(name="promote-model", cache_policy=NONE, retries=2, retry_delay_seconds=10)  # promotion is idempotent
+@task(
+    name="promote-model", cache_policy=NONE, retries=2, retry_delay_seconds=10
+)  # promotion is idempotent
 def promote_model(cfg, model_tag: str, decision: GateDecision, run_dir: Path) -> dict:
     """Promote a challenger the gate passed; build the Bento that serves it."""
     logger = get_run_logger()
-    summary = {"model_tag": model_tag, "promoted": False, "bento_tag": None, "decision": decision.message}
+    summary = {
+        "model_tag": model_tag,
+        "promoted": False,
+        "bento_tag": None,
+        "decision": decision.message,
+    }
     if decision.promoted:
         promote(model_tag, reason=decision.message)
         summary["promoted"] = True
         logger.info("%s is now the production model", model_tag)
         if cfg.package.build_bento:
-            summary["bento_tag"] = build_bento(model_tag, REPO_ROOT / cfg.package.bentofile, REPO_ROOT)
+            summary["bento_tag"] = build_bento(
+                model_tag, REPO_ROOT / cfg.package.bentofile, REPO_ROOT
+            )
             logger.info("built bento %s", summary["bento_tag"])
     (run_dir / "package.json").write_text(json.dumps(summary, indent=2))
     create_markdown_artifact(
-        markdown=f"**{decision.message}**\n\nmodel `{model_tag}`; bento `{summary['bento_tag']}`", key="promotion",
-        description="What the registry did with the new model")
+        markdown=f"**{decision.message}**\n\nmodel `{model_tag}`; bento `{summary['bento_tag']}`",
+        key="promotion",
+        description="What the registry did with the new model",
+    )
     return summary
 
 
@@ -89,10 +108,17 @@ def change_stage(action: str, tag: str | None, reason: str, name: str = "defectf
         raise ValueError(f"action must be promote, rollback or archive, got {action!r}")
     create_markdown_artifact(
         markdown=f"**{action}**: `{event['tag']}` (previous production: `{event['previous'] or 'none'}`)\n\n"
-                 f"reason: {event['reason']} — by {event['user']} at {event['time']}",
-        key="registry-change", description="What the registry did")
-    get_run_logger().info("%s %s (previous production %s): %s", action, event["tag"], event["previous"],
-                          event["reason"])
+        f"reason: {event['reason']} — by {event['user']} at {event['time']}",
+        key="registry-change",
+        description="What the registry did",
+    )
+    get_run_logger().info(
+        "%s %s (previous production %s): %s",
+        action,
+        event["tag"],
+        event["previous"],
+        event["reason"],
+    )
     return event
 
 
@@ -117,6 +143,9 @@ def production_data_version(cfg) -> dict:
 
     tag = production_tag(cfg.package.model_name)
     version = model_metadata(tag).get("data_fingerprint") if tag else None
-    get_run_logger().info("production model %s was trained on data version %s", tag or "none",
-                          version[:12] if version else "none")
+    get_run_logger().info(
+        "production model %s was trained on data version %s",
+        tag or "none",
+        version[:12] if version else "none",
+    )
     return {"tag": tag, "data_version": version}

@@ -16,18 +16,12 @@ from prefect.cache_policies import NONE
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from defectflow import tuning
-from defectflow.anomaly_fitting import fit_anomaly_head
 from defectflow.config import save_config
-from defectflow.plots import curves_image, save_rgb
-from defectflow.training import (
-    PreparedData,
-    apply_hyperparameters,
-    save_artifact,
-    search_space,
-    train,
-    tune,
-)
+from defectflow.evaluation.plots import curves_image, save_rgb
+from defectflow.training import distributed_tuning as tuning
+from defectflow.training.anomaly_fitting import fit_anomaly_head
+from defectflow.training.train import PreparedData, save_artifact, train
+from defectflow.training.tune import apply_hyperparameters, search_space, tune
 
 #: After the chief has finished, how long a worker may take to exit before it is stopped (a
 #: worker that reached the chief only after the search was over would wait an hour for it).
@@ -48,9 +42,12 @@ def tune_hyperparameters(cfg, data: PreparedData, run_dir: Path, resume: bool = 
     else:
         best, trials = tune(cfg, data, run_dir, resume=resume)
     if trials:
-        create_table_artifact(table=trials, key="tuner-trials",
-                              description=f"KerasTuner {cfg.tune.algorithm} search, best first "
-                                          f"(objective {cfg.tune.objective}); CSV: {run_dir / 'trials.csv'}")
+        create_table_artifact(
+            table=trials,
+            key="tuner-trials",
+            description=f"KerasTuner {cfg.tune.algorithm} search, best first "
+            f"(objective {cfg.tune.objective}); CSV: {run_dir / 'trials.csv'}",
+        )
         get_run_logger().info("best of %d trials: %s", len(trials), best)
     else:
         get_run_logger().info("tuning off: training with the configured values")
@@ -74,24 +71,37 @@ def _tune_distributed(cfg, data: PreparedData, run_dir: Path) -> tuple[dict, lis
     # A runner of its own, one thread per process: the flow's runner may have fewer threads
     # than this task (itself holding one) needs.
     with ThreadPoolTaskRunner(max_workers=len(roles)) as runner:
-        futures = {role: runner.submit(
-            run_tuner_process.with_options(task_run_name=f"tuner-{role}"),
-            parameters={"role": role, "command": tuning.command(run_dir), "env": tuning.tuner_env(role, host, port),
-                        "log_file": tuning_dir / f"{role}.log", "stop_file": stop_file},
-        ) for role in roles}
+        futures = {
+            role: runner.submit(
+                run_tuner_process.with_options(task_run_name=f"tuner-{role}"),
+                parameters={
+                    "role": role,
+                    "command": tuning.command(run_dir),
+                    "env": tuning.tuner_env(role, host, port),
+                    "log_file": tuning_dir / f"{role}.log",
+                    "stop_file": stop_file,
+                },
+            )
+            for role in roles
+        }
         try:
             pending = set(futures.values())
             chief_done_at = None
             while pending:
                 _, pending = wait(list(pending), timeout=2)
                 states = {role: f.state for role, f in futures.items()}
-                if not stop_file.exists() and any(s.is_failed() or s.is_crashed() or s.is_cancelled()
-                                                   for s in states.values()):
+                if not stop_file.exists() and any(
+                    s.is_failed() or s.is_crashed() or s.is_cancelled() for s in states.values()
+                ):
                     stop_file.write_text("failed")
                 if chief_done_at is None and states[tuning.CHIEF].is_completed():
                     chief_done_at = time.monotonic()
-                if chief_done_at and pending and not stop_file.exists() \
-                        and time.monotonic() - chief_done_at > WORKER_GRACE_SECONDS:
+                if (
+                    chief_done_at
+                    and pending
+                    and not stop_file.exists()
+                    and time.monotonic() - chief_done_at > WORKER_GRACE_SECONDS
+                ):
                     stop_file.write_text("finished")
         finally:
             if not stop_file.exists() and any(not f.state.is_final() for f in futures.values()):
@@ -104,7 +114,9 @@ def _tune_distributed(cfg, data: PreparedData, run_dir: Path) -> tuple[dict, lis
 
 
 @task(name="tuner-process", cache_policy=NONE)
-def run_tuner_process(role: str, command: list[str], env: dict[str, str], log_file: Path, stop_file: Path) -> int:
+def run_tuner_process(
+    role: str, command: list[str], env: dict[str, str], log_file: Path, stop_file: Path
+) -> int:
     """One KerasTuner process (chief or worker): its output lines go to this task's log (and
     `log_file`); a non-zero exit fails the task with the tail of that log. It is killed when
     `stop_file` appears (another process failed) and whenever this task ends early."""
@@ -112,8 +124,14 @@ def run_tuner_process(role: str, command: list[str], env: dict[str, str], log_fi
     tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "w") as out:
-        process = subprocess.Popen(command, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+        process = subprocess.Popen(
+            command,
+            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+        )
 
         def forward():
             for line in process.stdout:
@@ -132,18 +150,28 @@ def run_tuner_process(role: str, command: list[str], env: dict[str, str], log_fi
                     process.wait(timeout=1)
                 if process.poll() is None and stop_file.exists():
                     stopped = stop_file.read_text().strip() or "failed"
-                    logger.warning("stopping %s (pid %d): %s", role, process.pid,
-                                   "the search is over" if stopped == "finished" else "another tuner process failed")
+                    logger.warning(
+                        "stopping %s (pid %d): %s",
+                        role,
+                        process.pid,
+                        "the search is over"
+                        if stopped == "finished"
+                        else "another tuner process failed",
+                    )
                     _stop(process)
         finally:
-            _stop(process)  # this task ending early (an error, a timeout, a cancellation) ends its process
+            _stop(
+                process
+            )  # this task ending early (an error, a timeout, a cancellation) ends its process
             reader.join(timeout=10)
     code = process.returncode
     if stopped == "finished":
         return code
     if stopped or code != 0:
-        raise RuntimeError(f"tuner process {role} {'was stopped' if stopped else 'failed'} (exit code {code}); "
-                           f"last lines of {log_file}:\n" + "\n".join(tail))
+        raise RuntimeError(
+            f"tuner process {role} {'was stopped' if stopped else 'failed'} (exit code {code}); "
+            f"last lines of {log_file}:\n" + "\n".join(tail)
+        )
     return code
 
 
@@ -165,15 +193,24 @@ def train_model(cfg, data: PreparedData, hyperparameters: dict, run_dir: Path) -
     save_config(tuned, run_dir / "config.tuned.yaml")
     result = train(tuned, data, run_dir)
     model_dir = save_artifact(result, tuned, data.classes, run_dir / "model")
-    save_rgb(curves_image(result.history, ["loss", "val_loss", "class_loss", "val_class_loss"]),
-             run_dir / "training_curves.png")
+    save_rgb(
+        curves_image(result.history, ["loss", "val_loss", "class_loss", "val_class_loss"]),
+        run_dir / "training_curves.png",
+    )
     if "val_score" in result.history:
-        save_rgb(curves_image(result.history, ["val_score", "val_class_accuracy", "val_mask_dice"]),
-                 run_dir / "validation_curves.png")
+        save_rgb(
+            curves_image(result.history, ["val_score", "val_class_accuracy", "val_mask_dice"]),
+            run_dir / "validation_curves.png",
+        )
     get_run_logger().info(
-        "trained on %s in %.1f s (best epoch %s by %s = %s%s); model %s", result.device, result.seconds,
-        result.best_epoch, tuned.train.monitor, result.best_score,
-        f", resumed after epoch {result.resumed_from_epoch}" if result.resumed_from_epoch else "", model_dir,
+        "trained on %s in %.1f s (best epoch %s by %s = %s%s); model %s",
+        result.device,
+        result.seconds,
+        result.best_epoch,
+        tuned.train.monitor,
+        result.best_score,
+        f", resumed after epoch {result.resumed_from_epoch}" if result.resumed_from_epoch else "",
+        model_dir,
     )
     return model_dir
 
@@ -193,8 +230,20 @@ def fit_anomaly_model(cfg, model_dir: Path, data: PreparedData) -> dict | None:
         logger.info("anomaly score off (anomaly.enabled=false): the classifier alone decides")
         return None
     good = [s for s in data.train_samples if s.label == data.classes[0]]
-    record = fit_anomaly_head(model_dir, good, cfg.anomaly.bank_size, cfg.anomaly.projection_dims,
-                              cfg.anomaly.seed, cfg.train.batch_size)
-    logger.info("anomaly memory bank: %d of %d patches of %d good training images, %s, %.1f s",
-                record["bank_size"], record["patches"], record["train_images"], _dims(record), record["fit_seconds"])
+    record = fit_anomaly_head(
+        model_dir,
+        good,
+        cfg.anomaly.bank_size,
+        cfg.anomaly.projection_dims,
+        cfg.anomaly.seed,
+        cfg.train.batch_size,
+    )
+    logger.info(
+        "anomaly memory bank: %d of %d patches of %d good training images, %s, %.1f s",
+        record["bank_size"],
+        record["patches"],
+        record["train_images"],
+        _dims(record),
+        record["fit_seconds"],
+    )
     return record

@@ -37,7 +37,11 @@ def tiny_dataset(tmp_path_factory) -> Path:
 
     return generate_dataset(
         tmp_path_factory.mktemp("tiny") / "capsule",
-        image_size=64, n_train_good=8, n_test_good=4, n_per_defect=4, seed=0,
+        image_size=64,
+        n_train_good=8,
+        n_test_good=4,
+        n_per_defect=4,
+        seed=0,
     )
 
 
@@ -71,15 +75,23 @@ def pipeline_model(tmp_path_factory, tiny_dataset):
 
 
 def _kinds_of(item) -> set[str]:
-    return {kind for fixture, kind in RESOURCE_FIXTURES.items() if fixture in getattr(item, "fixturenames", ())}
+    return {
+        kind
+        for fixture, kind in RESOURCE_FIXTURES.items()
+        if fixture in getattr(item, "fixturenames", ())
+    }
 
 
 def pytest_collection_modifyitems(config, items):
-    config.stash[_RESOURCE_ITEMS] = {item.nodeid: _kinds_of(item) for item in items if _kinds_of(item)}
+    config.stash[_RESOURCE_ITEMS] = {
+        item.nodeid: _kinds_of(item) for item in items if _kinds_of(item)
+    }
 
 
 def pytest_runtest_logreport(report):
-    kinds = _SESSION_CONFIG[0].stash[_RESOURCE_ITEMS].get(report.nodeid) if _SESSION_CONFIG else None
+    kinds = (
+        _SESSION_CONFIG[0].stash[_RESOURCE_ITEMS].get(report.nodeid) if _SESSION_CONFIG else None
+    )
     if not kinds:
         return
     outcome = None
@@ -92,7 +104,9 @@ def pytest_runtest_logreport(report):
     if outcome:
         reason = report.longrepr[2] if report.skipped and isinstance(report.longrepr, tuple) else ""
         for kind in kinds:
-            _SESSION_CONFIG[0].stash[_RESOURCE_OUTCOMES].setdefault(kind, []).append((report.nodeid, outcome, reason))
+            _SESSION_CONFIG[0].stash[_RESOURCE_OUTCOMES].setdefault(kind, []).append(
+                (report.nodeid, outcome, reason)
+            )
 
 
 def pytest_configure(config):
@@ -106,12 +120,21 @@ def pytest_terminal_summary(terminalreporter, config):
     if not config.stash.get(_RESOURCE_ITEMS, {}):
         return
     terminalreporter.section("tests that need Docker, Chromium or the real data")
-    terminalreporter.write_line(f"allowed to skip ({ALLOW_MISSING_ENV}): {', '.join(sorted(allowed_missing())) or 'nothing'}")
+    terminalreporter.write_line(
+        f"allowed to skip ({ALLOW_MISSING_ENV}): {', '.join(sorted(allowed_missing())) or 'nothing'}"
+    )
     for kind in sorted(set(RESOURCE_FIXTURES.values())):
         rows = outcomes.get(kind, [])
-        counts = {o: sum(1 for _, got, _ in rows if got == o) for o in ("passed", "failed", "error", "skipped")}
-        terminalreporter.write_line(f"{kind}: ran {counts['passed'] + counts['failed'] + counts['error']} "
-                                    f"({counts['passed']} passed, {counts['failed'] + counts['error']} failed), "
-                                    f"skipped {counts['skipped']}")
+        counts = {
+            o: sum(1 for _, got, _ in rows if got == o)
+            for o in ("passed", "failed", "error", "skipped")
+        }
+        terminalreporter.write_line(
+            f"{kind}: ran {counts['passed'] + counts['failed'] + counts['error']} "
+            f"({counts['passed']} passed, {counts['failed'] + counts['error']} failed), "
+            f"skipped {counts['skipped']}"
+        )
         for nodeid, outcome, reason in rows:
-            terminalreporter.write_line(f"  {outcome:8} {nodeid}" + (f"  ({reason})" if reason else ""))
+            terminalreporter.write_line(
+                f"  {outcome:8} {nodeid}" + (f"  ({reason})" if reason else "")
+            )

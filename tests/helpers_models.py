@@ -63,26 +63,37 @@ def make_anomaly_model_dir(path: Path, good_images, seed: int = 0) -> Path:
     import keras
     import numpy as np
 
-    from defectflow.anomaly import image_scores
-    from defectflow.anomaly_fitting import fit_memory_bank
-    from defectflow.models.anomaly import feature_extractor, with_anomaly_head
+    from defectflow.inference.anomaly_score import image_scores
+    from defectflow.inference.preprocessing import prepare_image
+    from defectflow.models.anomaly_head import feature_extractor, with_anomaly_head
     from defectflow.models.unet import build_model
-    from defectflow.preprocessing import prepare_image
+    from defectflow.training.anomaly_fitting import fit_memory_bank
 
     keras.utils.set_random_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "random weights": on purpose here
-        model = build_model("plain", INPUT_SIZE, len(CLASSES), base_filters=4, depth=2, weights="none")
+        model = build_model(
+            "plain", INPUT_SIZE, len(CLASSES), base_filters=4, depth=2, weights="none"
+        )
     batch = np.stack([prepare_image(img, INPUT_SIZE) for img in good_images])
     features = feature_extractor(model).predict(batch, verbose=0)
-    projection, bank = fit_memory_bank(features, bank_size=len(batch) * 1024, projection_dims=0)  # every patch
+    projection, bank = fit_memory_bank(
+        features, bank_size=len(batch) * 1024, projection_dims=0
+    )  # every patch
     model = with_anomaly_head(model, projection, bank)
     scores = image_scores(model.predict(batch, verbose=0)["anomaly"])
     path.mkdir(parents=True, exist_ok=True)
     model.save(path / MODEL_FILE)
-    ModelInfo(classes=list(CLASSES), input_size=INPUT_SIZE, mask_threshold=0.5, defect_threshold=0.999,
-              anomaly_threshold=float(scores.max()) + 1e-3,  # margin for TFLite arithmetic
-              anomaly={"grid": list(features.shape[1:3]), "bank_size": int(len(bank))}).save(path)
+    ModelInfo(
+        classes=list(CLASSES),
+        input_size=INPUT_SIZE,
+        mask_threshold=0.5,
+        defect_threshold=0.999,
+        anomaly_threshold=float(scores.max()) + 1e-3,  # margin for TFLite arithmetic
+        anomaly={"grid": list(features.shape[1:3]), "bank_size": int(len(bank))},
+    ).save(path)
     (path / CONFIG_FILE).write_text(f"model:\n  input_size: {INPUT_SIZE}\n")
-    (path / METRICS_FILE).write_text(json.dumps({"accuracy": 0.5, "presence_accuracy": 0.5, "defect_dice": 0.2}))
+    (path / METRICS_FILE).write_text(
+        json.dumps({"accuracy": 0.5, "presence_accuracy": 0.5, "defect_dice": 0.2})
+    )
     return path

@@ -66,29 +66,69 @@ def train_pipeline_model(root: Path, dataset: Path, repo: Path) -> PipelineModel
     makes the TFLite choice explicit (auto picks it only when it measured it faster)."""
     home = root / "home"
     env = isolated_env(home)
-    command = [str(BIN / "defectflow"), "train", "--config", "tiny", "--run-id", "pipeline",
-               f"data.root={dataset}", "tune.max_trials=1", "tune.epochs=1", "export.serve=tflite"]
+    command = [
+        str(BIN / "defectflow"),
+        "train",
+        "--config",
+        "tiny",
+        "--run-id",
+        "pipeline",
+        f"data.root={dataset}",
+        "tune.max_trials=1",
+        "tune.epochs=1",
+        "export.serve=tflite",
+    ]
     start = time.monotonic()
     log = root / "pipeline-train.log"
     with log.open("wb") as out:
-        done = subprocess.run(command, env=env, cwd=root, stdout=out, stderr=subprocess.STDOUT, timeout=900)
+        done = subprocess.run(
+            command, env=env, cwd=root, stdout=out, stderr=subprocess.STDOUT, timeout=900
+        )
     if done.returncode != 0:
-        raise RuntimeError(f"the pipeline failed (exit {done.returncode}):\n{log.read_text()[-4000:]}")
+        raise RuntimeError(
+            f"the pipeline failed (exit {done.returncode}):\n{log.read_text()[-4000:]}"
+        )
     run_dir = home / "runs" / "pipeline"
     package = json.loads((run_dir / "package.json").read_text())
-    model = PipelineModel(home=home, env=env, run_dir=run_dir, model_dir=run_dir / "model",
-                          model_tag=package["model_tag"], bento_tag=package["bento_tag"], anomaly_only_bento_tag="")
+    model = PipelineModel(
+        home=home,
+        env=env,
+        run_dir=run_dir,
+        model_dir=run_dir / "model",
+        model_tag=package["model_tag"],
+        bento_tag=package["bento_tag"],
+        anomaly_only_bento_tag="",
+    )
     _, anomaly_only = derive_bento(model, root / "anomaly-only", "anomalyonly", ANOMALY_ONLY, repo)
-    print(f"\npipeline model {package['model_tag']} and its Bentos in {time.monotonic() - start:.0f} s")
+    print(
+        f"\npipeline model {package['model_tag']} and its Bentos in {time.monotonic() - start:.0f} s"
+    )
     return replace(model, anomaly_only_bento_tag=anomaly_only)
 
 
-def derive_bento(model: PipelineModel, target: Path, name: str, changes: dict, repo: Path) -> tuple[str, str]:
+def derive_bento(
+    model: PipelineModel, target: Path, name: str, changes: dict, repo: Path
+) -> tuple[str, str]:
     """Save a copy of the pipeline's model with `changes` to its model.json under `name`, build
     its Bento in the same store; returns (model tag, Bento tag)."""
-    done = subprocess.run([sys.executable, "-c", _DERIVE, str(model.model_dir), str(target), str(repo), name,
-                           json.dumps(changes)],
-                          env=model.env, cwd=target.parent, check=True, timeout=300, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _DERIVE,
+            str(model.model_dir),
+            str(target),
+            str(repo),
+            name,
+            json.dumps(changes),
+        ],
+        env=model.env,
+        cwd=target.parent,
+        check=True,
+        timeout=300,
+        capture_output=True,
+        text=True,
+    )
     model_tag, bento_tag = done.stdout.split()[-2:]
     return model_tag, bento_tag
 
@@ -98,9 +138,22 @@ def clean_interpreter(path: Path) -> Path:
     site-packages as a plain path: the third-party packages, but not the `.pth` hooks in it
     (the editable install's finder, which would find the whole checkout). Returns its python."""
     if not (path / "bin" / "python").exists():
-        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True, timeout=120)
+        subprocess.run(
+            [sys.executable, "-m", "venv", "--without-pip", str(path)], check=True, timeout=120
+        )
     purelib = Path(sysconfig.get_paths()["purelib"])
-    own = Path(subprocess.run([str(path / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                              check=True, capture_output=True, text=True, timeout=60).stdout.strip())
+    own = Path(
+        subprocess.run(
+            [
+                str(path / "bin" / "python"),
+                "-c",
+                "import sysconfig; print(sysconfig.get_paths()['purelib'])",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout.strip()
+    )
     (own / "third_party.pth").write_text(f"{purelib}\n")
     return path / "bin" / "python"

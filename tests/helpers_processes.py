@@ -22,11 +22,20 @@ BIN = Path(sys.executable).parent
 def isolated_env(home: Path) -> dict[str, str]:
     """This process's environment with every state folder under `home` (a fresh store, no
     Prefect server) and telemetry off: for a subprocess that must not see the test session's."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("DEFECTFLOW_", "BENTOML_", "PREFECT_", "KERAS_"))}
-    env.update(DEFECTFLOW_HOME=str(home), BENTOML_HOME=str(home / "bentoml"),
-               KERAS_HOME=str(home / "keras"), BENTOML_DO_NOT_TRACK="true", DO_NOT_TRACK="1",
-               TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("DEFECTFLOW_", "BENTOML_", "PREFECT_", "KERAS_"))
+    }
+    env.update(
+        DEFECTFLOW_HOME=str(home),
+        BENTOML_HOME=str(home / "bentoml"),
+        KERAS_HOME=str(home / "keras"),
+        BENTOML_DO_NOT_TRACK="true",
+        DO_NOT_TRACK="1",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        KERAS_BACKEND="tensorflow",
+    )
     return env
 
 
@@ -65,10 +74,13 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 @contextmanager
-def running(command: list[str], env: dict[str, str], log: Path, cwd: Path = REPO_ROOT) -> Iterator[subprocess.Popen]:
+def running(
+    command: list[str], env: dict[str, str], log: Path, cwd: Path = REPO_ROOT
+) -> Iterator[subprocess.Popen]:
     with log.open("wb") as out:
-        proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # own process group: stop() reaches workers
+        proc = subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )  # own process group: stop() reaches workers
     try:
         yield proc
     finally:
@@ -76,8 +88,14 @@ def running(command: list[str], env: dict[str, str], log: Path, cwd: Path = REPO
 
 
 @contextmanager
-def serve_bento(target: str, env: dict[str, str], log: Path, timeout: float = 120, python: Path | None = None,
-                cwd: Path = REPO_ROOT) -> Iterator[str]:
+def serve_bento(
+    target: str,
+    env: dict[str, str],
+    log: Path,
+    timeout: float = 120,
+    python: Path | None = None,
+    cwd: Path = REPO_ROOT,
+) -> Iterator[str]:
     """`bentoml serve target` on a free port until /readyz answers; yields its URL. With
     `python`, BentoML runs in that interpreter (`python -m bentoml`)."""
     port = free_port()

@@ -38,9 +38,14 @@ def included_modules() -> set[str]:
     """The defectflow modules the bentofile's include list puts in the Bento."""
     files = set()
     for pattern in BENTOFILE["include"]:
-        files.update(p for p in map(REPO_ROOT.joinpath, glob.glob(pattern.lstrip("/"), root_dir=REPO_ROOT,
-                                                                   recursive=True))
-                     if p.suffix == ".py" and SRC in p.parents)
+        files.update(
+            p
+            for p in map(
+                REPO_ROOT.joinpath,
+                glob.glob(pattern.lstrip("/"), root_dir=REPO_ROOT, recursive=True),
+            )
+            if p.suffix == ".py" and SRC in p.parents
+        )
     return {_module_name(p) for p in files}
 
 
@@ -52,11 +57,20 @@ def test_the_include_list_takes_only_the_checkouts_own_files(tmp_path):
     from bentoml._internal.bento.build_config import BentoPathSpec
 
     spec = BentoPathSpec(BENTOFILE["include"], BENTOFILE.get("exclude", []), str(tmp_path))
-    own = ["./service.py", "src/defectflow/anomaly.py", "src/defectflow/models/layers.py", "src/defectflow/web/ui.html"]
-    elsewhere = [".defectflow/bentoml/bentos/defectflow/v1/src/service.py",
-                 ".defectflow/bentoml/tmp/bentoml_bento_x/src/service.py",
-                 ".defectflow/bentoml/tmp/bentoml_bento_x/src/src/defectflow/anomaly.py",
-                 "tests/service.py", "benchmarks/src/defectflow/anomaly.py", "src/defectflow/training.py"]
+    own = [
+        "./service.py",
+        "src/defectflow/inference/anomaly_score.py",
+        "src/defectflow/models/layers.py",
+        "src/defectflow/serving/web/ui.html",
+    ]
+    elsewhere = [
+        ".defectflow/bentoml/bentos/defectflow/v1/src/service.py",
+        ".defectflow/bentoml/tmp/bentoml_bento_x/src/service.py",
+        ".defectflow/bentoml/tmp/bentoml_bento_x/src/src/defectflow/inference/anomaly_score.py",
+        "tests/service.py",
+        "benchmarks/src/defectflow/inference/anomaly_score.py",
+        "src/defectflow/training/train.py",
+    ]
     assert [path for path in own if not spec.includes(path)] == []
     assert [path for path in elsewhere if spec.includes(path)] == []
 
@@ -79,7 +93,9 @@ def serving_closure(graph) -> set[str]:
         modules |= {name, *graph.find_upstream_modules(name)}
     internal = {m for m in modules if m.split(".")[0] == "defectflow"}
     # Importing a module imports its parent packages (their __init__) first.
-    return internal | {".".join(m.split(".")[:i]) for m in internal for i in range(1, m.count(".") + 1)}
+    return internal | {
+        ".".join(m.split(".")[:i]) for m in internal for i in range(1, m.count(".") + 1)
+    }
 
 
 def _requirement_name(requirement: str) -> str | None:
@@ -94,7 +110,9 @@ def installed_import_names() -> set[str]:
     for module, dists in metadata.packages_distributions().items():
         for dist in dists:
             by_dist.setdefault(dist.lower().replace("_", "-"), set()).add(module)
-    todo = [_requirement_name(p.split("#")[0]) for p in BENTOFILE["python"]["packages"]] + ["bentoml"]
+    todo = [_requirement_name(p.split("#")[0]) for p in BENTOFILE["python"]["packages"]] + [
+        "bentoml"
+    ]
     seen: set[str] = set()
     while todo:
         name = todo.pop()
@@ -114,18 +132,34 @@ def installed_import_names() -> set[str]:
 def test_the_bento_includes_exactly_the_modules_serving_imports(graph):
     closure = serving_closure(graph)
     included = included_modules()
-    assert closure - included == set(), f"serving imports modules the Bento leaves out: {sorted(closure - included)}"
-    assert included - closure == set(), f"the Bento carries modules serving never imports: {sorted(included - closure)}"
+    assert closure - included == set(), (
+        f"serving imports modules the Bento leaves out: {sorted(closure - included)}"
+    )
+    assert included - closure == set(), (
+        f"the Bento carries modules serving never imports: {sorted(included - closure)}"
+    )
     # The training side really is outside.
-    assert not {"defectflow.data", "defectflow.training", "defectflow.anomaly_fitting",
-                "defectflow.models.unet"} & closure
+    assert (
+        not {
+            "defectflow.data",
+            "defectflow.training.train",
+            "defectflow.training.anomaly_fitting",
+            "defectflow.models.unet",
+        }
+        & closure
+    )
 
 
 def test_serving_imports_only_packages_the_bento_installs(graph):
     closure = serving_closure(graph)
-    external = {m for m in closure | {e for c in closure for e in graph.find_modules_directly_imported_by(c)}
-                if m.split(".")[0] != "defectflow"}
-    external = {m.split(".")[0] for m in external | service_imports(internal=False)} - set(sys.stdlib_module_names)
+    external = {
+        m
+        for m in closure | {e for c in closure for e in graph.find_modules_directly_imported_by(c)}
+        if m.split(".")[0] != "defectflow"
+    }
+    external = {m.split(".")[0] for m in external | service_imports(internal=False)} - set(
+        sys.stdlib_module_names
+    )
     missing = external - installed_import_names()
     assert not missing, f"serving imports packages the Bento does not install: {sorted(missing)}"
 
@@ -175,7 +209,11 @@ def test_no_module_of_defectflow_imports_itself_in_a_circle(graph):
 def test_the_cycle_finder_sees_a_cycle():
     class Graph:
         modules = {"defectflow.a", "defectflow.b", "defectflow.c"}
-        edges = {"defectflow.a": {"defectflow.b"}, "defectflow.b": {"defectflow.a"}, "defectflow.c": {"numpy"}}
+        edges = {
+            "defectflow.a": {"defectflow.b"},
+            "defectflow.b": {"defectflow.a"},
+            "defectflow.c": {"numpy"},
+        }
 
         def find_modules_directly_imported_by(self, module):
             return self.edges.get(module, set())

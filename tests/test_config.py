@@ -58,7 +58,11 @@ def test_config_file_path_is_accepted(tmp_path):
 
 def test_tuner_file_sits_between_named_config_and_command_line():
     cfg = load_config("capsule")
-    assert cfg.tune.algorithm == "bayesian" and list(cfg.tune.space.augment_strength) == [0.5, 1.0, 1.5]
+    assert cfg.tune.algorithm == "bayesian" and list(cfg.tune.space.augment_strength) == [
+        0.5,
+        1.0,
+        1.5,
+    ]
     assert list(cfg.tune.space.backbone) == []  # not searched: model.backbone stays
     cfg = load_config("capsule", ["tune.max_trials=9", "tune.space.base_filters=[8]"])
     assert cfg.tune.max_trials == 9 and list(cfg.tune.space.base_filters) == [8]

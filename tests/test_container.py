@@ -27,12 +27,14 @@ from helpers_pipeline import derive_bento
 from helpers_processes import REPO_ROOT
 from helpers_resources import skip_missing
 
-from defectflow.inference import Predictor
-from defectflow.preprocessing import read_image
+from defectflow.inference.predictor import Predictor
+from defectflow.inference.preprocessing import read_image
 
 pytestmark = pytest.mark.integration
 
-_spec = importlib.util.spec_from_file_location("defectflow_container", REPO_ROOT / "scripts" / "container.py")
+_spec = importlib.util.spec_from_file_location(
+    "defectflow_container", REPO_ROOT / "scripts" / "container.py"
+)
 container = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = container  # dataclasses look their module up there
 _spec.loader.exec_module(container)
@@ -54,23 +56,32 @@ def container_engine(tmp_path_factory):
     with contextlib.ExitStack() as stack:
         try:
             engine = stack.enter_context(
-                container.engine(tmp_path_factory.mktemp("engine"), lock_timeout=600))
+                container.engine(tmp_path_factory.mktemp("engine"), lock_timeout=600)
+            )
             base = container.ensure_base_image(engine, container.bentofile_base_image())
         except container.EngineUnavailable as exc:
             skip_missing("container", str(exc))
-        print(f"\nbase image {base['size'] / 1e6:.0f} MB ({'built' if base['built'] else 'reused'})")
+        print(
+            f"\nbase image {base['size'] / 1e6:.0f} MB ({'built' if base['built'] else 'reused'})"
+        )
         yield engine
 
 
 @pytest.mark.parametrize("serving_format", ["tflite", "keras"])
-def test_the_container_answers_like_the_model_as_non_root(container_engine, pipeline_model, tiny_dataset, tmp_path,
-                                                          serving_format):
+def test_the_container_answers_like_the_model_as_non_root(
+    container_engine, pipeline_model, tiny_dataset, tmp_path, serving_format
+):
     docker = container_engine
     if serving_format == "tflite":
-        model, bento, model_dir = pipeline_model.model_tag, pipeline_model.bento_tag, pipeline_model.model_dir
+        model, bento, model_dir = (
+            pipeline_model.model_tag,
+            pipeline_model.bento_tag,
+            pipeline_model.model_dir,
+        )
     else:
-        model, bento = derive_bento(pipeline_model, tmp_path / "keras", "kerasmodel", {"serving_format": "keras"},
-                                    REPO_ROOT)
+        model, bento = derive_bento(
+            pipeline_model, tmp_path / "keras", "kerasmodel", {"serving_format": "keras"}, REPO_ROOT
+        )
         model_dir = tmp_path / "keras"
     reference = Predictor.load(model_dir)
     assert reference.format == serving_format and reference.has_anomaly_head
@@ -80,13 +91,18 @@ def test_the_container_answers_like_the_model_as_non_root(container_engine, pipe
 
     image = f"defectflow-test:{bento.split(':', 1)[1]}"
     try:
-        built = container.build_image(docker, bento, image, env=pipeline_model.env,
-                                      log_file=tmp_path / "containerize.log")
+        built = container.build_image(
+            docker, bento, image, env=pipeline_model.env, log_file=tmp_path / "containerize.log"
+        )
         size_mb = built["size"] / 1e6
-        print(f"\n{serving_format} image {size_mb:.0f} MB in {built['seconds']:.0f} s "
-              f"(containerize {built['containerize_seconds']:.0f} s)")
+        print(
+            f"\n{serving_format} image {size_mb:.0f} MB in {built['seconds']:.0f} s "
+            f"(containerize {built['containerize_seconds']:.0f} s)"
+        )
         assert size_mb <= MAX_IMAGE_MB[serving_format]
-        labels = json.loads(docker.out("image", "inspect", "--format", "{{json .Config.Labels}}", image))
+        labels = json.loads(
+            docker.out("image", "inspect", "--format", "{{json .Config.Labels}}", image)
+        )
         assert labels["org.defectflow.model"] == model and labels["org.defectflow.bento"] == bento
 
         with container.run_container(docker, image, ready_timeout=240) as running:
@@ -102,7 +118,9 @@ def test_the_container_answers_like_the_model_as_non_root(container_engine, pipe
             assert answer["class"] == expected["class"] and answer["status"] == expected["status"]
             for name, probability in expected["probabilities"].items():
                 assert answer["probabilities"][name] == pytest.approx(probability, abs=1e-4)
-            assert answer["anomaly_score"] == pytest.approx(expected["anomaly_score"], rel=1e-3, abs=1e-5)
+            assert answer["anomaly_score"] == pytest.approx(
+                expected["anomaly_score"], rel=1e-3, abs=1e-5
+            )
             assert answer["mask_png_base64"] == expected["mask_png_base64"]
 
             status, body = container.post_image(running.url, b"this is not an image\n", "notes.txt")
@@ -114,10 +132,19 @@ def test_the_container_answers_like_the_model_as_non_root(container_engine, pipe
             assert users["user"] == "bentoml"
             # The compilers BentoML's Dockerfile installs are not in the served image, nor
             # TensorFlow in the image of a TFLite model.
-            assert docker("exec", running.name, "sh", "-c", "command -v gcc || command -v cc",
-                          check=False).returncode != 0
-            has_tf = docker.out("exec", running.name, "python", "-c",
-                                "import importlib.util; print(importlib.util.find_spec('tensorflow') is not None)")
+            assert (
+                docker(
+                    "exec", running.name, "sh", "-c", "command -v gcc || command -v cc", check=False
+                ).returncode
+                != 0
+            )
+            has_tf = docker.out(
+                "exec",
+                running.name,
+                "python",
+                "-c",
+                "import importlib.util; print(importlib.util.find_spec('tensorflow') is not None)",
+            )
             assert has_tf == str(serving_format == "keras")
     finally:
         docker("rmi", "--force", image, check=False)

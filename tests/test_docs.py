@@ -51,13 +51,21 @@ def links(path: Path) -> list[str]:
     return [t for t in LINK.findall(text) if not re.match(r"[a-z][a-z+.-]*:", t)]
 
 
-@pytest.mark.parametrize(("heading", "anchor"), [
-    ("Review loop: uncertain answers become tomorrow's training data",
-     "review-loop-uncertain-answers-become-tomorrows-training-data"),
-    ("Inspecting files offline: `defectflow predict`", "inspecting-files-offline-defectflow-predict"),
-    ("Prefect UI, nightly retrain and scale-out", "prefect-ui-nightly-retrain-and-scale-out"),
-    ("The container as shipped, measured", "the-container-as-shipped-measured"),
-])
+@pytest.mark.parametrize(
+    ("heading", "anchor"),
+    [
+        (
+            "Review loop: uncertain answers become tomorrow's training data",
+            "review-loop-uncertain-answers-become-tomorrows-training-data",
+        ),
+        (
+            "Inspecting files offline: `defectflow predict`",
+            "inspecting-files-offline-defectflow-predict",
+        ),
+        ("Prefect UI, nightly retrain and scale-out", "prefect-ui-nightly-retrain-and-scale-out"),
+        ("The container as shipped, measured", "the-container-as-shipped-measured"),
+    ],
+)
 def test_anchor_rules(heading, anchor):
     assert slug(heading) == anchor
 
@@ -69,7 +77,9 @@ def test_every_relative_link_and_anchor_resolves(page):
         name, _, anchor = target.partition("#")
         dest = (page.parent / name).resolve() if name else page
         if not dest.exists():
-            broken.append(f"{target}: no file {dest.relative_to(REPO_ROOT) if dest.is_relative_to(REPO_ROOT) else dest}")
+            broken.append(
+                f"{target}: no file {dest.relative_to(REPO_ROOT) if dest.is_relative_to(REPO_ROOT) else dest}"
+            )
         elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
             broken.append(f"{target}: no heading with anchor #{anchor} in {dest.name}")
     assert not broken, f"{page.name}: " + "; ".join(broken)
@@ -79,33 +89,63 @@ def test_every_relative_link_and_anchor_resolves(page):
 def test_a_docs_page_has_a_title_links_back_and_is_linked_from_the_readme(page):
     lines = page.read_text().splitlines()
     assert lines[0].startswith("# "), f"{page.name} starts without a '# Title'"
-    assert any("](../README.md" in line for line in lines[1:4]), f"{page.name}: no link back to the README near the top"
-    assert f"docs/{page.name}" in links(REPO_ROOT / "README.md"), f"the README does not link {page.name}"
+    assert any("](../README.md" in line for line in lines[1:4]), (
+        f"{page.name}: no link back to the README near the top"
+    )
+    assert f"docs/{page.name}" in links(REPO_ROOT / "README.md"), (
+        f"the README does not link {page.name}"
+    )
 
 
 def test_the_checks_catch_a_broken_link(tmp_path):
-    (tmp_path / "a.md").write_text("# A title\n\n```sh\n# not a heading [x](nowhere.md)\n```\n"
-                                   "[b](b.md#missing) [a](#a-title) `[c](c.md)` [web](https://example.org)\n")
+    (tmp_path / "a.md").write_text(
+        "# A title\n\n```sh\n# not a heading [x](nowhere.md)\n```\n"
+        "[b](b.md#missing) [a](#a-title) `[c](c.md)` [web](https://example.org)\n"
+    )
     (tmp_path / "b.md").write_text("# B\n")
     assert links(tmp_path / "a.md") == ["b.md#missing", "#a-title"]
     assert anchors(tmp_path / "a.md") == {"a-title"} and "missing" not in anchors(tmp_path / "b.md")
 
 
 def test_doc_tables_rewrites_every_page_and_finds_the_container_table():
-    spec = importlib.util.spec_from_file_location("doc_tables", REPO_ROOT / "benchmarks" / "doc_tables.py")
+    spec = importlib.util.spec_from_file_location(
+        "doc_tables", REPO_ROOT / "benchmarks" / "doc_tables.py"
+    )
     doc_tables = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(doc_tables)
     assert doc_tables.default_docs() == PAGES
-    blocks = [m.group("name") for page in PAGES for m in doc_tables.BLOCK.finditer(page.read_text())]
+    blocks = [
+        m.group("name") for page in PAGES for m in doc_tables.BLOCK.finditer(page.read_text())
+    ]
     assert blocks.count("container_bench") == 1
 
 
 def test_the_docs_pages_other_files_name_exist():
     """Comments and docstrings that send a reader to docs/<page>.md name a page that exists."""
-    files = [REPO_ROOT / name for name in ("Makefile", "prefect.yaml", "bentofile.yaml", "pyproject.toml", "service.py")]
-    for folder in ("src", "tasks", "flows", "scripts", "benchmarks", "tests", "examples", "configs"):
-        files += [p for p in (REPO_ROOT / folder).rglob("*") if p.suffix in (".py", ".yaml", ".md", ".html")]
-    missing = {f"{path.relative_to(REPO_ROOT)}: {name}" for path in files if path.is_file()
-               for name in re.findall(r"\bdocs/([\w-]+\.md)\b", path.read_text(errors="replace"))
-               if not (REPO_ROOT / "docs" / name).is_file()}
+    files = [
+        REPO_ROOT / name
+        for name in ("Makefile", "prefect.yaml", "bentofile.yaml", "pyproject.toml", "service.py")
+    ]
+    for folder in (
+        "src",
+        "tasks",
+        "flows",
+        "scripts",
+        "benchmarks",
+        "tests",
+        "examples",
+        "configs",
+    ):
+        files += [
+            p
+            for p in (REPO_ROOT / folder).rglob("*")
+            if p.suffix in (".py", ".yaml", ".md", ".html")
+        ]
+    missing = {
+        f"{path.relative_to(REPO_ROOT)}: {name}"
+        for path in files
+        if path.is_file()
+        for name in re.findall(r"\bdocs/([\w-]+\.md)\b", path.read_text(errors="replace"))
+        if not (REPO_ROOT / "docs" / name).is_file()
+    }
     assert not missing, sorted(missing)

@@ -11,8 +11,14 @@ pytestmark = pytest.mark.integration
 
 
 def test_train_minimal_trains_saves_predicts_and_evaluates(tmp_path):
-    done = subprocess.run([sys.executable, str(REPO_ROOT / "examples" / "train_minimal.py")], cwd=tmp_path,
-                          env=isolated_env(tmp_path / "home"), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "examples" / "train_minimal.py")],
+        cwd=tmp_path,
+        env=isolated_env(tmp_path / "home"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
     assert "| accuracy |" in out and "| class | precision | recall | F1 | support |" in out

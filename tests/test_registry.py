@@ -30,8 +30,12 @@ def _scenario(home: Path, first: Path, second: Path) -> dict:
     import bentoml
 
     report: dict = {"bentoml_home": os.environ["BENTOML_HOME"]}
-    metadata = {"metrics": {"accuracy": 0.75, "defect_dice": 0.5, "loss": 1.0},
-                "classes": CLASSES, "config_sha256": "0" * 64, "data_root": "/data/capsule"}
+    metadata = {
+        "metrics": {"accuracy": 0.75, "defect_dice": 0.5, "loss": 1.0},
+        "classes": CLASSES,
+        "config_sha256": "0" * 64,
+        "data_root": "/data/capsule",
+    }
     older = registry.save_model(first, "defectflow", metadata, labels={"line": "3"})
     newer = registry.save_model(second, "defectflow", {"metrics": {"accuracy": 0.5}})
     report["tags"] = [older, newer]
@@ -56,13 +60,14 @@ def _scenario(home: Path, first: Path, second: Path) -> dict:
         "models": [str(m.tag) for m in bento.info.all_models],
         "args": dict(bento.info.args),
         "labels": dict(bento.info.labels),
-        "files": sorted(str(p.relative_to(bento_root)) for p in bento_root.rglob("*")
-                        if p.is_file()),
+        "files": sorted(
+            str(p.relative_to(bento_root)) for p in bento_root.rglob("*") if p.is_file()
+        ),
         "requirements": (bento_root / "env/python/requirements.txt").read_text().split(),
     }
     # A model that serves from TFLite gets a Bento without TensorFlow and Keras.
     from defectflow.artifacts import ModelInfo
-    from defectflow.export import export_tflite
+    from defectflow.training.export import export_tflite
 
     lean_dir = first.parent / "lean"
     shutil.copytree(first, lean_dir)
@@ -78,7 +83,8 @@ def _scenario(home: Path, first: Path, second: Path) -> dict:
     }
     # A Bento built from "name:latest" pins the version that was latest at build time.
     report["latest_bento_models"] = [
-        str(m.tag) for m in bentoml.get(
+        str(m.tag)
+        for m in bentoml.get(
             registry.build_bento("defectflow:latest", REPO_ROOT / "bentofile.yaml", REPO_ROOT)
         ).info.all_models
     ]
@@ -91,12 +97,18 @@ def report(tmp_path_factory) -> dict:
     first = make_tiny_model_dir(root / "first", accuracy=0.75)
     second = make_tiny_model_dir(root / "second", seed=1)
     out = root / "report.json"
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("DEFECTFLOW_", "BENTOML_", "PREFECT_", "KERAS_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("DEFECTFLOW_", "BENTOML_", "PREFECT_", "KERAS_"))
+    }
     env["DEFECTFLOW_HOME"] = str(root / "home")
     subprocess.run(
         [sys.executable, __file__, str(root / "home"), str(first), str(second), str(out)],
-        env=env, cwd=root, check=True, timeout=300,
+        env=env,
+        cwd=root,
+        check=True,
+        timeout=300,
     )
     return json.loads(out.read_text())
 
@@ -147,8 +159,12 @@ def test_build_bento_pins_the_model_and_packs_the_package(report):
     assert bento["args"] == {"model_tag": older}
     assert bento["labels"]["project"] == "defectflow"
     files = set(bento["files"])
-    assert {"src/service.py", "src/defectflow/__init__.py", "src/defectflow/inference.py",
-            "src/defectflow/preprocessing.py"} <= files
+    assert {
+        "src/service.py",
+        "src/defectflow/__init__.py",
+        "src/defectflow/inference/predictor.py",
+        "src/defectflow/inference/preprocessing.py",
+    } <= files
     assert not any(f.startswith(("src/tests/", "src/.venv/", "src/.defectflow/")) for f in files)
     assert "tensorflow-cpu==2.21.0" in bento["requirements"]
     assert "keras==3.15.1" in bento["requirements"]
@@ -181,8 +197,12 @@ def test_save_model_rejects_metadata_that_is_not_json(tmp_path):
 def three_models(tmp_path) -> list[str]:
     """Three saved models under a model name of their own (the session store is shared)."""
     name = f"stages{uuid.uuid4().hex[:8]}"
-    return [registry.save_model(make_tiny_model_dir(tmp_path / str(i), seed=i), name, {"metrics": {"accuracy": i}})
-            for i in range(3)]
+    return [
+        registry.save_model(
+            make_tiny_model_dir(tmp_path / str(i), seed=i), name, {"metrics": {"accuracy": i}}
+        )
+        for i in range(3)
+    ]
 
 
 def test_promote_keeps_exactly_one_production_and_archives_the_previous(three_models):
@@ -266,12 +286,24 @@ def test_concurrent_promotions_keep_one_production_and_a_consistent_history(tmp_
     order, and the stage book equal to replaying that history."""
     rounds = 6
     name = f"race{uuid.uuid4().hex[:8]}"
-    tags = [registry.save_model(make_tiny_model_dir(tmp_path / str(i), seed=i), name, {"metrics": {"accuracy": i}})
-            for i in range(4)]
+    tags = [
+        registry.save_model(
+            make_tiny_model_dir(tmp_path / str(i), seed=i), name, {"metrics": {"accuracy": i}}
+        )
+        for i in range(4)
+    ]
     own = {"A": tags[:2], "B": tags[2:]}
-    procs = {p: subprocess.Popen([sys.executable, "-c", _PROMOTER, p, *models], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-             for p, models in own.items()}
+    procs = {
+        p: subprocess.Popen(
+            [sys.executable, "-c", _PROMOTER, p, *models],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+        )
+        for p, models in own.items()
+    }
     returned: dict[str, dict] = {}
     try:
         for proc in procs.values():
@@ -296,14 +328,18 @@ def test_concurrent_promotions_keep_one_production_and_a_consistent_history(tmp_
     expected = {f"{p} round {r}" for p in own for r in range(rounds)}
     assert set(returned) == expected
     recorded = registry.history(name)
-    assert [e["action"] for e in recorded] == ["promote"] * 2 * rounds  # every promotion once, nothing else
+    assert [e["action"] for e in recorded] == [
+        "promote"
+    ] * 2 * rounds  # every promotion once, nothing else
     assert sorted(e["reason"] for e in recorded) == sorted(expected)
     for i, event in enumerate(recorded):  # rounds in order: round r's two events are 2r and 2r+1
         assert event["reason"].endswith(f" round {i // 2}"), [e["reason"] for e in recorded]
         assert event["previous"] == (recorded[i - 1]["tag"] if i else None), recorded
         process, round_ = event["reason"].split(" round ")
         assert event["tag"] == own[process][int(round_) % 2]
-        assert returned[event["reason"]] == event  # what each process was told is what the book says
+        assert (
+            returned[event["reason"]] == event
+        )  # what each process was told is what the book says
     assert [e["time"] for e in recorded] == sorted(e["time"] for e in recorded)
 
     lineage: list[str] = []  # the stage book must be the replay of its history

@@ -82,21 +82,35 @@ EXPECTED = {
 
 
 def _env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DEFECTFLOW_", "BENTOML_", "PREFECT_", "KERAS_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("DEFECTFLOW_", "BENTOML_", "PREFECT_", "KERAS_"))
+    }
     env["DEFECTFLOW_HOME"] = str(home)
     return env
 
 
 def _python(code: str, home: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code, str(home), *args], env=_env(home), cwd=home.parent,
-                          capture_output=True, text=True, timeout=180)
+    return subprocess.run(
+        [sys.executable, "-c", code, str(home), *args],
+        env=_env(home),
+        cwd=home.parent,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
 
 
 @pytest.fixture(scope="module")
 def base_store(tmp_path_factory) -> tuple[Path, str, str]:
     root = tmp_path_factory.mktemp("promotion")
-    done = _python(_SETUP, root / "base", str(make_tiny_model_dir(root / "a", seed=0)),
-                   str(make_tiny_model_dir(root / "b", seed=1)))
+    done = _python(
+        _SETUP,
+        root / "base",
+        str(make_tiny_model_dir(root / "a", seed=0)),
+        str(make_tiny_model_dir(root / "b", seed=1)),
+    )
     assert done.returncode == 0, done.stderr
     a, b = done.stdout.split()[-2:]
     return root / "base", a, b
@@ -109,7 +123,7 @@ def _production(home: Path) -> tuple[str, list[str]]:
 
 @pytest.mark.parametrize("point", list(EXPECTED))
 def test_a_killed_promotion_leaves_one_complete_production_model(base_store, point, tmp_path):
-    from defectflow.inference import Predictor
+    from defectflow.inference.predictor import Predictor
     from defectflow.registry import file_digests
 
     base, a, b = base_store

@@ -45,7 +45,7 @@ def store(tmp_path_factory) -> dict:
     make_tiny_model_dir(root / "pinned")
     make_tiny_model_dir(root / "newer", seed=1)
     from defectflow.artifacts import ModelInfo
-    from defectflow.export import export_tflite
+    from defectflow.training.export import export_tflite
 
     export_tflite(make_anomaly_model_dir(root / "lite", GOOD_CAPSULES), "none")
     info = ModelInfo.load(root / "lite")
@@ -53,12 +53,25 @@ def store(tmp_path_factory) -> dict:
     info.save(root / "lite")
     env = isolated_env(root / "home")
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", _PACKAGE, str(root), str(REPO_ROOT)],
-                          env=env, cwd=root, check=True, timeout=300, capture_output=True,
-                          text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", _PACKAGE, str(root), str(REPO_ROOT)],
+        env=env,
+        cwd=root,
+        check=True,
+        timeout=300,
+        capture_output=True,
+        text=True,
+    )
     pinned, bento, newer, lite = done.stdout.split()[-4:]
     print(f"\nsaved and built {bento} in {time.monotonic() - start:.1f} s")
-    return {"root": root, "env": env, "pinned": pinned, "bento": bento, "newer": newer, "lite": lite}
+    return {
+        "root": root,
+        "env": env,
+        "pinned": pinned,
+        "bento": bento,
+        "newer": newer,
+        "lite": lite,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +101,9 @@ def _check_prediction(answer: dict, width: int, height: int) -> None:
     assert sum(answer["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
     assert answer["class"] == max(answer["probabilities"], key=answer["probabilities"].get)
     assert answer["mask_size"] == [width, height]
-    mask = cv2.imdecode(np.frombuffer(base64.b64decode(answer["mask_png_base64"]), np.uint8),
-                        cv2.IMREAD_UNCHANGED)
+    mask = cv2.imdecode(
+        np.frombuffer(base64.b64decode(answer["mask_png_base64"]), np.uint8), cv2.IMREAD_UNCHANGED
+    )
     assert mask is not None and mask.shape == (height, width)
     assert set(np.unique(mask)) <= {0, 255}
     assert 0.0 <= answer["defect_area_fraction"] <= 1.0
@@ -145,7 +159,10 @@ def test_openapi_documents_the_endpoint(server):
 
 def test_predict_batch_answers_each_image_in_order(server):
     sizes = [(30, 40), (64, 64), (21, 55)]
-    images = [np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8) for i, (h, w) in enumerate(sizes)]
+    images = [
+        np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8)
+        for i, (h, w) in enumerate(sizes)
+    ]
     files = [("images", (f"{i}.png", _png(img))) for i, img in enumerate(images)]
     response = httpx.post(f"{server}/predict_batch", files=files, timeout=60)
     assert response.status_code == 200, response.text
@@ -160,7 +177,9 @@ def test_predict_batch_answers_each_image_in_order(server):
 
 def test_predict_batch_refuses_bad_calls_whole(server):
     good = ("images", ("a.png", _NOISE_PNG))
-    response = httpx.post(f"{server}/predict_batch", files=[good, ("images", ("b.txt", b"text"))], timeout=60)
+    response = httpx.post(
+        f"{server}/predict_batch", files=[good, ("images", ("b.txt", b"text"))], timeout=60
+    )
     assert response.status_code == 400 and "image 1 (counting from 0)" in response.json()["error"]
     response = httpx.post(f"{server}/predict_batch", files=[good] * 33, timeout=60)
     assert response.status_code == 413 and "between 1 and 32" in response.json()["error"]
@@ -174,7 +193,9 @@ def default_server(pipeline_model, tmp_path_factory) -> Iterator[str]:
         yield url
 
 
-def test_concurrent_answers_equal_the_sequential_answers_of_the_same_images(default_server, tiny_dataset):
+def test_concurrent_answers_equal_the_sequential_answers_of_the_same_images(
+    default_server, tiny_dataset
+):
     """The default setup: TFLite in process, requests on `serve.threads` threads."""
     _check_concurrent_answers(default_server, tiny_dataset)
 
@@ -191,43 +212,66 @@ def _check_concurrent_answers(url: str, dataset) -> None:
     import asyncio
     import random
 
-    paths = sorted((dataset / "test").glob("*/*.png")) + sorted((dataset / "train" / "good").glob("*.png"))
+    paths = sorted((dataset / "test").glob("*/*.png")) + sorted(
+        (dataset / "train" / "good").glob("*.png")
+    )
     images = []
     for i in range(32):
         bgr = cv2.imread(str(paths[i % len(paths)]))
-        images.append(_png(cv2.resize(bgr, (48 + i, 40 + 2 * i))))  # its own size: its own mask size
+        images.append(
+            _png(cv2.resize(bgr, (48 + i, 40 + 2 * i)))
+        )  # its own size: its own mask size
 
     def key(answer: dict) -> tuple:
-        return (answer["class"], tuple(sorted(answer["probabilities"].items())), answer["anomaly_score"],
-                answer["mask_png_base64"])
+        return (
+            answer["class"],
+            tuple(sorted(answer["probabilities"].items())),
+            answer["anomaly_score"],
+            answer["mask_png_base64"],
+        )
 
     sequential = []
     for data in images:
         response = _predict(url, data)
         assert response.status_code == 200, response.text
         sequential.append(key(response.json()))
-    assert len({answer[1:3] for answer in sequential}) == len(images)  # distinguishable without the mask
+    assert len({answer[1:3] for answer in sequential}) == len(
+        images
+    )  # distinguishable without the mask
 
     async def send_all(order):
         async with httpx.AsyncClient(timeout=120) as client:
-            return await asyncio.gather(*[client.post(f"{url}/predict", files={"image": ("x.png", images[i])})
-                                          for i in order])
+            return await asyncio.gather(
+                *[
+                    client.post(f"{url}/predict", files={"image": ("x.png", images[i])})
+                    for i in order
+                ]
+            )
 
     for order in (list(range(32)), random.Random(0).sample(range(32), 32)):
         responses = asyncio.run(send_all(order))
         for i, response in zip(order, responses, strict=True):
             assert response.status_code == 200, response.text
-            assert key(response.json()) == sequential[i], f"image {i} got another answer when sent with 31 others"
+            assert key(response.json()) == sequential[i], (
+                f"image {i} got another answer when sent with 31 others"
+            )
 
 
 def test_overlay_and_request_id(server):
     rgb = np.random.default_rng(3).integers(0, 256, (24, 36, 3), dtype=np.uint8)
-    response = httpx.post(f"{server}/predict", files={"image": ("a.png", _png(rgb))}, data={"overlay": "true"},
-                          headers={"X-Request-ID": "line3-cam2-000123"}, timeout=60)
+    response = httpx.post(
+        f"{server}/predict",
+        files={"image": ("a.png", _png(rgb))},
+        data={"overlay": "true"},
+        headers={"X-Request-ID": "line3-cam2-000123"},
+        timeout=60,
+    )
     assert response.status_code == 200, response.text
     answer = response.json()
     assert answer["request_id"] == response.headers["x-request-id"] == "line3-cam2-000123"
-    painted = cv2.imdecode(np.frombuffer(base64.b64decode(answer["overlay_png_base64"]), np.uint8), cv2.IMREAD_COLOR)
+    painted = cv2.imdecode(
+        np.frombuffer(base64.b64decode(answer["overlay_png_base64"]), np.uint8), cv2.IMREAD_COLOR
+    )
     assert painted.shape == (24, 36, 3)
     assert "overlay_png_base64" not in _predict(server, _png(rgb)).json()
 
@@ -236,7 +280,9 @@ def test_metadata_says_what_is_serving(server, store):
     response = httpx.get(f"{server}/metadata", timeout=10)
     assert response.status_code == 200
     meta = response.json()
-    assert meta["model"] == store["pinned"] and meta["classes"] == CLASSES and meta["input_size"] == 32
+    assert (
+        meta["model"] == store["pinned"] and meta["classes"] == CLASSES and meta["input_size"] == 32
+    )
     assert meta["serving_format"] in ("keras", "tflite") and len(meta["config_sha256"]) == 64
     assert meta["limits"]["max_batch_images"] == 32
     assert "/metadata" in httpx.get(f"{server}/docs.json", timeout=10).json()["paths"]
@@ -250,10 +296,15 @@ def test_prometheus_metrics_and_json_log_lines(server, store):
     assert 'defectflow_prediction_latency_seconds_count{endpoint="/predict"}' in text
     assert "defectflow_predictions_total{predicted_class=" in text
     assert 'defectflow_rejected_uploads_total{status="400"}' in text  # from the bad-upload tests
-    records = [json.loads(line[line.index("{"):]) for line in
-               (store["root"] / "bento-serve.log").read_text().splitlines() if '"event":"prediction"' in line]
+    records = [
+        json.loads(line[line.index("{") :])
+        for line in (store["root"] / "bento-serve.log").read_text().splitlines()
+        if '"event":"prediction"' in line
+    ]
     ok = [r for r in records if r["status"] == 200]
-    assert ok and {"request_id", "model", "latency_ms", "class", "confidence", "image_size"} <= set(ok[-1])
+    assert ok and {"request_id", "model", "latency_ms", "class", "confidence", "image_size"} <= set(
+        ok[-1]
+    )
     assert any(r["status"] == 400 and "error" in r for r in records)
 
 
@@ -274,16 +325,27 @@ def test_a_tflite_model_serves_inside_the_http_service(store):
         known = _predict(url, _png(cv2.cvtColor(GOOD_CAPSULES[0], cv2.COLOR_RGB2BGR)))
         assert known.status_code == 200, known.text
         # Its classifier answers good unless P(defect) > 0.999: not the most probable class.
-        assert known.json()["mask_size"] == [64, 64] and set(known.json()["probabilities"]) == set(CLASSES)
+        assert known.json()["mask_size"] == [64, 64] and set(known.json()["probabilities"]) == set(
+            CLASSES
+        )
         assert known.json()["model"] == store["lite"]
         # Its classifier calls everything good; its anomaly head knows these good capsules only.
         known = known.json()
         assert known["class"] == "good" and not known["is_defective"]
         assert known["anomaly_score"] < known["anomaly_threshold"]
-        novel = _predict(url, _png(cv2.cvtColor(stained(GOOD_CAPSULES[0]), cv2.COLOR_RGB2BGR))).json()
-        assert novel["class"] == "unknown_defect" and novel["is_defective"] and novel["status"] == "uncertain"
+        novel = _predict(
+            url, _png(cv2.cvtColor(stained(GOOD_CAPSULES[0]), cv2.COLOR_RGB2BGR))
+        ).json()
+        assert (
+            novel["class"] == "unknown_defect"
+            and novel["is_defective"]
+            and novel["status"] == "uncertain"
+        )
         assert novel["anomaly_score"] > novel["anomaly_threshold"] == known["anomaly_threshold"]
-        mask = cv2.imdecode(np.frombuffer(base64.b64decode(novel["mask_png_base64"]), np.uint8), cv2.IMREAD_GRAYSCALE)
+        mask = cv2.imdecode(
+            np.frombuffer(base64.b64decode(novel["mask_png_base64"]), np.uint8),
+            cv2.IMREAD_GRAYSCALE,
+        )
         assert mask.shape == (64, 64) and mask[32, 32] == 255  # the anomaly map covers the stain
         assert set(novel["probabilities"]) == set(CLASSES)  # the known classes' probabilities stay
         meta = httpx.get(f"{url}/metadata", timeout=10).json()

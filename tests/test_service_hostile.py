@@ -40,7 +40,7 @@ from test_uploads import (
     tiff_with_size,
 )
 
-from defectflow.preprocessing import UNKNOWN_DEFECT
+from defectflow.inference.postprocessing import UNKNOWN_DEFECT
 
 pytestmark = pytest.mark.integration
 
@@ -55,6 +55,7 @@ MULTIPART = f"multipart/form-data; boundary={BOUNDARY}"
 # 4xx refusals by the service: any of them is fine where the exact one is not the point.
 CLIENT_ERRORS = frozenset(range(400, 500))
 DECODED_OR_REFUSED = CLIENT_ERRORS | {200}
+
 
 @pytest.fixture(scope="module")
 def model_env(pipeline_model, tmp_path_factory) -> tuple[Path, dict[str, str]]:
@@ -87,16 +88,29 @@ class Hostile:
     chunked: bool = False
 
 
-def _part(payload: bytes, name: str = "image", filename: str = "part.png", content_type: str | None = "image/png",
-          disposition: str | None = None) -> bytes:
+def _part(
+    payload: bytes,
+    name: str = "image",
+    filename: str = "part.png",
+    content_type: str | None = "image/png",
+    disposition: str | None = None,
+) -> bytes:
     lines = [disposition or f'Content-Disposition: form-data; name="{name}"; filename="{filename}"']
     if content_type:
         lines.append(f"Content-Type: {content_type}")
-    return f"--{BOUNDARY}\r\n".encode() + "\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + payload + b"\r\n"
+    return (
+        f"--{BOUNDARY}\r\n".encode()
+        + "\r\n".join(lines).encode("latin-1")
+        + b"\r\n\r\n"
+        + payload
+        + b"\r\n"
+    )
 
 
 def _text(name: str, value: bytes) -> bytes:
-    return _part(value, disposition=f'Content-Disposition: form-data; name="{name}"', content_type=None)
+    return _part(
+        value, disposition=f'Content-Disposition: form-data; name="{name}"', content_type=None
+    )
 
 
 def _body(*parts: bytes, close: bool = True) -> bytes:
@@ -118,10 +132,12 @@ def _mutate(rng: random.Random, data: bytes) -> bytes:
             data[rng.randrange(min(len(data), 128))] = rng.choice([0x00, 0x01, 0x7F, 0x80, 0xFF])
     elif kind == 2:
         start = rng.randrange(len(data))
-        data[start:start + rng.randint(1, 64)] = rng.randbytes(rng.randint(0, 64))
+        data[start : start + rng.randint(1, 64)] = rng.randbytes(rng.randint(0, 64))
     elif kind == 3:
         at = rng.randrange(len(data) - 4)
-        data[at:at + 4] = struct.pack("<I", rng.choice([0xFFFFFFFF, 0x7FFFFFFF, 0x10000000, rng.randrange(2**32)]))
+        data[at : at + 4] = struct.pack(
+            "<I", rng.choice([0xFFFFFFFF, 0x7FFFFFFF, 0x10000000, rng.randrange(2**32)])
+        )
     else:
         at = rng.randrange(len(data))
         data[at:at] = rng.randbytes(rng.randint(1, 256))
@@ -130,7 +146,10 @@ def _mutate(rng: random.Random, data: bytes) -> bytes:
 
 def _multi_frame() -> dict[str, bytes]:
     first, second = Image.fromarray(rgb_image()), Image.fromarray(255 - rgb_image())
-    return {fmt: pil_encode(first, fmt, save_all=True, append_images=[second]) for fmt in ("PNG", "TIFF", "MPO", "GIF")}
+    return {
+        fmt: pil_encode(first, fmt, save_all=True, append_images=[second])
+        for fmt in ("PNG", "TIFF", "MPO", "GIF")
+    }
 
 
 def hostile_requests(seed: int = 20261123) -> list[Hostile]:
@@ -142,41 +161,96 @@ def hostile_requests(seed: int = 20261123) -> list[Hostile]:
         requests.extend(make(i) for i in range(count))
 
     # Mutated real images: some still decode (200), none may fail the server.
-    add(800, lambda i: Hostile("mutated-image", _upload(_mutate(rng, SAMPLES[names[i % len(names)]])),
-                               expect=DECODED_OR_REFUSED))
+    add(
+        800,
+        lambda i: Hostile(
+            "mutated-image",
+            _upload(_mutate(rng, SAMPLES[names[i % len(names)]])),
+            expect=DECODED_OR_REFUSED,
+        ),
+    )
 
     def truncated(i: int) -> Hostile:
         data = SAMPLES[names[i % len(names)]]
-        return Hostile("truncated-image", _upload(data[:rng.randrange(1, len(data))]), expect=frozenset({400}))
+        return Hostile(
+            "truncated-image", _upload(data[: rng.randrange(1, len(data))]), expect=frozenset({400})
+        )
 
     add(150, truncated)
 
-    non_images = [b"this is not an image\n", b"<html><body>hello</body></html>", b'{"image": "x"}',
-                  b"PK\x03\x04" + bytes(60), b"\x7fELF\x02\x01\x01" + bytes(50), b"BZh91AY&SY"]
-    add(60, lambda i: Hostile("non-image", _upload(non_images[i % 6] if i < 30 else rng.randbytes(rng.randint(1, 4096))),
-                              expect=frozenset({400})))
-    disallowed = [pil_encode(Image.fromarray(rgb_image()), "GIF"), pil_encode(Image.fromarray(rgb_image()), "WEBP"),
-                  b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n", b"\x00\x00\x00\x0cjP  \r\n\x87\n" + bytes(40)]
-    add(24, lambda i: Hostile("disallowed-format", _upload(disallowed[i % 4]), expect=frozenset({415})))
+    non_images = [
+        b"this is not an image\n",
+        b"<html><body>hello</body></html>",
+        b'{"image": "x"}',
+        b"PK\x03\x04" + bytes(60),
+        b"\x7fELF\x02\x01\x01" + bytes(50),
+        b"BZh91AY&SY",
+    ]
+    add(
+        60,
+        lambda i: Hostile(
+            "non-image",
+            _upload(non_images[i % 6] if i < 30 else rng.randbytes(rng.randint(1, 4096))),
+            expect=frozenset({400}),
+        ),
+    )
+    disallowed = [
+        pil_encode(Image.fromarray(rgb_image()), "GIF"),
+        pil_encode(Image.fromarray(rgb_image()), "WEBP"),
+        b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n",
+        b"\x00\x00\x00\x0cjP  \r\n\x87\n" + bytes(40),
+    ]
+    add(
+        24,
+        lambda i: Hostile("disallowed-format", _upload(disallowed[i % 4]), expect=frozenset({415})),
+    )
     add(10, lambda i: Hostile("zero-byte", _upload(b""), expect=frozenset({400})))
 
     png = SAMPLES["png-rgb"]
-    wrong_request_types = ["application/json", "text/plain", "image/png", "application/octet-stream",
-                           "application/x-www-form-urlencoded", None, "application/vnd.bentoml+pickle",
-                           "text/html; charset=utf-8"]
-    add(40, lambda i: Hostile("wrong-content-type", png if i % 2 else b'{"image": "x.png"}',
-                              content_type=wrong_request_types[i % 8], expect=frozenset({415})))
+    wrong_request_types = [
+        "application/json",
+        "text/plain",
+        "image/png",
+        "application/octet-stream",
+        "application/x-www-form-urlencoded",
+        None,
+        "application/vnd.bentoml+pickle",
+        "text/html; charset=utf-8",
+    ]
+    add(
+        40,
+        lambda i: Hostile(
+            "wrong-content-type",
+            png if i % 2 else b'{"image": "x.png"}',
+            content_type=wrong_request_types[i % 8],
+            expect=frozenset({415}),
+        ),
+    )
     wrong_part_types = ["text/plain", "application/json", "text/html", "application/pdf"]
-    add(20, lambda i: Hostile("wrong-content-type", _upload(png, content_type=wrong_part_types[i % 4]),
-                              expect=frozenset({415})))
+    add(
+        20,
+        lambda i: Hostile(
+            "wrong-content-type",
+            _upload(png, content_type=wrong_part_types[i % 4]),
+            expect=frozenset({415}),
+        ),
+    )
 
     big = b"\x89PNG\r\n\x1a\n" + bytes(MAX_UPLOAD_BYTES)
     oversize = [
-        Hostile("oversize", _upload(big + bytes(200_000)), expect=frozenset({413})),  # the request cap
+        Hostile(
+            "oversize", _upload(big + bytes(200_000)), expect=frozenset({413})
+        ),  # the request cap
         Hostile("oversize", _upload(big + bytes(200_000)), chunked=True, expect=frozenset({413})),
-        Hostile("oversize", _upload(big[:MAX_UPLOAD_BYTES + 1]), expect=frozenset({413})),  # the file cap
-        Hostile("oversize", _body(_part(png, name="images"), _part(big, name="images")), path="/predict_batch",
-                expect=frozenset({413})),
+        Hostile(
+            "oversize", _upload(big[: MAX_UPLOAD_BYTES + 1]), expect=frozenset({413})
+        ),  # the file cap
+        Hostile(
+            "oversize",
+            _body(_part(png, name="images"), _part(big, name="images")),
+            path="/predict_batch",
+            expect=frozenset({413}),
+        ),
     ]
     requests.extend(oversize * 3)
 
@@ -187,14 +261,22 @@ def hostile_requests(seed: int = 20261123) -> list[Hostile]:
     def bomb(i: int) -> Hostile:
         make, (width, height) = bombs[i % 4], sizes[(i // 4) % 5]
         if make is jpeg_with_size:
-            width, height = (min(width, 65535), min(height, 65535)) if i // 4 % 5 != 4 else (65535, 65535)
+            width, height = (
+                (min(width, 65535), min(height, 65535)) if i // 4 % 5 != 4 else (65535, 65535)
+            )
         return Hostile("huge-dimension", _upload(make(width, height)), expect=frozenset({413}))
 
     add(40, bomb)
 
     frames = _multi_frame()
-    add(32, lambda i: Hostile("multi-frame", _upload(frames[("PNG", "TIFF", "MPO", "GIF")[i % 4]]),
-                              expect=frozenset({415})))
+    add(
+        32,
+        lambda i: Hostile(
+            "multi-frame",
+            _upload(frames[("PNG", "TIFF", "MPO", "GIF")[i % 4]]),
+            expect=frozenset({415}),
+        ),
+    )
 
     image = _part(png)
     malformed = [
@@ -209,20 +291,32 @@ def hostile_requests(seed: int = 20261123) -> list[Hostile]:
         (MULTIPART, f"--{BOUNDARY}--\r\n".encode()),  # no parts
         (MULTIPART, _upload(png, name="file")),  # wrong field name
         (MULTIPART, _upload(png, name="\xff")),
-        (MULTIPART, _body(_text("image", b"http://127.0.0.1:9/x.png"))),  # a URL BentoML would fetch
+        (
+            MULTIPART,
+            _body(_text("image", b"http://127.0.0.1:9/x.png")),
+        ),  # a URL BentoML would fetch
         (MULTIPART, _body(_text("image", b"hello"))),
         (MULTIPART, _body(_part(png, disposition="Content-Disposition: form-data"))),  # no name
         (MULTIPART, _body(_part(png, disposition="Content-Type: image/png"))),  # no disposition
         (MULTIPART, _body(_part(png, disposition="Garbage line"))),
         (MULTIPART, _upload(png, filename="a" * 300 + ".png")),
         (MULTIPART, _upload(png, filename="a\x00b.png")),
-        (MULTIPART, _body(image, _text("overlay", b"[" * 900))),  # JSON too deep for BentoML's parser
+        (
+            MULTIPART,
+            _body(image, _text("overlay", b"[" * 900)),
+        ),  # JSON too deep for BentoML's parser
         (MULTIPART, _body(image, _text("overlay", b"1" * 5000))),
         (MULTIPART, _body(image, *[_text(f"f{k}", b"1") for k in range(150)])),
         (MULTIPART, _body(image, _part(png, name="extra"))),  # a second, unknown file field
     ]
-    add(132, lambda i: Hostile("malformed-multipart", malformed[i % len(malformed)][1],
-                               content_type=malformed[i % len(malformed)][0]))
+    add(
+        132,
+        lambda i: Hostile(
+            "malformed-multipart",
+            malformed[i % len(malformed)][1],
+            content_type=malformed[i % len(malformed)][0],
+        ),
+    )
 
     def envelope_mutation(i: int) -> Hostile:
         # Damage the multipart framing (boundaries, part headers), not the image.
@@ -230,13 +324,21 @@ def hostile_requests(seed: int = 20261123) -> list[Hostile]:
         payload_at = body.find(png)
         spots = [k for k in range(len(body)) if not payload_at <= k < payload_at + len(png)]
         for _ in range(rng.randint(1, 4)):
-            body[rng.choice(spots)] = rng.choice(b"\x00\r\n-\"; =abc\xff")
+            body[rng.choice(spots)] = rng.choice(b'\x00\r\n-"; =abc\xff')
         return Hostile("malformed-multipart", bytes(body), expect=DECODED_OR_REFUSED)
 
     add(80, envelope_mutation)
 
-    add(12, lambda i: Hostile("wrong-method", b"", method=("GET", "PUT", "DELETE", "PATCH")[i % 4],
-                              path=("/predict", "/predict_batch")[i % 2], expect=frozenset({405})))
+    add(
+        12,
+        lambda i: Hostile(
+            "wrong-method",
+            b"",
+            method=("GET", "PUT", "DELETE", "PATCH")[i % 4],
+            path=("/predict", "/predict_batch")[i % 2],
+            expect=frozenset({405}),
+        ),
+    )
 
     batch = [
         (_body(f"--{BOUNDARY}--\r\n".encode()), {400}),
@@ -246,12 +348,22 @@ def hostile_requests(seed: int = 20261123) -> list[Hostile]:
         (_body(_part(png, name="image")), {400}),
         (_body(_text("images", b"x")), {400}),
         (_body(_part(png, name="images"), _part(frames["PNG"], name="images")), {415}),
-        (_body(_part(png, name="images"), _part(png_with_size(100_000, 100_000), name="images")), {413}),
+        (
+            _body(_part(png, name="images"), _part(png_with_size(100_000, 100_000), name="images")),
+            {413},
+        ),
         (_body(_part(png, name="images"), close=False), {400}),
         (_body(_part(png, name="images", content_type="text/plain")), {415}),
     ]
-    add(60, lambda i: Hostile("batch", batch[i % len(batch)][0], path="/predict_batch",
-                              expect=frozenset(batch[i % len(batch)][1])))
+    add(
+        60,
+        lambda i: Hostile(
+            "batch",
+            batch[i % len(batch)][0],
+            path="/predict_batch",
+            expect=frozenset(batch[i % len(batch)][1]),
+        ),
+    )
     return requests
 
 
@@ -272,16 +384,18 @@ async def _send_all(url: str, requests: list[Hostile]) -> list[Outcome]:
 
     async def chunks(body: bytes):
         for start in range(0, len(body), 256 * 1024):
-            yield body[start:start + 256 * 1024]
+            yield body[start : start + 256 * 1024]
 
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+
         async def one(request: Hostile) -> Outcome:
             request_headers = {"content-type": request.content_type} if request.content_type else {}
             content = chunks(request.body) if request.chunked else request.body
             async with limit:
                 try:
-                    response = await client.request(request.method, request.path, content=content,
-                                                    headers=request_headers)
+                    response = await client.request(
+                        request.method, request.path, content=content, headers=request_headers
+                    )
                 except httpx.HTTPError as exc:
                     return Outcome(request, None, error=repr(exc))
             return Outcome(request, response.status_code, response.content)
@@ -298,14 +412,18 @@ def _problems(outcome: Outcome) -> list[str]:
     if status >= 500:
         problems.append(f"{label}: {status} {outcome.body[:200]!r}")
     elif status not in request.expect:
-        problems.append(f"{label}: {status}, expected {sorted(request.expect)[:5]}: {outcome.body[:200]!r}")
+        problems.append(
+            f"{label}: {status}, expected {sorted(request.expect)[:5]}: {outcome.body[:200]!r}"
+        )
     try:
         answer = json.loads(outcome.body)
     except ValueError:
         return [*problems, f"{label}: {status} answer is not JSON: {outcome.body[:200]!r}"]
     if status == 200 and answer.get("class") not in ANSWERS:
         problems.append(f"{label}: 200 without a class: {outcome.body[:200]!r}")
-    if status != 200 and not (isinstance(answer, dict) and isinstance(answer.get("error"), str) and answer["error"]):
+    if status != 200 and not (
+        isinstance(answer, dict) and isinstance(answer.get("error"), str) and answer["error"]
+    ):
         problems.append(f"{label}: {status} without an 'error' message: {outcome.body[:200]!r}")
     return problems
 
@@ -320,22 +438,32 @@ def test_a_thousand_malformed_requests_get_no_5xx_and_the_server_stays_up(server
     for outcome in outcomes:
         by_category[outcome.request.category][outcome.status] += 1
     statuses = Counter(outcome.status for outcome in outcomes)
-    print(f"\n{len(requests)} hostile requests in {elapsed:.1f} s ({len(requests) / elapsed:.0f}/s), "
-          f"concurrency {CONCURRENCY}: {dict(sorted(statuses.items(), key=str))}")
+    print(
+        f"\n{len(requests)} hostile requests in {elapsed:.1f} s ({len(requests) / elapsed:.0f}/s), "
+        f"concurrency {CONCURRENCY}: {dict(sorted(statuses.items(), key=str))}"
+    )
     for category, counts in by_category.items():
-        print(f"  {category:20s} {sum(counts.values()):4d}  {dict(sorted(counts.items(), key=str))}")
+        print(
+            f"  {category:20s} {sum(counts.values()):4d}  {dict(sorted(counts.items(), key=str))}"
+        )
 
     problems = [problem for outcome in outcomes for problem in _problems(outcome)]
     assert problems == [], f"{len(problems)} wrong answers, e.g.:\n" + "\n".join(problems[:25])
     assert not any(status is not None and status >= 500 for status in statuses)
-    refused = sum(count for status, count in statuses.items() if status is not None and 400 <= status < 500)
-    assert refused >= 1000  # at least 1,000 requests that must be refused, were (mutants may decode)
+    refused = sum(
+        count for status, count in statuses.items() if status is not None and 400 <= status < 500
+    )
+    assert (
+        refused >= 1000
+    )  # at least 1,000 requests that must be refused, were (mutants may decode)
     assert elapsed < 240
 
     # Still up, still ready, still right.
     assert httpx.get(f"{server}/readyz", timeout=10).status_code == 200
     valid = cv2_encode(".png", rgb_image(50, 70))
-    response = httpx.post(f"{server}/predict", files={"image": ("part.png", valid, "image/png")}, timeout=60)
+    response = httpx.post(
+        f"{server}/predict", files={"image": ("part.png", valid, "image/png")}, timeout=60
+    )
     assert response.status_code == 200, response.text
     assert response.json()["class"] in ANSWERS and response.json()["mask_size"] == [70, 50]
     assert isinstance(response.json()["anomaly_score"], float)
@@ -344,8 +472,9 @@ def test_a_thousand_malformed_requests_get_no_5xx_and_the_server_stays_up(server
 @pytest.fixture(scope="module")
 def auth_server(model_env) -> Iterator[str]:
     root, env = model_env
-    with serve_bento("service:DefectInspection", {**env, "DEFECTFLOW_API_TOKEN": TOKEN},
-                     root / "auth-serve.log") as url:
+    with serve_bento(
+        "service:DefectInspection", {**env, "DEFECTFLOW_API_TOKEN": TOKEN}, root / "auth-serve.log"
+    ) as url:
         yield url
 
 
@@ -353,11 +482,18 @@ def test_bearer_token_from_the_environment(auth_server):
     image = cv2_encode(".png", np.zeros((20, 24, 3), np.uint8))
 
     def predict(headers: dict[str, str]) -> httpx.Response:
-        return httpx.post(f"{auth_server}/predict", files={"image": ("a.png", image, "image/png")},
-                          headers=headers, timeout=60)
+        return httpx.post(
+            f"{auth_server}/predict",
+            files={"image": ("a.png", image, "image/png")},
+            headers=headers,
+            timeout=60,
+        )
 
-    for headers, challenge in [({}, "Bearer"), ({"Authorization": "Bearer wrong"}, 'Bearer error="invalid_token"'),
-                               ({"Authorization": f"Basic {TOKEN}"}, 'Bearer error="invalid_token"')]:
+    for headers, challenge in [
+        ({}, "Bearer"),
+        ({"Authorization": "Bearer wrong"}, 'Bearer error="invalid_token"'),
+        ({"Authorization": f"Basic {TOKEN}"}, 'Bearer error="invalid_token"'),
+    ]:
         response = predict(headers)
         assert response.status_code == 401, response.text
         assert response.headers["www-authenticate"] == challenge
@@ -365,9 +501,15 @@ def test_bearer_token_from_the_environment(auth_server):
     response = predict({"Authorization": f"Bearer {TOKEN}"})
     assert response.status_code == 200, response.text
     assert response.json()["class"] in ANSWERS
-    assert httpx.get(f"{auth_server}/readyz", timeout=10).status_code == 200  # health checks stay open
+    assert (
+        httpx.get(f"{auth_server}/readyz", timeout=10).status_code == 200
+    )  # health checks stay open
     assert httpx.get(f"{auth_server}/metadata", timeout=10).status_code == 401
     # An oversize body without a token is a 401, not a 413: nothing is read before authentication.
-    response = httpx.post(f"{auth_server}/predict", content=b"x" * 30_000_000, timeout=60,
-                          headers={"content-type": MULTIPART})
+    response = httpx.post(
+        f"{auth_server}/predict",
+        content=b"x" * 30_000_000,
+        timeout=60,
+        headers={"content-type": MULTIPART},
+    )
     assert response.status_code == 401

@@ -58,7 +58,12 @@ print(registry.save_model(Path(sys.argv[1]), "defectflow", {"metrics": {"accurac
 
 
 def _chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+    return (
+        struct.pack(">I", len(payload))
+        + kind
+        + payload
+        + struct.pack(">I", zlib.crc32(kind + payload))
+    )
 
 
 def black_png(width: int, height: int) -> bytes:
@@ -67,7 +72,12 @@ def black_png(width: int, height: int) -> bytes:
     row = b"\x00" * (1 + 3 * width)  # filter byte "none", then the pixels
     pixels = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", pixels) + _chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", header)
+        + _chunk(b"IDAT", pixels)
+        + _chunk(b"IEND", b"")
+    )
 
 
 def corrupt_pixels(png: bytes) -> bytes:
@@ -75,7 +85,7 @@ def corrupt_pixels(png: bytes) -> bytes:
     decoding (its pixels are reserved) and fails in the decoder."""
     data = bytearray(png)
     middle = data.find(b"IDAT") + 4 + 200
-    data[middle:middle + 64] = bytes(range(64))
+    data[middle : middle + 64] = bytes(range(64))
     return bytes(data)
 
 
@@ -117,7 +127,15 @@ def serve(env: dict[str, str], log: Path) -> Iterator[tuple[str, subprocess.Pope
     """`bentoml serve service:DefectInspection` on a free 127.0.0.1 port: (URL, process)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [str(BIN / "bentoml"), "serve", "service:DefectInspection", "--host", "127.0.0.1", "--port", str(port)]
+    command = [
+        str(BIN / "bentoml"),
+        "serve",
+        "service:DefectInspection",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     with running(command, env, log) as proc:
         print(f"\nserver ready in {wait_http(f'{url}/readyz', proc, 180, log):.1f} s")
         yield url, proc
@@ -127,7 +145,7 @@ def serve(env: dict[str, str], log: Path) -> Iterator[tuple[str, subprocess.Pope
 def model_env(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     """A tiny model exported to TFLite (served in the HTTP process), saved into a fresh store."""
     from defectflow.artifacts import ModelInfo
-    from defectflow.export import export_tflite
+    from defectflow.training.export import export_tflite
 
     root = tmp_path_factory.mktemp("limits")
     model_dir = make_tiny_model_dir(root / "model")
@@ -136,8 +154,15 @@ def model_env(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     info.serving_format = "tflite"
     info.save(model_dir)
     env = isolated_env(root / "home")
-    done = subprocess.run([sys.executable, "-c", _SAVE, str(model_dir)], env=env, cwd=root, check=True,
-                          timeout=300, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", _SAVE, str(model_dir)],
+        env=env,
+        cwd=root,
+        check=True,
+        timeout=300,
+        capture_output=True,
+        text=True,
+    )
     env["DEFECTFLOW_MODEL_TAG"] = done.stdout.split()[-1]
     return root, env
 
@@ -155,10 +180,15 @@ def tight_server(model_env) -> Iterator[dict]:
     """Budgets of 8 M pixels per request and in flight; the inbox on without a token, which
     starts only because anonymous review is allowed explicitly."""
     root, env = model_env
-    overrides = (f"serve.max_request_pixels={TIGHT_PIXELS} serve.max_inflight_pixels={TIGHT_PIXELS} "
-                 f"serve.inbox.enabled=true serve.inbox.path={root / 'inbox'} "
-                 f"serve.inbox.incoming={root / 'incoming'} serve.inbox.allow_anonymous_review=true")
-    with serve({**env, "DEFECTFLOW_SERVE_OVERRIDES": overrides}, root / "tight-serve.log") as (url, proc):
+    overrides = (
+        f"serve.max_request_pixels={TIGHT_PIXELS} serve.max_inflight_pixels={TIGHT_PIXELS} "
+        f"serve.inbox.enabled=true serve.inbox.path={root / 'inbox'} "
+        f"serve.inbox.incoming={root / 'incoming'} serve.inbox.allow_anonymous_review=true"
+    )
+    with serve({**env, "DEFECTFLOW_SERVE_OVERRIDES": overrides}, root / "tight-serve.log") as (
+        url,
+        proc,
+    ):
         yield {"url": url, "pid": proc.pid, "log": root / "tight-serve.log"}
 
 
@@ -167,7 +197,9 @@ def _small_png() -> bytes:
 
 
 def _predict(url: str, png: bytes, timeout: float = 60) -> httpx.Response:
-    return httpx.post(f"{url}/predict", files={"image": ("part.png", png, "image/png")}, timeout=timeout)
+    return httpx.post(
+        f"{url}/predict", files={"image": ("part.png", png, "image/png")}, timeout=timeout
+    )
 
 
 def test_32_big_valid_images_are_413_before_decoding_and_memory_stays_flat(default_server):
@@ -175,33 +207,44 @@ def test_32_big_valid_images_are_413_before_decoding_and_memory_stays_flat(defau
     big = black_png(BIG_SIDE, BIG_SIDE)
     assert len(big) < 130_000  # ~117 kB that decodes to 120 MB
     files = [("images", (f"big-{i}.png", big, "image/png")) for i in range(32)]
-    assert _predict(url, _small_png()).status_code == 200  # warm: the first answer's allocations are not the batch's
+    assert (
+        _predict(url, _small_png()).status_code == 200
+    )  # warm: the first answer's allocations are not the batch's
     time.sleep(0.5)
     with PeakRss(pid) as memory:
         before = tree_rss(pid)
         started = time.monotonic()
         refused = httpx.post(f"{url}/predict_batch", files=files, timeout=120)
         seconds = time.monotonic() - started
-    print(f"\n32 x {BIG_SIDE}x{BIG_SIDE} PNG batch: {refused.status_code} in {seconds:.2f} s; server tree RSS "
-          f"{before / 1e6:.0f} MB before, peak {memory.peak / 1e6:.0f} MB (bound {MAX_TREE_RSS / 1e6:.0f} MB)")
+    print(
+        f"\n32 x {BIG_SIDE}x{BIG_SIDE} PNG batch: {refused.status_code} in {seconds:.2f} s; server tree RSS "
+        f"{before / 1e6:.0f} MB before, peak {memory.peak / 1e6:.0f} MB (bound {MAX_TREE_RSS / 1e6:.0f} MB)"
+    )
     assert refused.status_code == 413, refused.text[:500]
     assert refused.headers["content-type"] == "application/json"
     pixels = 32 * BIG_SIDE * BIG_SIDE
-    assert refused.json()["error"] == (f"the images of this request decode to {pixels} pixels, more than the limit "
-                                       "of 48000000 pixels per request: send fewer or smaller images")
+    assert refused.json()["error"] == (
+        f"the images of this request decode to {pixels} pixels, more than the limit "
+        "of 48000000 pixels per request: send fewer or smaller images"
+    )
     assert refused.json()["request_id"]
     assert memory.peak < MAX_TREE_RSS
     assert memory.peak - before < MAX_REFUSAL_GROWTH
     # Still serving, and the refused request reserved nothing: a normal image and then a
     # single image at the pixel limit (a request's whole budget) are answered.
     assert _predict(url, _small_png()).status_code == 200
-    assert httpx.get(f"{url}/metadata", timeout=10).json()["limits"]["max_inflight_pixels"] == 96_000_000
+    assert (
+        httpx.get(f"{url}/metadata", timeout=10).json()["limits"]["max_inflight_pixels"]
+        == 96_000_000
+    )
     # The sampler does see decoding: one such image, within the budget, costs hundreds of MB.
     with PeakRss(pid) as control:
         before = tree_rss(pid)
         one = _predict(url, big, timeout=120)
-    print(f"one {BIG_SIDE}x{BIG_SIDE} image: {one.status_code}, tree RSS peak {control.peak / 1e6:.0f} MB "
-          f"(+{(control.peak - before) / 1e6:.0f} MB)")
+    print(
+        f"one {BIG_SIDE}x{BIG_SIDE} image: {one.status_code}, tree RSS peak {control.peak / 1e6:.0f} MB "
+        f"(+{(control.peak - before) / 1e6:.0f} MB)"
+    )
     assert one.status_code == 200 and one.json()["mask_size"] == [BIG_SIDE, BIG_SIDE]
     assert control.peak - before > 150_000_000
     log = default_server["log"].read_text()
@@ -214,19 +257,29 @@ def test_requests_over_the_pixels_in_flight_get_503_with_retry_after(tight_serve
 
     async def burst(count: int) -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=60) as client:
-            return await asyncio.gather(*(
-                client.post(f"{url}/predict", files={"image": (f"b{i}.png", image, "image/png")},
-                            data={"overlay": "true"})
-                for i in range(count)))
+            return await asyncio.gather(
+                *(
+                    client.post(
+                        f"{url}/predict",
+                        files={"image": (f"b{i}.png", image, "image/png")},
+                        data={"overlay": "true"},
+                    )
+                    for i in range(count)
+                )
+            )
 
     answers: list[httpx.Response] = []
-    for _ in range(3):  # 8 at once on 4 server threads overlap; a second burst if the machine serialised them
+    for _ in range(
+        3
+    ):  # 8 at once on 4 server threads overlap; a second burst if the machine serialised them
         answers += asyncio.run(burst(8))
         if any(a.status_code == 503 for a in answers):
             break
     statuses = sorted(a.status_code for a in answers)
     print(f"\nstatuses of {len(answers)} concurrent requests: {statuses}")
-    assert set(statuses) <= {200, 503}, [a.text[:300] for a in answers if a.status_code not in (200, 503)]
+    assert set(statuses) <= {200, 503}, [
+        a.text[:300] for a in answers if a.status_code not in (200, 503)
+    ]
     assert 200 in statuses and 503 in statuses
     for busy in (a for a in answers if a.status_code == 503):
         assert busy.headers["retry-after"] == "2"
@@ -240,11 +293,19 @@ def test_requests_over_the_pixels_in_flight_get_503_with_retry_after(tight_serve
     damaged = corrupt_pixels(image)
     for _ in range(3):
         failed = _predict(url, damaged)
-        assert failed.status_code == 400 and "not a decodable image" in failed.json()["error"], failed.text
+        assert failed.status_code == 400 and "not a decodable image" in failed.json()["error"], (
+            failed.text
+        )
     assert _predict(url, image).status_code == 200
-    two = httpx.post(f"{url}/predict_batch", timeout=60,
-                     files=[("images", (f"{i}.png", image, "image/png")) for i in range(2)])
-    assert two.status_code == 413 and f"more than the limit of {TIGHT_PIXELS} pixels" in two.json()["error"]
+    two = httpx.post(
+        f"{url}/predict_batch",
+        timeout=60,
+        files=[("images", (f"{i}.png", image, "image/png")) for i in range(2)],
+    )
+    assert (
+        two.status_code == 413
+        and f"more than the limit of {TIGHT_PIXELS} pixels" in two.json()["error"]
+    )
     metrics = httpx.get(f"{url}/metrics", timeout=10).text
     assert 'defectflow_rejected_uploads_total{status="503"}' in metrics
     log = tight_server["log"].read_text()
@@ -253,20 +314,36 @@ def test_requests_over_the_pixels_in_flight_get_503_with_retry_after(tight_serve
 
 def test_the_inbox_without_a_token_refuses_to_start(model_env):
     root, env = model_env
-    env = {**env, "DEFECTFLOW_SERVE_OVERRIDES": f"serve.inbox.enabled=true serve.inbox.path={root / 'refused-inbox'}"}
+    env = {
+        **env,
+        "DEFECTFLOW_SERVE_OVERRIDES": f"serve.inbox.enabled=true serve.inbox.path={root / 'refused-inbox'}",
+    }
     assert "DEFECTFLOW_API_TOKEN" not in env
     port = free_port()
     log = root / "refused-serve.log"
-    command = [str(BIN / "bentoml"), "serve", "service:DefectInspection", "--host", "127.0.0.1", "--port", str(port)]
+    command = [
+        str(BIN / "bentoml"),
+        "serve",
+        "service:DefectInspection",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     with running(command, env, log) as proc:
         try:
             code = proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
-            pytest.fail("the service started with the review inbox on and no token:\n" + log.read_text()[-3000:])
+            pytest.fail(
+                "the service started with the review inbox on and no token:\n"
+                + log.read_text()[-3000:]
+            )
     output = log.read_text()
     assert code != 0
-    assert ("refusing to start: the review inbox is on (serve.inbox.enabled) but DEFECTFLOW_API_TOKEN is not set"
-            in output), output[-3000:]
+    assert (
+        "refusing to start: the review inbox is on (serve.inbox.enabled) but DEFECTFLOW_API_TOKEN is not set"
+        in output
+    ), output[-3000:]
     assert "serve.inbox.allow_anonymous_review=true" in output
     assert not (root / "refused-inbox").exists()  # refused before the inbox was opened
     with pytest.raises(httpx.TransportError):

@@ -3,7 +3,7 @@
 A model artifact is a folder: `model.keras` (weights and graph), `model.json` (`ModelInfo`:
 classes, input size, thresholds, temperature, confidence threshold, anomaly threshold, serving
 format), `config.yaml` (the merged config that trained it), `metrics.json` (its test figures)
-and, once exported, `model.tflite` (the compact TensorFlow Lite copy, see `defectflow.export`).
+and, once exported, `model.tflite` (the compact TensorFlow Lite copy, see `defectflow.training.export`).
 
 Training writes this contract and serving reads it, so this module imports nothing but the
 standard library: both sides, and the Bento, can depend on it without depending on each other.
@@ -23,7 +23,7 @@ METRICS_FILE = "metrics.json"
 #: What `Predictor.load` can run: the Keras model or its TensorFlow Lite export.
 FORMATS = ("keras", "tflite")
 #: The model's outputs, by name; every backend returns them under these names. A model with
-#: an anomaly head (`defectflow.models.anomaly`) has a third, the patch-distance map.
+#: an anomaly head (`defectflow.models.anomaly_head`) has a third, the patch-distance map.
 OUTPUT_NAMES = ("class", "mask")
 ANOMALY_OUTPUT = "anomaly"
 
@@ -41,23 +41,23 @@ class ModelInfo:
     #: The format `Predictor.load` runs by default: keras | tflite (chosen at export).
     serving_format: str = "keras"
     #: The TensorFlow Lite artifact: file, quantization, size and its parity with the Keras
-    #: model on the test split (see `defectflow.export`); None until exported.
+    #: model on the test split (see `defectflow.training.export`); None until exported.
     tflite: dict | None = None
     #: Temperature of the class probabilities (softmax(log(p) / T)), fitted on the validation
-    #: split (see `defectflow.calibration`); 1: the network's own probabilities.
+    #: split (see `defectflow.evaluation.calibration`); 1: the network's own probabilities.
     temperature: float = 1.0
     #: Calibrated confidence (probability of the class answered) below which an answer is
     #: "uncertain"; None: every answer is "accepted".
     confidence_threshold: float | None = None
     #: How `temperature` and `confidence_threshold` were chosen, with their validation figures
-    #: (`defectflow.calibration.Thresholds.confidence_record`); None when not calibrated.
+    #: (`defectflow.evaluation.calibration.Thresholds.confidence_record`); None when not calibrated.
     confidence_calibration: dict | None = None
     #: Anomaly score above which an image is defective even when the classifier says good
     #: (then answered `unknown_defect`), chosen on the validation split's good images; None:
     #: no anomaly head, or not calibrated yet (the classifier alone decides).
     anomaly_threshold: float | None = None
     #: The anomaly head's memory bank and how its threshold was chosen
-    #: (`defectflow.anomaly_fitting`).
+    #: (`defectflow.training.anomaly_fitting`).
     anomaly: dict | None = None
 
     def save(self, model_dir: Path) -> None:

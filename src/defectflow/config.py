@@ -174,7 +174,7 @@ class TrainConfig:
 @dataclass
 class SearchSpace:
     """Values the tuner chooses from. An empty list keeps the value the config already has.
-    Each name maps to one config key (see `defectflow.training.HYPERPARAMETER_KEYS`)."""
+    Each name maps to one config key (see `defectflow.training.train.HYPERPARAMETER_KEYS`)."""
 
     backbone: list[str] = field(default_factory=list)
     input_size: list[int] = field(default_factory=list)
@@ -205,7 +205,7 @@ class TuneConfig:
     space: SearchSpace = field(default_factory=SearchSpace)
     seed: int = 0
     #: 0 = search in this process; N >= 1 = a KerasTuner chief (the oracle) plus N worker
-    #: processes, KerasTuner's chief/worker protocol (see defectflow.tuning).
+    #: processes, KerasTuner's chief/worker protocol (see defectflow.training.distributed_tuning).
     workers: int = 0
     #: Address the chief listens on and workers dial; set it to the chief machine's address
     #: for workers on other machines.
@@ -232,7 +232,7 @@ class EvalConfig:
 
 @dataclass
 class AnomalyConfig:
-    """The anomaly score beside the classifier (`defectflow.anomaly`): flags defect types
+    """The anomaly score beside the classifier (`defectflow.inference.anomaly_score`): flags defect types
     nobody labelled, answered `unknown_defect`."""
 
     #: Fit the memory bank after training and calibrate its threshold on validation.
@@ -274,7 +274,7 @@ class ExportConfig:
     #: tflite: TensorFlow Lite (model.tflite beside model.keras) | none
     format: str = "tflite"
     #: float16 (weights; 9.0 MB for the 256-px lite0 model) | dynamic (int8 weights, float
-    #: activations; 4.9 MB, further from Keras) | none (float32; 17.9 MB). See defectflow.export.
+    #: activations; 4.9 MB, further from Keras) | none (float32; 17.9 MB). See defectflow.training.export.
     quantization: str = "float16"
     #: What serving loads: auto (the compact artifact when it passed the parity check and is faster)
     #: | keras | tflite
@@ -402,8 +402,10 @@ def load_config(name: str = "default", overrides: list[str] | tuple[str, ...] = 
         if cfg.tune.space_file:
             if not space_file.exists():
                 known = sorted(p.stem for p in tuner_dir().glob("*.yaml"))
-                raise ConfigError(f"unknown tune.space_file {cfg.tune.space_file!r}: no {space_file} "
-                                  f"(known: {', '.join(known)})")
+                raise ConfigError(
+                    f"unknown tune.space_file {cfg.tune.space_file!r}: no {space_file} "
+                    f"(known: {', '.join(known)})"
+                )
             cfg = OmegaConf.merge(cfg, {"tune": OmegaConf.load(space_file)}, given)
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
@@ -416,56 +418,87 @@ def check_config(cfg: DictConfig) -> None:
     """Value checks the types alone cannot express."""
     s = cfg.data.split
     if min(s.train, s.val, s.test) <= 0 or abs(s.train + s.val + s.test - 1.0) > 1e-6:
-        raise ConfigError(f"data.split ratios must be > 0 and sum to 1, got {s.train}/{s.val}/{s.test}")
+        raise ConfigError(
+            f"data.split ratios must be > 0 and sum to 1, got {s.train}/{s.val}/{s.test}"
+        )
     space = cfg.tune.space
     for backbone in {cfg.model.backbone, *space.backbone}:
         if backbone not in BACKBONES:
-            raise ConfigError(f"model.backbone must be one of {', '.join(BACKBONES)}, got {backbone!r}")
+            raise ConfigError(
+                f"model.backbone must be one of {', '.join(BACKBONES)}, got {backbone!r}"
+            )
         for size in {cfg.model.input_size, *space.input_size}:
             divisor = 2**cfg.model.depth if backbone == "plain" else 32
             if size % divisor:
-                raise ConfigError(f"model.input_size={size} must be divisible by {divisor} for the {backbone} backbone")
+                raise ConfigError(
+                    f"model.input_size={size} must be divisible by {divisor} for the {backbone} backbone"
+                )
     for key in ("train.mixed_precision", "train.jit_compile"):
         # YAML reads a bare on/off as a boolean, which the str field then holds as True/False.
         value = OmegaConf.select(cfg, key)
         OmegaConf.update(cfg, key, {"True": "on", "False": "off"}.get(value, value))
-    choices = {"train.device": ("auto", "cpu", "gpu"), "train.mixed_precision": ("auto", "on", "off"),
-               "train.jit_compile": ("auto", "on", "off"), "train.class_loss": ("ce", "focal"),
-               "tune.algorithm": ("grid", "random", "hyperband", "bayesian"),
-               "export.format": ("tflite", "none"), "export.quantization": ("dynamic", "float16", "none"),
-               "export.serve": ("auto", "keras", "tflite")}
+    choices = {
+        "train.device": ("auto", "cpu", "gpu"),
+        "train.mixed_precision": ("auto", "on", "off"),
+        "train.jit_compile": ("auto", "on", "off"),
+        "train.class_loss": ("ce", "focal"),
+        "tune.algorithm": ("grid", "random", "hyperband", "bayesian"),
+        "export.format": ("tflite", "none"),
+        "export.quantization": ("dynamic", "float16", "none"),
+        "export.serve": ("auto", "keras", "tflite"),
+    }
     for key, allowed in choices.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
     if cfg.tune.workers < 0:
-        raise ConfigError(f"tune.workers must be >= 0 (0 = search in this process), got {cfg.tune.workers}")
+        raise ConfigError(
+            f"tune.workers must be >= 0 (0 = search in this process), got {cfg.tune.workers}"
+        )
     if not 0 <= cfg.tune.oracle_port <= 65535:
-        raise ConfigError(f"tune.oracle_port must be in 0..65535 (0 = a free port), got {cfg.tune.oracle_port}")
+        raise ConfigError(
+            f"tune.oracle_port must be in 0..65535 (0 = a free port), got {cfg.tune.oracle_port}"
+        )
     if not 0.0 < cfg.eval.accept_target_accuracy <= 1.0:
-        raise ConfigError(f"eval.accept_target_accuracy must be in (0, 1], got {cfg.eval.accept_target_accuracy}")
+        raise ConfigError(
+            f"eval.accept_target_accuracy must be in (0, 1], got {cfg.eval.accept_target_accuracy}"
+        )
     if cfg.serve.inbox.max_items < 0 or cfg.serve.inbox.max_bytes < 0:
         raise ConfigError("serve.inbox.max_items and serve.inbox.max_bytes must be >= 0")
     if not 1 <= cfg.serve.max_request_pixels <= cfg.serve.max_inflight_pixels:
-        raise ConfigError("serve.max_request_pixels must be >= 1 and at most serve.max_inflight_pixels (a larger "
-                          f"request could never be served), got {cfg.serve.max_request_pixels} and "
-                          f"{cfg.serve.max_inflight_pixels}")
+        raise ConfigError(
+            "serve.max_request_pixels must be >= 1 and at most serve.max_inflight_pixels (a larger "
+            f"request could never be served), got {cfg.serve.max_request_pixels} and "
+            f"{cfg.serve.max_inflight_pixels}"
+        )
     if not 0.0 < cfg.eval.mask_threshold < 1.0:
         raise ConfigError(f"eval.mask_threshold must be in (0, 1), got {cfg.eval.mask_threshold}")
     if cfg.anomaly.bank_size < 1 or cfg.anomaly.projection_dims < 0:
-        raise ConfigError(f"anomaly.bank_size must be >= 1 and anomaly.projection_dims >= 0, got "
-                          f"{cfg.anomaly.bank_size} and {cfg.anomaly.projection_dims}")
+        raise ConfigError(
+            f"anomaly.bank_size must be >= 1 and anomaly.projection_dims >= 0, got "
+            f"{cfg.anomaly.bank_size} and {cfg.anomaly.projection_dims}"
+        )
     if not 0.0 <= cfg.anomaly.false_alarm_rate < 1.0:
-        raise ConfigError(f"anomaly.false_alarm_rate must be in [0, 1), got {cfg.anomaly.false_alarm_rate}")
+        raise ConfigError(
+            f"anomaly.false_alarm_rate must be in [0, 1), got {cfg.anomaly.false_alarm_rate}"
+        )
 
 
-def form_overrides(data_root: str | None = None, tuner_trials: int | None = None,
-                       promote: bool | None = None, overrides: list[str] | None = None) -> list[str]:
+def form_overrides(
+    data_root: str | None = None,
+    tuner_trials: int | None = None,
+    promote: bool | None = None,
+    overrides: list[str] | None = None,
+) -> list[str]:
     """The fields of the run form (Prefect UI) as `key=value` overrides; the free-form
     `overrides` come last and win."""
     fields = [f"data.root={data_root}"] if data_root else []
     if tuner_trials is not None:
-        fields += ["tune.enabled=false"] if tuner_trials == 0 else ["tune.enabled=true", f"tune.max_trials={tuner_trials}"]
+        fields += (
+            ["tune.enabled=false"]
+            if tuner_trials == 0
+            else ["tune.enabled=true", f"tune.max_trials={tuner_trials}"]
+        )
     if promote is not None:
         fields.append(f"gate.promote={str(promote).lower()}")
     return [*fields, *(overrides or [])]
@@ -490,6 +523,6 @@ def resolve_path(path: str | Path) -> Path:
     """A data or output path from a config or the command line (`data.root`, `paths.*`, `--out`):
     relative to the working directory, as a person typing it expects. (The project's own files,
     `validation.suite` and `classes_suite`, are relative to the repository: see
-    `defectflow.validation.suite_path`.)"""
+    `defectflow.data.validation.suite_path`.)"""
     p = Path(path).expanduser()
     return p if p.is_absolute() else (Path.cwd() / p)

@@ -85,10 +85,22 @@ def code_revision(repo: Path | None = None) -> str:
 
     repo = repo or Path(__file__).resolve().parents[2]
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return f"defectflow {__version__} (no git checkout)"
     return head + ("-dirty" if dirty else "")
@@ -111,7 +123,9 @@ def save_model(model_dir: Path, name: str, metadata: dict, labels: dict | None =
     try:
         # A JSON round trip rejects what the store could not keep, and copies: BentoML
         # normalises the metadata dict in place.
-        metadata = _without_none(json.loads(json.dumps({**metadata, "files": file_digests(model_dir)})))
+        metadata = _without_none(
+            json.loads(json.dumps({**metadata, "files": file_digests(model_dir)}))
+        )
     except (TypeError, ValueError) as exc:
         raise ValueError(f"model metadata must be JSON-able: {exc}") from exc
     labels = {"project": "defectflow", **{str(k): str(v) for k, v in (labels or {}).items()}}
@@ -150,16 +164,22 @@ def verify_model(tag: str) -> Path:
     path = Path(model.path)
     recorded = model.info.metadata.get("files")
     if not recorded:
-        raise IncompleteModel(f"model {model.tag} has no file digests in its metadata: it was not saved "
-                              "by defectflow and cannot be checked")
+        raise IncompleteModel(
+            f"model {model.tag} has no file digests in its metadata: it was not saved "
+            "by defectflow and cannot be checked"
+        )
     actual = file_digests(path)
     missing = sorted(set(recorded) - set(actual))
     if missing:
-        raise IncompleteModel(f"model {model.tag} is incomplete: missing {', '.join(missing)} in {path}")
+        raise IncompleteModel(
+            f"model {model.tag} is incomplete: missing {', '.join(missing)} in {path}"
+        )
     altered = sorted(f for f, digest in recorded.items() if actual[f] != digest)
     if altered:
-        raise IncompleteModel(f"model {model.tag} is damaged: {', '.join(altered)} changed since it was saved "
-                              f"(SHA-256 mismatch in {path})")
+        raise IncompleteModel(
+            f"model {model.tag} is damaged: {', '.join(altered)} changed since it was saved "
+            f"(SHA-256 mismatch in {path})"
+        )
     return path
 
 
@@ -181,8 +201,10 @@ def _read_book(name: str) -> dict:
     except FileNotFoundError:
         return {"name": name, "lineage": [], "archived": [], "history": []}
     except ValueError as exc:  # only a hand edit can do this: replacement is atomic
-        raise RegistryError(f"stage book {path} is not valid JSON ({exc}); restore it or delete it "
-                            "to start again with no production model") from None
+        raise RegistryError(
+            f"stage book {path} is not valid JSON ({exc}); restore it or delete it "
+            "to start again with no production model"
+        ) from None
     return book
 
 
@@ -237,8 +259,14 @@ def history(name: str = DEFAULT_MODEL_NAME) -> list[dict]:
 
 
 def _event(action: str, tag: str, previous: str | None, reason: str) -> dict:
-    return {"time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "action": action, "tag": tag,
-            "previous": previous, "reason": reason, "user": _user()}
+    return {
+        "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "action": action,
+        "tag": tag,
+        "previous": previous,
+        "reason": reason,
+        "user": _user(),
+    }
 
 
 def _user() -> str:
@@ -269,8 +297,10 @@ def rollback(name: str = DEFAULT_MODEL_NAME, reason: str = "") -> dict:
     with _locked_book(name) as book:
         if len(book["lineage"]) < 2:
             current = book["lineage"][-1] if book["lineage"] else None
-            raise RegistryError(f"no earlier production model of {name!r} to roll back to "
-                                f"(production: {current or 'none'})")
+            raise RegistryError(
+                f"no earlier production model of {name!r} to roll back to "
+                f"(production: {current or 'none'})"
+            )
         current, restored = book["lineage"][-1], book["lineage"][-2]
         verify_model(restored)
         book["lineage"] = book["lineage"][:-1]
@@ -286,7 +316,9 @@ def archive(tag: str, reason: str = "") -> dict:
     name = tag.split(":")[0]
     with _locked_book(name) as book:
         if book["lineage"] and book["lineage"][-1] == tag:
-            raise RegistryError(f"{tag} is the production model: promote another model or roll back first")
+            raise RegistryError(
+                f"{tag} is the production model: promote another model or roll back first"
+            )
         if tag in book["archived"]:
             return _event("archive", tag, None, "already archived")
         book["archived"] = sorted({*book["archived"], tag})
@@ -316,14 +348,20 @@ def list_models(name: str = DEFAULT_MODEL_NAME) -> list[dict]:
         metadata = model.info.metadata
         metrics = metadata.get("metrics") or _metrics_file(Path(model.path))
         decision = metadata.get("gate") or {}
-        rows.append({
-            "tag": tag,
-            "stage": "production" if tag == production else "archived" if tag in book["archived"] else "candidate",
-            "creation_time": model.info.creation_time.isoformat(timespec="seconds"),
-            "labels": dict(model.info.labels),
-            "metrics": {k: metrics[k] for k in _LISTED_METRICS if k in metrics},
-            "gate": decision.get("message", ""),
-        })
+        rows.append(
+            {
+                "tag": tag,
+                "stage": "production"
+                if tag == production
+                else "archived"
+                if tag in book["archived"]
+                else "candidate",
+                "creation_time": model.info.creation_time.isoformat(timespec="seconds"),
+                "labels": dict(model.info.labels),
+                "metrics": {k: metrics[k] for k in _LISTED_METRICS if k in metrics},
+                "gate": decision.get("message", ""),
+            }
+        )
     return rows
 
 
@@ -350,8 +388,11 @@ def build_bento(model_tag: str, bentofile: Path, build_ctx: Path) -> str:
     serving_format = ModelInfo.load(model_dir(pinned)).serving_format
     spec = yaml.safe_load(Path(bentofile).read_text())
     if serving_format == "tflite":
-        spec["python"]["packages"] = [p for p in spec["python"]["packages"]
-                                      if p.split("==")[0].split("[")[0] not in KERAS_ONLY_PACKAGES]
+        spec["python"]["packages"] = [
+            p
+            for p in spec["python"]["packages"]
+            if p.split("==")[0].split("[")[0] not in KERAS_ONLY_PACKAGES
+        ]
     with tempfile.TemporaryDirectory() as tmp, _env(MODEL_TAG_ENV, pinned):
         effective = Path(tmp) / "bentofile.yaml"
         effective.write_text(yaml.safe_dump(spec, sort_keys=False))

@@ -2,7 +2,8 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from defectflow.config import AugmentConfig
-from defectflow.data.augment import JointAugmentation, augmentation_preview
+from defectflow.data.augment import JointAugmentation
+from defectflow.evaluation.plots import augmentation_preview
 
 
 def _cfg(**kw):
@@ -12,7 +13,9 @@ def _cfg(**kw):
 
 def test_mask_moves_with_the_image():
     # Brightness/contrast off: then the red square in the image and the mask must stay aligned.
-    aug = JointAugmentation(_cfg(brightness=0.0, contrast=0.0, rotation=0.1, translation=0.2), seed=3)
+    aug = JointAugmentation(
+        _cfg(brightness=0.0, contrast=0.0, rotation=0.1, translation=0.2), seed=3
+    )
     images = np.zeros((4, 32, 32, 3), np.float32)
     masks = np.zeros((4, 32, 32, 1), np.float32)
     images[:, 4:10, 20:28, 0] = 255.0
@@ -28,8 +31,17 @@ def test_mask_moves_with_the_image():
 
 
 def test_photometric_changes_image_only_and_preview():
-    aug = JointAugmentation(_cfg(horizontal_flip=False, vertical_flip=False, rotation=0.0,
-                                 translation=0.0, zoom=0.0, brightness=0.5), seed=0)
+    aug = JointAugmentation(
+        _cfg(
+            horizontal_flip=False,
+            vertical_flip=False,
+            rotation=0.0,
+            translation=0.0,
+            zoom=0.0,
+            brightness=0.5,
+        ),
+        seed=0,
+    )
     assert aug.geometric is None and aug.describe()
     images = np.full((2, 16, 16, 3), 100.0, np.float32)
     masks = np.zeros((2, 16, 16, 1), np.float32)
@@ -47,15 +59,36 @@ def test_probabilities_are_drawn_per_sample():
     masks[:, 2:5, 2:5] = 1
     never = JointAugmentation(_cfg(p_geometric=0.0, brightness=0.0, contrast=0.0), seed=1)
     np.testing.assert_array_equal(np.asarray(never(images, masks)[1]), masks)
-    half = JointAugmentation(_cfg(p_geometric=0.5, rotation=0.0, translation=0.0, zoom=0.0,
-                                  vertical_flip=False, brightness=0.0, contrast=0.0), seed=1)
+    half = JointAugmentation(
+        _cfg(
+            p_geometric=0.5,
+            rotation=0.0,
+            translation=0.0,
+            zoom=0.0,
+            vertical_flip=False,
+            brightness=0.0,
+            contrast=0.0,
+        ),
+        seed=1,
+    )
     flipped = (np.asarray(half(images, masks)[1]) != masks).reshape(64, -1).any(axis=1)
     assert 5 < flipped.sum() < 59  # about half, never none or all
 
 
 def test_noise_changes_image_only():
-    aug = JointAugmentation(_cfg(horizontal_flip=False, vertical_flip=False, rotation=0.0, translation=0.0,
-                                 zoom=0.0, brightness=0.0, contrast=0.0, noise_std=8.0), seed=0)
+    aug = JointAugmentation(
+        _cfg(
+            horizontal_flip=False,
+            vertical_flip=False,
+            rotation=0.0,
+            translation=0.0,
+            zoom=0.0,
+            brightness=0.0,
+            contrast=0.0,
+            noise_std=8.0,
+        ),
+        seed=0,
+    )
     images = np.full((2, 16, 16, 3), 128.0, np.float32)
     masks = np.zeros((2, 16, 16, 1), np.float32)
     out_images, out_masks = aug(images, masks)

@@ -12,9 +12,14 @@ def test_oversampling_balances_classes_and_keeps_every_image():
 
 
 def test_oversampled_dataset_length():
-    split = ArraySplit(np.zeros((5, 8, 8, 3), np.float32), np.array([0, 0, 0, 1, 2], np.int32),
-                       np.zeros((5, 8, 8, 1), np.float32))
-    seen = [int(y["class"].shape[0]) for _, y in make_dataset(split, 4, oversample=True, shuffle=True)]
+    split = ArraySplit(
+        np.zeros((5, 8, 8, 3), np.float32),
+        np.array([0, 0, 0, 1, 2], np.int32),
+        np.zeros((5, 8, 8, 1), np.float32),
+    )
+    seen = [
+        int(y["class"].shape[0]) for _, y in make_dataset(split, 4, oversample=True, shuffle=True)
+    ]
     assert sum(seen) == 9
     assert sum(int(y["class"].shape[0]) for _, y in make_dataset(split, 4)) == 5
 
@@ -25,8 +30,11 @@ def test_an_epoch_keyed_shuffle_depends_on_the_epoch_only():
     import tensorflow as tf
 
     n = 10
-    split = ArraySplit(np.arange(n, dtype=np.float32)[:, None, None, None] * np.ones((n, 2, 2, 3), np.float32),
-                       np.arange(n, dtype=np.int32), np.zeros((n, 2, 2, 1), np.float32))
+    split = ArraySplit(
+        np.arange(n, dtype=np.float32)[:, None, None, None] * np.ones((n, 2, 2, 3), np.float32),
+        np.arange(n, dtype=np.int32),
+        np.zeros((n, 2, 2, 1), np.float32),
+    )
     epoch = tf.Variable(0, dtype=tf.int64)
     ds = make_dataset(split, 4, shuffle=True, seed=0, epoch=epoch)
     assert int(ds.cardinality()) == 3
@@ -35,7 +43,9 @@ def test_an_epoch_keyed_shuffle_depends_on_the_epoch_only():
         epoch.assign(value)
         seen = []
         for x, y in ds:
-            assert np.array_equal(x.numpy()[:, 0, 0, 0], y["class"].numpy())  # image and label stay together
+            assert np.array_equal(
+                x.numpy()[:, 0, 0, 0], y["class"].numpy()
+            )  # image and label stay together
             seen += y["class"].numpy().tolist()
         return seen
 

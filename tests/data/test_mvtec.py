@@ -64,8 +64,13 @@ def test_reviewed_images_join_the_data_when_there_are_any(tmp_path):
     _write(incoming / "train/good/007.png", 60)
     merged = scan_training_data(root, incoming=incoming)
     assert class_counts(merged) == {"crack": 2, "good": 2}
-    reviewed = {(s.origin, s.label, s.path.name) for s in merged if s.origin.startswith("incoming/")}
-    assert reviewed == {("incoming/test", "crack", "000.png"), ("incoming/train", "good", "007.png")}
+    reviewed = {
+        (s.origin, s.label, s.path.name) for s in merged if s.origin.startswith("incoming/")
+    }
+    assert reviewed == {
+        ("incoming/test", "crack", "000.png"),
+        ("incoming/train", "good", "007.png"),
+    }
     assert all(s.mask_path for s in merged if s.label == "crack")
 
     with pytest.raises(DatasetError, match="folder of their own"):

@@ -9,7 +9,12 @@ from defectflow.data.split import read_manifest, select, stratified_split, write
 
 def _samples(counts):
     return [
-        Sample(Path(f"/d/{label}/{i:03d}.png"), label, None if label == "good" else Path(f"/m/{label}/{i}.png"), "test")
+        Sample(
+            Path(f"/d/{label}/{i:03d}.png"),
+            label,
+            None if label == "good" else Path(f"/m/{label}/{i}.png"),
+            "test",
+        )
         for label, n in counts.items()
         for i in range(n)
     ]
@@ -56,9 +61,16 @@ def test_fingerprint_and_manifest_reuse(tmp_path):
     again, same, reused = split_with_manifest(samples, sha, split_cfg, tmp_path)
     assert reused and same == fingerprint and again == rows
     # Same data in another folder: same version. Changed content or split settings: a new one.
-    moved = [Sample(Path("/elsewhere") / s.path.relative_to("/d"), s.label, s.mask_path, s.origin) for s in samples]
-    assert data_fingerprint(moved, {m.path: sha[s.path] for m, s in zip(moved, samples, strict=True)},
-                            split_cfg) == fingerprint
+    moved = [
+        Sample(Path("/elsewhere") / s.path.relative_to("/d"), s.label, s.mask_path, s.origin)
+        for s in samples
+    ]
+    assert (
+        data_fingerprint(
+            moved, {m.path: sha[s.path] for m, s in zip(moved, samples, strict=True)}, split_cfg
+        )
+        == fingerprint
+    )
     changed = {**sha, samples[0].path: "other"}
     assert data_fingerprint(samples, changed, split_cfg) != fingerprint
     assert data_fingerprint(samples, sha, OmegaConf.create({**split_cfg, "seed": 4})) != fingerprint

@@ -38,8 +38,14 @@ class Stack:
         self.api = f"http://127.0.0.1:{port}/api"
 
     def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "defectflow"), *args], env=self.env, capture_output=True, text=True,
-                              timeout=timeout, cwd=REPO_ROOT)
+        return subprocess.run(
+            [str(BIN / "defectflow"), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=REPO_ROOT,
+        )
 
     def up(self, *extra: str) -> subprocess.CompletedProcess:
         result = self.cli("up", "--port", str(self.port), *extra)
@@ -50,8 +56,10 @@ class Stack:
         return json.loads((self.home / "stack" / "stack.json").read_text())
 
     def logs(self) -> str:
-        return "".join(f"\n--- {p.name}\n{p.read_text(errors='replace')[-4000:]}"
-                       for p in sorted((self.home / "stack").glob("*.log")))
+        return "".join(
+            f"\n--- {p.name}\n{p.read_text(errors='replace')[-4000:]}"
+            for p in sorted((self.home / "stack").glob("*.log"))
+        )
 
     def get(self, path: str) -> dict:
         response = httpx.get(f"{self.api}{path}", timeout=30)
@@ -64,9 +72,13 @@ class Stack:
         return response.json()
 
     def trigger(self, deployment: str, parameters: dict) -> str:
-        result = subprocess.run([sys.executable, "-c", RUN_DEPLOYMENT, deployment, json.dumps(parameters)],
-                                env={**self.env, "PREFECT_API_URL": self.api}, capture_output=True, text=True,
-                                timeout=120)
+        result = subprocess.run(
+            [sys.executable, "-c", RUN_DEPLOYMENT, deployment, json.dumps(parameters)],
+            env={**self.env, "PREFECT_API_URL": self.api},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         return result.stdout.strip().splitlines()[-1]
 
@@ -77,7 +89,9 @@ class Stack:
             if run["state_type"] in states:
                 return run
             if time.monotonic() > deadline:
-                pytest.fail(f"flow run {run_id} still {run['state_type']} after {timeout} s" + self.logs())
+                pytest.fail(
+                    f"flow run {run_id} still {run['state_type']} after {timeout} s" + self.logs()
+                )
             time.sleep(1)
 
     def run(self, deployment: str, parameters: dict, timeout: float = 600) -> dict:
@@ -101,8 +115,15 @@ def stack(tmp_path_factory):
         yield stack
     finally:
         stack.cli("down", timeout=120)
-        leftover = [name for name, record in stack.state().get("processes", {}).items()
-                    if _alive(record["pid"])] if (stack.home / "stack" / "stack.json").exists() else []
+        leftover = (
+            [
+                name
+                for name, record in stack.state().get("processes", {}).items()
+                if _alive(record["pid"])
+            ]
+            if (stack.home / "stack" / "stack.json").exists()
+            else []
+        )
         assert not leftover, f"still running after `defectflow down`: {leftover}"
 
 
@@ -124,7 +145,13 @@ def test_up_is_idempotent_and_applies_the_deployments(stack):
     assert {name: record["pid"] for name, record in stack.state()["processes"].items()} == pids
 
     names = {d["name"]: d for d in stack.post("/deployments/filter", {})}
-    assert {"training-pipeline", "nightly-retrain", "evaluate", "promote", "training-pipeline-gpu"} <= set(names)
+    assert {
+        "training-pipeline",
+        "nightly-retrain",
+        "evaluate",
+        "promote",
+        "training-pipeline-gpu",
+    } <= set(names)
     nightly = names["nightly-retrain"]
     assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 2 * * *"]
     assert nightly["global_concurrency_limit"]["limit"] == 1
@@ -137,27 +164,53 @@ def test_up_is_idempotent_and_applies_the_deployments(stack):
 
 
 def test_training_pipeline_from_the_ui_button(stack, tiny_dataset, tmp_path):
-    run = stack.run("training-pipeline/training-pipeline",
-                    {"config": "tiny", "data_root": str(tiny_dataset), "overrides": TINY, "promote": False})
+    run = stack.run(
+        "training-pipeline/training-pipeline",
+        {"config": "tiny", "data_root": str(tiny_dataset), "overrides": TINY, "promote": False},
+    )
     assert run["state_type"] == "COMPLETED", run["state"]["message"] + stack.logs()
     assert "promotion is off" in run["state"]["message"], run["state"]["message"]
     artifacts = stack.artifacts(run["id"])
-    for key in ("data-validation", "tuner-trials", "test-metrics", "gate-decision", "evaluation-report",
-                "metrics-comparison", "promotion"):
+    for key in (
+        "data-validation",
+        "tuner-trials",
+        "test-metrics",
+        "gate-decision",
+        "evaluation-report",
+        "metrics-comparison",
+        "promotion",
+    ):
         assert key in artifacts, sorted(artifacts)
     assert "Data Docs" in artifacts["data-validation"]["data"]
     assert artifacts["metrics-comparison"]["type"] == "table"
     models = stack.models()
-    assert len(models) == 1 and models[0]["stage"] == "candidate"  # promote=False: registered, not promoted
+    assert (
+        len(models) == 1 and models[0]["stage"] == "candidate"
+    )  # promote=False: registered, not promoted
 
-    logs = stack.post("/logs/filter", {"logs": {"flow_run_id": {"any_": [run["id"]]}}, "limit": 200})
+    logs = stack.post(
+        "/logs/filter", {"logs": {"flow_run_id": {"any_": [run["id"]]}}, "limit": 200}
+    )
     assert any("data valid" in entry["message"] for entry in logs)
 
     # The flow-run page of the Prefect UI renders this run (headless Chromium).
     shot = tmp_path / "flow-run.png"
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "prefect_ui_screenshot.py"),
-                             "--ui-url", f"http://127.0.0.1:{stack.port}", "--flow-run-id", run["id"],
-                             "--out", str(shot)], env=stack.env, capture_output=True, text=True, timeout=180)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "scripts" / "prefect_ui_screenshot.py"),
+            "--ui-url",
+            f"http://127.0.0.1:{stack.port}",
+            "--flow-run-id",
+            run["id"],
+            "--out",
+            str(shot),
+        ],
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     if result.returncode == 2:
         print(f"no Chromium: UI screenshot not checked ({result.stderr.strip()})")
     else:
@@ -167,17 +220,26 @@ def test_training_pipeline_from_the_ui_button(stack, tiny_dataset, tmp_path):
 
 
 def test_nightly_retrains_once_then_skips_unchanged_data(stack, tiny_dataset):
-    params = {"config": "tiny", "data_root": str(tiny_dataset), "overrides": TINY, "tuner_trials": 0}
+    params = {
+        "config": "tiny",
+        "data_root": str(tiny_dataset),
+        "overrides": TINY,
+        "tuner_trials": 0,
+    }
     first = stack.run("nightly-retrain/nightly-retrain", params)
     assert first["state_type"] == "COMPLETED", first["state"]["message"] + stack.logs()
-    assert first["state"]["message"].startswith("promoted"), first["state"]["message"]  # no production yet
+    assert first["state"]["message"].startswith("promoted"), first["state"][
+        "message"
+    ]  # no production yet
     production = [m for m in stack.models() if m["stage"] == "production"]
     assert len(production) == 1
 
     second = stack.run("nightly-retrain/nightly-retrain", params)
     assert second["state_type"] == "COMPLETED"
     assert second["state"]["message"].startswith("skipped: no new data"), second["state"]["message"]
-    assert [m["tag"] for m in stack.models() if m["stage"] == "production"] == [production[0]["tag"]]
+    assert [m["tag"] for m in stack.models() if m["stage"] == "production"] == [
+        production[0]["tag"]
+    ]
     assert len(stack.models()) == 2  # nothing trained
     # The data hash came from the cache (persisted result of the first night), not from the files.
     tasks = stack.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [second["id"]]}}})
@@ -189,8 +251,10 @@ def test_failing_nightly_never_changes_production(stack, tiny_dataset, tmp_path)
     broken = shutil.copytree(tiny_dataset, tmp_path / "broken")
     next((broken / "test" / "crack").glob("*.png")).write_bytes(b"not an image")
     production = [m["tag"] for m in stack.models() if m["stage"] == "production"]
-    run = stack.run("nightly-retrain/nightly-retrain",
-                    {"config": "tiny", "data_root": str(broken), "overrides": TINY})
+    run = stack.run(
+        "nightly-retrain/nightly-retrain",
+        {"config": "tiny", "data_root": str(broken), "overrides": TINY},
+    )
     assert run["state_type"] == "FAILED", run["state"]
     assert [m["tag"] for m in stack.models() if m["stage"] == "production"] == production
 
@@ -198,7 +262,11 @@ def test_failing_nightly_never_changes_production(stack, tiny_dataset, tmp_path)
 def _train_model_run(stack: Stack, run_id: str) -> dict | None:
     """The flow run's `train-model` task run, as the API has it (None before it starts)."""
     tasks = stack.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})
-    found = [t for t in tasks if t["task_key"].startswith("train_model") or t["name"].startswith("train-model")]
+    found = [
+        t
+        for t in tasks
+        if t["task_key"].startswith("train_model") or t["name"].startswith("train-model")
+    ]
     return found[-1] if found else None
 
 
@@ -207,30 +275,48 @@ def test_killed_worker_crashes_the_run_and_a_retry_completes(stack, tiny_dataset
     API, not guessed with a sleep): the flow run ends Crashed, that task never completes, and a
     retry on a new worker completes."""
     stack.up()  # idempotent: lets this test run on its own
-    run_id = stack.trigger("training-pipeline/training-pipeline",
-                           {"config": "tiny", "data_root": str(tiny_dataset), "overrides": TINY, "promote": False,
-                            "tuner_trials": 0})
+    run_id = stack.trigger(
+        "training-pipeline/training-pipeline",
+        {
+            "config": "tiny",
+            "data_root": str(tiny_dataset),
+            "overrides": TINY,
+            "promote": False,
+            "tuner_trials": 0,
+        },
+    )
     deadline = time.monotonic() + 300
     while True:  # the training task is short (one tiny epoch): poll often
         task = _train_model_run(stack, run_id)
         if task is not None and task["state_type"] == "RUNNING":
             break
         flow_run = stack.get(f"/flow_runs/{run_id}")
-        assert flow_run["state_type"] not in FINAL, \
-            f"the run ended {flow_run['state_type']} before train-model was seen Running: {task}" + stack.logs()
+        assert flow_run["state_type"] not in FINAL, (
+            f"the run ended {flow_run['state_type']} before train-model was seen Running: {task}"
+            + stack.logs()
+        )
         assert task is None or task["state_type"] in ("PENDING", "SCHEDULED"), task
-        assert time.monotonic() < deadline, f"train-model not Running after 300 s: {task}" + stack.logs()
+        assert time.monotonic() < deadline, (
+            f"train-model not Running after 300 s: {task}" + stack.logs()
+        )
         time.sleep(0.1)
     os.kill(stack.state()["processes"]["worker"]["pid"], signal.SIGKILL)
     crashed = stack.wait(run_id, timeout=120)
     assert crashed["state_type"] == "CRASHED", crashed["state"]
     killed_task = _train_model_run(stack, run_id)
-    assert killed_task["id"] == task["id"] and killed_task["state_type"] != "COMPLETED", killed_task["state"]
+    assert killed_task["id"] == task["id"] and killed_task["state_type"] != "COMPLETED", (
+        killed_task["state"]
+    )
 
     stack.up()  # starts only what is missing: a new worker
     # The UI's "Retry" on the crashed run: the same flow run, scheduled again.
-    stack.post(f"/flow_runs/{run_id}/set_state",
-               {"state": {"type": "SCHEDULED", "name": "AwaitingRetry", "message": "retried (test)"}, "force": True})
+    stack.post(
+        f"/flow_runs/{run_id}/set_state",
+        {
+            "state": {"type": "SCHEDULED", "name": "AwaitingRetry", "message": "retried (test)"},
+            "force": True,
+        },
+    )
     retried = stack.wait(run_id)
     assert retried["state_type"] == "COMPLETED", retried["state"]["message"] + stack.logs()
     assert retried["run_count"] >= 2
@@ -241,12 +327,25 @@ def test_deployments_and_schedules_survive_a_server_restart(stack):
     down = stack.cli("down", timeout=120)
     assert down.returncode == 0 and "server stopped" in down.stdout, down.stdout + down.stderr
     assert stack.cli("down").returncode == 0  # idempotent
-    restart = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
-                              "from defectflow.environment import configure_environment; configure_environment(); "
-                              "from defectflow import stack; stack.up(Path(sys.argv[1]), port=int(sys.argv[2]), "
-                              "deploy=False, worker=False)", str(stack.home), str(stack.port)],
-                             env=stack.env, capture_output=True, text=True, timeout=300)
+    restart = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; "
+            "from defectflow.environment import configure_environment; configure_environment(); "
+            "from defectflow.orchestration import stack; stack.up(Path(sys.argv[1]), port=int(sys.argv[2]), "
+            "deploy=False, worker=False)",
+            str(stack.home),
+            str(stack.port),
+        ],
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert restart.returncode == 0, restart.stderr + stack.logs()
     after = {d["name"]: d["schedules"] for d in stack.post("/deployments/filter", {})}
     assert set(after) == set(before)
-    assert [s["schedule"] for s in after["nightly-retrain"]] == [s["schedule"] for s in before["nightly-retrain"]]
+    assert [s["schedule"] for s in after["nightly-retrain"]] == [
+        s["schedule"] for s in before["nightly-retrain"]
+    ]

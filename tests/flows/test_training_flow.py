@@ -32,28 +32,49 @@ def _post(url: str, filename: str, data: bytes) -> tuple[int, dict]:
 
 
 def test_flow_trains_packages_and_serves(prefect_server, tiny_dataset, tmp_path):
-    from flows.training import training_pipeline
+    from defectflow.orchestration.flows.training import training_pipeline
 
-    summary = training_pipeline(config="tiny", overrides=[f"data.root={tiny_dataset}", *TINY,
-                                                          "package.model_name=servetest"])
+    summary = training_pipeline(
+        config="tiny",
+        overrides=[f"data.root={tiny_dataset}", *TINY, "package.model_name=servetest"],
+    )
     run_dir = Path(summary["run_dir"])
-    for name in ("config.yaml", "manifest.csv", "augmentation_preview.png", "trials.json", "calibration.json",
-                 "training_curves.png", "gate.json", "package.json", "export.json", "report/report.html",
-                 "report/report.md"):
+    for name in (
+        "config.yaml",
+        "manifest.csv",
+        "augmentation_preview.png",
+        "trials.json",
+        "calibration.json",
+        "training_curves.png",
+        "gate.json",
+        "package.json",
+        "export.json",
+        "report/report.html",
+        "report/report.md",
+    ):
         assert (run_dir / name).exists(), name
     export = json.loads((run_dir / "export.json").read_text())
     assert export["parity"]["passed"] and export["parity"]["n_images"] > 0  # on the test split
     assert summary["serving_format"] == export["format"]
     assert (run_dir / "validation" / "data_docs" / "index.html").exists()
     assert (run_dir / "evaluation" / "confusion_matrix.png").exists()
-    assert set(summary["metrics"]) >= {"accuracy", "presence_accuracy", "defect_accuracy", "defect_dice"}
+    assert set(summary["metrics"]) >= {
+        "accuracy",
+        "presence_accuracy",
+        "defect_accuracy",
+        "defect_dice",
+    }
     assert summary["model_tag"].startswith("servetest:")
-    assert summary["promoted"] and summary["bento_tag"]  # the first model of its name: floors alone decide
+    assert (
+        summary["promoted"] and summary["bento_tag"]
+    )  # the first model of its name: floors alone decide
 
     import bentoml
 
     model = bentoml.models.get(summary["model_tag"])
-    assert model.info.metadata["metrics"]["accuracy"] == pytest.approx(summary["metrics"]["accuracy"])
+    assert model.info.metadata["metrics"]["accuracy"] == pytest.approx(
+        summary["metrics"]["accuracy"]
+    )
     assert "config_sha256" in model.info.metadata
     # The anomaly head was fitted on the good training images and its threshold chosen on validation.
     info = json.loads((Path(summary["model_dir"]) / "model.json").read_text())
@@ -65,16 +86,33 @@ def test_flow_trains_packages_and_serves(prefect_server, tiny_dataset, tmp_path)
     # nothing listening.
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [str(BIN / "defectflow"), "serve", "--bento", summary["bento_tag"], "--port", str(port)]
+    command = [
+        str(BIN / "defectflow"),
+        "serve",
+        "--bento",
+        summary["bento_tag"],
+        "--port",
+        str(port),
+    ]
     with running(command, os.environ.copy(), tmp_path / "serve.log") as server:
         wait_http(f"{url}/readyz", server, 180, tmp_path / "serve.log")
         image_path = next((tiny_dataset / "test" / "crack").iterdir())
         status, body = _post(url, image_path.name, image_path.read_bytes())
         assert status == 200, body
-        assert body["class"] in ["good", "crack", "faulty_imprint", "poke", "scratch", "squeeze", "unknown_defect"]
+        assert body["class"] in [
+            "good",
+            "crack",
+            "faulty_imprint",
+            "poke",
+            "scratch",
+            "squeeze",
+            "unknown_defect",
+        ]
         assert body["anomaly_threshold"] == pytest.approx(info["anomaly_threshold"], abs=1e-6)
         assert abs(sum(body["probabilities"].values()) - 1.0) < 1e-4
-        mask = cv2.imdecode(np.frombuffer(base64.b64decode(body["mask_png_base64"]), np.uint8), cv2.IMREAD_UNCHANGED)
+        mask = cv2.imdecode(
+            np.frombuffer(base64.b64decode(body["mask_png_base64"]), np.uint8), cv2.IMREAD_UNCHANGED
+        )
         assert mask.shape == cv2.imread(str(image_path)).shape[:2]
         status, body = _post(url, "notes.txt", b"this is not an image")
         assert 400 <= status < 500, body
@@ -84,17 +122,30 @@ def test_flow_trains_packages_and_serves(prefect_server, tiny_dataset, tmp_path)
 
 def test_champion_and_challenger_on_the_same_split(prefect_server, tiny_dataset):
     import bentoml
+    from defectflow.orchestration.flows.training import training_pipeline
 
     from defectflow import registry
-    from flows.training import training_pipeline
 
-    overrides = [f"data.root={tiny_dataset}", *TINY, "package.model_name=gatetest", "package.build_bento=false"]
+    overrides = [
+        f"data.root={tiny_dataset}",
+        *TINY,
+        "package.model_name=gatetest",
+        "package.build_bento=false",
+    ]
     first = training_pipeline(config="tiny", overrides=overrides)
     assert first["promoted"] and first["champion"] is None
     assert registry.production_tag("gatetest") == first["model_tag"]
     metadata = bentoml.models.get(first["model_tag"]).info.metadata
-    for key in ("metrics", "config", "data_fingerprint", "manifest_sha256", "code_revision", "training_seconds",
-                "files", "gate"):
+    for key in (
+        "metrics",
+        "config",
+        "data_fingerprint",
+        "manifest_sha256",
+        "code_revision",
+        "training_seconds",
+        "files",
+        "gate",
+    ):
         assert metadata.get(key) is not None, key
     assert metadata.get("parent") is None
     assert metadata["data_fingerprint"] == first["data_fingerprint"]
@@ -102,8 +153,9 @@ def test_champion_and_challenger_on_the_same_split(prefect_server, tiny_dataset)
     assert "no production model yet" in metadata["gate"]["message"]
 
     # A challenger that must beat the champion by a full point cannot: rejected, yet Completed.
-    state = training_pipeline(config="tiny", overrides=[*overrides, "gate.tolerance.accuracy=-1.0"],
-                              return_state=True)
+    state = training_pipeline(
+        config="tiny", overrides=[*overrides, "gate.tolerance.accuracy=-1.0"], return_state=True
+    )
     assert state.is_completed()
     assert state.message.startswith("not promoted: accuracy") and "champion" in state.message
     second = state.result()
@@ -121,12 +173,15 @@ def test_champion_and_challenger_on_the_same_split(prefect_server, tiny_dataset)
     gate = json.loads((run_dir / "gate.json").read_text())
     champion_checks = [c for c in gate["checks"] if c["kind"] == "champion"]
     assert {c["metric"]: c["champion_value"] for c in champion_checks} == {
-        k: pytest.approx(champion_metrics[k]) for k in ("accuracy", "presence_accuracy", "defect_dice")}
+        k: pytest.approx(champion_metrics[k])
+        for k in ("accuracy", "presence_accuracy", "defect_dice")
+    }
 
 
 def test_flow_stops_on_invalid_data(prefect_server, tiny_dataset, tmp_path):
-    from defectflow.validation import DataValidationError
-    from flows.training import training_pipeline
+    from defectflow.orchestration.flows.training import training_pipeline
+
+    from defectflow.data.validation import DataValidationError
 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_dataset, broken)
@@ -138,10 +193,12 @@ def test_flow_stops_on_invalid_data(prefect_server, tiny_dataset, tmp_path):
 def test_reproduce_tunes_once_and_summarizes_every_seed(prefect_server, tiny_dataset, tmp_path):
     import json
 
-    from flows.reproduce import reproduce
+    from defectflow.orchestration.flows.reproduce import reproduce
 
     out = tmp_path / "results"
-    summary = reproduce(config="tiny", seeds=[1, 2], overrides=[f"data.root={tiny_dataset}"], out_dir=str(out))
+    summary = reproduce(
+        config="tiny", seeds=[1, 2], overrides=[f"data.root={tiny_dataset}"], out_dir=str(out)
+    )
     assert [run["seed"] for run in summary["runs"]] == [1, 2]
     assert summary["tuned"] == {"base_filters": 4}  # configs/tuner/tiny.yaml's one value
     first, second = (Path(run["run_dir"]) for run in summary["runs"])
@@ -150,32 +207,49 @@ def test_reproduce_tunes_once_and_summarizes_every_seed(prefect_server, tiny_dat
 
     assert from_yaml((second / "config.yaml").read_text()).tune.enabled is False
     saved = json.loads((out / "results.json").read_text())
-    assert saved["summary"]["accuracy"]["values"] == [r["metrics"]["accuracy"] for r in summary["runs"]]
+    assert saved["summary"]["accuracy"]["values"] == [
+        r["metrics"]["accuracy"] for r in summary["runs"]
+    ]
     assert "mean ± std (n=2)" in (out / "results.md").read_text()
 
 
 def test_a_run_id_resumes_and_refuses_another_config(prefect_server, tiny_dataset):
-    from defectflow.runs import RunConflict
-    from flows.training import training_pipeline
+    from defectflow.orchestration.flows.training import training_pipeline
+
+    from defectflow.orchestration.runs import RunConflict
 
     overrides = [f"data.root={tiny_dataset}", *TINY, "package.build_bento=false"]
     first = training_pipeline(config="tiny", overrides=overrides, run_id="resume-me")
     again = training_pipeline(config="tiny", overrides=overrides, run_id="resume-me")
     assert first["run_dir"] == again["run_dir"]
     training = json.loads((Path(again["run_dir"]) / "model" / "training.json").read_text())
-    assert training["resumed_from_epoch"] == 1 and training["epochs_trained"] == 0  # nothing trained twice
+    assert (
+        training["resumed_from_epoch"] == 1 and training["epochs_trained"] == 0
+    )  # nothing trained twice
     assert len(training["history"]["loss"]) == 1
     with pytest.raises(RunConflict):
-        training_pipeline(config="tiny", overrides=[*overrides, "train.epochs=2"], run_id="resume-me")
+        training_pipeline(
+            config="tiny", overrides=[*overrides, "train.epochs=2"], run_id="resume-me"
+        )
 
 
 def test_cli_evaluates_a_finished_run_again(prefect_server, tiny_dataset, tmp_path, capsys):
+    from defectflow.orchestration.flows.training import training_pipeline
+
     from defectflow.artifacts import ModelInfo
     from defectflow.cli import main
-    from flows.training import training_pipeline
 
-    run_dir = Path(training_pipeline(config="tiny", overrides=[f"data.root={tiny_dataset}", *TINY,
-                                                                "package.build_bento=false", "eval.calibrate=false"])["run_dir"])
+    run_dir = Path(
+        training_pipeline(
+            config="tiny",
+            overrides=[
+                f"data.root={tiny_dataset}",
+                *TINY,
+                "package.build_bento=false",
+                "eval.calibrate=false",
+            ],
+        )["run_dir"]
+    )
     assert ModelInfo.load(run_dir / "model").defect_threshold is None  # calibration was off
     capsys.readouterr()
     assert main(["evaluate", str(run_dir)]) == 0
@@ -189,13 +263,17 @@ def test_cli_evaluates_a_finished_run_again(prefect_server, tiny_dataset, tmp_pa
     assert "not a finished run folder" in capsys.readouterr().err
 
 
-def test_cli_evaluates_a_stored_model_without_touching_the_registry(prefect_server, tiny_dataset, tmp_path, capsys):
+def test_cli_evaluates_a_stored_model_without_touching_the_registry(
+    prefect_server, tiny_dataset, tmp_path, capsys
+):
+    from defectflow.orchestration.flows.training import training_pipeline
+
     from defectflow import registry
     from defectflow.cli import main
-    from flows.training import training_pipeline
 
-    summary = training_pipeline(config="tiny", overrides=[f"data.root={tiny_dataset}", *TINY,
-                                                          "package.build_bento=false"])
+    summary = training_pipeline(
+        config="tiny", overrides=[f"data.root={tiny_dataset}", *TINY, "package.build_bento=false"]
+    )
     tag = summary["model_tag"]
     book = registry.registry_dir() / "defectflow.json"
     before = (book.read_bytes(), registry.file_digests(registry.model_dir(tag)))
@@ -203,7 +281,9 @@ def test_cli_evaluates_a_stored_model_without_touching_the_registry(prefect_serv
     assert main(["evaluate", "--model", tag, "--json", "--out", str(tmp_path / "report")]) == 0
     answer = json.loads(capsys.readouterr().out)
     assert answer["model"] == tag and answer["n_images"] == summary_n_images(summary)
-    assert answer["metrics"] == pytest.approx(summary["metrics"], nan_ok=True)  # same split, same figures
+    assert answer["metrics"] == pytest.approx(
+        summary["metrics"], nan_ok=True
+    )  # same split, same figures
     assert (tmp_path / "report" / "report.html").exists()
     assert (book.read_bytes(), registry.file_digests(registry.model_dir(tag))) == before
 
@@ -227,4 +307,6 @@ def test_cli_evaluates_a_stored_model_without_touching_the_registry(prefect_serv
 
 
 def summary_n_images(summary: dict) -> int:
-    return json.loads((Path(summary["run_dir"]) / "evaluation" / "metrics.json").read_text())["n_images"]
+    return json.loads((Path(summary["run_dir"]) / "evaluation" / "metrics.json").read_text())[
+        "n_images"
+    ]

@@ -19,13 +19,17 @@ def test_local_weights_file_is_loaded(tmp_path):
     """model.weights=PATH: the weights of that file, not a random initialisation."""
     import keras
 
-    reference = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(64, 64, 3))
+    reference = keras.applications.MobileNetV2(
+        include_top=False, weights=None, input_shape=(64, 64, 3)
+    )
     path = tmp_path / "mobilenetv2.weights.h5"
     reference.save_weights(path)
     encoder = build_encoder("mobilenetv2", 64, weights=str(path))
     x = np.random.default_rng(0).uniform(0, 255, (1, 64, 64, 3)).astype(np.float32)
     expected = reference.predict_on_batch(x / 127.5 - 1.0)
-    np.testing.assert_allclose(encoder.predict_on_batch(x)["stride32"], expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        encoder.predict_on_batch(x)["stride32"], expected, rtol=1e-4, atol=1e-4
+    )
 
 
 def test_missing_weights_file_is_a_clear_error(tmp_path):

@@ -31,6 +31,7 @@ def backbone():
 
 # --- the torch-free loader ---------------------------------------------------------------------
 
+
 def test_loader_reads_the_shipped_checkpoint(state_dict):
     # stem conv + BN, 16 blocks (block 0 has no expansion), head conv + BN, classifier.
     assert len(state_dict) == 296
@@ -59,8 +60,14 @@ def _write_legacy(path, obj, storages, monkeypatch):
 
         def __reduce__(self):
             key, offset, size, stride = self.args
-            return fake_utils._rebuild_tensor_v2, (("storage", key), offset, size, stride, False,
-                                                   collections.OrderedDict())
+            return fake_utils._rebuild_tensor_v2, (
+                ("storage", key),
+                offset,
+                size,
+                stride,
+                False,
+                collections.OrderedDict(),
+            )
 
     def _rebuild_tensor_v2(*args):  # pragma: no cover - never called, only named
         raise AssertionError
@@ -93,12 +100,17 @@ def _write_legacy(path, obj, storages, monkeypatch):
 def test_loader_respects_offset_size_and_stride(tmp_path, monkeypatch):
     data = np.arange(24, dtype=np.float32)
     path = tmp_path / "handmade.pth"
-    _write_legacy(path, {
-        "matrix": ("s0", 0, (4, 6), (6, 1)),
-        "transposed": ("s0", 0, (6, 4), (1, 6)),  # a non-contiguous view of the same storage
-        "slice": ("s0", 7, (2, 3), (6, 2)),
-        "scalar": ("s0", 5, (), ()),
-    }, {"s0": data}, monkeypatch)
+    _write_legacy(
+        path,
+        {
+            "matrix": ("s0", 0, (4, 6), (6, 1)),
+            "transposed": ("s0", 0, (6, 4), (1, 6)),  # a non-contiguous view of the same storage
+            "slice": ("s0", 7, (2, 3), (6, 2)),
+            "scalar": ("s0", 5, (), ()),
+        },
+        {"s0": data},
+        monkeypatch,
+    )
     state = load_legacy_state_dict(path)
     full = data.reshape(4, 6)
     np.testing.assert_array_equal(state["matrix"], full)
@@ -144,6 +156,7 @@ def test_loader_never_runs_code_from_the_file(tmp_path):
 
 # --- the Keras model ---------------------------------------------------------------------------
 
+
 def _center_crop_224(image: np.ndarray) -> np.ndarray:
     """The reference evaluation crop: central 87.5% square, bicubic resize to 224."""
     from PIL import Image
@@ -151,15 +164,16 @@ def _center_crop_224(image: np.ndarray) -> np.ndarray:
     h, w = image.shape[:2]
     side = int(min(h, w) * 0.875)
     top, left = (h - side) // 2, (w - side) // 2
-    crop = Image.fromarray(image[top:top + side, left:left + side])
+    crop = Image.fromarray(image[top : top + side, left : left + side])
     return np.asarray(crop.resize((224, 224), Image.BICUBIC), np.float32)
 
 
 def test_imagenet_weights_classify_the_sklearn_sample_photos(classifier):
     from sklearn.datasets import load_sample_image
 
-    batch = np.stack([_center_crop_224(load_sample_image(name))
-                      for name in ("china.jpg", "flower.jpg")])
+    batch = np.stack(
+        [_center_crop_224(load_sample_image(name)) for name in ("china.jpg", "flower.jpg")]
+    )
     probabilities = classifier.predict_on_batch(batch)  # RGB in [0, 255], no preprocessing
     assert probabilities.shape == (2, 1000)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-4)
@@ -173,17 +187,18 @@ def _torch_same_conv(x, weight, stride, groups=1):
     oh, ow = -(-ih // stride), -(-iw // stride)
     pad_h = max((oh - 1) * stride + kh - ih, 0)
     pad_w = max((ow - 1) * stride + kw - iw, 0)
-    x = np.pad(x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2),
-                   (0, 0)))
+    x = np.pad(
+        x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0))
+    )
     out = np.zeros((n, oh, ow, cout), np.float64)
     per_group_in, per_group_out = cin // groups, cout // groups
     for i in range(kh):
         for j in range(kw):
-            patch = x[:, i:i + stride * oh:stride, j:j + stride * ow:stride, :]
+            patch = x[:, i : i + stride * oh : stride, j : j + stride * ow : stride, :]
             for g in range(groups):
-                p = patch[..., g * per_group_in:(g + 1) * per_group_in]
-                w = weight[g * per_group_out:(g + 1) * per_group_out, :, i, j]
-                out[..., g * per_group_out:(g + 1) * per_group_out] += p @ w.T
+                p = patch[..., g * per_group_in : (g + 1) * per_group_in]
+                w = weight[g * per_group_out : (g + 1) * per_group_out, :, i, j]
+                out[..., g * per_group_out : (g + 1) * per_group_out] += p @ w.T
     return out
 
 
@@ -198,8 +213,13 @@ def test_layers_match_a_pytorch_style_reference_with_asymmetric_padding(classifi
     PyTorch port, on an input size whose "same" padding is asymmetric (20 -> pad (0, 1))."""
     import keras
 
-    probe = keras.Model(classifier.input, [classifier.get_layer(name).output for name in (
-        "stem_relu6", "block1_expand_relu6", "block1_dw_relu6")])
+    probe = keras.Model(
+        classifier.input,
+        [
+            classifier.get_layer(name).output
+            for name in ("stem_relu6", "block1_expand_relu6", "block1_dw_relu6")
+        ],
+    )
     image = np.random.default_rng(0).uniform(0, 255, (1, 224, 224, 3)).astype(np.float32)
     image[:, 20:, :, :] = 0  # only the top-left 20x20 region matters below
     image[:, :, 20:, :] = 0
@@ -208,34 +228,49 @@ def test_layers_match_a_pytorch_style_reference_with_asymmetric_padding(classifi
     small = image[:, :20, :20, :]
     reference = _torch_bn_relu6(
         _torch_same_conv((small - 127.0) / 128.0, state_dict["_conv_stem.weight"], 2),
-        state_dict, "_bn0")
+        state_dict,
+        "_bn0",
+    )
     # Keras saw a 224 input; rows/cols 0..8 of its stem output only read input pixels < 19.
     np.testing.assert_allclose(stem[:, :9, :9], reference[:, :9, :9], atol=1e-4)
 
     channels = expanded.shape[-1]
     reference = _torch_bn_relu6(
-        _torch_same_conv(expanded[:, :20, :20].astype(np.float64),
-                         state_dict["_blocks.1._depthwise_conv.weight"], 2, groups=channels),
-        state_dict, "_blocks.1._bn1")
+        _torch_same_conv(
+            expanded[:, :20, :20].astype(np.float64),
+            state_dict["_blocks.1._depthwise_conv.weight"],
+            2,
+            groups=channels,
+        ),
+        state_dict,
+        "_blocks.1._bn1",
+    )
     np.testing.assert_allclose(depthwise[:, :9, :9], reference[:, :9, :9], atol=1e-3)
     # The bottom/right edge: a 20-wide input pads (0, 1), exactly like Keras "same".
     odd = expanded[:, :20, :20]
-    keras_dw = keras.Sequential([
-        keras.Input((20, 20, channels)),
-        keras.layers.DepthwiseConv2D(3, strides=2, padding="same", use_bias=False),
-    ])
+    keras_dw = keras.Sequential(
+        [
+            keras.Input((20, 20, channels)),
+            keras.layers.DepthwiseConv2D(3, strides=2, padding="same", use_bias=False),
+        ]
+    )
     keras_dw.set_weights([classifier.get_layer("block1_dwconv").get_weights()[0]])
-    reference = _torch_same_conv(odd.astype(np.float64),
-                                 state_dict["_blocks.1._depthwise_conv.weight"], 2,
-                                 groups=channels)
+    reference = _torch_same_conv(
+        odd.astype(np.float64), state_dict["_blocks.1._depthwise_conv.weight"], 2, groups=channels
+    )
     np.testing.assert_allclose(np.asarray(keras_dw.predict_on_batch(odd)), reference, atol=1e-3)
 
 
 def test_backbone_feature_maps_at_256(backbone):
     image = np.random.default_rng(1).uniform(0, 255, (2, 256, 256, 3)).astype(np.float32)
     features = backbone.predict_on_batch(image)
-    expected = {"stride2": (128, 16), "stride4": (64, 24), "stride8": (32, 40),
-                "stride16": (16, 112), "stride32": (8, 1280)}
+    expected = {
+        "stride2": (128, 16),
+        "stride4": (64, 24),
+        "stride8": (32, 40),
+        "stride16": (16, 112),
+        "stride32": (8, 1280),
+    }
     assert set(features) == set(FEATURE_NAMES) == set(expected)
     for name, (size, channels) in expected.items():
         assert features[name].shape == (2, size, size, channels), name

@@ -44,17 +44,34 @@ def _pickle(body: bytes) -> bytes:
 
 def _tensor(key: str, numel: int, offset: int, size, stride) -> bytes:
     """``_rebuild_tensor_v2(storage, offset, size, stride, False, OrderedDict())`` as torch writes it."""
-    storage = _tuple(_str("storage"), _global("torch", "FloatStorage"), _str(key), _str("cpu"),
-                     _int(numel), b"N") + b"Q"  # BINPERSID: the storage comes later in the file
-    args = _tuple(storage, _int(offset), _tuple(*map(_int, size)), _tuple(*map(_int, stride)),
-                  b"\x89", _global("collections", "OrderedDict") + b")R")
+    storage = (
+        _tuple(
+            _str("storage"),
+            _global("torch", "FloatStorage"),
+            _str(key),
+            _str("cpu"),
+            _int(numel),
+            b"N",
+        )
+        + b"Q"
+    )  # BINPERSID: the storage comes later in the file
+    args = _tuple(
+        storage,
+        _int(offset),
+        _tuple(*map(_int, size)),
+        _tuple(*map(_int, stride)),
+        b"\x89",
+        _global("collections", "OrderedDict") + b")R",
+    )
     return _global("torch._utils", "_rebuild_tensor_v2") + args + b"R"
 
 
 def _checkpoint(state_body: bytes, storages: dict[str, np.ndarray]) -> bytes:
     """The legacy layout: magic, protocol, system info, the state dict, storage keys, data."""
-    out = [pickle.dumps(header, protocol=2)
-           for header in (MAGIC_NUMBER, PROTOCOL_VERSION, {"little_endian": True})]
+    out = [
+        pickle.dumps(header, protocol=2)
+        for header in (MAGIC_NUMBER, PROTOCOL_VERSION, {"little_endian": True})
+    ]
     out.append(_pickle(state_body))
     out.append(pickle.dumps(list(storages), protocol=2))
     for data in storages.values():
@@ -74,8 +91,9 @@ STORAGE = np.arange(24, dtype=np.float32)
 def _write(tmp_path, name: str, tensors: dict[str, tuple]) -> object:
     """A checkpoint of one 24-float storage ``s0``; ``tensors``: name -> (offset, size, stride)."""
     path = tmp_path / f"{name}.pth"
-    body = _state_dict({tensor: _tensor("s0", STORAGE.size, *view)
-                        for tensor, view in tensors.items()})
+    body = _state_dict(
+        {tensor: _tensor("s0", STORAGE.size, *view) for tensor, view in tensors.items()}
+    )
     path.write_bytes(_checkpoint(body, {"s0": STORAGE}))
     return path
 
@@ -84,15 +102,19 @@ def _write(tmp_path, name: str, tensors: dict[str, tuple]) -> object:
 
 
 def test_a_valid_crafted_file_loads_to_the_right_values(tmp_path):
-    path = _write(tmp_path, "valid", {
-        "conv.weight": (0, (4, 6), (6, 1)),
-        "conv.weight_t": (0, (6, 4), (1, 6)),
-        "tail": (18, (6,), (1,)),  # ends exactly at the last element
-        "slice": (7, (2, 3), (6, 2)),
-        "bias": (23, (1,), (99999,)),  # a size-1 dimension's stride is never followed
-        "scalar": (5, (), ()),
-        "empty": (24, (0, 3), (3, 1)),
-    })
+    path = _write(
+        tmp_path,
+        "valid",
+        {
+            "conv.weight": (0, (4, 6), (6, 1)),
+            "conv.weight_t": (0, (6, 4), (1, 6)),
+            "tail": (18, (6,), (1,)),  # ends exactly at the last element
+            "slice": (7, (2, 3), (6, 2)),
+            "bias": (23, (1,), (99999,)),  # a size-1 dimension's stride is never followed
+            "scalar": (5, (), ()),
+            "empty": (24, (0, 3), (3, 1)),
+        },
+    )
     state = load_legacy_state_dict(path)
     full = STORAGE.reshape(4, 6)
     np.testing.assert_array_equal(state["conv.weight"], full)
@@ -105,21 +127,24 @@ def test_a_valid_crafted_file_loads_to_the_right_values(tmp_path):
     assert all(array.dtype == np.float32 and array.flags.writeable for array in state.values())
 
 
-@pytest.mark.parametrize(("view", "complaint"), [
-    ((-1, (4,), (1,)), r"negative storage offset -1"),
-    ((-24, (), ()), r"negative storage offset -24"),  # would index from the end
-    ((23, (4,), (-1,)), r"negative stride \(-1,\)"),  # would read backwards
-    ((0, (2, -3), (1, 1)), r"negative size"),
-    ((0, (5, 6), (6, 1)), r"30 elements, more than the storage"),
-    ((20, (2, 3), (6, 1)), r"reach element 28, past the end"),
-    ((0, (2,), (24,)), r"reach element 24, past the end"),  # one stride too far
-    ((24, (), ()), r"reach element 24, past the end"),
-    ((0, (10**6,), (0,)), r"more than the storage"),  # a zero stride as an allocation bomb
-    ((0, (2**40, 2**40), (1, 1)), r"more than the storage"),  # overflows int64 in numpy
-    ((2**70, (1,), (1,)), r"reach element"),
-    ((0, (4, 6), (6,)), r"differ in length"),
-    ((0, (1,) * 40, (1,) * 40), r"40 dimensions"),
-])
+@pytest.mark.parametrize(
+    ("view", "complaint"),
+    [
+        ((-1, (4,), (1,)), r"negative storage offset -1"),
+        ((-24, (), ()), r"negative storage offset -24"),  # would index from the end
+        ((23, (4,), (-1,)), r"negative stride \(-1,\)"),  # would read backwards
+        ((0, (2, -3), (1, 1)), r"negative size"),
+        ((0, (5, 6), (6, 1)), r"30 elements, more than the storage"),
+        ((20, (2, 3), (6, 1)), r"reach element 28, past the end"),
+        ((0, (2,), (24,)), r"reach element 24, past the end"),  # one stride too far
+        ((24, (), ()), r"reach element 24, past the end"),
+        ((0, (10**6,), (0,)), r"more than the storage"),  # a zero stride as an allocation bomb
+        ((0, (2**40, 2**40), (1, 1)), r"more than the storage"),  # overflows int64 in numpy
+        ((2**70, (1,), (1,)), r"reach element"),
+        ((0, (4, 6), (6,)), r"differ in length"),
+        ((0, (1,) * 40, (1,) * 40), r"40 dimensions"),
+    ],
+)
 def test_a_view_outside_its_storage_is_rejected_naming_the_tensor(tmp_path, view, complaint):
     path = _write(tmp_path, "bad", {"fine": (0, (24,), (1,)), "layer.weight": view})
     with pytest.raises(CheckpointError, match=complaint) as caught:
@@ -137,8 +162,9 @@ def test_the_checkpoint_error_is_a_value_error(tmp_path):
 
 
 def test_a_storage_declared_twice_with_different_lengths_is_rejected(tmp_path):
-    body = _state_dict({"a": _tensor("s0", 24, 0, (24,), (1,)),
-                        "b": _tensor("s0", 10**9, 0, (10**9,), (1,))})
+    body = _state_dict(
+        {"a": _tensor("s0", 24, 0, (24,), (1,)), "b": _tensor("s0", 10**9, 0, (10**9,), (1,))}
+    )
     path = tmp_path / "twice.pth"
     path.write_bytes(_checkpoint(body, {"s0": STORAGE}))
     with pytest.raises(CheckpointError, match="'s0' is declared twice"):
@@ -151,7 +177,7 @@ def test_a_storage_listed_twice_is_rejected(tmp_path):
     keys = pickle.dumps(["s0"], protocol=2)
     raw = raw.replace(keys, pickle.dumps(["s0", "s0"], protocol=2), 1)
     path = tmp_path / "listed_twice.pth"
-    path.write_bytes(raw + raw[-(8 + STORAGE.nbytes):])
+    path.write_bytes(raw + raw[-(8 + STORAGE.nbytes) :])
     with pytest.raises(CheckpointError, match="listed twice"):
         load_legacy_state_dict(path)
 
@@ -161,15 +187,23 @@ def _build(target: bytes, state: bytes) -> bytes:
     return target + state + b"b"
 
 
-@pytest.mark.parametrize("tampering", [
-    # Turn every later FloatStorage into uint64 (a frozen dataclass does not stop BUILD).
-    _build(_global("torch", "FloatStorage"), b"}" + _str("dtype") + _str("<u8") + b"s"),
-    # Give the module-level rebuild function new defaults.
-    _build(_global("torch._utils", "_rebuild_tensor_v2"),
-           b"N}" + _str("__defaults__") + _tuple(_int(1), _int(2), _int(3)) + b"s\x86"),
-    _build(_global("torch._utils", "_rebuild_parameter"),
-           b"}" + _str("_function") + _global("collections", "OrderedDict") + b"s"),
-], ids=["storage-dtype", "function-defaults", "function-wrapper"])
+@pytest.mark.parametrize(
+    "tampering",
+    [
+        # Turn every later FloatStorage into uint64 (a frozen dataclass does not stop BUILD).
+        _build(_global("torch", "FloatStorage"), b"}" + _str("dtype") + _str("<u8") + b"s"),
+        # Give the module-level rebuild function new defaults.
+        _build(
+            _global("torch._utils", "_rebuild_tensor_v2"),
+            b"N}" + _str("__defaults__") + _tuple(_int(1), _int(2), _int(3)) + b"s\x86",
+        ),
+        _build(
+            _global("torch._utils", "_rebuild_parameter"),
+            b"}" + _str("_function") + _global("collections", "OrderedDict") + b"s",
+        ),
+    ],
+    ids=["storage-dtype", "function-defaults", "function-wrapper"],
+)
 def test_a_rejected_file_changes_no_module_level_state(tmp_path, tampering):
     storage_types = {name: (t.name, t.dtype) for name, t in torch_legacy._STORAGE_TYPES.items()}
     allowed = dict(torch_legacy._ALLOWED)
@@ -181,8 +215,9 @@ def test_a_rejected_file_changes_no_module_level_state(tmp_path, tampering):
     with pytest.raises(CheckpointError, match="tries to modify"):
         load_legacy_state_dict(path)
 
-    assert {name: (t.name, t.dtype)
-            for name, t in torch_legacy._STORAGE_TYPES.items()} == storage_types
+    assert {
+        name: (t.name, t.dtype) for name, t in torch_legacy._STORAGE_TYPES.items()
+    } == storage_types
     assert allowed == torch_legacy._ALLOWED
     assert torch_legacy._rebuild_tensor_v2.__defaults__ == defaults
     # ... and the next file is read exactly as before.
@@ -193,8 +228,9 @@ def test_a_rejected_file_changes_no_module_level_state(tmp_path, tampering):
 
 def test_a_pickle_calling_anything_else_runs_nothing(tmp_path):
     marker = tmp_path / "pwned"
-    body = _state_dict({"w": _global("builtins", "eval")
-                        + _tuple(_str(f"open({str(marker)!r}, 'w')")) + b"R"})
+    body = _state_dict(
+        {"w": _global("builtins", "eval") + _tuple(_str(f"open({str(marker)!r}, 'w')")) + b"R"}
+    )
     path = tmp_path / "evil.pth"
     path.write_bytes(_checkpoint(body, {}))
     with pytest.raises(CheckpointError, match="builtins.eval is not allowed"):

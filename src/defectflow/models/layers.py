@@ -7,7 +7,7 @@ serving imports this module (and `defectflow.models.losses`), never the builders
 - `MaskAttentionPooling`: the class head's pooling under the predicted mask (see
   `defectflow.models.unet`).
 - `PatchDistance`: the anomaly head's distance of each patch to a memory bank of good-image
-  patches (see `defectflow.models.anomaly`).
+  patches (see `defectflow.models.anomaly_head`).
 """
 
 from __future__ import annotations
@@ -64,10 +64,18 @@ class PatchDistance(layers.Layer):
     def build(self, input_shape):
         self.projection = None
         if self.projection_dims:
-            self.projection = self.add_weight(name="projection", shape=(self.feature_dims, self.projection_dims),
-                                              initializer="zeros", trainable=False)
-        self.bank = self.add_weight(name="bank", shape=(self.bank_size, self.projection_dims or self.feature_dims),
-                                    initializer="zeros", trainable=False)
+            self.projection = self.add_weight(
+                name="projection",
+                shape=(self.feature_dims, self.projection_dims),
+                initializer="zeros",
+                trainable=False,
+            )
+        self.bank = self.add_weight(
+            name="bank",
+            shape=(self.bank_size, self.projection_dims or self.feature_dims),
+            initializer="zeros",
+            trainable=False,
+        )
 
     def call(self, features):
         queries = ops.cast(features, "float32")
@@ -75,8 +83,11 @@ class PatchDistance(layers.Layer):
             queries = ops.matmul(queries, self.projection)
         bank = ops.convert_to_tensor(self.bank)
         cross = ops.matmul(queries, ops.transpose(bank))
-        squared = (ops.sum(queries * queries, axis=-1, keepdims=True) - 2.0 * cross
-                   + ops.sum(bank * bank, axis=-1))
+        squared = (
+            ops.sum(queries * queries, axis=-1, keepdims=True)
+            - 2.0 * cross
+            + ops.sum(bank * bank, axis=-1)
+        )
         nearest = ops.min(squared, axis=-1, keepdims=True)
         return ops.sqrt(ops.maximum(nearest, 0.0))
 
@@ -84,5 +95,9 @@ class PatchDistance(layers.Layer):
         return (*input_shape[:-1], 1)
 
     def get_config(self):
-        return {**super().get_config(), "feature_dims": self.feature_dims,
-                "projection_dims": self.projection_dims, "bank_size": self.bank_size}
+        return {
+            **super().get_config(),
+            "feature_dims": self.feature_dims,
+            "projection_dims": self.projection_dims,
+            "bank_size": self.bank_size,
+        }

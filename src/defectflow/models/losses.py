@@ -38,8 +38,13 @@ class WeightedCrossEntropy(keras.losses.Loss):
     `gamma` > 0 it is the focal loss, (1 - p_true)^gamma * CE, which down-weights the images
     the model already gets right."""
 
-    def __init__(self, class_weights: list[float] | None = None, gamma: float = 0.0, name: str = "weighted_ce",
-                 **kwargs):
+    def __init__(
+        self,
+        class_weights: list[float] | None = None,
+        gamma: float = 0.0,
+        name: str = "weighted_ce",
+        **kwargs,
+    ):
         super().__init__(name=name, **kwargs)
         self.class_weights = list(class_weights) if class_weights is not None else None
         self.gamma = float(gamma)
@@ -62,7 +67,7 @@ class WeightedCrossEntropy(keras.losses.Loss):
 @keras.saving.register_keras_serializable(package="defectflow")
 class MaskDice(keras.metrics.Metric):
     """Dice of the thresholded mask, pooled over all pixels of all images seen (a cheap
-    training-time proxy of the per-image Dice that `defectflow.metrics` reports)."""
+    training-time proxy of the per-image Dice that `defectflow.evaluation.metrics` reports)."""
 
     def __init__(self, threshold: float = 0.5, name: str = "dice", **kwargs):
         super().__init__(name=name, **kwargs)
@@ -77,7 +82,9 @@ class MaskDice(keras.metrics.Metric):
         self.total.assign_add(ops.sum(y_true) + ops.sum(y_pred))
 
     def result(self):
-        return ops.where(self.total > 0, 2.0 * self.intersection / ops.maximum(self.total, 1.0), 1.0)
+        return ops.where(
+            self.total > 0, 2.0 * self.intersection / ops.maximum(self.total, 1.0), 1.0
+        )
 
     def reset_state(self):
         self.intersection.assign(0.0)

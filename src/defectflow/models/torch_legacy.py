@@ -148,32 +148,41 @@ class _TensorRef:
             raise bad(f"size {self.size} has {elements} elements, more than the storage")
         last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride, strict=True))
         if last >= numel:
-            raise bad(f"offset {self.offset}, size {self.size}, stride {self.stride} reach "
-                      f"element {last}, past the end")
+            raise bad(
+                f"offset {self.offset}, size {self.size}, stride {self.stride} reach "
+                f"element {last}, past the end"
+            )
 
     def to_numpy(self, name: str) -> np.ndarray:
         data = self.storage.data
         if data is None:
             raise CheckpointError(
-                f"tensor {name!r}: storage {self.storage.key!r} has no data in the file")
+                f"tensor {name!r}: storage {self.storage.key!r} has no data in the file"
+            )
         self.check_view(name)
         native = data.dtype.newbyteorder("=")
         if math.prod(self.size) == 0:
             return np.zeros(self.size, dtype=native)
         itemsize = data.dtype.itemsize
         # The stride of a size-1 dimension is never followed; torch may write anything there.
-        strides = [s * itemsize if n > 1 else 0 for n, s in zip(self.size, self.stride, strict=True)]
-        view = as_strided(data[self.offset:], shape=self.size, strides=strides, writeable=False)
+        strides = [
+            s * itemsize if n > 1 else 0 for n, s in zip(self.size, self.stride, strict=True)
+        ]
+        view = as_strided(data[self.offset :], shape=self.size, strides=strides, writeable=False)
         return np.array(view, dtype=native)  # a writable copy
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
-                       backward_hooks=None, metadata=None):
+def _rebuild_tensor_v2(
+    storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None
+):
     if not isinstance(storage, _Storage):
         raise pickle.UnpicklingError("tensor without a storage")
-    return _TensorRef(storage, operator.index(storage_offset),
-                      tuple(operator.index(n) for n in size),
-                      tuple(operator.index(s) for s in stride))
+    return _TensorRef(
+        storage,
+        operator.index(storage_offset),
+        tuple(operator.index(n) for n in size),
+        tuple(operator.index(s) for s in stride),
+    )
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
@@ -198,7 +207,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return _ALLOWED[(module, name)]
         except KeyError:
             raise pickle.UnpicklingError(
-                f"{module}.{name} is not allowed in a PyTorch state dict") from None
+                f"{module}.{name} is not allowed in a PyTorch state dict"
+            ) from None
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
@@ -219,7 +229,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
         elif (storage.type, storage.numel) != (storage_type, numel):
             raise pickle.UnpicklingError(
                 f"storage {key!r} is declared twice, as {storage.type.name} of {storage.numel} "
-                f"and as {storage_type.name} of {numel} elements")
+                f"and as {storage_type.name} of {numel} elements"
+            )
         return storage
 
 
@@ -240,8 +251,10 @@ def _to_numpy(obj, name: str = ""):
     if isinstance(obj, _TensorRef):
         return obj.to_numpy(name)
     if isinstance(obj, dict):
-        return {key: _to_numpy(value, f"{name}.{key}" if name else str(key))
-                for key, value in obj.items()}
+        return {
+            key: _to_numpy(value, f"{name}.{key}" if name else str(key))
+            for key, value in obj.items()
+        }
     return obj
 
 
@@ -258,7 +271,8 @@ def load_legacy_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     if zipfile.is_zipfile(path):
         raise CheckpointError(
             f"{path} is a zip-format PyTorch checkpoint (torch >= 1.6); only the legacy "
-            "format is supported")
+            "format is supported"
+        )
     raw = path.read_bytes()
     stream = io.BytesIO(raw)
     storages: dict[str, _Storage] = {}
@@ -288,23 +302,30 @@ def load_legacy_state_dict(path: str | Path) -> dict[str, np.ndarray]:
             numel = int.from_bytes(header, "little")
             if numel != storage.numel:
                 raise CheckpointError(
-                    f"storage {key!r}: {numel} elements, expected {storage.numel}")
+                    f"storage {key!r}: {numel} elements, expected {storage.numel}"
+                )
             nbytes = numel * storage.type.dtype.itemsize
             start = stream.tell()
             if start + nbytes > len(raw):
                 raise CheckpointError("truncated file")
-            storage.data = np.frombuffer(raw, dtype=storage.type.dtype, count=numel,
-                                         offset=start)
+            storage.data = np.frombuffer(raw, dtype=storage.type.dtype, count=numel, offset=start)
             stream.seek(start + nbytes)
         state = _to_numpy(result)
     except ValueError as exc:
+        raise CheckpointError(f"{path} is not a readable legacy PyTorch checkpoint: {exc}") from exc
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        KeyError,
+        OverflowError,
+        RecursionError,
+    ) as exc:
         raise CheckpointError(
-            f"{path} is not a readable legacy PyTorch checkpoint: {exc}") from exc
-    except (pickle.UnpicklingError, EOFError, TypeError, AttributeError, IndexError,
-            KeyError, OverflowError, RecursionError) as exc:
-        raise CheckpointError(
-            f"{path} is not a legacy PyTorch checkpoint: {type(exc).__name__}: {exc}") from exc
-    if not isinstance(state, dict) or not all(
-            isinstance(v, np.ndarray) for v in state.values()):
+            f"{path} is not a legacy PyTorch checkpoint: {type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(state, dict) or not all(isinstance(v, np.ndarray) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
     return {str(name): value for name, value in state.items()}

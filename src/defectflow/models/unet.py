@@ -41,8 +41,14 @@ def _heads(x, bottleneck, num_classes: int, dropout: float, attended: dict | Non
     # Defects cover ~1 % of the pixels: start the mask head at that prior (sigmoid(-4.6))
     # instead of 0.5, or early training paints half the image as defect. float32 output
     # under mixed precision: the Dice sums over 65k pixels overflow float16.
-    mask = layers.Conv2D(1, 1, activation="sigmoid", bias_initializer=keras.initializers.Constant(-4.6),
-                         dtype="float32", name="mask")(x)
+    mask = layers.Conv2D(
+        1,
+        1,
+        activation="sigmoid",
+        bias_initializer=keras.initializers.Constant(-4.6),
+        dtype="float32",
+        name="mask",
+    )(x)
     pooled = [
         layers.GlobalAveragePooling2D(name="gap")(bottleneck),
         layers.GlobalMaxPooling2D(name="gmp")(bottleneck),
@@ -63,8 +69,14 @@ def _heads(x, bottleneck, num_classes: int, dropout: float, attended: dict | Non
     return {"class": probabilities, "mask": mask}
 
 
-def build_pretrained_unet(backbone: str, input_size: int, num_classes: int, base_filters: int = 16,
-                          dropout: float = 0.2, weights: str | None = "imagenet") -> keras.Model:
+def build_pretrained_unet(
+    backbone: str,
+    input_size: int,
+    num_classes: int,
+    base_filters: int = 16,
+    dropout: float = 0.2,
+    weights: str | None = "imagenet",
+) -> keras.Model:
     """Pretrained encoder (strides 2..32), U-Net decoder back to full resolution.
 
     The decoder is light on purpose: on a CPU the encoder costs ~0.5 GFLOP at 256 px, and a
@@ -78,8 +90,15 @@ def build_pretrained_unet(backbone: str, input_size: int, num_classes: int, base
     feats = encoder(inputs)
     bottleneck = feats[FEATURE_NAMES[-1]]
     x = layers.Conv2D(base_filters * 8, 1, use_bias=False, name="head_proj")(bottleneck)
-    x = layers.Activation("relu", name="head_proj_relu")(layers.BatchNormalization(name="head_proj_bn")(x))
-    widths = {4: (base_filters * 8, 2), 3: (base_filters * 4, 2), 2: (base_filters * 2, 1), 1: (base_filters, 1)}
+    x = layers.Activation("relu", name="head_proj_relu")(
+        layers.BatchNormalization(name="head_proj_bn")(x)
+    )
+    widths = {
+        4: (base_filters * 8, 2),
+        3: (base_filters * 4, 2),
+        2: (base_filters * 2, 1),
+        1: (base_filters, 1),
+    }
     decoded = {}
     for level, name in reversed(list(enumerate(FEATURE_NAMES[:-1]))):
         filters, convs = widths[level + 1]
@@ -89,8 +108,11 @@ def build_pretrained_unet(backbone: str, input_size: int, num_classes: int, base
     # Under the mask: the encoder's mid-level features (what texture the defect has) and the
     # decoder at stride 4 (its shape at a scale where cracks and pokes differ).
     attended = {"stride8": feats["stride8"], "stride16": feats["stride16"], "dec2": decoded[2]}
-    return keras.Model(inputs, _heads(x, bottleneck, num_classes, dropout, attended),
-                       name=f"defectflow_{backbone}_unet")
+    return keras.Model(
+        inputs,
+        _heads(x, bottleneck, num_classes, dropout, attended),
+        name=f"defectflow_{backbone}_unet",
+    )
 
 
 def set_backbone_trainable(model: keras.Model, trainable: bool) -> None:
@@ -105,8 +127,15 @@ def set_backbone_trainable(model: keras.Model, trainable: bool) -> None:
         layer.trainable = trainable and not isinstance(layer, layers.BatchNormalization)
 
 
-def build_model(backbone: str, input_size: int, num_classes: int, base_filters: int = 16, depth: int = 4,
-                dropout: float = 0.2, weights: str | None = "imagenet") -> keras.Model:
+def build_model(
+    backbone: str,
+    input_size: int,
+    num_classes: int,
+    base_filters: int = 16,
+    depth: int = 4,
+    dropout: float = 0.2,
+    weights: str | None = "imagenet",
+) -> keras.Model:
     if backbone == "plain":
         random_init_warning("plain")
         return build_unet(input_size, num_classes, base_filters, depth, dropout)
@@ -136,4 +165,6 @@ def build_unet(
     for level in reversed(range(depth)):
         x = _decoder_block(x, skips[level], base_filters * 2**level, f"dec{level}")
     attended = {"enc_mid": skips[depth // 2]}
-    return keras.Model(inputs, _heads(x, bottleneck, num_classes, dropout, attended), name="defectflow_unet")
+    return keras.Model(
+        inputs, _heads(x, bottleneck, num_classes, dropout, attended), name="defectflow_unet"
+    )
