@@ -1,8 +1,9 @@
 """Where defectflow keeps its state, and the environment the libraries read it from.
 
-Prefect, BentoML and Keras all default to folders under $HOME and some phone home. Setting
-their variables here, before they are imported, keeps every byte of state under one project
-data dir (default `.defectflow/`, override with DEFECTFLOW_HOME) and telemetry off.
+Prefect, BentoML, Keras and matplotlib (its font cache) all default to folders under $HOME,
+and some phone home. Setting their variables here, before they are imported, keeps every byte
+of state under one project data dir (default `.defectflow/`, override with DEFECTFLOW_HOME) and
+telemetry off.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ def configure_environment(home: str | Path | None = None) -> Path:
         "PREFECT_HOME": str(root / "prefect"),
         "BENTOML_HOME": str(root / "bentoml"),
         "KERAS_HOME": str(root / "keras"),
+        "MPLCONFIGDIR": str(root / "matplotlib"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "1",
         "BENTOML_DO_NOT_TRACK": "true",
@@ -33,6 +35,6 @@ def configure_environment(home: str | Path | None = None) -> Path:
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
-    for key in ("PREFECT_HOME", "BENTOML_HOME", "KERAS_HOME"):
+    for key in ("PREFECT_HOME", "BENTOML_HOME", "KERAS_HOME", "MPLCONFIGDIR"):
         Path(os.environ[key]).mkdir(parents=True, exist_ok=True)
     return root

@@ -13,17 +13,7 @@ import pytest
 from defectflow.artifacts import ModelInfo
 from defectflow.data.mvtec import class_names, scan_dataset
 from defectflow.evaluation.evaluate import WORST_MASKS_DIR, Evaluation, error_rank, evaluate
-from defectflow.evaluation.metrics import (
-    classification_metrics,
-    expected_calibration_error,
-    reliability_bins,
-)
-from defectflow.evaluation.plots import (
-    coverage_curve_image,
-    error_analysis_grid,
-    operating_point,
-    reliability_diagram_image,
-)
+from defectflow.evaluation.metrics import classification_metrics, expected_calibration_error
 from defectflow.evaluation.report import (
     ECE_LABEL,
     REPORT_METRICS,
@@ -205,16 +195,6 @@ def test_save_and_load_round_trip_the_worst_masks_and_drop_stale_ones(scripted, 
 # ---------------------------------------------------------------- figures
 
 
-def test_reliability_diagram_image_shape_and_content():
-    bins = reliability_bins([0.95, 0.85, 0.55, 0.52], [1, 0, 1, 0])
-    img = reliability_diagram_image(bins, expected_calibration_error(bins), size=400)
-    assert img.shape == (400, 400, 3) and img.dtype == np.uint8
-    blue_bar = np.all(img == (70, 130, 200), axis=2)
-    assert blue_bar.sum() > 100  # three non-empty bins with accuracy > 0 drawn as bars
-    empty = reliability_diagram_image(None, float("nan"), size=400)
-    assert empty.shape == (400, 400, 3) and not np.all(empty == (70, 130, 200), axis=2).any()
-
-
 def _case_files(tmp_path, name, size=(48, 64), box=None):
     """An image (and a mask with `box` = (y0, y1, x0, x1) as defect) written to tmp_path."""
     image = np.full((*size, 3), 90, np.uint8)
@@ -230,49 +210,6 @@ def _case_files(tmp_path, name, size=(48, 64), box=None):
         mask_path = tmp_path / f"{name}_mask.png"
         cv2.imwrite(str(mask_path), mask)
     return path, mask_path
-
-
-def test_error_analysis_grid_lays_out_image_truth_prediction(tmp_path):
-    path, mask_path = _case_files(tmp_path, "a", box=(10, 20, 10, 30))
-    good_path, _ = _case_files(tmp_path, "b")
-    predicted = np.zeros((48, 64), np.uint8)
-    predicted[30:40, 40:60] = 1
-    cases = [
-        (
-            {
-                "path": str(path),
-                "mask_path": str(mask_path),
-                "true": "crack",
-                "predicted": "poke",
-                "confidence": 0.7,
-                "dice": 0.0,
-            },
-            predicted,
-        ),
-        (
-            {
-                "path": str(good_path),
-                "mask_path": None,
-                "true": "good",
-                "predicted": "crack",
-                "confidence": 0.9,
-                "dice": 0.0,
-            },
-            predicted,
-        ),
-    ]
-    grid = error_analysis_grid(cases, tile_size=100, columns=1)
-    assert grid.shape[1] == 3 * 100 + 2 * 4 and grid.shape[0] > 2 * 100
-    first = grid[22 : 22 + 100]  # below the header, the first case's three tiles
-    image_tile, truth_tile, predicted_tile = (
-        first[:, i * 104 : i * 104 + 100].astype(int) for i in range(3)
-    )
-    greenish = (truth_tile[..., 1] - truth_tile[..., 0] > 60).sum()
-    reddish = (predicted_tile[..., 0] - predicted_tile[..., 1] > 60).sum()
-    assert greenish > 50 and reddish > 50
-    assert np.ptp(image_tile, axis=2).max() < 10  # the plain image: no overlay colour
-    with pytest.raises(ValueError):
-        error_analysis_grid([])
 
 
 # ---------------------------------------------------------------- report
@@ -636,30 +573,6 @@ def test_evaluate_records_status_coverage_and_the_accuracy_coverage_curve(script
     ungated = evaluate(predictor, samples)  # no threshold stored: everything accepted
     assert ungated.metrics["coverage"] == 1.0 and "confidence_threshold" not in ungated.metrics
     assert ungated.metrics["accepted_accuracy"] == pytest.approx(ungated.metrics["accuracy"])
-
-
-def test_coverage_curve_image_marks_the_models_threshold_and_the_target():
-    curve = [
-        {"threshold": 0.0, "coverage": 1.0, "accuracy": 0.8},
-        {"threshold": 0.7, "coverage": 0.6, "accuracy": 0.9},
-        {"threshold": 0.9, "coverage": 0.2, "accuracy": 1.0},
-    ]
-    assert operating_point(curve, 0.75) == curve[2] and operating_point(curve, 0.7) == curve[1]
-    assert operating_point(curve, 0.95) is None
-    img = coverage_curve_image(curve, threshold=0.7, target=0.85)
-    assert img.shape == (400, 520, 3) and img.dtype == np.uint8
-    red = np.all(img == (230, 30, 30), axis=2)
-    assert red.sum() > 50  # the operating point
-    assert np.all(img == (44, 160, 44), axis=2).sum() > 100  # the target line
-    blue = np.all(img == (31, 119, 180), axis=2)
-    assert blue.sum() > 100  # the curve
-    ys, xs = np.nonzero(red)
-    plain = coverage_curve_image(curve)
-    assert not np.all(plain == (230, 30, 30), axis=2).any()  # no threshold: no marker
-    # The marker sits at coverage 0.6 (left 56 px, plot 444 px wide) on the curve.
-    assert abs(xs.mean() - (56 + 0.6 * 444)) < 3
-    empty = coverage_curve_image(None)
-    assert not np.all(empty == (31, 119, 180), axis=2).any()
 
 
 def test_report_shows_confidence_figures_and_the_coverage_plot(tmp_path):

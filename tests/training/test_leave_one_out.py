@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from defectflow.cli import main
-from defectflow.training.leave_one_out import COLUMNS, figures, summarize
+from defectflow.training.train.leave_one_out import COLUMNS, figures, summarize
 
 
 def test_leave_one_out_trains_without_each_type_and_measures_it(tmp_path, tiny_dataset, capsys):
@@ -130,3 +130,19 @@ def test_figures_split_the_decision_into_its_parts():
         "auroc": False,
     }
     assert {key for key, _, _ in COLUMNS} <= set(r)
+
+
+def test_chart_is_a_picture_of_the_summary():
+    from defectflow.training.leave_one_out import chart
+
+    held = [(0.9, 5.0, True, False), (0.1, 12.0, False, True)]
+    goods = [(0.1, 3.0, False, False), (0.2, 6.0, False, False)]
+    long_name = "faulty_imprint_with_a_very_long_name"
+    summary = summarize([row(held, goods), {**row(held, goods, long_name), "flagged": 1.0}])
+    image = chart(summary)
+    assert (
+        image.dtype == np.uint8
+        and image.ndim == 3
+        and image.shape[2] == 3
+        and image.shape[1] >= 600
+    )

@@ -23,7 +23,6 @@ import logging
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from defectflow.artifacts import ModelInfo
@@ -259,62 +258,25 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def chart(summary: dict, width: int = 720, height: int = 360) -> np.ndarray:
+def chart(summary: dict) -> np.ndarray:
     """Bars per left-out type: flagged by the combined decision, the classifier alone and the
     anomaly score alone; the 0.90 target as a line (RGB uint8)."""
-    from defectflow.evaluation.plots import BLACK, FONT, GRAY, TARGET_COLOR
+    from defectflow.evaluation.plots import grouped_bars_image
 
-    series = (
-        ("flagged", (31, 119, 180)),
-        ("flagged_by_classifier", (255, 127, 14)),
-        ("flagged_by_anomaly", (148, 103, 189)),
-    )
-    image = np.full((height, width, 3), 255, np.uint8)
-    left, right, top, bottom = 50, 20, 40, 50
-    plot_w, plot_h = width - left - right, height - top - bottom
-    y_of = lambda value: int(top + plot_h * (1 - value))  # noqa: E731
-    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
-        cv2.line(image, (left, y_of(tick)), (width - right, y_of(tick)), (230, 230, 230), 1)
-        cv2.putText(image, f"{tick:.2f}", (5, y_of(tick) + 4), FONT, 0.4, GRAY, 1, cv2.LINE_AA)
-    cv2.line(
-        image,
-        (left, y_of(TARGETS["flagged"])),
-        (width - right, y_of(TARGETS["flagged"])),
-        TARGET_COLOR,
-        1,
-    )
     types = summary["types"]
-    group = plot_w / max(len(types), 1)
-    bar = group * 0.8 / len(series)
-    for i, row in enumerate(types):
-        for j, (key, color) in enumerate(series):
-            x0 = int(left + i * group + group * 0.1 + j * bar)
-            cv2.rectangle(image, (x0, y_of(row[key])), (int(x0 + bar) - 2, y_of(0.0)), color, -1)
-        cv2.putText(
-            image,
-            row["left_out"][:14],
-            (int(left + i * group + group * 0.1), height - bottom + 18),
-            FONT,
-            0.42,
-            BLACK,
-            1,
-            cv2.LINE_AA,
-        )
-    for j, (key, color) in enumerate(series):
-        x0 = left + j * 220
-        cv2.rectangle(image, (x0, 12), (x0 + 12, 24), color, -1)
-        cv2.putText(image, key.replace("_", " "), (x0 + 16, 23), FONT, 0.42, BLACK, 1, cv2.LINE_AA)
-    cv2.putText(
-        image,
-        f"left-out images flagged (target {TARGETS['flagged']:.2f})",
-        (left, height - 12),
-        FONT,
-        0.45,
-        BLACK,
-        1,
-        cv2.LINE_AA,
+    series = {
+        key.replace("_", " "): [row[key] for row in types]
+        for key in ("flagged", "flagged_by_classifier", "flagged_by_anomaly")
+    }
+    return grouped_bars_image(
+        [row["left_out"] for row in types],
+        series,
+        "Leave one out: share of the left-out type's images flagged",
+        "share flagged",
+        "defect type left out of training",
+        target=TARGETS["flagged"],
+        target_label="target (flagged)",
     )
-    return image
 
 
 def leave_one_out(cfg, out_dir: str | Path, types: list[str] | None = None) -> dict:
