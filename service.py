@@ -50,8 +50,8 @@ from defectflow.serving.uploads import (
     check_upload,
     decode_checked,
 )
-from defectflow.serving.web.ui import ui_app
 from defectflow.serving.web.review import review_app
+from defectflow.serving.web.ui import ui_app
 
 
 def _model_tag() -> str:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from defectflow.cli import main
-from defectflow.training.train.leave_one_out import COLUMNS, figures, summarize
+from defectflow.training.leave_one_out import COLUMNS, figures, summarize
 
 
 def test_leave_one_out_trains_without_each_type_and_measures_it(tmp_path, tiny_dataset, capsys):
