@@ -12,7 +12,7 @@ standard library: both sides, and the Bento, can depend on it without depending 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 MODEL_FILE = "model.keras"
@@ -26,6 +26,40 @@ FORMATS = ("keras", "tflite")
 #: an anomaly head (`defectflow.models.anomaly_head`) has a third, the patch-distance map.
 OUTPUT_NAMES = ("class", "mask")
 ANOMALY_OUTPUT = "anomaly"
+
+
+@dataclass(frozen=True)
+class DecisionPolicy:
+    """How a model's outputs become an answer: the temperature and the four thresholds.
+
+    Calibration chooses it on the validation split (`defectflow.evaluation.calibration`), the
+    model folder stores it (flat in model.json, see `ModelInfo.policy`), and the one
+    postprocessing path applies it (`defectflow.inference.postprocessing.postprocess`), so
+    evaluation, the command line and serving decide alike.
+    """
+
+    #: Class names, class 0 = good.
+    classes: tuple[str, ...]
+    #: Mask probability that counts as defect.
+    mask_threshold: float = 0.5
+    #: P(defect) above which an image is defective; None: the most probable class decides.
+    defect_threshold: float | None = None
+    #: Temperature of the class probabilities (softmax(log(p) / T)); 1: the network's own.
+    temperature: float = 1.0
+    #: Calibrated confidence below which an answer is "uncertain"; None: always "accepted".
+    confidence_threshold: float | None = None
+    #: Anomaly score above which an image the classifier calls good is an unknown defect;
+    #: None: the classifier alone decides.
+    anomaly_threshold: float | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "classes", tuple(self.classes))
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be a positive number, got {self.temperature}")
+        for name in ("mask_threshold", "defect_threshold", "confidence_threshold"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
 
 
 @dataclass
@@ -59,6 +93,33 @@ class ModelInfo:
     #: The anomaly head's memory bank and how its threshold was chosen
     #: (`defectflow.training.anomaly_fitting`).
     anomaly: dict | None = None
+
+    @property
+    def policy(self) -> DecisionPolicy:
+        """The decision policy this model's answers are made with."""
+        return DecisionPolicy(
+            classes=tuple(self.classes),
+            mask_threshold=self.mask_threshold,
+            defect_threshold=self.defect_threshold,
+            temperature=self.temperature,
+            confidence_threshold=self.confidence_threshold,
+            anomaly_threshold=self.anomaly_threshold,
+        )
+
+    def with_policy(self, policy: DecisionPolicy) -> ModelInfo:
+        """A copy of this record answering with `policy` (its classes must be this model's)."""
+        if tuple(policy.classes) != tuple(self.classes):
+            raise ValueError(
+                f"policy classes {list(policy.classes)} are not the model's {self.classes}"
+            )
+        return replace(
+            self,
+            mask_threshold=policy.mask_threshold,
+            defect_threshold=policy.defect_threshold,
+            temperature=policy.temperature,
+            confidence_threshold=policy.confidence_threshold,
+            anomaly_threshold=policy.anomaly_threshold,
+        )
 
     def save(self, model_dir: Path) -> None:
         path = Path(model_dir) / MODEL_INFO_FILE

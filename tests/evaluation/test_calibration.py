@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from defectflow.artifacts import ModelInfo
+from defectflow.artifacts import DecisionPolicy, ModelInfo
 from defectflow.data.mvtec import class_names, scan_dataset
 from defectflow.evaluation.calibration import (
     calibrate_classes,
@@ -199,10 +199,10 @@ def test_prediction_carries_calibrated_confidence_and_status():
     classes = ["good", "crack", "poke"]
     soft = np.zeros((4, 4), np.float32)
     raw = np.array([0.2, 0.7, 0.1])
-    sure = postprocess(raw, soft, (4, 4), classes, 0.5, confidence_threshold=0.6)
+    sure = postprocess(raw, soft, (4, 4), DecisionPolicy(classes, 0.5, confidence_threshold=0.6))
     assert sure.status == ACCEPTED and sure.confidence == pytest.approx(0.7)
     softened = postprocess(
-        raw, soft, (4, 4), classes, 0.5, temperature=2.0, confidence_threshold=0.6
+        raw, soft, (4, 4), DecisionPolicy(classes, 0.5, temperature=2.0, confidence_threshold=0.6)
     )
     expected = apply_temperature(raw, 2.0)
     assert softened.label == "crack" and softened.status == UNCERTAIN
@@ -221,7 +221,10 @@ def test_prediction_carries_calibrated_confidence_and_status():
     # With a P(defect) threshold the answered class need not be the most probable: its
     # probability is the confidence (here good at 0.45, the defect threshold 0.6 not exceeded).
     good = postprocess(
-        np.array([0.45, 0.5, 0.05]), soft, (4, 4), classes, 0.5, defect_threshold=0.6
+        np.array([0.45, 0.5, 0.05]),
+        soft,
+        (4, 4),
+        DecisionPolicy(classes, 0.5, defect_threshold=0.6),
     )
     assert (
         good.label == "good" and good.confidence == pytest.approx(0.45) and good.status == ACCEPTED

@@ -4,6 +4,7 @@ import cv2
 import numpy as np
 import pytest
 
+from defectflow.artifacts import DecisionPolicy
 from defectflow.inference.postprocessing import encode_png, overlay, postprocess
 from defectflow.inference.preprocessing import (
     InvalidImageError,
@@ -94,7 +95,7 @@ def test_prepare_image_and_soft_mask():
 def test_postprocess_mask_at_input_resolution():
     soft = np.zeros((8, 8, 1), np.float32)
     soft[2:6, 2:6] = 0.9
-    pred = postprocess(np.array([0.1, 0.7, 0.2]), soft, (40, 30), CLASSES, 0.5)
+    pred = postprocess(np.array([0.1, 0.7, 0.2]), soft, (40, 30), DecisionPolicy(CLASSES, 0.5))
     assert pred.label == "crack" and pred.is_defective
     assert pred.mask.shape == (40, 30) and 0 < pred.defect_area_fraction < 1
     body = pred.to_json()
@@ -108,7 +109,7 @@ def test_postprocess_mask_at_input_resolution():
 
 def test_postprocess_good_clears_mask():
     soft = np.ones((8, 8, 1), np.float32)
-    pred = postprocess(np.array([0.8, 0.1, 0.1]), soft, (8, 8), CLASSES, 0.5)
+    pred = postprocess(np.array([0.8, 0.1, 0.1]), soft, (8, 8), DecisionPolicy(CLASSES, 0.5))
     assert pred.label == "good" and not pred.is_defective
     assert pred.mask.sum() == 0 and pred.mask_probability.sum() == 0
 
@@ -116,9 +117,12 @@ def test_postprocess_good_clears_mask():
 def test_defect_threshold_decides_presence_then_the_defect_class():
     soft = np.full((8, 8, 1), 0.9, np.float32)
     probs = np.array([0.45, 0.30, 0.25])  # argmax: good; P(defect) = 0.55
-    assert postprocess(probs, soft, (8, 8), CLASSES, 0.5).label == "good"
-    assert postprocess(probs, soft, (8, 8), CLASSES, 0.5, defect_threshold=0.5).label == "crack"
-    strict = postprocess(probs, soft, (8, 8), CLASSES, 0.5, defect_threshold=0.6)
+    assert postprocess(probs, soft, (8, 8), DecisionPolicy(CLASSES, 0.5)).label == "good"
+    assert (
+        postprocess(probs, soft, (8, 8), DecisionPolicy(CLASSES, 0.5, defect_threshold=0.5)).label
+        == "crack"
+    )
+    strict = postprocess(probs, soft, (8, 8), DecisionPolicy(CLASSES, 0.5, defect_threshold=0.6))
     assert strict.label == "good" and strict.mask.sum() == 0
 
 

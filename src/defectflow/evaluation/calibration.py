@@ -37,6 +37,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from defectflow.artifacts import DecisionPolicy
 from defectflow.data.mvtec import Sample
 from defectflow.evaluation.metrics import dice, expected_calibration_error, reliability_bins
 from defectflow.inference.anomaly_score import image_scores
@@ -86,6 +87,17 @@ class Thresholds:
     val_anomaly_false_alarm_rate: float | None = None
     #: Validation images flagged by the combined decision but not by the classifier alone.
     val_flagged_only_by_anomaly: int | None = None
+
+    def policy(self, classes: list[str], has_anomaly_head: bool = True) -> DecisionPolicy:
+        """The decision policy these choices make, for a model with `classes`."""
+        return DecisionPolicy(
+            classes=tuple(classes),
+            mask_threshold=self.mask_threshold,
+            defect_threshold=self.defect_threshold,
+            temperature=self.temperature,
+            confidence_threshold=self.confidence_threshold,
+            anomaly_threshold=self.anomaly_threshold if has_anomaly_head else None,
+        )
 
     def anomaly_record(self) -> dict:
         """How the anomaly threshold was chosen (merged into model.json's `anomaly`)."""
@@ -432,14 +444,12 @@ def calibrate_model(
         anomaly_false_alarm_rate,
     )
     info = ModelInfo.load(model_dir)
-    info.defect_threshold = thresholds.defect_threshold
-    info.mask_threshold = thresholds.mask_threshold
+    info = info.with_policy(
+        thresholds.policy(info.classes, has_anomaly_head=info.anomaly is not None)
+    )
     info.thresholds_from = f"validation split, {thresholds.n_images} images"
-    info.temperature = thresholds.temperature
-    info.confidence_threshold = thresholds.confidence_threshold
     info.confidence_calibration = thresholds.confidence_record()
     if info.anomaly is not None:
-        info.anomaly_threshold = thresholds.anomaly_threshold
         info.anomaly = {**info.anomaly, **thresholds.anomaly_record()}
     info.save(model_dir)
     if record is not None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from defectflow.artifacts import DecisionPolicy
 from defectflow.inference.anomaly_score import anomaly_mask, image_score
 
 #: `Prediction.status` of an answer whose confidence reaches the model's confidence threshold
@@ -112,15 +113,11 @@ def postprocess(
     class_probabilities: np.ndarray,
     mask_probability: np.ndarray,
     original_hw: tuple[int, int],
-    classes: list[str],
-    mask_threshold: float,
-    defect_threshold: float | None = None,
-    temperature: float = 1.0,
-    confidence_threshold: float | None = None,
+    policy: DecisionPolicy,
     anomaly_map: np.ndarray | None = None,
-    anomaly_threshold: float | None = None,
 ) -> Prediction:
-    """Model outputs for one image to a Prediction at the input image's resolution.
+    """Model outputs for one image to a Prediction at the input image's resolution, decided by
+    `policy` (the model's `DecisionPolicy`: temperature and thresholds).
 
     The class probabilities are first calibrated with `temperature` (`apply_temperature`);
     every decision below is taken on the calibrated ones, which the Prediction carries.
@@ -137,7 +134,10 @@ def postprocess(
     name it), confidence P(defect) from the classifier, and the mask is the anomaly map above
     the threshold (the mask head was only taught the known defects).
     """
-    probs = apply_temperature(class_probabilities, temperature)
+    classes = policy.classes
+    mask_threshold, defect_threshold = policy.mask_threshold, policy.defect_threshold
+    confidence_threshold, anomaly_threshold = policy.confidence_threshold, policy.anomaly_threshold
+    probs = apply_temperature(class_probabilities, policy.temperature)
     index = int(answer_indices(probs, defect_threshold)[0])
     confidence = float(probs[index])
     accepted = confidence_threshold is None or confidence >= confidence_threshold

@@ -206,24 +206,12 @@ class Predictor:
         anomaly: np.ndarray | None = None,
     ) -> list[Prediction]:
         """`raw_outputs` of `images` to predictions at each image's own resolution: the one place
-        where the model's temperature, thresholds, confidence threshold and anomaly threshold
-        are applied, for evaluation, the command line and serving alike. `anomaly` None: the
+        where the model's decision policy (temperature and thresholds) is applied, for evaluation, the command line and serving alike. `anomaly` None: the
         classifier alone decides (as for a model without an anomaly head)."""
-        info = self.info
+        policy = self.info.policy
         maps = anomaly if anomaly is not None else [None] * len(images)
         return [
-            postprocess(
-                p,
-                m,
-                img.shape[:2],
-                self.classes,
-                info.mask_threshold,
-                info.defect_threshold,
-                temperature=info.temperature,
-                confidence_threshold=info.confidence_threshold,
-                anomaly_map=a,
-                anomaly_threshold=info.anomaly_threshold,
-            )
+            postprocess(p, m, img.shape[:2], policy, anomaly_map=a)
             for p, m, a, img in zip(probs, masks, maps, images, strict=True)
         ]
 
