@@ -800,15 +800,15 @@ class InProcess:
         t1 = time.perf_counter()
         batch = prepare_image(decoded, info.input_size)[None]
         t2 = time.perf_counter()
-        probs, masks = self.predictor.backend(batch)
+        outputs = self.predictor.backend(batch)
         t3 = time.perf_counter()
+        anomaly = outputs.get("anomaly")
         prediction = postprocess(
-            probs[0],
-            masks[0],
+            outputs["class"][0],
+            outputs["mask"][0],
             decoded.shape[:2],
-            info.classes,
-            info.mask_threshold,
-            info.defect_threshold,
+            info.policy,
+            anomaly_map=None if anomaly is None else anomaly[0],
         )
         t4 = time.perf_counter()
         body = prediction.to_json()
