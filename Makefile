@@ -27,7 +27,19 @@ $(VENV)/.installed-$(EXTRA): pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-install: $(VENV)/.installed-$(EXTRA)
+# The Data Docs' scripts, stylesheets and fonts (Bootstrap, jQuery, bootstrap-table, Vega, Font
+# Awesome, ...): the npm packages pinned by data-docs-assets/package-lock.json, installed by `npm ci`;
+# every Data Docs build copies them into its site, so the pages work without internet
+# (src/defectflow/data/data_docs_assets.py). npm comes from Debian (nodejs, npm) when missing.
+DOCS_ASSETS := data-docs-assets/node_modules/.package-lock.json
+$(DOCS_ASSETS): data-docs-assets/package.json data-docs-assets/package-lock.json
+	@command -v npm > /dev/null || { [ "$$(id -u)" = 0 ] && SUDO= || SUDO=sudo; \
+	  echo "apt-get install nodejs npm"; $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  $$SUDO apt-get install -y -qq --no-install-recommends nodejs npm > /dev/null; }
+	cd data-docs-assets && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	@touch $@
+
+install: $(VENV)/.installed-$(EXTRA) $(DOCS_ASSETS)
 
 demo: install
 	@start=$$(date +%s); \
@@ -92,7 +104,7 @@ lint: install
 	$(BIN)/lint-imports --no-logo --cache-dir $(DEFECTFLOW_HOME)/import-linter
 
 clean: down
-	rm -rf $(VENV) $(DEFECTFLOW_HOME)
+	rm -rf $(VENV) $(DEFECTFLOW_HOME) data-docs-assets/node_modules
 
 # The serving container (scripts/container.py; docs/serving.md, "Container"): Debian's docker.io and
 # debootstrap are installed when missing; dockerd is started for the run when none answers, and

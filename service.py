@@ -24,6 +24,7 @@ from typing import Annotated
 import bentoml
 import numpy as np
 from fastapi import FastAPI
+from fastapi.responses import HTMLResponse
 from pydantic import Field
 
 from defectflow.artifacts import ModelInfo
@@ -50,6 +51,7 @@ from defectflow.serving.uploads import (
     check_upload,
     decode_checked,
 )
+from defectflow.serving.web.api_docs import swagger_ui_page
 from defectflow.serving.web.review import review_app
 from defectflow.serving.web.ui import ui_app
 
@@ -182,7 +184,14 @@ class DefectModel:
         return pack_outputs(self.predictor.backend(images.astype(np.float32)))
 
 
-info_app = FastAPI(title="defectflow model information")
+# FastAPI's /docs and /redoc load from CDNs: /docs is served with local files instead (no /redoc).
+info_app = FastAPI(title="defectflow model information", docs_url=None, redoc_url=None)
+
+
+@info_app.get("/docs", include_in_schema=False)
+def api_docs() -> HTMLResponse:
+    """The OpenAPI page (Swagger UI), its files from the Bento itself: works without internet."""
+    return swagger_ui_page(info_app.title)
 
 
 # With a Keras model, requests handled at once from more than one thread made the calls to

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from defectflow.config import REPO_ROOT
+from defectflow.data.data_docs_assets import make_offline
 from defectflow.data.mvtec import Sample
 from defectflow.data.split import SplitSample
 
@@ -786,6 +787,7 @@ def validate_dataset(
         # Renders the suite page (with the notes) and this run's result page: the checkpoint
         # keeps its result in the context's in-memory store, so no UpdateDataDocsAction needed.
         context.build_data_docs()
+        make_offline(data_docs_dir)  # the pages' scripts and styles from the site itself
         statistics["data_docs"] = str(data_docs_dir / "index.html")
     return ValidationResult(
         success=bool(suite_result.success) and not empty,
