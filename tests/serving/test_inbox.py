@@ -474,7 +474,7 @@ def test_a_hostile_mask_upload_is_refused_from_its_header_and_the_item_stays(tmp
     """Mask uploads pass the checks of /predict (defectflow.serving.uploads) before anything decodes them."""
     from test_uploads import png_with_size, rgb_image
 
-    from defectflow.serving import inbox as inbox_module
+    from defectflow.serving.inbox import review as inbox_module  # where the review decodes masks
 
     inbox = Inbox(tmp_path / "inbox", incoming=tmp_path / "incoming")
     item = inbox.add(_image(0), _answer("crack"), MODEL)
