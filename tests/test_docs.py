@@ -5,6 +5,7 @@ title and a link back to the README, and the README links to every page. Files o
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 from collections import Counter
 from pathlib import Path
@@ -149,3 +150,52 @@ def test_the_docs_pages_other_files_name_exist():
         if not (REPO_ROOT / "docs" / name).is_file()
     }
     assert not missing, sorted(missing)
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_package_map_is_generated_from_the_current_docstrings(capsys):
+    """docs/architecture.md's package map equals what scripts/package_map.py makes of the code."""
+    assert _script("package_map").main(["--check"]) == 0, capsys.readouterr().err
+
+
+def test_every_package_says_what_belongs_there_and_what_it_may_import():
+    package_map = _script("package_map")
+    for name, folder in package_map.packages():
+        if name == "defectflow":
+            continue
+        text = package_map.docstring(folder / "__init__.py")
+        assert package_map.first_sentence(text), f"{name}: its __init__ has no docstring"
+        assert package_map.may_import(text), f"{name}: its __init__ docstring has no 'May import'"
+
+
+def test_the_package_map_check_fails_when_a_module_is_added(tmp_path, monkeypatch):
+    package_map = _script("package_map")
+    doc = tmp_path / "architecture.md"
+    doc.write_text(f"# A\n\n{package_map.BEGIN}\n{package_map.END}\n")
+    monkeypatch.setattr(package_map, "DOC", doc)
+    monkeypatch.setattr(package_map, "REPO", REPO_ROOT)
+    assert package_map.main(["--check"]) == 1
+    assert package_map.main([]) == 0 and package_map.main(["--check"]) == 0
+    assert "| `predictor` | Loading a trained model artifact" in doc.read_text()
+
+
+def test_the_results_pages_are_generated_from_their_json(capsys):
+    assert _script("results_docs").main(["--check"]) == 0, capsys.readouterr().err
+
+
+def test_a_results_page_shows_what_the_run_measured(tmp_path):
+    results_docs = _script("results_docs")
+    data = json.loads((REPO_ROOT / "docs" / "results" / "demo.json").read_text())
+    data["runs"][0]["metrics"]["accuracy"] = 0.123456
+    from defectflow.evaluation import results
+
+    data["summary"] = results.summarize(data["runs"])
+    page = results_docs.render("demo", data)
+    assert "| overall class accuracy | 0.123 ± 0.000 | 0.123 |" in page
+    assert data["commit"] in page and data["machine"] in page and data["measured"] in page
