@@ -1,33 +1,103 @@
+"""The `defectflow` command as a whole (defectflow.cli): every group registered, each command
+with its handler, the errors every command shares."""
+
+import argparse
+import pkgutil
+import subprocess
+import sys
+
 import pytest
 
-from defectflow.cli import main
+import defectflow.cli
+from defectflow.cli import GROUPS, build_parser, main
+
+#: Every command, as the words that name it; a new command is added here too.
+COMMANDS = {
+    ("data", "synth"),
+    ("data", "preview"),
+    ("validate",),
+    ("train",),
+    ("reproduce",),
+    ("evaluate",),
+    ("predict",),
+    ("models", "list"),
+    ("models", "history"),
+    ("models", "show"),
+    ("models", "promote"),
+    ("models", "rollback"),
+    ("models", "archive"),
+    ("serve",),
+    ("review", "list"),
+    ("review", "show"),
+    ("review", "accept"),
+    ("review", "discard"),
+    ("up",),
+    ("down",),
+    ("status",),
+    ("deploy",),
+}
 
 
-def test_synth_then_validate(tmp_path, capsys):
-    out = tmp_path / "synth"
-    overrides = [
-        f"data.synth.out={out}",
-        "data.synth.image_size=64",
-        "data.synth.n_train_good=6",
-        "data.synth.n_test_good=3",
-        "data.synth.n_per_defect=3",
-    ]
-    assert main(["data", "synth", *overrides]) == 0
-    assert (out / "test" / "crack").is_dir()
-    assert main(["data", "synth", *overrides]) == 0
-    assert "already" in capsys.readouterr().out
-    assert main(["data", "synth", "--overwrite", *overrides]) == 0
-    assert main(["validate", f"data.root={out}"]) == 0
-    assert "passed" in capsys.readouterr().out.lower()
+def _commands(parser: argparse.ArgumentParser, words: tuple = ()):
+    """(words, parser) of every command below `parser` that has no subcommands of its own."""
+    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subparsers:
+        yield words, parser
+        return
+    for name, child in subparsers[0].choices.items():
+        yield from _commands(child, (*words, name))
 
 
-def test_validate_reports_bad_data(tmp_path, capsys):
-    out = tmp_path / "synth"
-    overrides = [f"data.synth.out={out}", "data.synth.image_size=64", "data.synth.n_per_defect=3"]
-    assert main(["data", "synth", *overrides]) == 0
-    next((out / "ground_truth" / "poke").iterdir()).unlink()
-    assert main(["validate", f"data.root={out}"]) == 1
-    assert "poke" in capsys.readouterr().err
+def test_every_group_module_is_assembled():
+    modules = {m.name for m in pkgutil.iter_modules(defectflow.cli.__path__)}
+    assert {g.__name__.rsplit(".", 1)[1] for g in GROUPS} == modules - {"common", "__main__"}
+
+
+def test_every_command_has_a_handler_in_the_module_that_adds_it():
+    assert {words for words, _ in _commands(build_parser())} == COMMANDS
+    for group in GROUPS:
+        sub = argparse.ArgumentParser().add_subparsers()
+        group.add_commands(sub)
+        for top, parser in sub.choices.items():
+            for words, command in _commands(parser, (top,)):
+                handler = command.get_default("handler")
+                assert callable(handler), f"defectflow {' '.join(words)} has no handler"
+                assert handler.__module__ == group.__name__, words
+
+
+@pytest.mark.parametrize("top", sorted({words[0] for words in COMMANDS}))
+def test_help_lists_every_command(top, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    listed = capsys.readouterr().out.split("positional arguments:")[1]
+    assert f"\n    {top} " in listed
+    below = sorted(words[1] for words in COMMANDS if len(words) > 1 and words[0] == top)
+    if below:
+        with pytest.raises(SystemExit):
+            main([top, "--help"])
+        listed = capsys.readouterr().out.split("positional arguments:")[1]
+        assert all(f"\n    {name} " in listed for name in below), below
+
+
+def test_help_starts_without_tensorflow():
+    code = (
+        "import sys; from defectflow.cli import main\n"
+        "try: main(['--help'])\n"
+        "except SystemExit: pass\n"
+        "print('tensorflow' in sys.modules, 'keras' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.splitlines()[-1] == "False False"
+
+
+def test_python_m_runs_the_command():
+    done = subprocess.run(
+        [sys.executable, "-m", "defectflow.cli", "--help"], capture_output=True, text=True
+    )
+    assert done.returncode == 0 and done.stdout.startswith("usage: defectflow")
 
 
 def test_clear_errors_for_bad_config_and_missing_data(tmp_path, capsys):
@@ -42,99 +112,3 @@ def test_clear_errors_for_bad_config_and_missing_data(tmp_path, capsys):
 def test_usage_error_exits_nonzero():
     with pytest.raises(SystemExit):
         main(["bogus"])
-
-
-def test_data_preview_writes_a_grid(tiny_dataset, tmp_path, capsys):
-    import cv2
-
-    out = tmp_path / "preview.png"
-    assert (
-        main(
-            [
-                "data",
-                "preview",
-                "--out",
-                str(out),
-                f"data.root={tiny_dataset}",
-                "model.input_size=64",
-                "augment.preview_count=6",
-            ]
-        )
-        == 0
-    )
-    image = cv2.imread(str(out))
-    assert (
-        image is not None and image.shape[1] >= 4 * 160 and image.shape[0] >= 2 * 160
-    )  # 6 tiles, 4 a row
-    assert str(out) in capsys.readouterr().out
-
-
-def test_serve_refuses_a_busy_port(capsys):
-    import socket
-
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
-        assert main(["serve", "--port", str(port)]) == 2
-    assert "cannot serve" in capsys.readouterr().err
-
-
-def test_models_commands_list_show_promote_rollback_archive(tmp_path, capsys):
-    import json
-    import uuid
-
-    from helpers_models import make_tiny_model_dir
-
-    from defectflow import registry
-
-    name = f"cli{uuid.uuid4().hex[:8]}"
-    gate = {"message": "promoted: accuracy 0.9 >= minimum 0.5", "passed": True}
-    a, b = (
-        registry.save_model(
-            make_tiny_model_dir(tmp_path / str(i), seed=i),
-            name,
-            {"metrics": {"accuracy": 0.5 + i / 10}, "gate": gate},
-        )
-        for i in range(2)
-    )
-    capsys.readouterr()
-    assert main(["models", "list", "--name", name]) == 0
-    out = capsys.readouterr().out
-    assert out.splitlines()[0].split()[:3] == ["tag", "stage", "created"]
-    assert a in out and b in out and "production" not in out
-
-    assert main(["models", "promote", a]) == 0
-    assert main(["models", "promote", b, "--reason", "better on line 3"]) == 0
-    assert f"{b} is production (previous: {a})" in capsys.readouterr().out
-    assert main(["models", "list", "--name", name, "--json"]) == 0
-    assert {r["tag"]: r["stage"] for r in json.loads(capsys.readouterr().out)} == {
-        a: "archived",
-        b: "production",
-    }
-
-    assert main(["models", "show", b]) == 0
-    out = capsys.readouterr().out
-    assert (
-        "production" in out
-        and "complete" in out
-        and "model.keras" in out
-        and "promoted: accuracy" in out
-    )
-    assert main(["models", "show", b, "--json"]) == 0
-    shown = json.loads(capsys.readouterr().out)
-    assert shown["stage"] == "production" and shown["files"]["model.json"] > 0
-
-    assert main(["models", "archive", b]) == 2
-    assert "is the production model" in capsys.readouterr().err
-    assert main(["models", "rollback", "--name", name]) == 0
-    assert f"{a} is production again; {b} archived" in capsys.readouterr().out
-    assert main(["models", "rollback", "--name", name]) == 2
-    assert "no earlier production model" in capsys.readouterr().err
-    assert main(["models", "history", "--name", name]) == 0
-    out = capsys.readouterr().out
-    assert [line.split()[1] for line in out.splitlines()[2:]] == ["promote", "promote", "rollback"]
-    assert "better on line 3" in out
-    assert main(["models", "show", f"{name}:nosuchversion"]) == 2
-    assert "is not in the BentoML model store" in capsys.readouterr().err
-    assert registry.production_tag(name) == a
