@@ -30,6 +30,10 @@ _RESOURCE_OUTCOMES = pytest.StashKey[dict]()
 _SESSION_CONFIG: list = []
 
 
+# Chromium for the page tests (browser_binary, browser, page): tests/helpers_browser.py.
+pytest_plugins = ("helpers_browser",)
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     """A small synthetic dataset in MVTec layout, shared by the tests that only read it."""

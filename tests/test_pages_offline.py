@@ -22,7 +22,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import test_ui_page as ui_tests
 from helpers_offline import external_requests, failed_requests, offline_network, recorded_requests
 from helpers_processes import serve_bento
 
@@ -34,7 +33,6 @@ from browser import headless_chromium, new_tab  # noqa: E402
 pytestmark = pytest.mark.integration
 
 WAIT = 60.0
-browser_binary = ui_tests.browser_binary
 
 
 @pytest.fixture(scope="module")

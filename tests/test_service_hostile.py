@@ -28,8 +28,7 @@ import numpy as np
 import pytest
 from helpers_models import CLASSES
 from helpers_processes import serve_bento
-from PIL import Image
-from test_uploads import (
+from helpers_uploads import (
     SAMPLES,
     bmp_with_size,
     cv2_encode,
@@ -39,6 +38,7 @@ from test_uploads import (
     rgb_image,
     tiff_with_size,
 )
+from PIL import Image
 
 from defectflow.inference.postprocessing import UNKNOWN_DEFECT
 

@@ -23,8 +23,7 @@ from pathlib import Path
 
 import great_expectations
 import pytest
-import test_review_page as review_page_tests
-import test_ui_page as ui_tests
+from helpers_browser import click
 from helpers_offline import external_requests, failed_requests, offline_network, recorded_requests
 
 from defectflow.config import ValidationConfig
@@ -171,7 +170,6 @@ def test_without_the_packages_the_pages_keep_their_links_and_a_warning_says_why(
 
 # --- in Chromium, offline ---------------------------------------------------------------------
 
-browser_binary = ui_tests.browser_binary
 
 #: What a page shows of its styles, fonts and libraries (after its fonts are ready).
 FACTS = """(async () => {
@@ -256,7 +254,7 @@ def test_index_and_validation_page_work_offline_in_chromium(
         assert links[0].startswith("validations/") and (site / links[0]).is_file(), links
         _check_styled(facts, "index")
 
-        review_page_tests._click(tab, ROWS)  # bootstrap-table's click-row handler opens the run
+        click(tab, ROWS)  # bootstrap-table's click-row handler opens the run
         tab.wait_for(
             "location.pathname.includes('/validations/') && document.readyState === 'complete'",
             "the validation page to open",

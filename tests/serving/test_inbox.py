@@ -472,7 +472,7 @@ def _lying_chunk_length(png: bytes) -> bytes:
 
 def test_a_hostile_mask_upload_is_refused_from_its_header_and_the_item_stays(tmp_path, monkeypatch):
     """Mask uploads pass the checks of /predict (defectflow.serving.uploads) before anything decodes them."""
-    from test_uploads import png_with_size, rgb_image
+    from helpers_uploads import png_with_size, rgb_image
 
     from defectflow.serving.inbox import review as inbox_module  # where the review decodes masks
 

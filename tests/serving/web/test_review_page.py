@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 import pytest
 import test_review_service as review_tests
-import test_ui_page as ui_tests
+from helpers_browser import click, no_page_problems
 from helpers_models import CLASSES
 
 from defectflow.data.mvtec import scan_dataset
@@ -33,9 +33,6 @@ pytestmark = pytest.mark.integration
 # The fixtures are the other modules' (module-scoped ones start again for this module):
 # the review service, and Chromium with a recording tab.
 service = review_tests.service
-browser_binary = ui_tests.browser_binary
-browser = ui_tests.browser
-page = ui_tests.page
 
 AUTH = review_tests.AUTH
 REVIEWER = "Zoë Ortiz"  # non-ASCII on purpose: it goes through a multipart form into JSON
@@ -84,24 +81,8 @@ def _mask_pixels(item: dict) -> int:
     )
 
 
-def _click(page, selector: str) -> None:
-    """A real mouse click in the middle of the element."""
-    box = page.evaluate(f"""(() => {{
-      const e = document.querySelector({json.dumps(selector)});
-      if (!e) return null;
-      e.scrollIntoView({{block: 'center'}});
-      const r = e.getBoundingClientRect();
-      return r.width > 0 && r.height > 0 ? [r.left + r.width / 2, r.top + r.height / 2] : null;
-    }})()""")
-    assert box, f"{selector} is not on the page (or not visible)"
-    x, y = box
-    page.call("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
-    for kind in ("mousePressed", "mouseReleased"):
-        page.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
-
-
 def _type(page, selector: str, text: str) -> None:
-    _click(page, selector)
+    click(page, selector)
     assert page.evaluate(
         f"document.activeElement === document.querySelector({json.dumps(selector)})"
     )
@@ -216,7 +197,7 @@ def test_review_page_reviews_an_item_into_the_incoming_dataset(
     assert _status(page) == {"text": "", "kind": ""}, "the 401 from before the token is still shown"
 
     # Open the item: its title, the classes to choose from, the image and the overlay.
-    _click(page, f"#items li[data-id='{item_id}']")
+    click(page, f"#items li[data-id='{item_id}']")
     page.wait_for(
         f"!document.getElementById('item').hidden && document.getElementById('title')"
         f".textContent.endsWith({json.dumps(item_id)}) && ['image', 'overlay'].every((id) => "
@@ -252,9 +233,9 @@ def test_review_page_reviews_an_item_into_the_incoming_dataset(
     # A refused review: a defect class without a mask. The service's reason is shown; the item stays.
     defect = next(c for c in CLASSES[1:] if c != target["prediction"]["class"])
     _choose_class(page, defect)
-    _click(page, "input[name=mask][value=clear]")
+    click(page, "input[name=mask][value=clear]")
     assert page.evaluate("document.querySelector('input[name=mask]:checked').value") == "clear"
-    _click(page, "#accept")
+    click(page, "#accept")
     page.wait_for(
         "document.getElementById('status').className === 'error'", "the refusal", timeout=15
     )
@@ -267,8 +248,8 @@ def test_review_page_reviews_an_item_into_the_incoming_dataset(
 
     # The review that succeeds.
     _choose_class(page, label)
-    _click(page, f"input[name=mask][value={mask_choice}]")
-    _click(page, "#accept")
+    click(page, f"input[name=mask][value={mask_choice}]")
+    click(page, "#accept")
     page.wait_for(
         "document.getElementById('status').className === 'ok'",
         "the review to be written",
@@ -298,13 +279,13 @@ def test_review_page_reviews_an_item_into_the_incoming_dataset(
 
     # The other button: discard a second item.
     other = sorted(ids - {item_id})[0]
-    _click(page, f"#items li[data-id='{other}']")
+    click(page, f"#items li[data-id='{other}']")
     page.wait_for(
         f"document.getElementById('title').textContent.endsWith({json.dumps(other)})",
         "the second item",
         timeout=15,
     )
-    _click(page, "#discard")
+    click(page, "#discard")
     page.wait_for(
         f"document.getElementById('status').textContent === 'Discarded {other}' && "
         f"document.querySelectorAll('#items li').length === {len(ids) - 2}",
@@ -328,7 +309,7 @@ def test_review_page_reviews_an_item_into_the_incoming_dataset(
 
     # Nothing went wrong in the page: no exception, no CSP violation, nothing requested
     # elsewhere, no console error; the only failed requests are the two the test caused.
-    ui_tests._no_page_problems(page, url)
+    no_page_problems(page, url)
     console = [
         e["params"]
         for e in page.events

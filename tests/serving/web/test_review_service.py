@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from helpers_models import CLASSES, make_tiny_model_dir
 from helpers_processes import isolated_env, serve_bento
-from test_uploads import png_with_size
+from helpers_uploads import png_with_size
 
 from defectflow.artifacts import ModelInfo
 from defectflow.data.mvtec import scan_dataset

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import re
 import subprocess
 import sys
@@ -26,21 +25,17 @@ import cv2
 import httpx
 import numpy as np
 import pytest
+from helpers_browser import DevTools, no_page_problems
 from helpers_models import CLASSES, make_tiny_model_dir
-from helpers_processes import isolated_env, running, serve_bento
-from helpers_resources import skip_missing
+from helpers_processes import isolated_env, serve_bento
 
 from defectflow.serving.web.ui import content_security_policy, page_html, ui_app
 
 # The DevTools client is shared with scripts/prefect_ui_screenshot.py (scripts/ is no package).
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "scripts"))
-from browser import BROWSERS, chromium_command, find_browser  # noqa: E402
-from browser import DevTools as CDPClient  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
-#: Upper bound of every wait on the browser (start, page load, one inspection).
-WAIT = 60.0
 
 _SAVE = """
 import sys
@@ -93,29 +88,6 @@ def test_page_is_self_contained():
 # --- the page in Chromium --------------------------------------------------------------------
 
 
-class DevTools(CDPClient):
-    """The CDP client of scripts/browser.py; a timed-out wait also reports the page's state."""
-
-    describe = (
-        "JSON.stringify({url: location.href, state: "
-        "document.getElementById('result')?.dataset.state, "
-        "text: document.body?.innerText.slice(0, 600)})"
-    )
-
-
-@pytest.fixture(scope="module")
-def browser_binary() -> str:
-    binary = find_browser()
-    if binary is None:
-        reason = (
-            f"no Chromium found (tried {', '.join(BROWSERS)} on PATH"
-            f"{', DEFECTFLOW_CHROMIUM' if os.environ.get('DEFECTFLOW_CHROMIUM') else ''}): "
-            "install the Debian package `chromium` (make test does)"
-        )
-        skip_missing("browser", reason)
-    return binary
-
-
 @pytest.fixture(scope="module")
 def service(browser_binary, tmp_path_factory) -> Iterator[dict]:
     """service.py from the repository serving a tiny saved model; its URL and model tag."""
@@ -135,66 +107,6 @@ def service(browser_binary, tmp_path_factory) -> Iterator[dict]:
     env["DEFECTFLOW_MODEL_TAG"] = tag
     with serve_bento("service:DefectInspection", env, root / "serve.log") as url:
         yield {"url": url, "tag": tag, "log": root / "serve.log"}
-
-
-@pytest.fixture(scope="module")
-def browser(browser_binary, tmp_path_factory) -> Iterator[DevTools]:
-    """Headless Chromium on a fresh profile; a DevTools connection to the browser itself."""
-    profile = tmp_path_factory.mktemp("chromium-profile")
-    log = profile.parent / "chromium.log"
-    command = chromium_command(browser_binary, profile, 1280, 900)
-    start = time.monotonic()
-    with running(command, dict(os.environ), log, cwd=profile) as proc:
-        active = profile / "DevToolsActivePort"
-        while not (active.exists() and len(active.read_text().split()) >= 2):
-            if proc.poll() is not None:
-                pytest.fail(
-                    f"{browser_binary} exited {proc.returncode}:\n{log.read_text()[-3000:]}"
-                )
-            if time.monotonic() - start > WAIT:
-                pytest.fail(
-                    f"{browser_binary} did not open its DevTools port within {WAIT} s:\n"
-                    f"{log.read_text()[-3000:]}"
-                )
-            time.sleep(0.1)
-        port, path = active.read_text().split()[:2]
-        connection = DevTools(f"ws://127.0.0.1:{port}{path}")
-        connection.port = port
-        version = connection.call("Browser.getVersion")["product"]
-        print(f"\n{version} ready in {time.monotonic() - start:.1f} s")
-        try:
-            yield connection
-        finally:
-            connection.close()  # `running` then ends the browser's whole process group
-
-
-@pytest.fixture
-def page(browser) -> Iterator[DevTools]:
-    """A new tab, recording exceptions, requests and CSP violations."""
-    target = browser.call("Target.createTarget", url="about:blank")["targetId"]
-    tab = DevTools(f"ws://127.0.0.1:{browser.port}/devtools/page/{target}")
-    try:
-        for domain in ("Page", "Runtime", "Network", "Log"):
-            tab.call(f"{domain}.enable")
-        tab.call(
-            "Emulation.setDeviceMetricsOverride",
-            width=1280,
-            height=900,
-            deviceScaleFactor=1,
-            mobile=False,
-        )
-        tab.call(
-            "Page.addScriptToEvaluateOnNewDocument",
-            source=(
-                "window.__violations = [];"
-                "document.addEventListener('securitypolicyviolation', (e) =>"
-                " window.__violations.push(e.violatedDirective + ' ' + e.blockedURI));"
-            ),
-        )
-        yield tab
-    finally:
-        tab.close()
-        browser.call("Target.closeTarget", targetId=target)
 
 
 def _open(page: DevTools, url: str) -> None:
@@ -253,23 +165,6 @@ def _sample_png(path: Path) -> bytes:
     assert ok
     path.write_bytes(buffer.tobytes())
     return buffer.tobytes()
-
-
-def _no_page_problems(page: DevTools, origin: str) -> None:
-    exceptions = [
-        e["params"]["exceptionDetails"]
-        for e in page.events
-        if e["method"] == "Runtime.exceptionThrown"
-    ]
-    assert not exceptions, f"the page threw: {exceptions}"
-    assert page.evaluate("window.__violations") == []
-    requested = {
-        e["params"]["request"]["url"]
-        for e in page.events
-        if e["method"] == "Network.requestWillBeSent"
-    }
-    elsewhere = sorted(u for u in requested if not u.startswith((origin + "/", "data:", "blob:")))
-    assert not elsewhere, f"the page requested resources elsewhere: {elsewhere}"
 
 
 _READ_RESULT = """(() => {
@@ -370,7 +265,7 @@ def test_page_shows_class_probabilities_and_mask_overlay(service, page, tmp_path
     assert canvases["red"] == int(drawn.sum())
     assert canvases["visibility"] == "visible" and canvases["shown"]
     print(f"class {shown['cls']}, mask covers {100 * drawn.mean():.1f} % of the image")
-    _no_page_problems(page, url)
+    no_page_problems(page, url)
 
 
 def test_page_shows_the_service_error_and_recovers(service, page, tmp_path):
