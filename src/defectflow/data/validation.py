@@ -9,7 +9,9 @@ thresholds are suite parameters (`{"$PARAMETER": "min_side"}`) filled from the c
 
 `validate_dataset` runs the suite with the GX 1.x fluent API (ephemeral context, pandas data
 source, dataframe asset, whole-dataframe batch, ValidationDefinition, Checkpoint) and turns the
-result into a `ValidationResult` that says, in plain words, which check failed on which files.
+result into a `ValidationResult` that says, in plain words, which check failed on which files
+(`defectflow.data.validation_report`). Its steps: the suite, the checked table, the run, the
+failures, the statistics, the Data Docs.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +32,16 @@ from defectflow.config import REPO_ROOT
 from defectflow.data.data_docs_assets import make_offline
 from defectflow.data.mvtec import Sample
 from defectflow.data.split import SplitSample
+from defectflow.data.validation_report import (
+    ValidationResult,
+    dataset_root,
+    empty_classes_failure,
+    failure_summaries,
+    plain,
+)
 
 # Set before great_expectations is first imported (it is imported lazily: it takes seconds).
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
-
-#: How many failing files a failure keeps (and the message names) per check.
-MAX_EXAMPLES = 5
 
 #: How many distinct mask values `mask_values` lists before it only counts them.
 MAX_MASK_VALUES = 8
@@ -268,100 +273,6 @@ def image_facts(
 # Result
 
 
-@dataclass
-class ValidationResult:
-    success: bool
-    statistics: dict = field(default_factory=dict)
-    #: One dict per failed check: expectation, column, kwargs, notes, unexpected_count,
-    #: element_count, examples (paths), values (the failing values) and reasons (per example).
-    failures: list[dict] = field(default_factory=list)
-
-    def _root(self) -> str:
-        return self.statistics.get("root", "")
-
-    def _display(self, path: str) -> str:
-        return _relative(path, self._root())
-
-    def _examples(self, failure: dict) -> str:
-        shown = []
-        for path, reason in zip(failure["examples"], failure["reasons"], strict=True):
-            name = self._display(path) if path else ""
-            shown.append(f"{name} ({reason})" if name and reason else name or reason)
-        more = failure["unexpected_count"] - len(shown)
-        text = ", ".join(s for s in shown if s)
-        return f"{text} and {more} more" if more > 0 and text else text
-
-    def message(self) -> str:
-        """One paragraph: what failed, on which files (for an error message)."""
-        stats = self.statistics
-        where = f" under {self._root()}" if self._root() else ""
-        if self.success:
-            return (
-                f"Data validation passed: {stats.get('images', 0)} images{where}, "
-                f"{stats.get('evaluated_expectations', 0)} checks."
-            )
-        parts = []
-        for failure in self.failures:
-            what = failure.get("notes") or failure["expectation"]
-            what = what.rstrip(".").replace("`", "")
-            if failure.get("exception"):
-                parts.append(f"{what}: the check could not run ({failure['exception']})")
-                continue
-            count = failure["unexpected_count"]
-            examples = self._examples(failure)
-            unit = failure.get("unit") or "image"
-            unit = unit if count == 1 else f"{unit}es" if unit.endswith("s") else f"{unit}s"
-            detail = f"{count} {unit}: {examples}" if examples else f"{count} {unit}"
-            parts.append(f"{what}: failed for {detail}" if count else f"{what}: failed")
-        n_failed = len(self.failures)
-        return (
-            f"Data validation failed for {stats.get('images', 0)} images{where} "
-            f"({n_failed} of {stats.get('evaluated_expectations', n_failed)} checks failed). "
-            + "; ".join(parts)
-            + "."
-        )
-
-    def summary_markdown(self) -> str:
-        stats = self.statistics
-        status = "passed" if self.success else "FAILED"
-        lines = [
-            f"## Data validation {status}",
-            "",
-            f"- suite: `{stats.get('suite', '')}`",
-            f"- dataset: `{self._root()}`",
-            f"- images: {stats.get('images', 0)} ({stats.get('unreadable', 0)} unreadable)",
-            *(
-                ["- splits: " + ", ".join(f"{k} {v}" for k, v in stats["splits"].items())]
-                if stats.get("splits")
-                else []
-            ),
-            f"- checks passed: {stats.get('successful_expectations', 0)}"
-            f" / {stats.get('evaluated_expectations', 0)}",
-        ]
-        if stats.get("data_docs"):
-            lines.append(f"- Data Docs: {stats['data_docs']}")
-        classes = stats.get("class_counts") or {}
-        if classes:
-            lines += ["", "| class | images |", "|---|---:|"]
-            lines += [f"| {name} | {count} |" for name, count in classes.items()]
-        if self.failures:
-            lines += [
-                "",
-                "### Failed checks",
-                "",
-                "| check | column | failing | examples |",
-                "|---|---|---:|---|",
-            ]
-            for f in self.failures:
-                what = (f.get("notes") or "").replace("|", "\\|")
-                check = f"{what}<br>`{f['expectation']}`" if what else f"`{f['expectation']}`"
-                examples = (f.get("exception") or self._examples(f)).replace("|", "\\|")
-                lines.append(
-                    f"| {check} | {f.get('column') or ''} | {f['unexpected_count']} | {examples} |"
-                )
-        return "\n".join(lines) + "\n"
-
-
 def require_valid(result: ValidationResult, split_problem: str = "") -> ValidationResult:
     """Raise with the gate's message; also when the gate passed but the data could not be split
     (e.g. a class with fewer images than a 3-way split needs while min_images_per_class allows it)."""
@@ -476,6 +387,7 @@ def load_suite(path: Path, parameters: dict[str, Any], extra: list[Path] | tuple
 
 
 def _context(data_docs_dir: Path | None):
+    """An ephemeral GX context; with `data_docs_dir` (absolute), a Data Docs site there."""
     import great_expectations as gx
     from great_expectations.data_context.types.base import (
         DataContextConfig,
@@ -484,7 +396,8 @@ def _context(data_docs_dir: Path | None):
     )
 
     sites = {}
-    if data_docs_dir is not None:
+    if data_docs_dir is not None:  # the site `_build_data_docs` builds after the run
+        data_docs_dir.mkdir(parents=True, exist_ok=True)
         sites["local_site"] = {
             "class_name": "SiteBuilder",
             "show_how_to_buttons": False,
@@ -502,155 +415,6 @@ def _context(data_docs_dir: Path | None):
     )
     # Ephemeral: suites, results and checkpoints live in memory; only Data Docs touch disk.
     return gx.get_context(mode="ephemeral", project_config=config)
-
-
-def _plain(value: Any) -> Any:
-    """numpy / pandas scalars to JSON-able Python values."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if value is pd.NA or (isinstance(value, float) and np.isnan(value)):
-        return None
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def _exception_text(info: Any) -> str:
-    if not isinstance(info, dict):
-        return ""
-    if "raised_exception" in info:
-        return str(info.get("exception_message") or "") if info["raised_exception"] else ""
-    texts = (_exception_text(v) for v in info.values())
-    return "; ".join(t for t in texts if t)
-
-
-def _relative(path: str, root: str) -> str:
-    if root and path.startswith(root):
-        return Path(os.path.relpath(path, root)).as_posix()
-    return path
-
-
-@dataclass
-class _Context:
-    """What the failure reasons look up: rows by path, copies by sha256, the dataset root."""
-
-    rows: dict[str, dict]
-    copies: dict[str, list[dict]]
-    root: str
-
-
-def _copies_text(row: dict, ctx: _Context, same_split: bool) -> str:
-    others = [
-        r for r in ctx.copies.get(row.get("sha256") or "", []) if r["path"] != row.get("path")
-    ]
-    if same_split:
-        others = [r for r in others if r.get("split") == row.get("split")]
-    names = [
-        _relative(r["path"], ctx.root) + (f" in {r['split']}" if r.get("split") else "")
-        for r in others[:MAX_EXAMPLES]
-    ]
-    more = f" and {len(others) - len(names)} more" if len(others) > len(names) else ""
-    where = f"in {row['split']}, " if row.get("split") else ""
-    return f"{where}same bytes as {', '.join(names)}{more}" if names else "duplicate"
-
-
-def _reason(column: str | None, entry: dict, ctx: _Context) -> str:
-    row = ctx.rows.get(entry.get("path"), {})
-    if column in {"readable", "mask_readable"}:
-        return row.get("error") or "unreadable"
-    if column == "has_mask":
-        return "no mask file"
-    if column == "mask_same_size":
-        return (
-            f"mask {row.get('mask_width')}x{row.get('mask_height')}, "
-            f"image {row.get('width')}x{row.get('height')}"
-        )
-    if column == "mask_binary":
-        return "mask has values other than 0 and one defect value"
-    if column == "mask_area_fraction":
-        return "mask is empty"
-    if column == "good_mask_area":
-        mask = _relative(str(row.get("mask_path") or ""), ctx.root)
-        return f"good image with a mask marking {row.get('good_mask_area')} defect pixels: {mask}"
-    if column == "sha256_split_count":
-        return _copies_text(row, ctx, same_split=False)
-    if column == "sha256_count_in_split":
-        return _copies_text(row, ctx, same_split=True)
-    if column == "label":
-        return f"class {row.get('label', entry.get('label'))!r} is not expected"
-    if column in entry:
-        return f"{column}={_plain(entry[column])}"
-    return ""
-
-
-def _failure(result, ctx: _Context) -> dict:
-    config = result.expectation_config
-    kwargs = {k: v for k, v in config.kwargs.items() if k != "batch_id"}
-    column = kwargs.get("column")
-    details = result.result or {}
-    entries = [e for e in details.get("unexpected_index_list") or [] if isinstance(e, dict)]
-    failure = {
-        "expectation": config.type,
-        "column": column,
-        "kwargs": _plain(kwargs),
-        "notes": config.notes if isinstance(config.notes, str) else None,
-        "unexpected_count": int(details.get("unexpected_count") or 0),
-        "element_count": int(details.get("element_count") or 0),
-        "examples": [],
-        "values": [],
-        "reasons": [],
-        "exception": _exception_text(result.exception_info) or None,
-    }
-    if config.type == "expect_column_distinct_values_to_contain_set":  # values, not rows
-        missing = [str(v) for v in details.get("partial_missing_list") or []]
-        failure.update(unit="class", unexpected_count=int(details["missing_count"] or 0))
-        for value in missing[:MAX_EXAMPLES]:
-            failure["examples"].append("")
-            failure["values"].append(value)
-            failure["reasons"].append(f"class {value!r} has no image")
-        return failure
-    if column == "class_image_count" and entries:
-        # One example per class, not per image: the class is what is short of images.
-        by_class: dict[str, int] = {}
-        files: dict[str, list[str]] = {}
-        for e in entries:
-            by_class.setdefault(str(e.get("label")), int(e.get(column) or 0))
-            files.setdefault(str(e.get("label")), []).append(
-                _relative(str(e.get("path", "")), ctx.root)
-            )
-        for label, count in list(by_class.items())[:MAX_EXAMPLES]:
-            names = files[label][:3] + (["..."] if len(files[label]) > 3 else [])
-            failure["examples"].append("")
-            failure["values"].append(count)
-            failure["reasons"].append(f"class {label!r} has {count} images: {', '.join(names)}")
-        failure.update(unexpected_count=len(by_class), unit="class")
-        return failure
-    for e in entries[:MAX_EXAMPLES]:
-        failure["examples"].append(str(e.get("path", "")))
-        failure["values"].append(_plain(e.get(column)) if column else None)
-        failure["reasons"].append(_reason(column, e, ctx))
-    if not entries and failure["unexpected_count"] == 0 and not failure["exception"]:
-        observed = details.get("observed_value")
-        if observed is not None:
-            failure["reasons"].append(f"observed {_plain(observed)}")
-            failure["examples"].append("")
-    return failure
-
-
-def _dataset_root(paths: list[str]) -> str:
-    if not paths:
-        return ""
-    parents = [str(Path(p).parent) for p in paths]
-    try:
-        root = Path(os.path.commonpath(parents))
-    except ValueError:  # mixed drives / relative and absolute
-        return ""
-    # MVTec layout: <root>/train/good, <root>/test/<class>: report paths relative to <root>.
-    while root.name in {"train", "test", "ground_truth"} or root.parent.name in {"train", "test"}:
-        root = root.parent
-    return str(root)
 
 
 def _add_copy_counts(table: pd.DataFrame) -> None:
@@ -674,29 +438,13 @@ def _add_copy_counts(table: pd.DataFrame) -> None:
     table.loc[known, "sha256_split_count"] = hashed["sha256"].map(splits).fillna(0).astype("Int64")
 
 
-def validate_dataset(
-    facts: pd.DataFrame,
-    cfg_validation,
-    class_counts: dict[str, int] | None = None,
-    data_docs_dir: Path | None = None,
-    facts_csv: Path | None = None,
-) -> ValidationResult:
-    """Run the JSON suite (`cfg_validation.suite`) on the facts table.
+def _checked_table(
+    facts: pd.DataFrame, class_counts: dict[str, int] | None
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The table the suite checks, and the number of images of every class.
 
-    `class_counts` (class -> number of images) defaults to the counts of `facts.label`; it fills
-    the `class_image_count` column the per-class minimum is checked on. The copy counts the
-    duplicate and leakage checks use come from `sha256` and `split`: without splits (all ""),
-    leakage passes trivially and the whole dataset is one group for the duplicate check. With
-    `data_docs_dir`, Data Docs HTML are built there and `statistics["data_docs"]` is its
-    index.html.
-    """
-    import great_expectations as gx
-
-    paths = suite_paths(cfg_validation)
-    path = paths[0]
-    parameters = _suite_parameters(cfg_validation, len(facts))
-    suite = load_suite(path, parameters, paths[1:])
-
+    The facts with `split` filled ("" where none), the copy counts (`_add_copy_counts`) and
+    `class_image_count`, from `class_counts` where it names a class, else counted."""
     table = facts.reset_index(drop=True).copy()
     table["split"] = table["split"].fillna("").astype(str) if "split" in table else ""
     _add_copy_counts(table)
@@ -705,14 +453,20 @@ def validate_dataset(
         observed = table["label"].value_counts().to_dict()
         counts = {**{str(k): int(v) for k, v in observed.items()}, **counts}
         table["class_image_count"] = table["label"].map(counts).astype("Int64")
-    if facts_csv is not None:  # the exact table the suite checks, for people and later runs
-        Path(facts_csv).parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(facts_csv, index=False)
+    return table, counts
 
-    if data_docs_dir is not None:
-        data_docs_dir = Path(data_docs_dir).resolve()
-        data_docs_dir.mkdir(parents=True, exist_ok=True)
-    context = _context(data_docs_dir)
+
+def _save_table(table: pd.DataFrame, facts_csv: Path) -> None:
+    Path(facts_csv).parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(facts_csv, index=False)
+
+
+def _run_suite(context, suite, table: pd.DataFrame, parameters: dict[str, Any]):
+    """Run `suite` on `table`: pandas data source, dataframe asset, whole-dataframe batch,
+    ValidationDefinition, Checkpoint. The suite's result (an ExpectationSuiteValidationResult),
+    every failing row named by its path and label."""
+    import great_expectations as gx
+
     batch = (
         context.data_sources.add_pandas("defectflow")
         .add_dataframe_asset("image_facts")
@@ -737,45 +491,25 @@ def validate_dataset(
     # (checked: the results carry the config values), so the JSON needs no rewriting.
     run = checkpoint.run(batch_parameters={"dataframe": table}, expectation_parameters=parameters)
     (suite_result,) = run.run_results.values()
+    return suite_result
 
-    root = _dataset_root([str(p) for p in table.get("path", [])])
-    records = table.to_dict("records") if "path" in table else []
-    copies: dict[str, list[dict]] = {}
-    for record in records:
-        if isinstance(record.get("sha256"), str):
-            copies.setdefault(record["sha256"], []).append(record)
-    ctx = _Context(
-        rows={r["path"]: r for r in records},
-        copies={k: v for k, v in copies.items() if len(v) > 1},
-        root=root,
-    )
-    failures = [_failure(r, ctx) for r in suite_result.results if not r.success]
-    # A class named in class_counts with no image at all has no row to fail on.
-    minimum = parameters["min_images_per_class"]
-    present = set(table["label"]) if "label" in table else set()
-    empty = sorted(c for c, n in counts.items() if c not in present and n < minimum)
-    if empty:
-        failures.append(
-            {
-                "expectation": "min_images_per_class",
-                "column": "label",
-                "kwargs": {"min_value": minimum},
-                "notes": f"Every class has at least {minimum} images",
-                "unexpected_count": len(empty),
-                "element_count": len(counts),
-                "examples": [""] * len(empty[:MAX_EXAMPLES]),
-                "values": [counts[c] for c in empty[:MAX_EXAMPLES]],
-                "reasons": [f"class {c!r} has {counts[c]} images" for c in empty[:MAX_EXAMPLES]],
-                "exception": None,
-                "unit": "class",
-            }
-        )
 
-    statistics = {
-        **_plain(dict(suite_result.statistics)),
-        "suite": str(path),
+def _statistics(
+    suite_result,
+    table: pd.DataFrame,
+    counts: dict[str, int],
+    paths: list[Path],
+    suite_name: str,
+    root: str,
+    parameters: dict[str, Any],
+) -> dict:
+    """GX's counts of evaluated and passed checks, with what the run checked: the suites,
+    images, classes, splits and the parameters the thresholds came from."""
+    return {
+        **plain(dict(suite_result.statistics)),
+        "suite": str(paths[0]),
         "suites": [str(p) for p in paths],
-        "suite_name": suite.name,
+        "suite_name": suite_name,
         "images": len(table),
         "unreadable": int((~table["readable"]).sum()) if "readable" in table else 0,
         "class_counts": dict(sorted(counts.items())),
@@ -783,14 +517,60 @@ def validate_dataset(
         "splits": {k: int(v) for k, v in sorted(table["split"].value_counts().items()) if k},
         "parameters": parameters,
     }
-    if data_docs_dir is not None:
-        # Renders the suite page (with the notes) and this run's result page: the checkpoint
-        # keeps its result in the context's in-memory store, so no UpdateDataDocsAction needed.
-        context.build_data_docs()
-        make_offline(data_docs_dir)  # the pages' scripts and styles from the site itself
-        statistics["data_docs"] = str(data_docs_dir / "index.html")
+
+
+def _build_data_docs(context, data_docs_dir: Path) -> str:
+    """Build the Data Docs site in `data_docs_dir` (the folder `_context` configured) and
+    make it work offline; the path of its index.html.
+
+    Renders the suite page (with the notes) and this run's result page: the checkpoint keeps
+    its result in the context's in-memory store, so no UpdateDataDocsAction is needed."""
+    context.build_data_docs()
+    make_offline(data_docs_dir)  # the pages' scripts and styles from the site itself
+    return str(data_docs_dir / "index.html")
+
+
+def validate_dataset(
+    facts: pd.DataFrame,
+    cfg_validation,
+    class_counts: dict[str, int] | None = None,
+    data_docs_dir: Path | None = None,
+    facts_csv: Path | None = None,
+) -> ValidationResult:
+    """Run the JSON suite (`cfg_validation.suite`) on the facts table.
+
+    `class_counts` (class -> number of images) defaults to the counts of `facts.label`; it fills
+    the `class_image_count` column the per-class minimum is checked on. The copy counts the
+    duplicate and leakage checks use come from `sha256` and `split`: without splits (all ""),
+    leakage passes trivially and the whole dataset is one group for the duplicate check. With
+    `facts_csv`, the exact table the suite checks is saved there (for people and later runs).
+    With `data_docs_dir`, Data Docs HTML are built there and `statistics["data_docs"]` is its
+    index.html.
+    """
+    paths = suite_paths(cfg_validation)
+    parameters = _suite_parameters(cfg_validation, len(facts))
+    suite = load_suite(paths[0], parameters, paths[1:])
+
+    table, counts = _checked_table(facts, class_counts)
+    if facts_csv is not None:
+        _save_table(table, facts_csv)
+
+    docs_dir = Path(data_docs_dir).resolve() if data_docs_dir is not None else None
+    context = _context(docs_dir)
+    suite_result = _run_suite(context, suite, table, parameters)
+
+    root = dataset_root([str(p) for p in table.get("path", [])])
+    failures = failure_summaries(suite_result, table, root)
+    # A class named in class_counts with no image at all has no row to fail on.
+    no_images = empty_classes_failure(counts, table, parameters["min_images_per_class"])
+    if no_images is not None:
+        failures.append(no_images)
+
+    statistics = _statistics(suite_result, table, counts, paths, suite.name, root, parameters)
+    if docs_dir is not None:
+        statistics["data_docs"] = _build_data_docs(context, docs_dir)
     return ValidationResult(
-        success=bool(suite_result.success) and not empty,
+        success=bool(suite_result.success) and no_images is None,
         statistics=statistics,
         failures=failures,
     )
