@@ -68,7 +68,7 @@ def main() -> int:
     parser.add_argument("--overlay", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
     configure_environment()
-    from defectflow.cli import _load_predictor_for
+    from defectflow.cli.predict import _load_predictor_for
     from defectflow.inference.inspection import ReportWriter, collect_inputs, inspect_files
 
     predictor, model = _load_predictor_for(args.model)

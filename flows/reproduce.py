@@ -2,34 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from defectflow.orchestration.flows.training import training_pipeline
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NONE
+from defectflow.orchestration.tasks.evaluation import summarize_results
+from prefect import flow
 
-from defectflow.evaluation import results
 from defectflow.training.train import HYPERPARAMETER_KEYS
-
-
-@task(name="summarize-results", cache_policy=NONE)
-def summarize_results(runs: list[dict], out_dir: Path) -> dict:
-    for run in runs:  # the full figures of each run's test split, for the pooled confusion matrix
-        metrics = json.loads((Path(run["run_dir"]) / "evaluation" / "metrics.json").read_text())
-        run.update(confusion_matrix=metrics["confusion_matrix"], classes=metrics["classes"])
-    summary = results.write(runs, out_dir)
-    create_markdown_artifact(
-        markdown=results.markdown(runs, summary),
-        key="reproduce-results",
-        description=f"mean ± std over split seeds; files in {out_dir}",
-    )
-    get_run_logger().info(
-        "results over %d seeds:\n%s", len(runs), (out_dir / "results.md").read_text()
-    )
-    return summary
 
 
 @flow(name="reproduce", log_prints=True)

@@ -1,4 +1,4 @@
-"""Evaluation tasks: thresholds, the challenger and the champion on the same test split, the gate."""
+"""Evaluation tasks: thresholds, the challenger and the champion on the same test split, the gate, the summary over split seeds."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from prefect.cache_policies import NONE
 
 from defectflow.artifacts import ModelInfo
 from defectflow.data.split import SplitSample, select
+from defectflow.evaluation import results
 from defectflow.evaluation.calibration import calibrate_model
 from defectflow.evaluation.evaluate import Evaluation, evaluate, evaluate_model_dir
 from defectflow.evaluation.gate import GateDecision, decide
@@ -231,3 +232,20 @@ def assess_stored_model(tag: str | None, overrides: list[str]) -> dict:
         "gate": a.decision.message if a.decision else None,
         "report": str(a.report["html"]),
     }
+
+
+@task(name="summarize-results", cache_policy=NONE)
+def summarize_results(runs: list[dict], out_dir: Path) -> dict:
+    for run in runs:  # the full figures of each run's test split, for the pooled confusion matrix
+        metrics = json.loads((Path(run["run_dir"]) / "evaluation" / "metrics.json").read_text())
+        run.update(confusion_matrix=metrics["confusion_matrix"], classes=metrics["classes"])
+    summary = results.write(runs, out_dir)
+    create_markdown_artifact(
+        markdown=results.markdown(runs, summary),
+        key="reproduce-results",
+        description=f"mean ± std over split seeds; files in {out_dir}",
+    )
+    get_run_logger().info(
+        "results over %d seeds:\n%s", len(runs), (out_dir / "results.md").read_text()
+    )
+    return summary
