@@ -15,12 +15,21 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-#: Repository root when running from a checkout (configs/ and expectations/ live there).
+#: Repository root when running from a checkout (the stack and `defectflow serve` run from it).
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def packaged(package: str, name: str = "") -> Path:
+    """A folder or file the project ships as package data: `configs` (installed from the
+    repository's configs/ as `defectflow.configs`), `configs.tuner` or `expectations`."""
+    from importlib.resources import files
+
+    return Path(str(files(f"defectflow.{package}"))) / name
+
+
 def config_dir() -> Path:
-    return Path(os.environ.get("DEFECTFLOW_CONFIG_DIR", REPO_ROOT / "configs"))
+    """The named configs: DEFECTFLOW_CONFIG_DIR, else the ones the package ships."""
+    return Path(os.environ.get("DEFECTFLOW_CONFIG_DIR") or packaged("configs"))
 
 
 @dataclass
@@ -66,8 +75,9 @@ class DataConfig:
 
 @dataclass
 class ValidationConfig:
-    #: Great Expectations suite (JSON), relative to the repository root or absolute.
-    suite: str = "expectations/images.json"
+    #: Great Expectations suite: the name of one the project ships (expectations/<name>.json),
+    #: or a JSON file path (relative to the working directory, like every path).
+    suite: str = "images"
     min_side: int = 32
     max_side: int = 8192
     allowed_channels: list[int] = field(default_factory=lambda: [1, 3, 4])
@@ -76,7 +86,7 @@ class ValidationConfig:
     #: The classes the dataset must have, exactly (e.g. good + the defect folders). Empty: any.
     #: When given, the checks of `classes_suite` are added to the suite.
     expected_classes: list[str] = field(default_factory=list)
-    classes_suite: str = "expectations/classes.json"
+    classes_suite: str = "classes"
     #: Identical files (same bytes) inside one split pass only when True. Identical files in two
     #: different splits (train/val/test leakage) always fail.
     allow_duplicates: bool = False
@@ -520,9 +530,8 @@ def from_yaml(text: str) -> DictConfig:
 
 
 def resolve_path(path: str | Path) -> Path:
-    """A data or output path from a config or the command line (`data.root`, `paths.*`, `--out`):
-    relative to the working directory, as a person typing it expects. (The project's own files,
-    `validation.suite` and `classes_suite`, are relative to the repository: see
-    `defectflow.data.validation.suite_path`.)"""
+    """A path from a config or the command line (`data.root`, `paths.*`, `--out`, a suite file):
+    relative to the working directory, as a person typing it expects. The project's own configs
+    and suites are package data, named by name (`--config demo`, `validation.suite=images`)."""
     p = Path(path).expanduser()
     return p if p.is_absolute() else (Path.cwd() / p)

@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from defectflow.config import REPO_ROOT
+from defectflow.config import packaged, resolve_path
 from defectflow.data.data_docs_assets import make_offline
 from defectflow.data.mvtec import Sample
 from defectflow.data.split import SplitSample
@@ -304,13 +304,16 @@ def with_splits(facts: pd.DataFrame, rows: list[SplitSample]) -> pd.DataFrame:
 # Running the suite
 
 
-def _repo_path(value: str) -> Path:
-    path = Path(value).expanduser()
-    return path if path.is_absolute() else REPO_ROOT / path
+def _suite_file(value: str) -> Path:
+    """A suite by the name of one the project ships (`images`, `classes`: package data), or a
+    JSON file path relative to the working directory."""
+    if "/" not in value and not value.endswith(".json"):
+        return packaged("expectations", f"{value}.json")
+    return resolve_path(value)
 
 
 def suite_path(cfg_validation) -> Path:
-    return _repo_path(cfg_validation.suite)
+    return _suite_file(cfg_validation.suite)
 
 
 def suite_paths(cfg_validation) -> list[Path]:
@@ -318,7 +321,7 @@ def suite_paths(cfg_validation) -> list[Path]:
     paths = [suite_path(cfg_validation)]
     if list(getattr(cfg_validation, "expected_classes", None) or []):
         paths.append(
-            _repo_path(getattr(cfg_validation, "classes_suite", "expectations/classes.json"))
+            _suite_file(getattr(cfg_validation, "classes_suite", "classes"))
         )
     return paths
 

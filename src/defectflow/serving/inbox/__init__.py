@@ -10,8 +10,10 @@ One job a module:
     errors.py     `InboxError` and its kinds, with their HTTP status
 
 No HTTP here: service.py and `defectflow.serving.web.review` serve it, `defectflow review` (the
-CLI) runs it in a terminal. This package is in the Bento (bentofile.yaml includes
-serving/inbox/*.py): it must not import defectflow.data.
+CLI) runs it in a terminal.
+
+May import: the standard library, numpy, OpenCV and `defectflow.files`. It is in the Bento
+(bentofile.yaml includes serving/inbox/*.py), so never data, training or evaluation.
 """
 
 from defectflow.serving.inbox.errors import InboxError, InvalidReview, ItemNotFound, ItemNotPending

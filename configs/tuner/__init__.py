@@ -1,0 +1,1 @@
+"""Tuner search spaces (`tune.space_file`), installed as package data."""
