@@ -50,14 +50,23 @@ def test_with_policy_replaces_only_the_decision_fields():
     [
         ("temperature", 0.0),
         ("temperature", -1.0),
-        ("mask_threshold", 1.5),
+        ("temperature", float("nan")),
+        ("mask_threshold", -0.5),
         ("defect_threshold", -0.1),
-        ("confidence_threshold", 2.0),
+        ("confidence_threshold", float("inf")),
+        ("anomaly_threshold", float("nan")),
     ],
 )
 def test_a_policy_out_of_range_is_refused(field, value):
     with pytest.raises(ValueError, match=field):
         DecisionPolicy(CLASSES, **{field: value})
+
+
+def test_a_threshold_above_one_means_never():
+    probs = np.array([0.05, 0.9, 0.05])
+    soft = np.zeros((4, 4, 1), np.float32)
+    never_sure = DecisionPolicy(CLASSES, confidence_threshold=1.01)
+    assert postprocess(probs, soft, (4, 4), never_sure).status == "uncertain"
 
 
 def test_postprocess_answers_by_the_policy_it_is_given():

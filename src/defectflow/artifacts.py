@@ -12,6 +12,7 @@ standard library: both sides, and the Bento, can depend on it without depending 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -54,12 +55,18 @@ class DecisionPolicy:
 
     def __post_init__(self):
         object.__setattr__(self, "classes", tuple(self.classes))
-        if not self.temperature > 0:
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"temperature must be a positive number, got {self.temperature}")
-        for name in ("mask_threshold", "defect_threshold", "confidence_threshold"):
+        # A threshold above 1 is allowed: it means "never" (e.g. every answer uncertain).
+        for name in (
+            "mask_threshold",
+            "defect_threshold",
+            "confidence_threshold",
+            "anomaly_threshold",
+        ):
             value = getattr(self, name)
-            if value is not None and not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value}")
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a number >= 0, got {value}")
 
 
 @dataclass

@@ -39,7 +39,7 @@ _INLINE = re.compile(r"<(script|style)>(.*?)</\1>", re.DOTALL)
 def page_html(name: str = PAGE_FILE) -> str:
     """A page's HTML, as packaged next to this module (the Bento must include it)."""
     try:
-        return resources.files(__name__).joinpath(name).read_text(encoding="utf-8")
+        return resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise FileNotFoundError(
             f"{name} is missing from the defectflow.serving.web package: a Bento must include "
