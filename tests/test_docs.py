@@ -199,3 +199,24 @@ def test_a_results_page_shows_what_the_run_measured(tmp_path):
     page = results_docs.render("demo", data)
     assert "| overall class accuracy | 0.123 ± 0.000 | 0.123 |" in page
     assert data["commit"] in page and data["machine"] in page and data["measured"] in page
+
+
+def test_the_configuration_reference_is_generated_from_the_schema(capsys):
+    assert _script("config_reference").main(["--check"]) == 0, capsys.readouterr().err
+
+
+def test_the_configuration_reference_has_a_row_for_every_schema_key():
+    from omegaconf import OmegaConf
+
+    from defectflow.config import Config
+
+    def keys(node, prefix=""):
+        for name, value in node.items():
+            if OmegaConf.is_dict(value):
+                yield from keys(value, f"{prefix}{name}.")
+            else:
+                yield f"{prefix}{name}"
+
+    expected = set(keys(OmegaConf.structured(Config)))
+    listed = {row[0] for row in _script("config_reference").rows()}
+    assert listed == expected and len(expected) > 100
