@@ -6,7 +6,7 @@ format), `config.yaml` (the merged config that trained it), `metrics.json` (its 
 and, once exported, `model.tflite` (the compact TensorFlow Lite copy, see `defectflow.training.export`).
 
 Training writes this contract and serving reads it, so this module imports nothing but the
-standard library: both sides, and the Bento, can depend on it without depending on each other.
+standard library and `defectflow.files` (standard library only itself): both sides, and the Bento, can depend on it without depending on each other.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+from defectflow.files import atomic_write
 
 MODEL_FILE = "model.keras"
 TFLITE_FILE = "model.tflite"
@@ -27,6 +29,21 @@ FORMATS = ("keras", "tflite")
 #: an anomaly head (`defectflow.models.anomaly_head`) has a third, the patch-distance map.
 OUTPUT_NAMES = ("class", "mask")
 ANOMALY_OUTPUT = "anomaly"
+#: The headline figures of `metrics.json`, in the order every table shows them, with the names
+#: a reader knows (defined in `defectflow.evaluation.metrics`). Reports, results over seeds and
+#: `GET /metadata` show these; the registry's listing the first ones of `LISTED_METRICS`.
+HEADLINE_METRICS = {
+    "accuracy": "overall class accuracy",
+    "presence_accuracy": "defect-presence accuracy",
+    "defect_accuracy": "defect-only class accuracy",
+    "auroc": "image AUROC, defect vs good",
+    "defect_dice": "defect-only Dice (thresholded)",
+    "defect_iou": "defect-only IoU (thresholded)",
+    "dice": "Dice, all images (empty/empty = 1)",
+    "iou": "IoU, all images (empty/empty = 1)",
+}
+#: The columns of `defectflow models list` and the registry's model records.
+LISTED_METRICS = ("accuracy", "presence_accuracy", "defect_accuracy", "defect_dice", "auroc")
 
 
 @dataclass(frozen=True)
@@ -129,10 +146,10 @@ class ModelInfo:
         )
 
     def save(self, model_dir: Path) -> None:
-        path = Path(model_dir) / MODEL_INFO_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.__dict__, indent=2))
-        tmp.replace(path)  # a reader never sees half a file
+        # A reader never sees half a file.
+        atomic_write(
+            Path(model_dir) / MODEL_INFO_FILE, json.dumps(self.__dict__, indent=2).encode()
+        )
 
     @classmethod
     def load(cls, model_dir: Path) -> ModelInfo:

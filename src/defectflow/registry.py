@@ -32,7 +32,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from defectflow.artifacts import METRICS_FILE, MODEL_FILE, MODEL_INFO_FILE
+from defectflow.artifacts import LISTED_METRICS, METRICS_FILE, MODEL_FILE, MODEL_INFO_FILE
+from defectflow.files import atomic_write
 
 #: service.py reads the model to serve from this variable when it is not a built Bento's.
 MODEL_TAG_ENV = "DEFECTFLOW_MODEL_TAG"
@@ -43,7 +44,6 @@ STAGES = ("candidate", "production", "archived")
 #: BentoML's own file in every model folder; an artifact must not overwrite it.
 _BENTOML_MODEL_YAML = "model.yaml"
 #: Metrics `list_models` shows, when the model's metadata has them.
-_LISTED_METRICS = ("accuracy", "presence_accuracy", "defect_accuracy", "defect_dice", "auroc")
 _CHUNK = 1 << 20
 
 
@@ -210,19 +210,7 @@ def _read_book(name: str) -> dict:
 
 def _write_book(book: dict) -> None:
     """Atomic replacement: temporary file, fsync, rename, fsync of the folder."""
-    path = _book_path(book["name"])
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    data = json.dumps(book, indent=2).encode()
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    atomic_write(_book_path(book["name"]), json.dumps(book, indent=2).encode())
 
 
 @contextlib.contextmanager
@@ -358,7 +346,7 @@ def list_models(name: str = DEFAULT_MODEL_NAME) -> list[dict]:
                 else "candidate",
                 "creation_time": model.info.creation_time.isoformat(timespec="seconds"),
                 "labels": dict(model.info.labels),
-                "metrics": {k: metrics[k] for k in _LISTED_METRICS if k in metrics},
+                "metrics": {k: metrics[k] for k in LISTED_METRICS if k in metrics},
                 "gate": decision.get("message", ""),
             }
         )

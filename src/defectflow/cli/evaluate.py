@@ -78,7 +78,7 @@ def _evaluate_run(args, run: Path, overrides: list[str]) -> int:
     from defectflow.config import from_yaml
     from defectflow.data.split import read_manifest, select
     from defectflow.evaluation.calibration import calibrate_model
-    from defectflow.evaluation.champion import write_evaluation_report
+    from defectflow.evaluation.champion import write_assessment_report
     from defectflow.evaluation.evaluate import evaluate_model_dir
 
     if overrides:
@@ -119,7 +119,7 @@ def _evaluate_run(args, run: Path, overrides: list[str]) -> int:
         cfg.train.batch_size,
         cfg.eval.plot_count,
     )
-    report = write_evaluation_report(
+    report = write_assessment_report(
         args.out or run / "report",
         result,
         None,

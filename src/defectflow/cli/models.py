@@ -46,7 +46,8 @@ def cmd_list(args) -> int:
     elif not rows:
         print(f"no {args.name!r} models in the store")
     else:
-        metrics = ("accuracy", "presence_accuracy", "defect_accuracy", "defect_dice", "auroc")
+        from defectflow.artifacts import LISTED_METRICS as metrics
+
         print(
             table(
                 [

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from defectflow.data.mvtec import DatasetError, Sample, scan_training_data
+from defectflow.files import atomic_write
 
 SPLITS = ("train", "val", "test")
 
@@ -143,24 +145,22 @@ def split_dataset(
 def write_manifest(
     rows: list[SplitSample], path: Path, sha256: dict[Path, str] | None = None
 ) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=MANIFEST_FIELDS)
-        writer.writeheader()
-        for r in rows:
-            s = r.sample
-            writer.writerow(
-                {
-                    "path": str(s.path),
-                    "label": s.label,
-                    "split": r.split,
-                    "sha256": (sha256 or {}).get(s.path, ""),
-                    "mask_path": str(s.mask_path) if s.mask_path else "",
-                    "origin": s.origin,
-                }
-            )
-    tmp.replace(path)  # never a half-written manifest
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=MANIFEST_FIELDS)
+    writer.writeheader()
+    for r in rows:
+        s = r.sample
+        writer.writerow(
+            {
+                "path": str(s.path),
+                "label": s.label,
+                "split": r.split,
+                "sha256": (sha256 or {}).get(s.path, ""),
+                "mask_path": str(s.mask_path) if s.mask_path else "",
+                "origin": s.origin,
+            }
+        )
+    atomic_write(path, text.getvalue().encode())  # never a half-written manifest
     return path
 
 

@@ -320,9 +320,7 @@ def suite_paths(cfg_validation) -> list[Path]:
     """The main suite, plus the class-set suite when `expected_classes` is given."""
     paths = [suite_path(cfg_validation)]
     if list(getattr(cfg_validation, "expected_classes", None) or []):
-        paths.append(
-            _suite_file(getattr(cfg_validation, "classes_suite", "classes"))
-        )
+        paths.append(_suite_file(getattr(cfg_validation, "classes_suite", "classes")))
     return paths
 
 

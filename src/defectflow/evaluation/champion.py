@@ -55,7 +55,7 @@ def load_predictor(path: Path, tag: str) -> Predictor:
         ) from None
 
 
-def write_evaluation_report(
+def write_assessment_report(
     out: Path,
     result: Evaluation,
     champion: Evaluation | None,
@@ -64,6 +64,8 @@ def write_evaluation_report(
     champion_tag: str | None = None,
     history_file: Path | None = None,
 ) -> dict:
+    """The report of a stored model assessed outside a pipeline run (`defectflow evaluate`,
+    the `evaluate` deployment); a pipeline run's report is written by its `write-report` task."""
     info = {
         "evaluated": title,
         "production model": champion_tag or "none",
@@ -121,7 +123,7 @@ def assess_stored_model(
         if sorted(champion_predictor.classes) == sorted(predictor.classes):
             champion = evaluate(champion_predictor, test, cfg.train.batch_size)
             decision = decide(result.metrics, cfg.gate, champion.metrics, production)
-    report = write_evaluation_report(
+    report = write_assessment_report(
         out,
         result,
         champion,

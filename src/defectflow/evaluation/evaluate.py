@@ -9,7 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from defectflow.artifacts import METRICS_FILE
+from defectflow.artifacts import HEADLINE_METRICS, METRICS_FILE
 from defectflow.data.mvtec import Sample
 from defectflow.evaluation.calibration import coverage_curve
 from defectflow.evaluation.metrics import (
@@ -36,16 +36,7 @@ from defectflow.inference.preprocessing import prepare_mask, read_image, read_ma
 
 #: At most this many points of the accuracy-versus-coverage curve are kept in the metrics.
 CURVE_POINTS = 200
-HEADLINE = (
-    "accuracy",
-    "defect_accuracy",
-    "presence_accuracy",
-    "auroc",
-    "defect_dice",
-    "defect_iou",
-    "dice",
-    "iou",
-)
+HEADLINE = tuple(HEADLINE_METRICS)
 #: Where `Evaluation.save` keeps the predicted masks of the worst cases (PNG, 0/255).
 WORST_MASKS_DIR = "worst_masks"
 

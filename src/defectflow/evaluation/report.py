@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
+from defectflow.artifacts import HEADLINE_METRICS
 from defectflow.evaluation.evaluate import Evaluation
 from defectflow.evaluation.plots import (
     anomaly_scores_image,
@@ -46,17 +47,7 @@ from defectflow.evaluation.results import LABELS
 
 ECE_LABEL = "expected calibration error (top label, 10 bins)"
 #: The headline metrics of the report, in order.
-REPORT_METRICS = (
-    "accuracy",
-    "presence_accuracy",
-    "defect_accuracy",
-    "auroc",
-    "defect_dice",
-    "defect_iou",
-    "dice",
-    "iou",
-    "expected_calibration_error",
-)
+REPORT_METRICS = (*HEADLINE_METRICS, "expected_calibration_error")
 LOWER_IS_BETTER = {"expected_calibration_error"}
 #: Training history series drawn, (chart title, preferred keys); absent keys are skipped.
 CURVES = (

@@ -8,19 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from defectflow.evaluation.evaluate import HEADLINE
+from defectflow.artifacts import HEADLINE_METRICS
+
+HEADLINE = tuple(HEADLINE_METRICS)
 
 #: What the summary shows, in order, with the names a reader knows.
-LABELS = {
-    "accuracy": "overall class accuracy",
-    "presence_accuracy": "defect-presence accuracy",
-    "defect_accuracy": "defect-only class accuracy",
-    "defect_dice": "defect-only Dice (thresholded)",
-    "defect_iou": "defect-only IoU (thresholded)",
-    "auroc": "image AUROC, defect vs good",
-    "dice": "Dice, all images (empty/empty = 1)",
-    "iou": "IoU, all images (empty/empty = 1)",
-}
+LABELS = HEADLINE_METRICS
 
 
 def summarize(runs: list[dict]) -> dict:

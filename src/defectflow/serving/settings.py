@@ -23,7 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from defectflow.artifacts import ANOMALY_OUTPUT, CONFIG_FILE, METRICS_FILE, ModelInfo
+from defectflow.artifacts import (
+    ANOMALY_OUTPUT,
+    CONFIG_FILE,
+    HEADLINE_METRICS,
+    METRICS_FILE,
+    ModelInfo,
+)
 from defectflow.inference.postprocessing import Prediction, encode_png, overlay
 from defectflow.serving.uploads import UploadRejected
 
@@ -214,12 +220,7 @@ def metadata(
     except (OSError, ValueError):
         metrics = {}
     headline = (
-        "accuracy",
-        "presence_accuracy",
-        "defect_accuracy",
-        "auroc",
-        "defect_dice",
-        "defect_iou",
+        *(k for k in HEADLINE_METRICS if k not in ("dice", "iou")),
         "anomaly_auroc",
         "detection_auroc",
         "false_alarm_rate",

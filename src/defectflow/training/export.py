@@ -50,6 +50,7 @@ import numpy as np
 from defectflow.artifacts import MODEL_FILE, TFLITE_FILE, ModelInfo
 from defectflow.data.mvtec import Sample
 from defectflow.evaluation.metrics import dice
+from defectflow.files import atomic_write
 from defectflow.inference.anomaly_score import image_scores
 from defectflow.inference.predictor import Predictor
 from defectflow.inference.preprocessing import read_image, read_mask
@@ -89,9 +90,7 @@ def export_tflite(model_dir: str | Path, quantization: str = "float16") -> Path:
             converter.target_spec.supported_types = [tf.float16]
         flatbuffer = converter.convert()
     path = model_dir / TFLITE_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(flatbuffer)
-    tmp.replace(path)  # a reader never sees half a file
+    atomic_write(path, flatbuffer)  # a reader never sees half a file
     log.info("exported %s (%s quantization, %.2f MB)", path, quantization, megabytes(path))
     return path
 
