@@ -190,10 +190,11 @@ def test_every_epoch_reseeds_the_augmentation_and_the_dropout(tiny_dataset):
     states (what lets a resumed run repeat an epoch), another epoch other states."""
     from defectflow.config import load_config
     from defectflow.data.augment import JointAugmentation
-    from defectflow.training.train import _EpochRandomness, build_configured_model
+    from defectflow.training.resume import EpochRandomness
+    from defectflow.training.train import build_configured_model
 
     cfg = load_config("tiny", [f"data.root={tiny_dataset}"])
-    randomness = _EpochRandomness(
+    randomness = EpochRandomness(
         cfg.train.seed, JointAugmentation(cfg.augment, seed=cfg.train.seed)
     )
     callback = randomness.callback(build_configured_model(cfg, 6))

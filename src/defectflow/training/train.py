@@ -5,20 +5,18 @@ follow the device unless the config forces them. Keras prints progress per epoch
 tuner per trial, so long work is never silent.
 
 Training runs in two phases, decoder and heads on the frozen pretrained encoder, then the
-encoder too (BatchNorm frozen) at a lower rate. With a run folder it checkpoints every epoch
-(Keras BackupAndRestore), so a run killed at any moment resumes where it stopped when
-started again with the same run id; the best epoch by `train.monitor` is kept separately
-(ModelCheckpoint) and is what training returns.
+encoder too (BatchNorm frozen) at a lower rate. With a run folder it checkpoints every epoch,
+so a run killed at any moment resumes where it stopped when started again with the same run
+id; the best epoch by `train.monitor` is kept separately and is what training returns. How
+is `defectflow.training.resume`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import logging
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +30,13 @@ from defectflow.data.dataset import ArraySplit, load_split, make_dataset
 from defectflow.data.mvtec import Sample
 from defectflow.models.losses import DiceBCELoss, MaskDice, WeightedCrossEntropy
 from defectflow.models.unet import build_model, set_backbone_trainable
+from defectflow.training.resume import (
+    Checkpoints,
+    EpochRandomness,
+    forget_restored_epoch,
+    phase_callbacks,
+    restore_best,
+)
 
 log = logging.getLogger(__name__)
 
@@ -187,67 +192,12 @@ class PreparedData:
         return self._arrays[split, size]
 
 
-def _derived_seed(*parts: int) -> int:
-    """A 32-bit seed from integers (a seed, a generator's number, an epoch): well mixed, stable."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-
-
-class _EpochRandomness:
-    """Makes every random draw of training epoch e a function of (train.seed, e) alone.
-
-    Shuffling (tf.data), augmentation (Keras random layers and JointAugmentation's own draws)
-    and dropout draw from generators whose state runs on from epoch to epoch. A run resumed
-    at epoch e gets its weights and optimizer back from BackupAndRestore, but these states
-    start again from their seeds: it would shuffle, augment and drop out as at epoch 0, and
-    end with other weights than the uninterrupted run. So at the start of every epoch the
-    epoch number the shuffle reads is set and every generator is set to a state derived from
-    (train.seed, its number, e); a resumed run then repeats the uninterrupted one exactly.
-    """
-
-    def __init__(self, seed: int, augmentation: JointAugmentation):
-        import tensorflow as tf
-
-        self.seed = int(seed)
-        self.augmentation = augmentation
-        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="data_epoch")
-
-    def callback(self, model):
-        import keras
-
-        generators = [*self.augmentation.seed_generators(), *_model_seed_generators(model)]
-        seed, epoch_var = self.seed, self.epoch
-
-        class EpochRandomness(keras.callbacks.Callback):
-            def on_epoch_begin(self, epoch, logs=None):
-                epoch_var.assign(epoch)
-                for number, generator in enumerate(self.generators):
-                    generator.state.assign(
-                        keras.ops.convert_to_tensor(
-                            [_derived_seed(seed, number, epoch), 0], dtype=generator.state.dtype
-                        )
-                    )
-
-        callback = EpochRandomness()
-        callback.generators = generators
-        return callback
-
-
-def _model_seed_generators(model) -> list:
-    """The random generators of the model's layers (Dropout's), in layer order."""
-    found: list = []
-    for layer in model._flatten_layers(include_self=True):
-        found += [
-            g for g in getattr(layer, "_seed_generators", []) if all(g is not f for f in found)
-        ]
-    return found
-
-
 def training_datasets(cfg, data: PreparedData):
-    """Training and validation data, and the `_EpochRandomness` whose callback every fit on
+    """Training and validation data, and the `EpochRandomness` whose callback every fit on
     them must have (the shuffle reads the epoch it sets)."""
     size, batch = cfg.model.input_size, cfg.train.batch_size
     augmentation = JointAugmentation(cfg.augment, seed=cfg.train.seed)
-    randomness = _EpochRandomness(cfg.train.seed, augmentation)
+    randomness = EpochRandomness(cfg.train.seed, augmentation)
     train = make_dataset(
         data.arrays("train", size),
         batch,
@@ -300,189 +250,149 @@ class TrainResult:
     jit_compile: bool = False
 
 
-class _Checkpoints:
-    """Files under RUN/checkpoints: per-phase BackupAndRestore folders, the weights at the end
-    of the frozen phase, and the best epoch so far (weights + its score, in best.json)."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-        self.best_weights = root / "best.weights.h5"
-        self.best_json = root / "best.json"
-
-    def backup_dir(self, phase: int) -> Path:
-        return self.root / f"phase{phase}"
-
-    def phase_done(self, phase: int) -> Path:
-        return self.root / f"phase{phase}.done.weights.h5"
-
-    def best(self) -> dict | None:
-        return json.loads(self.best_json.read_text()) if self.best_json.exists() else None
-
-    @property
-    def history_csv(self) -> Path:
-        return self.root / "history.csv"
-
-    def history(self) -> dict[str, list[float]]:
-        """Every epoch of every attempt (Keras CSVLogger, appended), the last row per epoch."""
-        if not self.history_csv.exists():
-            return {}
-        with open(self.history_csv, newline="") as f:
-            rows = {int(row["epoch"]): row for row in csv.DictReader(f)}
-        out: dict[str, list[float]] = {}
-        for epoch in sorted(rows):
-            for key, value in rows[epoch].items():
-                if key != "epoch" and value not in ("", None):
-                    out.setdefault(key, []).append(float(value))
-        return out
-
-    def resumable_epoch(self, phase: int) -> int:
-        meta = self.backup_dir(phase) / "training_metadata.json"
-        return int(json.loads(meta.read_text())["epoch"]) if meta.exists() else 0
+@dataclass(frozen=True)
+class _Phase:
+    number: int
+    #: Phase 1 trains the decoder and heads on the frozen encoder, phase 2 the encoder too.
+    train_backbone: bool
+    learning_rate: float
+    #: The epoch the phase ends after (counted from the run's start, as Keras' `epochs`).
+    until: int
 
 
-def _best_tracker(checkpoints: _Checkpoints, monitor: str):
+def _phases(cfg) -> tuple[_Phase, _Phase]:
+    """The frozen phase (none without a pretrained encoder) and the fine-tuning phase, at a
+    rate `train.fine_tune_lr_factor` lower when it follows a frozen phase."""
+    pretrained = cfg.model.backbone != "plain"
+    frozen = min(cfg.train.frozen_epochs, cfg.train.epochs) if pretrained else 0
+    learning_rate = float(cfg.train.learning_rate)
+    fine_tune_rate = learning_rate * (cfg.train.fine_tune_lr_factor if frozen else 1.0)
+    return (
+        _Phase(1, False, learning_rate, frozen),
+        _Phase(2, True, fine_tune_rate, cfg.train.epochs),
+    )
+
+
+@dataclass
+class _Run:
+    """One training attempt: what every phase fits with, and how far the phases got."""
+
+    cfg: object
+    data: PreparedData
+    model: object
+    accel: Acceleration
+    train_ds: object
+    val_ds: object
+    randomness: EpochRandomness
+    #: None without a run folder: nothing is checkpointed.
+    checkpoints: Checkpoints | None
+    run_dir: Path | None
+    #: The last epoch trained (or loaded from an earlier attempt).
+    done: int = 0
+    resumed_from: int = 0
+    #: The epochs this attempt trained.
+    history: dict[str, list[float]] = field(default_factory=dict)
+    jit_used: bool = False
+
+
+def _prepare(cfg, data: PreparedData, run_dir: Path | None) -> _Run:
+    """Seeds, device, the model (under the precision policy) and the datasets."""
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
+    accel = acceleration(cfg)
+    with precision_policy(accel.mixed_precision):
+        model = build_configured_model(cfg, len(data.classes))
+    train_ds, val_ds, randomness = training_datasets(cfg, data)
+    checkpoints = Checkpoints(run_dir / "checkpoints") if run_dir else None
+    return _Run(cfg, data, model, accel, train_ds, val_ds, randomness, checkpoints, run_dir)
+
+
+def _callbacks(run: _Run, phase: _Phase) -> list:
+    """Per epoch: the randomness reset (first), `val_score`, early stopping; with a run
+    folder, the checkpoints of `resume` and TensorBoard if asked."""
     import keras
 
-    class BestRecord(keras.callbacks.Callback):
-        """Keeps best.json in step with ModelCheckpoint's best file, so a resumed run knows
-        the score to beat (ModelCheckpoint itself forgets it)."""
-
-        def __init__(self, best: float | None):
-            super().__init__()
-            self.best = best
-
-        def on_epoch_end(self, epoch, logs=None):
-            value = (logs or {}).get(monitor)
-            if value is None:
-                return
-            better = self.best is None or (
-                value < self.best if monitor_mode(monitor) == "min" else value > self.best
+    cfg, monitor = run.cfg, run.cfg.train.monitor
+    callbacks = [
+        run.randomness.callback(run.model),
+        validation_score_callback(cfg.train.score_weights),
+        keras.callbacks.EarlyStopping(
+            monitor=monitor,
+            mode=monitor_mode(monitor),
+            patience=cfg.train.early_stopping_patience,
+        ),
+    ]
+    if run.checkpoints:
+        callbacks += phase_callbacks(run.checkpoints, phase.number, monitor, monitor_mode(monitor))
+        if cfg.train.tensorboard:
+            callbacks.append(
+                keras.callbacks.TensorBoard(str(run.run_dir / "tensorboard"), update_freq="epoch")
             )
-            if better:
-                self.best = float(value)
-                tmp = checkpoints.best_json.with_suffix(".tmp")
-                tmp.write_text(
-                    json.dumps({"epoch": epoch + 1, "monitor": monitor, "value": self.best})
-                )
-                tmp.replace(checkpoints.best_json)
+    return callbacks
 
-    record = checkpoints.best()
-    return BestRecord(record["value"] if record else None)
+
+def _fit_phase(run: _Run, phase: _Phase) -> None:
+    """Train `phase` from the epoch the run reached, resuming from its checkpoint if an earlier
+    attempt left one; a phase an earlier attempt finished is loaded instead."""
+    if phase.until <= run.done:
+        return
+    cfg, model = run.cfg, run.model
+    set_backbone_trainable(model, phase.train_backbone)
+    compile_model(
+        model, cfg, phase.learning_rate, class_weights_of(cfg, run.data), run.accel.jit_compile
+    )
+    if run.checkpoints and run.checkpoints.load_finished_phase(model, phase.number):
+        run.resumed_from = run.done = phase.until
+        return
+    callbacks = _callbacks(run, phase)
+    if run.checkpoints:
+        epoch = run.checkpoints.resumable_epoch(phase.number)
+        if epoch > run.done:
+            run.resumed_from = epoch
+            log.info("resuming phase %d from the checkpoint after epoch %d", phase.number, epoch)
+    forget_restored_epoch(model)  # each phase starts where `run.done` says
+    with device_scope(run.accel.device):
+        fit = model.fit(
+            run.train_ds,
+            validation_data=run.val_ds,
+            initial_epoch=run.done,
+            epochs=phase.until,
+            callbacks=callbacks,
+            verbose=cfg.train.verbose,
+        )
+    for key, values in fit.history.items():
+        run.history.setdefault(key, []).extend(float(v) for v in values)
+    run.jit_used = bool(model.jit_compile)  # Keras turns XLA off where it cannot run it
+    if run.checkpoints:
+        run.checkpoints.save_finished_phase(model, phase.number)
+    run.done = phase.until
 
 
 def train(cfg, data: PreparedData, run_dir: Path | None = None) -> TrainResult:
     """Two phases: decoder and heads on the frozen encoder, then everything but BatchNorm.
 
     With `run_dir`, every epoch is checkpointed under run_dir/checkpoints and a run started
-    again on the same folder resumes from its last finished epoch.
+    again on the same folder resumes from its last finished epoch (`defectflow.training.resume`);
+    the model returned has the weights of the best epoch by `train.monitor`.
     """
-    import keras
-
-    seed_everything(cfg.train.seed, cfg.train.deterministic)
-    accel = acceleration(cfg)
-    with precision_policy(accel.mixed_precision):
-        model = build_configured_model(cfg, len(data.classes))
-    train_ds, val_ds, randomness = training_datasets(cfg, data)
-    monitor = cfg.train.monitor
-    pretrained = cfg.model.backbone != "plain"
-    frozen = min(cfg.train.frozen_epochs, cfg.train.epochs) if pretrained else 0
-    learning_rate = float(cfg.train.learning_rate)
-    phases = [
-        (1, False, learning_rate, frozen),
-        (
-            2,
-            True,
-            learning_rate * (cfg.train.fine_tune_lr_factor if frozen else 1.0),
-            cfg.train.epochs,
-        ),
-    ]
-    checkpoints = _Checkpoints(run_dir / "checkpoints") if run_dir else None
-    resumed_from = 0
-    history: dict[str, list[float]] = {}
+    run = _prepare(cfg, data, run_dir)
     start = time.perf_counter()
-    done = 0
-    jit_used = False
-    for phase, trainable, lr, until in phases:
-        if until <= done:
-            continue
-        set_backbone_trainable(model, trainable)
-        compile_model(model, cfg, lr, class_weights_of(cfg, data), accel.jit_compile)
-        if checkpoints and checkpoints.phase_done(phase).exists():
-            model.load_weights(checkpoints.phase_done(phase))
-            log.info(
-                "phase %d already finished in an earlier attempt: its weights are loaded", phase
-            )
-            resumed_from, done = until, until
-            continue
-        callbacks = [
-            randomness.callback(model),
-            validation_score_callback(cfg.train.score_weights),
-            keras.callbacks.EarlyStopping(
-                monitor=monitor,
-                mode=monitor_mode(monitor),
-                patience=cfg.train.early_stopping_patience,
-            ),
-        ]
-        if checkpoints:
-            epoch = checkpoints.resumable_epoch(phase)
-            if epoch > done:
-                resumed_from = epoch
-                log.info("resuming phase %d from the checkpoint after epoch %d", phase, epoch)
-            tracker = _best_tracker(checkpoints, monitor)
-            callbacks += [
-                keras.callbacks.BackupAndRestore(
-                    str(checkpoints.backup_dir(phase)), delete_checkpoint=False
-                ),
-                keras.callbacks.ModelCheckpoint(
-                    str(checkpoints.best_weights),
-                    monitor=monitor,
-                    mode=monitor_mode(monitor),
-                    save_best_only=True,
-                    save_weights_only=True,
-                    initial_value_threshold=tracker.best,
-                ),
-                tracker,
-                keras.callbacks.CSVLogger(str(checkpoints.history_csv), append=True),
-            ]
-            if cfg.train.tensorboard:
-                callbacks.append(
-                    keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), update_freq="epoch")
-                )
-        # Keras' BackupAndRestore stores the epoch it restored on the model, and every later fit
-        # starts there instead of at `initial_epoch`: after a resumed first phase, the second
-        # would repeat epochs. Each phase starts where this loop says.
-        model._initial_epoch = None
-        with device_scope(accel.device):
-            fit = model.fit(
-                train_ds,
-                validation_data=val_ds,
-                initial_epoch=done,
-                epochs=until,
-                callbacks=callbacks,
-                verbose=cfg.train.verbose,
-            )
-        for key, values in fit.history.items():
-            history.setdefault(key, []).extend(float(v) for v in values)
-        jit_used = bool(model.jit_compile)  # Keras turns XLA off where it cannot run it
-        if checkpoints:
-            model.save_weights(checkpoints.phase_done(phase))
-        done = until
-    epochs_trained = len(history.get("loss", []))
-    if checkpoints:  # the whole run, including epochs of interrupted attempts
-        history = checkpoints.history() or history
-    best = checkpoints.best() if checkpoints else None
-    if best and checkpoints.best_weights.exists():
-        with warnings.catch_warnings():  # its optimizer state is from its own phase: not needed
-            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-            model.load_weights(checkpoints.best_weights)
-        log.info(
-            "kept the best epoch by %s: epoch %d (%.4f)", monitor, best["epoch"], best["value"]
-        )
-    seconds = time.perf_counter() - start
+    frozen, fine_tuning = _phases(cfg)
+    _fit_phase(run, frozen)
+    _fit_phase(run, fine_tuning)
+    best = restore_best(run.model, run.checkpoints, cfg.train.monitor) if run.checkpoints else None
+    return _result(run, best, time.perf_counter() - start)
+
+
+def _result(run: _Run, best: dict | None, seconds: float) -> TrainResult:
+    """The TrainResult: the whole run's history (every attempt's epochs, with a run folder),
+    the model as float32 whatever it trained in."""
+    cfg, accel = run.cfg, run.accel
+    epochs_trained = len(run.history.get("loss", []))
+    history = (run.checkpoints.history() if run.checkpoints else {}) or run.history
     log.info("trained %d epochs on %s in %.1f s", epochs_trained, accel.device, seconds)
+    model = run.model
     if accel.mixed_precision:
-        model = _float32_copy(cfg, model, len(data.classes))
+        model = _float32_copy(cfg, model, len(run.data.classes))
     return TrainResult(
         model,
         history,
@@ -491,10 +401,10 @@ def train(cfg, data: PreparedData, run_dir: Path | None = None) -> TrainResult:
         hyperparameters_of(cfg),
         best_epoch=best["epoch"] if best else None,
         best_score=best["value"] if best else None,
-        resumed_from_epoch=resumed_from,
+        resumed_from_epoch=run.resumed_from,
         epochs_trained=epochs_trained,
         mixed_precision=accel.mixed_precision,
-        jit_compile=jit_used,
+        jit_compile=run.jit_used,
     )
 
 
