@@ -119,7 +119,7 @@ def test_the_isolation_catches_a_module_the_bento_left_out(
     """The check above can fail: the same Bento whose anomaly scoring imports the data package
     (left out of the Bento, as it once was) does not even import."""
     src = shutil.copytree(pipeline_model.bento_dir() / "src", tmp_path / "src")
-    scoring = src / "defectflow" / "anomaly.py"
+    scoring = src / "defectflow" / "inference" / "anomaly_score.py"
     scoring.write_text(scoring.read_text() + "\nfrom defectflow.data.mvtec import Sample  # noqa\n")
     env = {**pipeline_model.env, "DEFECTFLOW_MODEL_TAG": pipeline_model.model_tag}
     done = _import_in_bento(python, src, env, next((tiny_dataset / "test" / "crack").glob("*.png")))

@@ -12,8 +12,9 @@ One job a module:
 No HTTP here: service.py and `defectflow.serving.web.review` serve it, `defectflow review` (the
 CLI) runs it in a terminal.
 
-May import: the standard library, numpy, OpenCV and `defectflow.files`. It is in the Bento
-(bentofile.yaml includes serving/inbox/*.py), so never data, training or evaluation.
+May import: `defectflow.inference` (decoding, overlays), `defectflow.serving.uploads` (the
+checks a reviewer's mask upload passes), `defectflow.files`, numpy and OpenCV. It is in the
+Bento (bentofile.yaml includes serving/inbox/*.py), so never data, training or evaluation.
 """
 
 from defectflow.serving.inbox.errors import InboxError, InvalidReview, ItemNotFound, ItemNotPending
