@@ -1,7 +1,7 @@
 """What the anomaly head adds to a prediction: forward pass with and without it, both formats.
 
     .venv/bin/python benchmarks/anomaly_cost.py [--model-dir PATH] [--input-size 256]
-        [--bank-size 1000] [--projection-dims 0] [--repeats 60] [--warmup 5]
+        [--bank-size 1000] [--projection-dims 0] [--repeats 60] [--warmup 5] [--out JSON]
 
 `--model-dir`: a trained model folder with an anomaly head (its model.keras); default: the
 serving architecture (`build_model("lite0", input_size, 6)`, ImageNet encoder) with a head
@@ -16,7 +16,9 @@ each repeat, so a load change on the shared machine affects both alike. Then the
 post-processing (`Predictor.predictions` on a 512x512 image) with and without the anomaly map.
 
 Prints JSON lines, the last one the summary: extra cost = (median with − median without) /
-median without, per format, against the goal of at most 20 %.
+median without, per format, against the goal of at most 20 %. Writes the figures, the goals and
+the provenance (machine, date, commit, load) to `--out` (default
+`benchmarks/results/anomaly_cost.json`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import timing  # noqa: E402
 from timing import take_turns  # noqa: E402
 
 from defectflow.environment import configure_environment  # noqa: E402
@@ -104,7 +108,7 @@ def _models(args, work: Path):
     return model, alone, about, shape
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -114,7 +118,9 @@ def main() -> int:
     parser.add_argument("--projection-dims", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=5)
-    args = parser.parse_args()
+    timing.add_out_option(parser, "anomaly_cost", argv is None)
+    args = parser.parse_args(argv)
+    record = timing.start("anomaly_cost", argv, args)
     configure_environment()
     import numpy as np
 
@@ -126,7 +132,7 @@ def main() -> int:
         work = Path(tmp)
         model, alone, about, shape = _models(args, work)
         size = int(model.inputs[0].shape[1])
-        _print({"model": about, "input_size": size, **shape})
+        record["model"] = _print({"model": about, "input_size": size, **shape})
         image = np.random.default_rng(1).uniform(0, 255, (1, size, size, 3)).astype(np.float32)
         calls = {
             "keras_classifier": lambda: alone.predict_on_batch(image),
@@ -190,6 +196,36 @@ def main() -> int:
         "tflite": summary["tflite_forward"] <= GOAL,
     }
     _print(summary)
+    record.update(forward_batch1=forward, postprocess=post, summary=summary)
+    rows = [
+        timing.row(
+            f"anomaly head's extra forward time, {fmt} (%)",
+            round(100 * summary[f"{fmt.lower()}_forward"], 1),
+            f"<= {100 * GOAL:g}",
+            summary["met"][fmt.lower()],
+        )
+        for fmt in ("Keras", "TFLite")
+    ]
+    for name, label in (
+        ("keras_classifier", "Keras, classifier alone"),
+        ("keras_with_anomaly", "Keras, with the anomaly head"),
+        ("tflite_classifier", "TFLite float16, classifier alone"),
+        ("tflite_with_anomaly", "TFLite float16, with the anomaly head"),
+    ):
+        rows.append(
+            timing.row(f"forward batch 1, {label}, median (ms)", forward[name]["median_ms"])
+        )
+    rows += [
+        timing.row(
+            "post-processing of the anomaly map, 512x512 (extra ms)",
+            summary["postprocess_extra_ms"],
+        ),
+        timing.row(
+            "memory bank (patches x dims)",
+            f"{shape['bank_size']} x {shape['projection_dims'] or shape['feature_dims']}",
+        ),
+    ]
+    timing.finish(record, rows, args.out)
     return 0
 
 

@@ -37,8 +37,8 @@ in process and container / venv are reported beside them. The HTTP client and th
 model run on the same cores as the servers (127.0.0.1). Other jobs share the machine: the
 1-minute load average at the start and the end, and per phase the cores busy outside this
 benchmark's processes (the container's processes and its docker-proxy count as ours, dockerd
-does not). Prints JSON lines and a table; writes all figures to `--out` (default
-`$DEFECTFLOW_HOME/benchmarks/container_bench.json`).
+does not). Prints JSON lines and a table; writes all figures, the goals and the provenance
+(machine, date, commit, load) to `--out` (default `benchmarks/results/container_bench.json`).
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
-import json
 import os
 import sys
 import tempfile
@@ -55,6 +54,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import serve_bench  # noqa: E402
+import timing  # noqa: E402
 from serve_bench import (  # noqa: E402
     BIN,
     MB,
@@ -269,6 +269,19 @@ def goals(results: dict, concurrency: int) -> list[dict]:
             None,
         ),
         ("image size (MB)", results["image"]["size_mb"], None, None),
+        (
+            "bentoml containerize alone, before slimming (MB)",
+            results["image"]["containerize_size_mb"],
+            None,
+            None,
+        ),
+        (
+            "image build (s), base image "
+            + ("built in this run" if results["image"]["base_built_now"] else "already present"),
+            results["image"]["build_s"],
+            None,
+            None,
+        ),
         ("docker run to /readyz (s)", results["image"]["run_to_ready_s"], None, None),
         (
             "venv bentoml serve start to /readyz (s)",
@@ -313,11 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         default=640,
         help="requests to each server at --concurrency",
     )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        help="JSON file (default: $DEFECTFLOW_HOME/benchmarks/container_bench.json)",
-    )
+    timing.add_out_option(parser, "container_bench", argv is None)
     parser.add_argument(
         "--keep-image", action="store_true", help="keep the benchmark's image (default: removed)"
     )
@@ -329,38 +338,36 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     home = configure_environment()
-    out = args.out or home / "benchmarks" / "container_bench.json"
     png, image_source = serve_bench.sample_image(None)
     import cv2
     import numpy as np
 
     height, width = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED).shape[:2]
     cpu = CpuShare()
-    results: dict = {
-        "machine": {
-            "cpus": os.cpu_count(),
-            "load_avg_1m_start": serve_bench._load_avg(),
+    results = timing.start("container_bench", argv, args)
+    provenance = results["provenance"]
+    results.update(
+        {
             "psutil": serve_bench.psutil is not None,
-        },
-        "git_head": serve_bench._git("log", "--oneline", "-1"),
-        # A fresh Bento packs the working tree: tracked serving files that differ from the commit.
-        "serving_files_modified": serve_bench._git(
-            "status",
-            "--porcelain",
-            "--untracked-files=no",
-            "--",
-            "service.py",
-            "bentofile.yaml",
-            "src/defectflow",
-        ).splitlines(),
-        "input": {"source": image_source, "bytes": len(png), "width": width, "height": height},
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-    }
+            # A fresh Bento packs the working tree: tracked serving files that differ from the commit.
+            "serving_files_modified": timing.git(
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                "service.py",
+                "bentofile.yaml",
+                "src/defectflow",
+            ).splitlines(),
+            "input": {"source": image_source, "bytes": len(png), "width": width, "height": height},
+        }
+    )
     _print(
         {
             "what": "setup",
-            **results["machine"],
-            "git_head": results["git_head"],
+            "cpus": provenance["machine"]["cores"],
+            "load_avg_1m_start": provenance["load_avg_before"][0],
+            "git_commit": provenance["git_commit"],
             "serving_files_modified": results["serving_files_modified"],
             **results["input"],
         }
@@ -467,15 +474,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     results["cpu_share"] = cpu.phases
-    results["machine"]["load_avg_1m_end"] = serve_bench._load_avg()
-    results["machine"]["busy"] = serve_bench.busy_note(
-        results["machine"]["load_avg_1m_start"], cpu.phases
-    )
-    results["goals"] = goals(results, args.concurrency)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print_table(results)
-    print(f"figures written to {out}")
+    results["busy"] = serve_bench.busy_note(provenance["load_avg_before"][0], cpu.phases)
+    rows = goals(results, args.concurrency)
+    timing.finish(results, rows, args.out)
+    print_table(results, rows)
     return 0
 
 
@@ -553,25 +555,24 @@ def measure(
     return result
 
 
-def print_table(results: dict) -> None:
-    serve_bench.print_goal_rows(results["goals"])
-    machine = results["machine"]
+def print_table(results: dict, rows: list[dict]) -> None:
+    serve_bench.print_goal_rows(rows)
     print(
         f"\nserved: {results['model']['tag']} (Bento {results['model']['bento']}) as "
         f"{results['in_process']['format']}; image {results['image']['image']}"
         f"{' (kept)' if results['settings']['keep_image'] else ' (removed)'}"
     )
     print(
-        f"machine: {machine['cpus']} CPUs; load average (1 min) {machine['load_avg_1m_start']} at the start, "
-        f"{machine['load_avg_1m_end']} at the end; cores busy in other jobs per phase: "
+        serve_bench.machine_line(results)
+        + "; cores busy in other jobs per phase: "
         + ", ".join(f"{k} {v['other_jobs_cores']}" for k, v in results["cpu_share"].items())
     )
-    if machine["busy"]:
+    if results["busy"]:
         print(
-            f"NOTE: the machine was busy with other jobs ({machine['busy']}): latencies and throughput are "
+            f"NOTE: the machine was busy with other jobs ({results['busy']}): latencies and throughput are "
             "lower than on an idle machine."
         )
-    missed = [r["figure"] for r in results["goals"] if r["met"] is False]
+    missed = [r["figure"] for r in rows if r["met"] is False]
     print(f"goals missed: {', '.join(missed)}" if missed else "all goals met")
 
 

@@ -1,11 +1,13 @@
 """Inference latency of a packaged model: in process (Predictor) and over HTTP (the Bento).
 
     .venv/bin/python benchmarks/inference_latency.py [--model defectflow:latest] [--bento defectflow:latest]
-        [--image PATH] [--repeats 50]
+        [--image PATH] [--repeats 50] [--out JSON]
 
 Reports min / median / max milliseconds over repeated runs after a warm-up, for one image
 end to end (decode, resize, forward pass, mask at input resolution, PNG encoding), and the
-peak resident memory of this process. Only 127.0.0.1 is contacted.
+peak resident memory of this process. Only 127.0.0.1 is contacted. Writes the figures and the
+provenance (machine, date, commit, load) to `--out` (default
+`benchmarks/results/inference_latency.json`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import timing  # noqa: E402
+
 from defectflow.environment import configure_environment  # noqa: E402
 
 
@@ -84,7 +89,8 @@ def bench_http(bento_tag: str, image: bytes, repeats: int) -> dict:
                 break
             except OSError:
                 time.sleep(0.5)
-        print(json.dumps({"server_start_to_ready_s": round(time.perf_counter() - started, 1)}))
+        ready_s = round(time.perf_counter() - started, 1)
+        print(json.dumps({"server_start_to_ready_s": ready_s}))
         boundary = uuid.uuid4().hex
         body = (
             (
@@ -104,13 +110,16 @@ def bench_http(bento_tag: str, image: bytes, repeats: int) -> dict:
             with urllib.request.urlopen(req, timeout=60) as response:
                 response.read()
 
-        return _summary(f"HTTP POST /predict ({bento_tag})", _time(call, repeats))
+        return {
+            **_summary(f"HTTP POST /predict ({bento_tag})", _time(call, repeats)),
+            "server_start_to_ready_s": ready_s,
+        }
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -120,7 +129,9 @@ def main() -> None:
         "--image", type=Path, help="default: a crack image of the synthetic dataset"
     )
     parser.add_argument("--repeats", type=int, default=50)
-    args = parser.parse_args()
+    timing.add_out_option(parser, "inference_latency", argv is None)
+    args = parser.parse_args(argv)
+    record = timing.start("inference_latency", argv, args)
     home = configure_environment()
     image_path = args.image or next(
         iter(sorted((home / "data/synthetic/capsule/test/crack").glob("*.png"))), None
@@ -129,9 +140,22 @@ def main() -> None:
         sys.exit("no image: pass --image or run `make demo` first to write the synthetic dataset")
     image = image_path.read_bytes()
     print(json.dumps({"image": str(image_path), "bytes": len(image), "cpus": os.cpu_count()}))
-    bench_in_process(args.model, image, args.repeats)
-    bench_http(args.bento, image, args.repeats)
+    record["image"] = {"path": str(image_path), "bytes": len(image)}
+    local = bench_in_process(args.model, image, args.repeats)
+    http = bench_http(args.bento, image, args.repeats)
+    record["in_process"], record["http"] = local, http
+    rows = [
+        timing.row("in process, predict_bytes + to_json, median (ms)", local["median_ms"]),
+        timing.row("in process, min / max (ms)", f"{local['min_ms']} / {local['max_ms']}"),
+        timing.row("HTTP POST /predict on the Bento, median (ms)", http["median_ms"]),
+        timing.row("HTTP POST /predict, min / max (ms)", f"{http['min_ms']} / {http['max_ms']}"),
+        timing.row("peak RSS of the in-process benchmark (MB)", local["peak_rss_mb"]),
+        timing.row("bentoml serve start to /readyz (s)", http["server_start_to_ready_s"]),
+        timing.row("timed calls of each", local["n"]),
+    ]
+    timing.finish(record, rows, args.out)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

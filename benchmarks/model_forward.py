@@ -1,7 +1,7 @@
 """Size and forward-pass speed of the serving model architecture (or of a trained model).
 
     .venv/bin/python benchmarks/model_forward.py [--input-size 256] [--model-dir PATH]
-        [--repeats 100] [--batch-repeats 20] [--warmup 5]
+        [--repeats 100] [--batch-repeats 20] [--warmup 5] [--out JSON]
 
 Default model: `build_model("lite0", input_size, num_classes=6, base_filters=16)`, the serving
 architecture with its ImageNet encoder weights (read offline). `--model-dir` benchmarks a trained
@@ -15,7 +15,8 @@ in MB (10^6 bytes); forward-pass latency in ms (p50 / p99 / min / max, and image
 alternate within each repeat after `--warmup` calls of each (graph tracing, first allocation),
 so a load change on a shared machine affects both alike. Inputs are random RGB in [0, 255].
 The headline is the faster call at batch 1 (by p50), against the goal p50 <= 25 ms on 2 CPU
-cores. With 20 repeats, p99 is close to the max.
+cores. With 20 repeats, p99 is close to the max. Writes all figures, the goal and the provenance
+(machine, date, commit, load) to `--out` (default `benchmarks/results/model_forward.json`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import timing  # noqa: E402
 from timing import take_turns  # noqa: E402
 
 from defectflow.environment import configure_environment  # noqa: E402
@@ -138,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=100, help="timed calls at batch 1")
     parser.add_argument("--batch-repeats", type=int, default=20, help="timed calls at batch 16")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls of each kind first")
+    timing.add_out_option(parser, "model_forward", argv is None)
     args = parser.parse_args(argv)
+    record = timing.start("model_forward", argv, args)
     configure_environment()
 
     import keras
@@ -155,22 +160,28 @@ def main(argv: list[str] | None = None) -> int:
             "input_size": input_size,
             "load_s": round(time.perf_counter() - started, 1),
             "cpus": os.cpu_count(),
-            "load_avg_1m": round(os.getloadavg()[0], 2),
+            "load_avg_1m": timing.load_avg()[0],
             "tensorflow": tf.__version__,
             "keras": keras.__version__,
         }
     )
-    _print({"what": "parameters", **_params(model)})
-    _print({"what": "saved size", **_sizes(model)})
+    record["model"] = {
+        "source": source,
+        "input_size": input_size,
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+    }
+    params = _print({"what": "parameters", **_params(model)})
+    sizes = _print({"what": "saved size", **_sizes(model)})
 
     repeats = {1: args.repeats, 16: args.batch_repeats}
-    rows = {
+    rows_by_batch = {
         batch: _latency(model, input_size, batch, repeats[batch], args.warmup) for batch in BATCHES
     }
-    best1 = min(rows[1], key=lambda r: r["p50_ms"])
-    best16 = max(rows[16], key=lambda r: r["images_per_s"])
+    best1 = min(rows_by_batch[1], key=lambda r: r["p50_ms"])
+    best16 = max(rows_by_batch[16], key=lambda r: r["images_per_s"])
     passed = best1["p50_ms"] <= GOAL_P50_MS
-    _print(
+    headline = _print(
         {
             "what": "headline",
             "batch1_call": best1["what"].removeprefix("forward "),
@@ -181,9 +192,34 @@ def main(argv: list[str] | None = None) -> int:
             "goal": f"batch-1 forward p50 <= {GOAL_P50_MS:g} ms on 2 CPU cores",
             "result": "PASS" if passed else "FAIL",
             "cpus": os.cpu_count(),
-            "load_avg_1m_after": round(os.getloadavg()[0], 2),
+            "load_avg_1m_after": timing.load_avg()[0],
         }
     )
+    rows = [
+        timing.row(
+            f"batch-1 forward p50, {headline['batch1_call']} (ms)",
+            best1["p50_ms"],
+            f"<= {GOAL_P50_MS:g}",
+            passed,
+        ),
+        timing.row(f"batch-1 forward p99, {headline['batch1_call']} (ms)", best1["p99_ms"]),
+    ]
+    for batch_rows in rows_by_batch.values():
+        for r in batch_rows:
+            call = r["what"].removeprefix("forward ")
+            if r["batch"] != 1 or call != headline["batch1_call"]:
+                rows.append(timing.row(f"batch-{r['batch']} forward p50, {call} (ms)", r["p50_ms"]))
+            if r["batch"] != 1:
+                rows.append(timing.row(f"batch-{r['batch']} {call} (images/s)", r["images_per_s"]))
+    rows += [
+        timing.row("parameters", params["total"]),
+        timing.row("parameters, trainable", params["trainable"]),
+        timing.row('model.save("x.keras") file (MB)', sizes["keras_file_mb"]),
+        timing.row("weights alone, .weights.h5 (MB)", sizes["weights_h5_mb"]),
+    ]
+    record["latency"] = rows_by_batch
+    record["parameters"], record["saved_size_mb"] = params, sizes
+    timing.finish(record, rows, args.out)
     return 0
 
 

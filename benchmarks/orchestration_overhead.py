@@ -2,7 +2,7 @@
 stages called directly, in one process, on tiny data. Goal: overhead <= 10 %.
 
     .venv/bin/python benchmarks/orchestration_overhead.py [--repeats 3] [--warmup 1]
-        [--config tiny] [--api-url http://127.0.0.1:PORT/api] [key=value ...]
+        [--config tiny] [--api-url http://127.0.0.1:PORT/api] [--out JSON] [key=value ...]
 
 Data: a synthetic MVTec-layout set written with the sizes of `configs/<config>.yaml`
 (data.synth, as `defectflow data synth --config tiny` does) under
@@ -25,8 +25,9 @@ $DEFECTFLOW_HOME/benchmarks/orchestration (its own BentoML, Keras and Prefect fo
     cache of the flow would otherwise skip the scan and the validation.
 
 Each variant runs `--warmup` untimed times first (TensorFlow graph tracing, first split of the
-data version), then `--repeats` times, alternating which goes first. Printed and written to
-$DEFECTFLOW_HOME/benchmarks/orchestration-<time>.json: min / median / max wall seconds per
+data version), then `--repeats` times, alternating which goes first. Printed, and written with
+the provenance (machine, date, commit, load) to `--out` (default
+`benchmarks/results/orchestration_overhead.json`): min / median / max wall seconds per
 variant, per-stage medians, and overhead % = (median_flow - median_direct) / median_direct,
 with PASS / FAIL against the goal. Not a test: run it by hand.
 
@@ -52,6 +53,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "src"))
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+import timing  # noqa: E402
+
 from defectflow.environment import configure_environment  # noqa: E402
 
 GOAL_PERCENT = 10.0
@@ -225,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         "--api-url", default=None, help="an existing Prefect API (default: start a server)"
     )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="more config overrides")
+    timing.add_out_option(parser, "orchestration_overhead", argv is None)
     args = parser.parse_args(argv)
+    record = timing.start("orchestration_overhead", argv, args)
 
     home = Path(os.environ.get("DEFECTFLOW_HOME", REPO_ROOT / ".defectflow")).expanduser().resolve()
     bench = home / "benchmarks" / "orchestration"
@@ -342,9 +348,31 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "cpus": os.cpu_count(),
     }
-    path = home / "benchmarks" / f"orchestration-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=2))
-    _print({**result, "file": str(path)})
+    _print(result)
+    record["result"] = result
+    rows = [
+        timing.row(
+            "flow over direct calls, medians (%)",
+            result["overhead_percent"],
+            f"<= {GOAL_PERCENT:g}",
+            overhead <= GOAL_PERCENT,
+        ),
+        timing.row("Prefect flow, wall min / median / max (s)", _spread(result["flow"])),
+        timing.row(
+            "the same tasks as plain functions, min / median / max (s)", _spread(result["direct"])
+        ),
+        timing.row(
+            "flow time outside its task runs, median (s)",
+            result["flow_outside_tasks_s"]["median"],
+        ),
+        timing.row(
+            "flow time outside its task runs / direct median (%)", result["outside_tasks_percent"]
+        ),
+        timing.row(
+            "timed runs per variant (after warm-up runs)", f"{args.repeats} ({args.warmup})"
+        ),
+    ]
+    timing.finish(record, rows, args.out)
     print(
         f"flow   min/median/max {result['flow']['min']}/{result['flow']['median']}/{result['flow']['max']} s\n"
         f"direct min/median/max {result['direct']['min']}/{result['direct']['median']}/{result['direct']['max']} s\n"
@@ -352,6 +380,10 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _spread(stats: dict) -> str:
+    return f"{stats['min']} / {stats['median']} / {stats['max']}"
 
 
 @contextmanager

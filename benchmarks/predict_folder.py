@@ -1,7 +1,7 @@
 """Throughput of `defectflow predict` on a folder of 500 images: batch 1 against the default batch.
 
     .venv/bin/python benchmarks/predict_folder.py --model TAG_OR_FOLDER [--images 500]
-        [--batches 1 8] [--repeats 3] [--no-overlay]
+        [--batches 1 8] [--repeats 3] [--no-overlay] [--out JSON]
 
 The folder holds `--images` PNGs: the MVTec capsule copy beside the repository
 (../shared/data/mvtec_capsule/capsule, 512x512; linked, never copied into the repository),
@@ -9,7 +9,9 @@ cycled to the count, or synthetic 512x512 capsules when it is absent (said in th
 Each repeat runs the command's own path in this process (`collect_inputs`, `inspect_files`
 with the mask and overlay PNGs written, `ReportWriter`), the batch sizes taking turns so a
 load change affects them alike. Model loading is outside the timing (it happens once per
-command). Prints JSON lines: per batch size min / median / max images/s.
+command). Prints JSON lines: per batch size min / median / max images/s. Writes them and the
+provenance (machine, date, commit, load) to `--out` (default
+`benchmarks/results/predict_folder.json`).
 
 The served model's HTTP throughput to compare with comes from `benchmarks/serve_bench.py`.
 """
@@ -26,13 +28,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+import timing  # noqa: E402
+
 from defectflow.environment import configure_environment  # noqa: E402
 
 CAPSULE = REPO.parent / "shared" / "data" / "mvtec_capsule" / "capsule"
 
 
-def _print(row: dict) -> None:
-    print(json.dumps(row), flush=True)
+def _print(line: dict) -> dict:
+    print(json.dumps(line), flush=True)
+    return line
 
 
 def make_folder(folder: Path, count: int) -> str:
@@ -55,7 +61,7 @@ def make_folder(folder: Path, count: int) -> str:
     return f"no capsule copy at {CAPSULE}: {count} synthetic 512x512 capsules"
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -66,7 +72,9 @@ def main() -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--overlay", action=argparse.BooleanOptionalAction, default=True)
-    args = parser.parse_args()
+    timing.add_out_option(parser, "predict_folder", argv is None)
+    args = parser.parse_args(argv)
+    record = timing.start("predict_folder", argv, args)
     configure_environment()
     from defectflow.cli.predict import _load_predictor_for
     from defectflow.inference.inspection import ReportWriter, collect_inputs, inspect_files
@@ -76,7 +84,7 @@ def main() -> int:
         folder = Path(tmp) / "images"
         folder.mkdir()
         source = make_folder(folder, args.images)
-        _print(
+        record["input"] = _print(
             {
                 "model": model,
                 "format": predictor.format,
@@ -87,20 +95,21 @@ def main() -> int:
         )
         files = collect_inputs([str(folder)]).files
         warmup = list(inspect_files(predictor, files[:8], Path(tmp) / "warmup", 8, args.overlay))
-        assert all(row.ok for row in warmup), [row.error for row in warmup]
+        assert all(answer.ok for answer in warmup), [answer.error for answer in warmup]
         rates: dict[int, list[float]] = {b: [] for b in args.batches}
         for repeat in range(args.repeats):
             for batch in args.batches if repeat % 2 == 0 else list(reversed(args.batches)):
                 out = Path(tmp) / f"out-{batch}-{repeat}"
                 writer = ReportWriter(out / "report.csv", predictor.classes)
                 start = time.perf_counter()
-                for row in inspect_files(predictor, files, out, batch, args.overlay):
-                    writer.write(row)
+                for answer in inspect_files(predictor, files, out, batch, args.overlay):
+                    writer.write(answer)
                 seconds = time.perf_counter() - start
                 writer.close()
                 rates[batch].append(len(files) / seconds)
+        record["rates"] = {}
         for batch, values in rates.items():
-            _print(
+            record["rates"][batch] = _print(
                 {
                     "batch_size": batch,
                     "repeats": len(values),
@@ -109,6 +118,20 @@ def main() -> int:
                     "images_per_second_max": round(max(values), 1),
                 }
             )
+    rows = [
+        timing.row(
+            f"batch {batch}: images/s, median (min - max)",
+            f"{r['images_per_second_median']} ({r['images_per_second_min']} - "
+            f"{r['images_per_second_max']})",
+        )
+        for batch, r in record["rates"].items()
+    ]
+    rows += [
+        timing.row("model (format)", f"{model} ({predictor.format})"),
+        timing.row("images", source),
+        timing.row("overlay PNGs written beside the masks", "yes" if args.overlay else "no"),
+    ]
+    timing.finish(record, rows, args.out)
     return 0
 
 

@@ -51,8 +51,8 @@ The HTTP client runs on the same 2 cores as the server (127.0.0.1), as any local
 Other jobs share this machine: the 1-minute load average is printed at the start and the end,
 and for every phase the CPU cores busy outside this benchmark's own processes (/proc/stat minus
 the benchmark's and servers' CPU time); the output says so when that is high. Prints JSON lines
-and a table; writes all figures to `--out` (default `$DEFECTFLOW_HOME/benchmarks/serve_bench.json`);
-`--logs DIR` keeps the servers' logs.
+and a table; writes all figures, the goals and the provenance (machine, date, commit, load) to
+`--out` (default `benchmarks/results/serve_bench.json`); `--logs DIR` keeps the servers' logs.
 """
 
 from __future__ import annotations
@@ -77,6 +77,8 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "src"))
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+import timing  # noqa: E402
 from timing import take_turns  # noqa: E402
 
 from defectflow.environment import configure_environment  # noqa: E402
@@ -135,16 +137,6 @@ def _stats(ms: list[float]) -> dict:
         "max_ms": round(max(ms), 2),
         "mean_ms": round(statistics.fmean(ms), 2),
     }
-
-
-def _git(*args: str) -> str:
-    return subprocess.run(
-        ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True
-    ).stdout.strip()
-
-
-def _load_avg() -> float:
-    return round(os.getloadavg()[0], 2)
 
 
 # --- processes: tree, memory, CPU (psutil when installed, else /proc) ---------------------------
@@ -295,7 +287,7 @@ class CpuShare:
             "benchmark_cores": round(ours / wall, 2),
             "of_which_this_process_cores": round(client / wall, 2),
             "other_jobs_cores": round(max(busy - ours, 0.0) / wall, 2),
-            "load_avg_1m": _load_avg(),
+            "load_avg_1m": timing.load_avg()[0],
         }
         self.phases[name] = row
         _print({"what": "cpu share", "phase": name, **row})
@@ -1283,8 +1275,16 @@ def print_goal_rows(rows: list[dict]) -> None:
         )
 
 
-def print_table(results: dict) -> None:
-    rows = results["goals"]
+def machine_line(results: dict) -> str:
+    """Cores and the 1-minute load average at the start and the end of the run."""
+    provenance = results["provenance"]
+    return (
+        f"machine: {provenance['machine']['cores']} CPUs; load average (1 min) "
+        f"{provenance['load_avg_before'][0]} at the start, {provenance['load_avg_after'][0]} at the end"
+    )
+
+
+def print_table(results: dict, rows: list[dict]) -> None:
     print_goal_rows(rows)
     stages = results["in_process"]["stages_p50_ms"]
     print(
@@ -1295,19 +1295,18 @@ def print_table(results: dict) -> None:
         f"served: {results['model']['tag']} as {results['in_process']['format']} "
         f"(service metadata: {json.dumps(results['defectflow'].get('metadata'))[:200]})"
     )
-    load = results["machine"]
     print(
-        f"machine: {load['cpus']} CPUs; load average (1 min) {load['load_avg_1m_start']} at the start, "
-        f"{load['load_avg_1m_end']} at the end; cores busy in other jobs per phase: "
+        machine_line(results)
+        + "; cores busy in other jobs per phase: "
         + ", ".join(f"{k} {v['other_jobs_cores']}" for k, v in results["cpu_share"].items())
         + "; cores used by this process (HTTP client, in-process model): "
         + ", ".join(
             f"{k} {v['of_which_this_process_cores']}" for k, v in results["cpu_share"].items()
         )
     )
-    if load["busy"]:
+    if results["busy"]:
         print(
-            f"NOTE: the machine was busy with other jobs ({load['busy']}): latencies and throughput are "
+            f"NOTE: the machine was busy with other jobs ({results['busy']}): latencies and throughput are "
             "lower than on an idle machine."
         )
     missed = [r["figure"] for r in rows if r["met"] is False]
@@ -1351,9 +1350,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-baseline", action="store_true", help="skip the ConvNeXt-Tiny baseline"
     )
-    parser.add_argument(
-        "--out", type=Path, help="JSON file (default: $DEFECTFLOW_HOME/benchmarks/serve_bench.json)"
-    )
+    timing.add_out_option(parser, "serve_bench", argv is None)
     parser.add_argument(
         "--logs", type=Path, help="keep the servers' logs in this folder (default: discarded)"
     )
@@ -1371,28 +1368,31 @@ def main(argv: list[str] | None = None) -> int:
             f"{model_dir} is not a trained model folder (model.keras and model.json): pass one, e.g. RUN/model "
             "of a `defectflow train` run; the default is the 256-px capsule run capsule-seed44, absent here"
         )
-    out = args.out or home / "benchmarks" / "serve_bench.json"
     image, image_source = sample_image(args.image)
     cpu = CpuShare()
-    results: dict = {
-        "machine": {
-            "cpus": os.cpu_count(),
-            "load_avg_1m_start": _load_avg(),
+    results = timing.start("serve_bench", argv, args)
+    results.update(
+        {
             "psutil": psutil is not None,
-        },
-        "git_head": _git("log", "--oneline", "-1"),
-        # Served from the working tree: tracked serving files that differ from the commit above.
-        "serving_files_modified": _git(
-            "status", "--porcelain", "--untracked-files=no", "--", "service.py", "src/defectflow"
-        ).splitlines(),
-        "image": {"source": image_source, "bytes": len(image)},
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-    }
+            # Served from the working tree: tracked serving files that differ from the commit.
+            "serving_files_modified": timing.git(
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                "service.py",
+                "src/defectflow",
+            ).splitlines(),
+            "image": {"source": image_source, "bytes": len(image)},
+        }
+    )
+    provenance = results["provenance"]
     _print(
         {
             "what": "setup",
-            **results["machine"],
-            "git_head": results["git_head"],
+            "cpus": provenance["machine"]["cores"],
+            "load_avg_1m_start": provenance["load_avg_before"][0],
+            "git_commit": provenance["git_commit"],
             "serving_files_modified": results["serving_files_modified"],
             **results["image"],
         }
@@ -1491,13 +1491,10 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     results["cpu_share"] = cpu.phases
-    results["machine"]["load_avg_1m_end"] = _load_avg()
-    results["machine"]["busy"] = busy_note(results["machine"]["load_avg_1m_start"], cpu.phases)
-    results["goals"] = goals(results)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print_table(results)
-    print(f"figures written to {out}")
+    results["busy"] = busy_note(provenance["load_avg_before"][0], cpu.phases)
+    rows = goals(results)
+    timing.finish(results, rows, args.out)
+    print_table(results, rows)
     return 0
 
 

@@ -26,8 +26,9 @@ model input + forward pass):
 Headline: what `export.serve=auto` serves for each export (TFLite when it passed parity, i.e.
 class agreement >= 0.99 and |ΔDice| < 0.01, and is faster than Keras at batch 1: the rule of
 `defectflow.training.export.choose_serving_format`), and for the quantization configs/default.yaml
-configures; the batch-1 speed-up over Keras; goals: TFLite artifact <= 15 MB, parity passed. Prints JSON lines and a table, writes
-all figures to `--out` (default `$DEFECTFLOW_HOME/benchmarks/serving_format.json`).
+configures; the batch-1 speed-up over Keras; goals: TFLite artifact <= 15 MB, parity passed. Prints
+JSON lines and a table, writes all figures, the goals and the provenance (machine, date, commit,
+load) to `--out` (default `benchmarks/results/serving_format.json`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import timing  # noqa: E402
+
 from defectflow.environment import configure_environment  # noqa: E402
 
 GOAL_SIZE_MB = 15.0
@@ -122,12 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         "--batch-repeats", type=int, default=10, help="timed calls at batch 8 and 16"
     )
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls of each kind first")
-    parser.add_argument(
-        "--out",
-        type=Path,
-        help="JSON file (default: $DEFECTFLOW_HOME/benchmarks/serving_format.json)",
-    )
+    timing.add_out_option(parser, "serving_format", argv is None)
     args = parser.parse_args(argv)
+    record = timing.start("serving_format", argv, args)
     home = configure_environment()
     model_dir = args.model_dir or home / "runs" / "capsule-seed44" / "model"
     if not (model_dir / "model.keras").is_file():
@@ -138,7 +139,6 @@ def main(argv: list[str] | None = None) -> int:
     manifest = args.manifest or model_dir.parent / "manifest.csv"
     if not manifest.is_file():
         sys.exit(f"{manifest} not found: pass the model's split with --manifest")
-    out = args.out or home / "benchmarks" / "serving_format.json"
 
     import keras
     import tensorflow as tf
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         "model_dir": str(model_dir),
         "manifest": str(manifest),
         "cpus": os.cpu_count(),
-        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "load_avg_1m": timing.load_avg()[0],
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "n_test_images": len(samples),
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "goal_parity": "class agreement >= 0.99, |ΔDice| < 0.01 (all and defect images)",
         "parity_result": {name: ("PASS" if parity[name]["passed"] else "FAIL") for name in exports},
-        "load_avg_1m_after": round(os.getloadavg()[0], 2),
+        "load_avg_1m_after": timing.load_avg()[0],
     }
     _print(headline)
     results.update(
@@ -324,11 +324,56 @@ def main(argv: list[str] | None = None) -> int:
             "headline": headline,
         }
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
     _table(results, list(predictors))
-    print(f"figures written to {out}")
+    record.update(results)
+    timing.finish(record, _rows(results, list(predictors)), args.out)
     return 0
+
+
+def _rows(results: dict, names: list[str]) -> list[dict]:
+    """The goals (per export: size, parity) and the headline figures of each format."""
+    rows = []
+    for name in names:
+        if name == "keras":
+            continue
+        parity = results["parity"][name]
+        rows += [
+            timing.row(
+                f"{name} artifact (MB)",
+                results["sizes_mb"][name],
+                f"<= {GOAL_SIZE_MB:g}",
+                results["sizes_mb"][name] <= GOAL_SIZE_MB,
+            ),
+            timing.row(
+                f"{name} parity with Keras: class agreement, |ΔDice|, |Δ defect Dice|",
+                f"{parity['class_agreement']:.3f}, {abs(parity['dice_difference']):.5f}, "
+                f"{abs(parity['defect_dice_difference']):.5f}",
+                ">= 0.99, < 0.01, < 0.01",
+                bool(parity["passed"]),
+            ),
+        ]
+    rows.append(
+        timing.row("keras artifact, without optimizer state (MB)", results["sizes_mb"]["keras"])
+    )
+    for name in names:
+        latency, tput = results["latency_batch1"][name], results["throughput"][name]
+        rows += [
+            timing.row(
+                f"{name} batch 1 p50 / p99 (ms)", f"{latency['p50_ms']} / {latency['p99_ms']}"
+            ),
+            timing.row(f"{name} batch 8 (images/s)", tput["batch8"]["images_per_s"]),
+        ]
+    for name, speedup in results["headline"]["batch1_speedup_vs_keras"].items():
+        rows.append(timing.row(f"{name} batch-1 speed-up over Keras (x)", speedup))
+    headline = results["headline"]
+    rows += [
+        timing.row("test images (parity)", results["n_test_images"]),
+        timing.row(
+            f"export.serve=auto with quantization {headline['configured_quantization']} serves",
+            headline["serve"],
+        ),
+    ]
+    return rows
 
 
 def _table(results: dict, names: list[str]) -> None:

@@ -1,7 +1,7 @@
 """Train-step time against tf.data input-pipeline throughput: does the pipeline starve training?
 
     .venv/bin/python benchmarks/training_speed.py [--input-size 256] [--batch-size 8] [--steps 20]
-        [--data-root DATASET] [--pipeline-batches 50] [--warmup 3]
+        [--data-root DATASET] [--pipeline-batches 50] [--warmup 3] [--out JSON]
 
 Data: the training part of the stratified split (configs/capsule.yaml: the MVTec capsule copy
 beside the repository; `--data-root` for another MVTec-layout folder). When that folder is
@@ -21,6 +21,8 @@ absent, the synthetic set of configs/default.yaml is used instead (written with
     its time is printed as first_step_s).
 (c) Ratio: pipeline images/s / training images/s per phase; goal >= 3, printed PASS / FAIL.
     The pipeline is timed alone: during `fit` it shares the CPU cores with the train step.
+Writes the figures, the goals and the provenance (machine, date, commit, load) to `--out`
+(default `benchmarks/results/training_speed.json`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "src"))
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+import timing  # noqa: E402
+
 from defectflow.environment import configure_environment  # noqa: E402
 
 RATIO_GOAL = 3.0
@@ -200,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         "--pipeline-batches", type=int, default=50, help="timed batches of the input pipeline"
     )
     parser.add_argument("--warmup", type=int, default=3, help="untimed batches / train steps first")
+    timing.add_out_option(parser, "training_speed", argv is None)
     args = parser.parse_args(argv)
+    record = timing.start("training_speed", argv, args)
     configure_environment()
 
     import keras
@@ -210,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg, root, config_name = _config_and_root(args.data_root)
     split, classes, load_s = _load_train_split(cfg, root, args.input_size)
-    _print(
+    record["setup"] = _print(
         {
             "what": "setup",
             "config": config_name,
@@ -220,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             "input_size": args.input_size,
             "load_arrays_s": round(load_s, 1),
             "cpus": os.cpu_count(),
-            "load_avg_1m": round(os.getloadavg()[0], 2),
+            "load_avg_1m": timing.load_avg()[0],
             "tensorflow": tf.__version__,
             "keras": keras.__version__,
         }
@@ -231,9 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     keras.utils.set_random_seed(0)
     batches = _fixed_batches(cfg, split, args.batch_size, min(args.steps + args.warmup, 32))
     model = build_model("lite0", args.input_size, num_classes=len(classes), base_filters=16)
-    ratios = {}
+    ratios, steps = {}, {}
     for phase in ("frozen", "unfrozen"):
         step = bench_train_step(model, cfg, batches, args.steps, args.warmup, phase)
+        steps[phase] = step
         ratios[phase] = pipeline["images_per_s"] / step["images_per_s"]
 
     worst = min(ratios.values())
@@ -243,9 +251,30 @@ def main(argv: list[str] | None = None) -> int:
             **{phase: round(r, 2) for phase, r in ratios.items()},
             "goal": f">= {RATIO_GOAL:g} (input pipeline must not starve training)",
             "result": "PASS" if worst >= RATIO_GOAL else "FAIL",
-            "load_avg_1m_after": round(os.getloadavg()[0], 2),
+            "load_avg_1m_after": timing.load_avg()[0],
         }
     )
+    record.update(pipeline=pipeline, train_step=steps)
+    rows = [
+        timing.row(
+            f"input pipeline / train step images/s, {phase} encoder",
+            round(ratio, 2),
+            f">= {RATIO_GOAL:g}",
+            ratio >= RATIO_GOAL,
+        )
+        for phase, ratio in ratios.items()
+    ]
+    for phase, step in steps.items():
+        rows += [
+            timing.row(f"train step, {phase} encoder, median (ms)", step["median_ms"]),
+            timing.row(f"train step, {phase} encoder (images/s)", step["images_per_s"]),
+        ]
+    rows += [
+        timing.row("input pipeline alone, with augmentation (images/s)", pipeline["images_per_s"]),
+        timing.row("batch size, input size (px)", f"{args.batch_size}, {args.input_size}"),
+        timing.row("data", f"{config_name}: {len(split)} training images"),
+    ]
+    timing.finish(record, rows, args.out)
     return 0
 
 

@@ -1,6 +1,7 @@
 """Speed of the data validation gate against merely decoding the same images.
 
     .venv/bin/python benchmarks/validation_speed.py [--root DATASET] [--repeats 5] [--workers N]
+        [--out JSON]
 
 `validate`: scan the folder, extract the facts of every image (`image_facts`, with a stratified
 split, `workers` threads) and run the Great Expectations suite (`validate_dataset`).
@@ -10,6 +11,8 @@ lazy imports). Prints JSON lines: min / median / max seconds of each, and the ra
 medians (goal: <= 1.3). Importing great_expectations is a one-off cost of the process: it is
 measured and printed on its own line and is not part of either timing or the ratio.
 Default dataset: the MVTec capsule copy beside the repository; skipped (exit 0) when absent.
+Writes the figures, the goal and the provenance (machine, date, commit, load) to `--out`
+(default from the command line `benchmarks/results/validation_speed.json`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "src"))
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+import timing  # noqa: E402
+
 DEFAULT_ROOT = REPO_ROOT.parent / "shared" / "data" / "mvtec_capsule" / "capsule"
 RATIO_GOAL = 1.3
 
@@ -51,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="MVTec-layout dataset")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workers", type=int, default=None, help="default: min(8, CPUs)")
+    timing.add_out_option(parser, "validation_speed", argv is None)
     args = parser.parse_args(argv)
+    record = timing.start("validation_speed", argv, args)
     if not args.root.is_dir():
         reason = f"dataset folder {args.root} not found: nothing to measure"
         print(f"skipped: {reason}", file=sys.stderr)
@@ -103,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         fn()
         return time.perf_counter() - start
 
-    _print(
+    record["dataset"] = _print(
         {
             "what": "dataset",
             "root": str(args.root),
@@ -134,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     decode_row = _summary("decode", decode_times)
     validate_row = _summary("validate", validate_times)
     ratio = validate_row["median_s"] / decode_row["median_s"]
-    _print(
+    summary = _print(
         {
             "what": "ratio",
             "validate_over_decode": round(ratio, 3),
@@ -145,6 +153,24 @@ def main(argv: list[str] | None = None) -> int:
             "excludes": "great_expectations import (one-off per process)",
         }
     )
+    record.update(decode=decode_row, validate=validate_row, ratio=summary)
+    rows = [
+        timing.row(
+            "validate / decode, ratio of the medians",
+            summary["validate_over_decode"],
+            f"<= {RATIO_GOAL:g}",
+            summary["met"],
+        ),
+        timing.row("validate, median (s)", validate_row["median_s"]),
+        timing.row("decode every image and mask sequentially, median (s)", decode_row["median_s"]),
+        timing.row("validate / decode, ratio of the minimums", summary["ratio_of_min"]),
+        timing.row("images (files decoded)", f"{len(samples)} ({len(files)})"),
+        timing.row(
+            "great_expectations import, once per process, not in the ratio (s)", round(ge_import, 2)
+        ),
+        timing.row("repeats", len(validate_times)),
+    ]
+    timing.finish(record, rows, args.out)
     return 0
 
 
