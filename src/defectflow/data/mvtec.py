@@ -10,11 +10,20 @@ Train and test images are pooled: defectflow makes its own stratified split.
 
 from __future__ import annotations
 
+import json
+import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+log = logging.getLogger(__name__)
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+#: The review inbox's record of what it wrote into the incoming dataset (one JSON line per
+#: image; written by `defectflow.serving.inbox.export`, which this package may not import).
+PROVENANCE_FILE = "provenance.jsonl"
+#: Images named in the warning about incoming images left out.
+_NAMED_IN_WARNING = 20
 
 
 class DatasetError(ValueError):
@@ -72,7 +81,12 @@ def scan_training_data(
 ) -> list[Sample]:
     """The dataset at `root`, plus the reviewed images of `incoming` (the same layout) when that
     folder holds any. Their origin is prefixed "incoming/", so a file name used in both stays
-    two samples (and the data version changes with every reviewed image)."""
+    two samples (and the data version changes with every reviewed image).
+
+    An incoming image joins only when a line of `incoming/provenance.jsonl` names it and its
+    votes meet the review policy recorded there (`_meets_recorded_policy`); any other (a file
+    copied in by hand, a line edited) is left out with one warning naming them, so a nightly
+    run never fails on it."""
     samples = scan_dataset(root, good_class)
     if not incoming or not Path(incoming).is_dir():
         return samples
@@ -84,10 +98,65 @@ def scan_training_data(
         raise DatasetError(
             f"data.incoming is data.root ({root}): reviewed images must go to a folder of their own"
         )
-    return samples + [
-        Sample(s.path, s.label, s.mask_path, f"incoming/{s.origin}")
-        for s in scan_dataset(incoming, good_class)
-    ]
+    incoming = Path(incoming)
+    provenance = _provenance(incoming)
+    reviewed, left_out = [], []
+    for s in scan_dataset(incoming, good_class):
+        name = s.path.relative_to(incoming).as_posix()
+        entry = provenance.get(name)
+        if entry is None or not _meets_recorded_policy(entry):
+            left_out.append(name if entry is None else f"{name} (votes short of its policy)")
+            continue
+        reviewed.append(Sample(s.path, s.label, s.mask_path, f"incoming/{s.origin}"))
+    if left_out:
+        more = len(left_out) - _NAMED_IN_WARNING
+        log.warning(
+            "%d image(s) of %s left out of training: no entry in %s meeting the review policy "
+            "(a reviewed item gets one when the inbox writes it): %s",
+            len(left_out),
+            incoming,
+            PROVENANCE_FILE,
+            ", ".join(left_out[:_NAMED_IN_WARNING]) + (f" and {more} more" if more > 0 else ""),
+        )
+    return samples + reviewed
+
+
+def _provenance(incoming: Path) -> dict[str, dict]:
+    """The provenance entries of an incoming dataset by image path (relative, "/"); a line cut
+    short by a crash, or not an entry, is skipped."""
+    path = incoming / PROVENANCE_FILE
+    entries: dict[str, dict] = {}
+    if not path.is_file():
+        return entries
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("image"), str):
+            entries[Path(entry["image"]).as_posix()] = entry
+    return entries
+
+
+def _meets_recorded_policy(entry: dict) -> bool:
+    """Whether a provenance entry's votes meet the review policy it records: at least
+    `min_reviews` distinct reviewers voted its label and mask choice, or one of them is a
+    trusted reviewer identified by their own token. An entry from before votes (no `policy`:
+    one review was the rule) needs a named reviewer. The rule is
+    `defectflow.serving.inbox.trust.ReviewPolicy`'s, checked again here from the record."""
+    policy = entry.get("policy")
+    if policy is None:
+        return isinstance(entry.get("reviewer"), str) and bool(entry["reviewer"].strip())
+    try:
+        min_reviews = int(policy["min_reviews"])
+        trusted = set(policy.get("trusted_reviewers") or ())
+        choice = (entry["label"], entry["mask_choice"])
+        agreeing = [v for v in entry["votes"] if (v["label"], v["mask"]) == choice]
+        names = {str(v["reviewer"]) for v in agreeing}
+        by_trusted = any(v["identity"] == "token" and v["reviewer"] in trusted for v in agreeing)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return False
+    return by_trusted or (min_reviews >= 1 and len(names) >= min_reviews)
 
 
 def class_names(samples: list[Sample], good_class: str = "good") -> list[str]:

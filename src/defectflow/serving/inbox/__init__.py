@@ -4,7 +4,8 @@ One job a module:
 
     store.py      the sqlite index and item files: add (atomic, never raises), list, get, stats
     retention.py  the limits (refuse when full, never evict) and removing crashed writes' leftovers
-    review.py     `Inbox` = the store + review (label, mask checks), discard and view
+    review.py     `Inbox` = the store + review (votes, label and mask checks), discard and view
+    trust.py      who reviewed and how that is known, and when votes are enough (`ReviewPolicy`)
     export.py     a reviewed item into the MVTec-layout incoming dataset, and its provenance
     writer.py     `InboxWriter`: adds from a background thread with a bounded queue
     errors.py     `InboxError` and its kinds, with their HTTP status
@@ -29,10 +30,17 @@ from defectflow.serving.inbox.store import (
     AddResult,
     InboxStore,
 )
+from defectflow.serving.inbox.trust import (
+    ESTABLISHED,
+    Reviewer,
+    ReviewPolicy,
+    parse_reviewer_tokens,
+)
 from defectflow.serving.inbox.writer import InboxWriter
 
 __all__ = [
     "BUSY_TIMEOUT_MS",
+    "ESTABLISHED",
     "INDEX_FILE",
     "ITEMS_DIR",
     "MAX_MASK_BYTES",
@@ -47,6 +55,9 @@ __all__ = [
     "InvalidReview",
     "ItemNotFound",
     "ItemNotPending",
+    "ReviewPolicy",
     "ReviewResult",
+    "Reviewer",
+    "parse_reviewer_tokens",
     "read_provenance",
 ]

@@ -7,9 +7,13 @@ reads it:
     <defect>  -> incoming/test/<defect>/inbox-<id>.<ext>
                  incoming/ground_truth/<defect>/inbox-<id>_mask.png   (255 = defect)
 
-and each review appends one line (who, when, the original prediction, model, inbox id) to
-`incoming/provenance.jsonl`. This module only writes: the checks come first (`review`).
-It is in the Bento: it must not import defectflow.data.
+and each item written appends one line to `incoming/provenance.jsonl`: the inbox id, the files,
+the label and mask choice, who reviewed and how that identity was established (`identity`), every
+vote (`votes`), the review policy in force (`policy`: min_reviews, trusted_reviewers) and how it
+was met (`met_by`: agreement | trusted), when, and the original prediction and model.
+`defectflow.data.mvtec.scan_training_data` takes an incoming image for training only when such
+a line names it and its votes meet the policy it records. This module only writes: the checks
+and the votes come first (`review`). It is in the Bento: it must not import defectflow.data.
 """
 
 from __future__ import annotations
@@ -72,9 +76,11 @@ def provenance_entry(
     reviewer: str,
     reviewed_at: float,
     record: dict,
+    trust: dict | None = None,
 ) -> dict:
     """The provenance line of a review: the files written, the review, the original prediction
-    (`record`, as the inbox stored it)."""
+    (`record`, as the inbox stored it); `trust` adds identity, mask_choice, votes, policy and
+    met_by."""
     return {
         "inbox_id": item_id,
         "image": str(paths.image),
@@ -91,6 +97,7 @@ def provenance_entry(
         "model": record["model"],
         "predicted_at": record["time"],
         "request_id": record.get("request_id"),
+        **(trust or {}),
     }
 
 

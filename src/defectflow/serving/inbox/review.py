@@ -1,11 +1,14 @@
 """Review: `Inbox`, the store plus what a reviewer does with a pending item.
 
-`Inbox.review` labels an item: the label must be one of the model's classes; a defect label
-needs a non-empty mask at the image's size (the predicted one, or an uploaded PNG that passes
-the checks of /predict's uploads before anything decodes it), a `good` label takes none. It
-then writes the item into the incoming dataset with its provenance (`export`), marks it
-reviewed and removes its inbox files. `discard` drops an item; `view` shows one to a person
-(image, predicted mask, overlay). Nothing pending changes unless the whole review succeeds.
+`Inbox.review` is one reviewer's vote on an item: the label must be one of the model's
+classes; a defect label needs a non-empty mask at the image's size (the predicted one, or an
+uploaded PNG that passes the checks of /predict's uploads before anything decodes it), a `good`
+label takes none. The vote is recorded (a reviewer's second vote replaces their first); when
+the votes meet the review policy (`trust.ReviewPolicy`: enough distinct reviewers agreeing, or
+a trusted one) the item is written into the incoming dataset with its provenance (`export`),
+marked reviewed and its inbox files removed; else it stays pending with its votes. `discard`
+drops an item (never exported); `view` shows one to a person (image, predicted mask, overlay).
+Nothing changes unless the whole vote (and export) succeeds.
 
 No HTTP here: service.py and `defectflow.serving.web.review` serve it, `defectflow review`
 (the CLI) runs it in a terminal.
@@ -31,6 +34,15 @@ from defectflow.serving.inbox.export import (
     write_into_dataset,
 )
 from defectflow.serving.inbox.store import InboxStore, png_bytes
+from defectflow.serving.inbox.trust import (
+    Decision,
+    Reviewer,
+    ReviewPolicy,
+    Vote,
+    disputed,
+    mask_digest,
+    votes_from_rows,
+)
 
 #: The largest mask upload read (a mask is 1 bit of information per pixel: PNG compresses it well).
 MAX_MASK_BYTES = 20_000_000
@@ -41,11 +53,23 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,99}$")
 @dataclass(frozen=True)
 class ReviewResult:
     id: str
+    #: The label written (reviewed), or the one this vote gave (pending).
     label: str
-    #: Paths relative to the incoming dataset folder.
-    image: str
+    #: Paths relative to the incoming dataset folder; None while the item is pending.
+    image: str | None
     mask: str | None
     incoming: str
+    #: reviewed (written into the incoming dataset) | pending (the vote is recorded, the
+    #: policy is not met yet).
+    status: str = "reviewed"
+    #: Who cast this vote, and how that is known (`trust.ESTABLISHED`).
+    reviewer: str = ""
+    identity: str = ""
+    #: The item's votes so far (`trust.Vote.as_dict`), oldest first.
+    votes: tuple[dict, ...] = ()
+    disputed: bool = False
+    #: Why it was written: agreement | trusted; None while pending.
+    met_by: str | None = None
 
 
 class Inbox(InboxStore):
@@ -59,21 +83,31 @@ class Inbox(InboxStore):
         max_items: int = 10_000,
         max_bytes: int = 2_000_000_000,
         incoming: str | Path | None = None,
+        policy: ReviewPolicy | None = None,
     ) -> None:
         super().__init__(root, max_items, max_bytes)
         #: The MVTec-layout dataset reviewed items are written into.
         self.incoming = (
             Path(incoming) if incoming is not None else self.root.parent / "data" / "incoming"
         )
+        #: When votes are enough to write an item (default: one review, as before votes).
+        self.policy = policy or ReviewPolicy()
 
     def review(
-        self, item_id: str, label: str, mask: str | bytes = "keep", reviewer: str | None = None
+        self,
+        item_id: str,
+        label: str,
+        mask: str | bytes = "keep",
+        reviewer: str | Reviewer | None = None,
     ) -> ReviewResult:
-        """Write a pending item into the incoming dataset as `label`, with provenance.
+        """Record `reviewer`'s vote that a pending item is `label`; write it into the incoming
+        dataset, with provenance, once the votes meet the policy.
 
         `mask`: "keep" (the predicted mask), "clear" (none) or PNG bytes at the image's size
         (non-zero = defect). A defect label needs a non-empty mask; a `good` label takes none.
-        Raises ItemNotFound, ItemNotPending, InvalidReview (the item stays pending) or InboxError.
+        `reviewer`: a `trust.Reviewer`, or a name (established "local").
+        Raises ItemNotFound, ItemNotPending, InvalidReview (the item stays pending, the vote
+        is not recorded) or InboxError.
         """
         reviewer = _checked_reviewer(reviewer)
         if not isinstance(mask, (bytes, bytearray)) and mask not in ("keep", "clear"):
@@ -86,26 +120,27 @@ class Inbox(InboxStore):
                 record = json.loads((self.items_dir / row["record_file"]).read_text())
                 data = (self.items_dir / row["image_file"]).read_bytes()
                 good = _checked_label(label, record)
-                paths = dataset_paths(row["id"], Path(row["image_file"]).suffix, label, good)
                 mask_png, source = (
                     _defect_mask(record, data, mask, label) if label != good else (None, "none")
                 )
-                write_into_dataset(self.incoming, paths, data, mask_png, written)
-                now = _time.time()
-                append_provenance(
-                    self.incoming,
-                    provenance_entry(row["id"], paths, label, source, reviewer, now, record),
-                )
-                where = {
-                    "image": str(paths.image),
-                    "mask": str(paths.mask) if paths.mask else None,
-                    "incoming": str(self.incoming),
-                }
-                conn.execute(
-                    "UPDATE items SET state = 'reviewed', label = ?, reviewer = ?, reviewed_at = ?, "
-                    "written = ?, image_file = NULL, record_file = NULL, bytes = 0 WHERE id = ?",
-                    (label, reviewer, now, json.dumps(where), row["id"]),
-                )
+                choice = mask_digest(mask_png) if source == "upload" else source
+                _record_vote(conn, row["id"], reviewer, label, choice, mask_png)
+                votes = votes_from_rows(self._vote_rows(conn, row["id"]))
+                decision = self.policy.decide(votes)
+                if decision is None:
+                    return ReviewResult(
+                        row["id"],
+                        label,
+                        None,
+                        None,
+                        str(self.incoming),
+                        "pending",
+                        reviewer.name,
+                        reviewer.established,
+                        tuple(v.as_dict() for v in votes),
+                        disputed(votes),
+                    )
+                where = self._export(conn, row, record, data, decision, votes, written)
         except InboxError:
             self._discard_files(*written)
             raise
@@ -116,7 +151,70 @@ class Inbox(InboxStore):
                 f"{exc}); the item is still pending"
             ) from exc
         self._discard_files(self.items_dir / row["image_file"], self.items_dir / row["record_file"])
-        return ReviewResult(row["id"], label, where["image"], where["mask"], where["incoming"])
+        return ReviewResult(
+            row["id"],
+            decision.vote.label,
+            where["image"],
+            where["mask"],
+            where["incoming"],
+            "reviewed",
+            reviewer.name,
+            reviewer.established,
+            tuple(v.as_dict() for v in votes),
+            disputed(votes),
+            decision.met_by,
+        )
+
+    def _export(
+        self,
+        conn: sqlite3.Connection,
+        row: sqlite3.Row,
+        record: dict,
+        data: bytes,
+        decision: Decision,
+        votes: list[Vote],
+        written: list[Path],
+    ) -> dict:
+        """Write the item as the decision says into the incoming dataset, append its provenance
+        (with the votes and the policy they met) and mark it reviewed; the paths written."""
+        vote = decision.vote
+        good = record["classes"][0]
+        paths = dataset_paths(row["id"], Path(row["image_file"]).suffix, vote.label, good)
+        mask_png = _decided_mask(conn, row["id"], record, data, vote)
+        write_into_dataset(self.incoming, paths, data, mask_png, written)
+        now = _time.time()
+        source = vote.mask.split(":", 1)[0]
+        append_provenance(
+            self.incoming,
+            provenance_entry(
+                row["id"],
+                paths,
+                vote.label,
+                source,
+                vote.reviewer,
+                now,
+                record,
+                trust={
+                    "identity": vote.established,
+                    "mask_choice": vote.mask,
+                    "votes": [v.as_dict() for v in votes],
+                    "policy": self.policy.as_dict(),
+                    "met_by": decision.met_by,
+                },
+            ),
+        )
+        where = {
+            "image": str(paths.image),
+            "mask": str(paths.mask) if paths.mask else None,
+            "incoming": str(self.incoming),
+        }
+        conn.execute(
+            "UPDATE items SET state = 'reviewed', label = ?, reviewer = ?, reviewer_identity = ?, "
+            "reviewed_at = ?, written = ?, image_file = NULL, record_file = NULL, bytes = 0 "
+            "WHERE id = ?",
+            (vote.label, vote.reviewer, vote.established, now, json.dumps(where), row["id"]),
+        )
+        return where
 
     def _pending_row(self, conn: sqlite3.Connection, item_id: str) -> sqlite3.Row:
         row = self._row(conn, item_id)
@@ -171,11 +269,55 @@ class Inbox(InboxStore):
         return item
 
 
-def _checked_reviewer(reviewer: str | None) -> str:
-    reviewer = (reviewer or "").strip()
-    if not reviewer or len(reviewer) > 200 or any(ord(c) < 32 for c in reviewer):
+def _checked_reviewer(reviewer: str | Reviewer | None) -> Reviewer:
+    """A `Reviewer` with a usable name (a bare name: established "local"); else InvalidReview."""
+    if not isinstance(reviewer, Reviewer):
+        reviewer = Reviewer(reviewer or "")
+    name = reviewer.name.strip()
+    if not name or len(name) > 200 or any(ord(c) < 32 for c in name):
         raise InvalidReview("give the reviewer's name (1 to 200 printable characters)")
-    return reviewer
+    return Reviewer(name, reviewer.established)
+
+
+def _record_vote(
+    conn: sqlite3.Connection,
+    item_id: str,
+    reviewer: Reviewer,
+    label: str,
+    choice: str,
+    mask_png: bytes | None,
+) -> None:
+    """One vote per item and reviewer: a second one replaces the first."""
+    conn.execute(
+        "INSERT INTO votes (item_id, reviewer, identity, label, mask_choice, mask_png, voted_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (item_id, reviewer) DO UPDATE SET "
+        "identity = excluded.identity, label = excluded.label, mask_choice = excluded.mask_choice, "
+        "mask_png = excluded.mask_png, voted_at = excluded.voted_at",
+        (
+            item_id,
+            reviewer.name,
+            reviewer.established,
+            label,
+            choice,
+            mask_png if choice.startswith("upload:") else None,
+            _time.time(),
+        ),
+    )
+
+
+def _decided_mask(
+    conn: sqlite3.Connection, item_id: str, record: dict, data: bytes, vote: Vote
+) -> bytes | None:
+    """The mask PNG the winning vote chose: none, the predicted one, or its upload (kept with
+    the vote)."""
+    if vote.mask == "none":
+        return None
+    if vote.mask == "prediction":
+        return _defect_mask(record, data, "keep", vote.label)[0]
+    (blob,) = conn.execute(
+        "SELECT mask_png FROM votes WHERE item_id = ? AND reviewer = ?", (item_id, vote.reviewer)
+    ).fetchone()
+    return bytes(blob)
 
 
 def _checked_label(label: str, record: dict) -> str:

@@ -11,6 +11,11 @@ fsynced and renamed into place while holding the index's write lock, then the ro
 in the same transaction: a row never names a missing file. What a crash in between leaves,
 `cleanup` (run when an inbox is first opened) removes; the limits and that cleanup are
 `retention`'s.
+
+The index also keeps the reviewers' votes (table `votes`, one row per item and reviewer, with
+an uploaded mask as a PNG blob), listed with each item. An index from before the votes
+(`PRAGMA user_version` 0) is migrated when first opened: the table and the column
+`items.reviewer_identity` are added, under the write lock, once.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from defectflow.serving.inbox.retention import (
     pending_usage,
     remove_leftovers,
 )
+from defectflow.serving.inbox.trust import disputed, votes_from_rows
 
 log = logging.getLogger("defectflow.serving.inbox")
 
@@ -69,6 +75,21 @@ CREATE TABLE IF NOT EXISTS items (
 );
 CREATE INDEX IF NOT EXISTS items_state_created ON items(state, created);
 """
+#: The index's `PRAGMA user_version`: 0 had no votes, 1 adds them (`_migrate`).
+SCHEMA_VERSION = 1
+_VOTES = """
+CREATE TABLE IF NOT EXISTS votes (
+    item_id TEXT NOT NULL,
+    reviewer TEXT NOT NULL,
+    identity TEXT NOT NULL,
+    label TEXT NOT NULL,
+    mask_choice TEXT NOT NULL,
+    mask_png BLOB,
+    voted_at REAL NOT NULL,
+    PRIMARY KEY (item_id, reviewer)
+)
+"""
+_VOTE_FIELDS = "item_id, reviewer, identity, label, mask_choice, voted_at"
 
 
 @dataclass(frozen=True)
@@ -209,6 +230,7 @@ class InboxStore:
             try:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.executescript(_SCHEMA)
+                _migrate(conn)
             finally:
                 conn.close()
             self._opened = True
@@ -373,9 +395,17 @@ class InboxStore:
             "bytes": row["bytes"],
             "label": row["label"],
             "reviewer": row["reviewer"],
+            "reviewer_identity": row["reviewer_identity"],
             "reviewed_at": row["reviewed_at"],
             "written": json.loads(row["written"]) if row["written"] else None,
         }
+
+    @staticmethod
+    def _with_votes(summary: dict, rows: list[sqlite3.Row]) -> dict:
+        votes = votes_from_rows(rows)
+        summary["votes"] = [v.as_dict() for v in votes]
+        summary["disputed"] = disputed(votes)
+        return summary
 
     def list(self, status: str | None = "pending", limit: int | None = None) -> list[dict]:
         """Items in `status` (pending | reviewed | discarded; None: all), oldest first."""
@@ -391,9 +421,24 @@ class InboxStore:
             params += (int(limit),)
         conn = self._connect()
         try:
-            return [self._summary(r) for r in conn.execute(query, params)]
+            rows = conn.execute(query, params).fetchall()
+            votes: dict[str, list] = {}
+            for vote in conn.execute(
+                f"SELECT {', '.join('v.' + f for f in _VOTE_FIELDS.split(', '))} FROM votes v "
+                "JOIN items i ON i.id = v.item_id"
+                + (" WHERE i.state = ?" if status else "")
+                + " ORDER BY v.voted_at",
+                (status,) if status else (),
+            ):
+                votes.setdefault(vote["item_id"], []).append(vote)
         finally:
             conn.close()
+        return [self._with_votes(self._summary(r), votes.get(r["id"], [])) for r in rows]
+
+    def _vote_rows(self, conn: sqlite3.Connection, item_id: str) -> list[sqlite3.Row]:
+        return conn.execute(
+            f"SELECT {_VOTE_FIELDS} FROM votes WHERE item_id = ? ORDER BY voted_at", (item_id,)
+        ).fetchall()
 
     def stats(self) -> dict:
         """Pending items and bytes, with the limits and this instance's counters."""
@@ -417,9 +462,9 @@ class InboxStore:
         conn = self._connect()
         try:
             row = self._row(conn, item_id)
+            item = self._with_votes(self._summary(row), self._vote_rows(conn, row["id"]))
         finally:
             conn.close()
-        item = self._summary(row)
         if row["state"] == "pending":
             try:
                 record = json.loads((self.items_dir / row["record_file"]).read_text())
@@ -435,3 +480,23 @@ class InboxStore:
                 raise InboxError(f"inbox item {item_id}: cannot read its files: {exc}") from exc
             item["prediction"] = {k: v for k, v in record.items() if k not in ("id", "image_file")}
         return item
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring an index to SCHEMA_VERSION under its write lock (another process may be opening it
+    too): version 0 (an index from before the votes) gets `items.reviewer_identity` and the
+    `votes` table."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version < 1:
+            columns = {r[1] for r in conn.execute("PRAGMA table_info(items)")}
+            if "reviewer_identity" not in columns:
+                conn.execute("ALTER TABLE items ADD COLUMN reviewer_identity TEXT")
+            conn.execute(_VOTES)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            log.info("inbox index migrated from version %d to %d", version, SCHEMA_VERSION)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
