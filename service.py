@@ -97,7 +97,9 @@ INBOX = (
     else None
 )
 
-# One JSON object per prediction on stdout, apart from BentoML's own access log.
+# One JSON object per prediction on stdout, apart from BentoML's own access log, and appended to
+# serve.prediction_log when set (the nightly drift check reads it); a file that cannot be
+# opened leaves stdout alone, said once.
 prediction_log = logging.getLogger("defectflow.predictions")
 if not prediction_log.handlers:
     _handler = logging.StreamHandler(sys.stdout)
@@ -105,6 +107,14 @@ if not prediction_log.handlers:
     prediction_log.addHandler(_handler)
     prediction_log.setLevel(logging.INFO)
     prediction_log.propagate = False
+    if SETTINGS.serve.prediction_log:
+        try:
+            Path(SETTINGS.serve.prediction_log).parent.mkdir(parents=True, exist_ok=True)
+            _file = logging.FileHandler(SETTINGS.serve.prediction_log, encoding="utf-8")
+            _file.setFormatter(_handler.formatter)
+            prediction_log.addHandler(_file)
+        except OSError as exc:
+            prediction_log.warning(json_log_line({"event": "prediction_log", "error": str(exc)}))
 
 
 class _Metrics:

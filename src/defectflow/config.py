@@ -348,6 +348,9 @@ class ServeConfig:
     #: `Authorization: Bearer <its value>`.
     auth_token_env: str = "DEFECTFLOW_API_TOKEN"
     inbox: InboxConfig = field(default_factory=InboxConfig)
+    #: JSON-lines file the service appends its prediction log to (besides stdout), which the
+    #: nightly drift check reads; empty: stdout only.
+    prediction_log: str = "${paths.home}/predictions.jsonl"
 
 
 @dataclass

@@ -287,6 +287,8 @@ def prediction_record(
         record["confidence"] = round(float(confidence), 6)
         if "status" in result:
             record["answer_status"] = result["status"]
+        if result.get("anomaly_score") is not None:  # what the nightly drift check compares
+            record["anomaly_score"] = result["anomaly_score"]
     if error is not None:
         record["error"] = error
     return record
