@@ -354,6 +354,28 @@ class ServeConfig:
 
 
 @dataclass
+class DriftConfig:
+    """The nightly drift check (`defectflow.evaluation.drift`): production's recent answers, from
+    the prediction log (`serve.prediction_log`), beside the production model's own answers on its
+    validation split. A check marks drift when its effect reaches its threshold and its test's
+    p-value is at most `max_p_value`."""
+
+    enabled: bool = True
+    #: Answers of the last this many hours are compared.
+    window_hours: float = 24.0
+    #: Fewer answers in the window (or fewer anomaly scores) are shown but not judged.
+    min_predictions: int = 50
+    #: Population stability index of the answered classes' shares that marks drift.
+    class_psi: float = 0.2
+    #: Kolmogorov-Smirnov statistic (largest gap between the two score distributions) that marks drift.
+    score_ks: float = 0.2
+    #: Change of the share of uncertain answers (absolute, either way) that marks drift.
+    uncertain_rate_change: float = 0.1
+    #: A check marks drift only when its test's p-value is at most this (chi-square, KS, Fisher).
+    max_p_value: float = 0.01
+
+
+@dataclass
 class PackageConfig:
     model_name: str = "defectflow"
     build_bento: bool = True
@@ -375,6 +397,7 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     package: PackageConfig = field(default_factory=PackageConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
 
 
 def tuner_dir() -> Path:
