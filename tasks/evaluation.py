@@ -249,3 +249,35 @@ def summarize_results(runs: list[dict], out_dir: Path) -> dict:
         "results over %d seeds:\n%s", len(runs), (out_dir / "results.md").read_text()
     )
     return summary
+
+
+@task(name="check-drift", cache_policy=NONE)
+def check_drift(cfg) -> dict:
+    """Production's answers of the last `drift.window_hours` (the prediction log) beside the
+    production model's answers on its validation split; the `drift` (Markdown) and
+    `drift-checks` (table) artifacts, the chart and a page in a run folder of its own. Judges,
+    never decides: nothing here changes what trains or serves."""
+    from defectflow.evaluation.drift import check_production_drift
+    from defectflow.orchestration.runs import new_run_id, open_run_dir
+
+    logger = get_run_logger()
+    if not cfg.drift.enabled:
+        logger.info("drift check off (drift.enabled=false)")
+        return {"headline": "drift check off", "drifted": [], "answers": 0, "checks": {}}
+    report = check_production_drift(cfg)
+    run_dir, _ = open_run_dir(cfg, f"drift-{new_run_id()}")
+    paths = report.save(run_dir)
+    create_markdown_artifact(
+        markdown=report.markdown() + f"\n\nPage: `{paths['html']}`",
+        key="drift",
+        description="Production's recent answers beside the validation split",
+    )
+    if report.window is not None:
+        create_table_artifact(
+            table=report.table_rows(),
+            key="drift-checks",
+            description=f"Drift checks of {report.model} over the last "
+            f"{cfg.drift.window_hours:g} h",
+        )
+    logger.info("drift: %s (%s)", report.headline(), paths["html"])
+    return {**report.summary(), "page": str(paths["html"])}

@@ -149,3 +149,64 @@ def test_evaluate_flow_publishes_metrics_beside_production(prefect_server, tiny_
 
     missing = evaluate(model="defectflow:doesnotexist", return_state=True)
     assert missing.is_failed()
+
+
+@pytest.mark.integration  # runs flows on a Prefect server
+def test_nightly_publishes_the_drift_of_production_answers(prefect_server, tiny_dataset, tmp_path):
+    from pathlib import Path
+
+    from defectflow.orchestration.flows.nightly import nightly_retrain
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from defectflow.data.mvtec import scan_dataset
+    from defectflow.data.split import SplitSample, write_manifest
+    from defectflow.serving.settings import json_log_line, prediction_record
+
+    cfg = load_config("tiny", [f"data.root={tiny_dataset}"])
+    run = tmp_path / "run"  # the production model's run folder: its split manifest
+    samples = scan_dataset(tiny_dataset)
+    write_manifest([SplitSample(s, "val") for s in samples[::3]], run / "manifest.csv")
+    tag = registry.save_model(
+        make_tiny_model_dir(tmp_path / "m"),
+        "nightlydrift",
+        {
+            "metrics": {"accuracy": 0.5},
+            "data_fingerprint": dataset_fingerprint(tiny_dataset, "good", cfg.data.split),
+            "run_dir": str(run),
+        },
+    )
+    registry.promote(tag, reason="test")
+    log = tmp_path / "predictions.jsonl"
+    answer = {"class": "crack", "confidence": 0.9, "status": "accepted", "probabilities": {}}
+    log.write_text(
+        "".join(
+            json_log_line(prediction_record(f"r{i}", "/predict", tag, 0.0, None, answer, 200))
+            + "\n"
+            for i in range(60)
+        )
+    )
+    state = nightly_retrain(
+        config="tiny",
+        data_root=str(tiny_dataset),
+        overrides=["package.model_name=nightlydrift", f"serve.prediction_log={log}"],
+        return_state=True,
+    )
+    assert state.is_completed(), state.message
+    assert state.message.startswith("skipped: no new data") and "drift check: " in state.message
+    drift = state.result()["drift"]
+    assert drift["answers"] == 60
+    assert set(drift["checks"]) == {"class mix", "anomaly score", "uncertain rate"}
+    assert drift["checks"]["anomaly score"] == "not available"  # the tiny model has no anomaly head
+    page = Path(drift["page"])
+    assert page.name == "drift.html" and (page.parent / "drift.png").is_file()
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])
+            )
+        )
+    by_key = {a.key: a for a in artifacts}
+    assert {"drift", "drift-checks"} <= set(by_key)
+    assert f"Compared: 60 answers of production model `{tag}`" in by_key["drift"].data
+    assert "validation images of" in by_key["drift"].data
