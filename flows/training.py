@@ -16,6 +16,7 @@ from defectflow.orchestration.tasks.evaluation import (
     calibrate_thresholds,
     evaluate_champion,
     evaluate_model,
+    guard_test_set,
     write_evaluation_report,
 )
 from defectflow.orchestration.tasks.export import export_compact_model
@@ -67,9 +68,11 @@ def training_pipeline(
     calibrate_thresholds(cfg, model_dir, split.rows, run_dir)
     # Before evaluation, so the figures come from the format that will serve.
     compact = export_compact_model(cfg, model_dir, split.rows, run_dir)
-    evaluation = evaluate_model(cfg, model_dir, split.rows, run_dir)
-    champion = evaluate_champion(cfg, model_dir, split.rows, run_dir)
-    decision = apply_gate(cfg, evaluation, champion, run_dir)
+    # The golden test split, without any file either model trained or validated on.
+    test_set = guard_test_set(cfg, split.rows, run_dir)
+    evaluation = evaluate_model(cfg, model_dir, test_set.rows, run_dir)
+    champion = evaluate_champion(cfg, model_dir, test_set.rows, run_dir)
+    decision = apply_gate(cfg, evaluation, champion, run_dir, test_set)
     model_tag = register_model(cfg, model_dir, evaluation, decision, split.fingerprint, run_dir)
     package = promote_model(cfg, model_tag, decision, run_dir)
     report = write_evaluation_report(cfg, evaluation, champion, decision, model_tag, run_dir)

@@ -133,11 +133,14 @@ def split_data(cfg, samples, facts, run_dir: Path) -> SplitOutcome:
     (run_dir / "data_fingerprint.txt").write_text(outcome.fingerprint + "\n")
     counts = {name: sum(r.split == name for r in outcome.rows) for name in ("train", "val", "test")}
     log.info(
-        "data version %s: split %s (%s), manifest %s",
+        "data version %s: split %s (%s), manifest %s; test set %s (%d images)\n%s",
         outcome.fingerprint[:12],
         counts,
         "reused" if outcome.reused else "new",
         run_dir / "manifest.csv",
+        outcome.test_set.version,
+        outcome.test_set.size,
+        outcome.changes.summary(),
     )
     return outcome
 

@@ -9,8 +9,10 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
-from defectflow.artifacts import ModelInfo
-from defectflow.data.split import SplitSample, select
+from defectflow.artifacts import MANIFEST_FILE, ModelInfo
+from defectflow.data.ledger import GuardedTestSet
+from defectflow.data.ledger import guard_test_set as guard
+from defectflow.data.split import SplitSample, manifest_hashes, manifest_splits, select
 from defectflow.evaluation import results
 from defectflow.evaluation.calibration import calibrate_model
 from defectflow.evaluation.evaluate import Evaluation, evaluate, evaluate_model_dir
@@ -67,6 +69,31 @@ def calibrate_thresholds(
         "reached" if thresholds.target_reached else "not reached",
     )
     return thresholds.__dict__
+
+
+@task(name="guard-test-set", cache_policy=NONE)
+def guard_test_set(cfg, rows: list[SplitSample], run_dir: Path) -> GuardedTestSet:
+    """The golden test split the gate compares on: any test file the production model or this
+    run's model trained or validated on (by content) is left out for both, and named."""
+    logger = get_run_logger()
+    manifest = run_dir / "manifest.csv"
+    trained_on: dict[str, dict | None] = {"this run's model": manifest_splits(manifest)}
+    tag = production_tag(cfg.package.model_name)
+    if tag is not None:
+        try:
+            champion_manifest = verify_model(tag) / MANIFEST_FILE
+        except (RegistryError, OSError) as exc:
+            logger.warning("champion %s: %s", tag, exc)
+        else:
+            trained_on[f"champion {tag}"] = (
+                manifest_splits(champion_manifest) if champion_manifest.exists() else None
+            )
+    guarded = guard(rows, manifest_hashes(manifest), trained_on)
+    (run_dir / "test_set.json").write_text(json.dumps(guarded.to_dict(), indent=2))
+    (logger.warning if guarded.leaked or guarded.unknown else logger.info)(
+        "comparing on %s", guarded.note
+    )
+    return guarded
 
 
 @task(name="evaluate-model", cache_policy=NONE)
@@ -130,7 +157,13 @@ def evaluate_champion(cfg, challenger_dir: Path, rows: list[SplitSample], run_di
 
 
 @task(name="gate", cache_policy=NONE)
-def apply_gate(cfg, evaluation: Evaluation, champion: dict, run_dir: Path) -> GateDecision:
+def apply_gate(
+    cfg,
+    evaluation: Evaluation,
+    champion: dict,
+    run_dir: Path,
+    test_set: GuardedTestSet | None = None,
+) -> GateDecision:
     """Absolute floors, then not worse than the champion beyond the tolerance. Never raises on a
     rejection: a rejected challenger is a normal outcome, recorded with every reason."""
     champion_eval = champion["evaluation"]
@@ -142,6 +175,8 @@ def apply_gate(cfg, evaluation: Evaluation, champion: dict, run_dir: Path) -> Ga
         champion["note"],
     )
     decision.promoted = decision.passed and cfg.gate.promote
+    if test_set is not None:
+        decision.test_set, decision.test_set_note = test_set.to_dict(), test_set.note
     (run_dir / "gate.json").write_text(json.dumps(decision.to_dict(), indent=2))
     create_markdown_artifact(
         markdown=decision.markdown(),
@@ -178,6 +213,7 @@ def write_evaluation_report(
             "serving format": ModelInfo.load(run_dir / "model").serving_format,
             "data": str(cfg.data.root),
             "test images": evaluation.metrics["n_images"],
+            "compared on": decision.test_set_note or "the run's test split",
         },
         error_count=cfg.eval.plot_count,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -11,7 +12,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
-from defectflow.artifacts import ModelInfo
+from defectflow.artifacts import MANIFEST_FILE, ModelInfo
 from defectflow.config import REPO_ROOT, resolve_path, to_yaml
 from defectflow.evaluation.evaluate import Evaluation
 from defectflow.evaluation.gate import GateDecision
@@ -32,6 +33,8 @@ def register_model(
     manifest = (
         sha256_file(run_dir / "manifest.csv") if (run_dir / "manifest.csv").exists() else None
     )
+    if manifest:  # the split it was trained with, for later gates' leakage checks
+        shutil.copyfile(run_dir / "manifest.csv", model_dir / MANIFEST_FILE)
     info = ModelInfo.load(model_dir)
     metadata = {
         "metrics": evaluation.headline(),

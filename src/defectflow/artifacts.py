@@ -23,6 +23,9 @@ TFLITE_FILE = "model.tflite"
 MODEL_INFO_FILE = "model.json"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
+#: The split the model was trained with (path, label, split, sha256 per file): what the gate's
+#: leakage check compares a later test split with.
+MANIFEST_FILE = "manifest.csv"
 #: What `Predictor.load` can run: the Keras model or its TensorFlow Lite export.
 FORMATS = ("keras", "tflite")
 #: The model's outputs, by name; every backend returns them under these names. A model with

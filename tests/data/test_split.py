@@ -56,9 +56,9 @@ def test_fingerprint_and_manifest_reuse(tmp_path):
     split_cfg = OmegaConf.create({"train": 0.6, "val": 0.2, "test": 0.2, "seed": 3})
     samples = _samples({"good": 10, "crack": 5})
     sha = _sha(samples)
-    rows, fingerprint, reused = split_with_manifest(samples, sha, split_cfg, tmp_path)
+    rows, fingerprint, reused, *_ = split_with_manifest(samples, sha, split_cfg, tmp_path)
     assert not reused and (tmp_path / f"{fingerprint}.csv").exists()
-    again, same, reused = split_with_manifest(samples, sha, split_cfg, tmp_path)
+    again, same, reused, *_ = split_with_manifest(samples, sha, split_cfg, tmp_path)
     assert reused and same == fingerprint and again == rows
     # Same data in another folder: same version. Changed content or split settings: a new one.
     moved = [
@@ -77,7 +77,8 @@ def test_fingerprint_and_manifest_reuse(tmp_path):
     # Unreadable files or too few images: no split, and the reason.
     assert "unreadable" in split_dataset(samples, {}, split_cfg, tmp_path).problem
     few = _samples({"good": 5, "crack": 2})
-    assert "too few" in split_dataset(few, _sha(few), split_cfg, tmp_path).problem
+    fresh = tmp_path / "fresh"  # a ledger that has seen these files would keep their splits
+    assert "needs at least 3 curated images" in split_dataset(few, _sha(few), split_cfg, fresh).problem
 
 
 def test_manifest_records_content_hashes(tmp_path):

@@ -106,6 +106,9 @@ def cmd_validate(args) -> int:
     print(f"\nData Docs: {result.statistics.get('data_docs')}")
     if split.fingerprint:
         print(f"data version: {split.fingerprint}")
+    if split.changes is not None:
+        print(split.changes.summary())
+        print(f"test set (golden): version {split.test_set.version}, {split.test_set.size} images")
     if not result.success:
         print(result.message(), file=sys.stderr)
         return 1

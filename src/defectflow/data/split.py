@@ -1,4 +1,5 @@
-"""Seeded, stratified train/val/test split of the pooled images, saved as a manifest."""
+"""Seeded, stratified train/val/test split of the pooled images, kept stable as the data grows
+(`defectflow.data.ledger`), saved as a manifest."""
 
 from __future__ import annotations
 
@@ -10,10 +11,20 @@ from pathlib import Path
 
 import numpy as np
 
+from defectflow.data.ledger import (
+    SPLITS,
+    GoldenSet,
+    LedgerEntry,
+    SplitChanges,
+    assign,
+    golden_test_set,
+    ledger_path,
+    locked,
+    read_ledger,
+    write_ledger,
+)
 from defectflow.data.mvtec import DatasetError, Sample, scan_training_data
 from defectflow.files import atomic_write
-
-SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -99,22 +110,40 @@ def listing_signature(root: str | Path) -> str:
 
 def split_with_manifest(
     samples: list[Sample], sha256: dict[Path, str], split_cfg, manifest_dir: Path
-) -> tuple[list[SplitSample], str, bool]:
-    """The split of this data version: read from `<manifest_dir>/<fingerprint>.csv` when the
-    same data was split before, else computed and stored there. Returns (rows, fingerprint,
-    reused)."""
+) -> tuple[list[SplitSample], str, bool, SplitChanges, GoldenSet]:
+    """The split of this data version under the split ledger (`defectflow.data.ledger`: a file
+    keeps its split for life, new files keep each class's proportions, the test split takes
+    curated files only), stored as `<manifest_dir>/<fingerprint>.csv`. Returns (rows,
+    fingerprint, reused: this data version was split before, changes, test set)."""
     fingerprint = data_fingerprint(samples, sha256, split_cfg)
-    stored = manifest_dir / f"{fingerprint}.csv"
-    if stored.exists():
-        by_key = {(s.origin, s.label, s.path.name): s for s in samples}
-        rows = [
-            SplitSample(by_key[(r.sample.origin, r.sample.label, r.sample.path.name)], r.split)
-            for r in read_manifest(stored)
-        ]
-        return rows, fingerprint, True
-    rows = stratified_split(samples, split_cfg.train, split_cfg.val, split_cfg.test, split_cfg.seed)
-    write_manifest(rows, stored, sha256)
-    return rows, fingerprint, False
+    stored = Path(manifest_dir) / f"{fingerprint}.csv"
+    path = ledger_path(manifest_dir, split_cfg)
+    with locked(path):
+        ledger = read_ledger(path)
+        if not ledger and stored.exists():  # a data version split before the ledger existed
+            ledger = {
+                r["sha256"]: LedgerEntry(
+                    r["sha256"],
+                    r["split"],
+                    r["label"],
+                    r["origin"],
+                    Path(r["path"]).name,
+                    fingerprint[:12],
+                )
+                for r in _manifest_records(stored)
+                if r["sha256"]
+            }
+        splits, updated, changes = assign(samples, sha256, split_cfg, ledger, fingerprint[:12])
+        if updated != ledger or not path.exists():
+            write_ledger(path, updated)
+    rows = sorted(
+        (SplitSample(s, splits[s.path]) for s in samples),
+        key=lambda x: (SPLITS.index(x.split), str(x.sample.path)),
+    )
+    reused = stored.exists()
+    if not reused:
+        write_manifest(rows, stored, sha256)
+    return rows, fingerprint, reused, changes, golden_test_set(rows, sha256)
 
 
 @dataclass
@@ -122,6 +151,10 @@ class SplitOutcome:
     rows: list[SplitSample]
     fingerprint: str
     reused: bool = False
+    #: What this data version changed in the split (new files per class and split, ...).
+    changes: SplitChanges | None = None
+    #: The golden test split's version and size.
+    test_set: GoldenSet | None = None
     #: Why there is no split (unreadable files, too few images); the validation gate then
     #: reports the same problem by file name.
     problem: str = ""
@@ -162,6 +195,21 @@ def write_manifest(
         )
     atomic_write(path, text.getvalue().encode())  # never a half-written manifest
     return path
+
+
+def _manifest_records(path: Path) -> list[dict]:
+    with Path(path).open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def manifest_splits(path: Path) -> dict[str, str]:
+    """{content sha256: split} of a manifest (what a model trained, validated and tested on)."""
+    return {r["sha256"]: r["split"] for r in _manifest_records(path) if r["sha256"]}
+
+
+def manifest_hashes(path: Path) -> dict[Path, str]:
+    """{file path: content sha256} of a manifest."""
+    return {Path(r["path"]): r["sha256"] for r in _manifest_records(path) if r["sha256"]}
 
 
 def read_manifest(path: Path) -> list[SplitSample]:

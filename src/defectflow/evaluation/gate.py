@@ -32,6 +32,11 @@ class GateDecision:
     champion_note: str | None = None
     #: Set by the caller once the registry has acted on the decision.
     promoted: bool = False
+    #: The golden test split compared on: version, size, files left out and why
+    #: (`defectflow.data.ledger.GuardedTestSet.to_dict`); None when not recorded.
+    test_set: dict | None = None
+    #: The same in a sentence, for people.
+    test_set_note: str | None = None
 
     def reasons(self, failed_only: bool = False) -> list[str]:
         out = []
@@ -70,9 +75,10 @@ class GateDecision:
         return "promoted: " + "; ".join(self.reasons()) + against
 
     def markdown(self) -> str:
-        lines = [
-            f"**{self.message}**",
-            "",
+        lines = [f"**{self.message}**", ""]
+        if self.test_set_note:
+            lines += [f"Compared on {self.test_set_note}.", ""]
+        lines += [
             "| metric | check | challenger | threshold | champion | tolerance | passed |",
             "|---|---|---|---|---|---|---|",
         ]
