@@ -30,7 +30,13 @@ from pydantic import Field
 from defectflow.artifacts import ModelInfo
 from defectflow.registry import MODEL_TAG_ENV, production_tag
 from defectflow.serving.guards import HEALTH_PATHS, guard_middlewares
-from defectflow.serving.inbox import AddResult, Inbox, InboxWriter
+from defectflow.serving.inbox import (
+    AddResult,
+    Inbox,
+    InboxWriter,
+    ReviewPolicy,
+    parse_reviewer_tokens,
+)
 from defectflow.serving.settings import (
     REVIEW_ACCESS_MESSAGES,
     PixelBudget,
@@ -82,8 +88,16 @@ UPLOAD_LIMITS = UploadLimits.from_config(SETTINGS.serve)
 # Decoded pixels per request and in flight, reserved from the headers before decoding.
 PIXEL_BUDGET = PixelBudget.from_config(SETTINGS.serve)
 API_TOKEN = os.environ.get(str(SETTINGS.serve.auth_token_env))
-# Raises (the service does not start) when the review API would write training data for anyone.
-REVIEW_ACCESS = review_access(SETTINGS.serve, API_TOKEN)
+# Personal reviewer tokens, "name:token,..." (serve.inbox.reviewer_tokens_env): a review sent
+# with one is recorded as that name, verified. A malformed list stops the service here.
+REVIEWER_TOKENS = parse_reviewer_tokens(
+    os.environ.get(str(SETTINGS.serve.inbox.reviewer_tokens_env))
+)
+# Raises (the service does not start) when the review API would write training data for anyone
+# (review_access only asks whether a token is set: reviewer tokens alone guard /review too).
+REVIEW_ACCESS = review_access(
+    SETTINGS.serve, API_TOKEN or ("reviewer tokens" if REVIEWER_TOKENS else None)
+)
 # Uncertain answers are kept for review (serve.inbox): files + an SQLite index, written from a
 # background thread after the answer is ready. The review API and page are at /review.
 INBOX = (
@@ -92,6 +106,8 @@ INBOX = (
         int(SETTINGS.serve.inbox.max_items),
         int(SETTINGS.serve.inbox.max_bytes),
         incoming=SETTINGS.serve.inbox.incoming,
+        # When votes are enough to write an item for training (min_reviews, trusted_reviewers).
+        policy=ReviewPolicy.from_config(SETTINGS.serve.inbox),
     )
     if SETTINGS.serve.inbox.enabled
     else None
@@ -215,7 +231,7 @@ def api_docs() -> HTMLResponse:
 )
 @bentoml.asgi_app(info_app, path="/")
 @bentoml.asgi_app(ui_app(), path="/ui")
-@bentoml.asgi_app(review_app(INBOX, API_TOKEN), path="/review")
+@bentoml.asgi_app(review_app(INBOX, API_TOKEN, reviewer_tokens=REVIEWER_TOKENS), path="/review")
 class DefectInspection:
     # A class-level model reference: `bentoml build` packs this model into the Bento.
     model_ref = MODEL
@@ -249,6 +265,8 @@ class DefectInspection:
                 "event": "start",
                 "review_access": REVIEW_ACCESS,
                 "message": REVIEW_ACCESS_MESSAGES[REVIEW_ACCESS],
+                "review_policy": INBOX.policy.as_dict() if INBOX is not None else None,
+                "reviewer_tokens": sorted(REVIEWER_TOKENS.values()),
                 "max_request_pixels": PIXEL_BUDGET.max_request_pixels,
                 "max_inflight_pixels": PIXEL_BUDGET.max_inflight_pixels,
             }
@@ -265,6 +283,7 @@ class DefectInspection:
                 incoming=str(INBOX.incoming),
                 max_items=INBOX.max_items,
                 max_bytes=INBOX.max_bytes,
+                review_policy=INBOX.policy.as_dict(),
                 counters=self.inbox_writer.counters,
             )
         return {**self.metadata, "inbox": inbox}

@@ -317,6 +317,14 @@ class InboxConfig:
     #: The review API writes training data: with the inbox on, the service refuses to start
     #: without a bearer token (`serve.auth_token_env`) unless this says anyone may review.
     allow_anonymous_review: bool = False
+    #: Environment variable with personal reviewer tokens, "name:token" pairs separated by commas:
+    #: a review sent with one is recorded as that name, verified (identity `token`).
+    reviewer_tokens_env: str = "DEFECTFLOW_REVIEWER_TOKENS"
+    #: Distinct reviewers who must agree (label and mask) before an item is written into the
+    #: incoming dataset; until then it stays pending with its votes. 1: one review is enough.
+    min_reviews: int = 1
+    #: Reviewers whose one review is enough, when they sign in with their own reviewer token.
+    trusted_reviewers: list[str] = field(default_factory=list)
 
 
 @dataclass

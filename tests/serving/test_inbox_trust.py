@@ -404,3 +404,37 @@ def test_the_policy_refuses_fewer_than_one_review():
         ReviewPolicy(0)
     assert "2 distinct reviewers" in ReviewPolicy(2, ("dana",)).describe()
     assert "dana" in ReviewPolicy(2, ("dana",)).describe()
+
+
+def test_review_command_votes_under_the_policy_of_its_config(tmp_path, capsys):
+    from defectflow.cli import main
+
+    config = tmp_path / "two.yaml"
+    config.write_text("serve:\n  inbox:\n    min_reviews: 2\n    trusted_reviewers: [dana]\n")
+    inbox = Inbox(tmp_path / "inbox", incoming=tmp_path / "incoming")
+    item = _add(inbox, 12)
+    where = [
+        "review",
+        "--inbox",
+        str(tmp_path / "inbox"),
+        "--incoming",
+        str(tmp_path / "incoming"),
+        "--config",
+        str(config),
+    ]
+    accept = [*where, "accept", item, "--label", "crack"]
+    assert main([*accept, "--reviewer", "ann"]) == 0
+    out = capsys.readouterr().out
+    assert "vote recorded (ann: crack)" in out and "still pending" in out
+    assert "2 distinct reviewers must agree" in out
+    assert main([*where, "list"]) == 0
+    out = capsys.readouterr().out
+    assert "ann:crack" in out and "review policy: 2 distinct reviewers" in out
+    # On the command line a name is claimed (identity local): dana is one vote, not trusted.
+    assert main([*accept, "--reviewer", "dana", "--label", "poke", "--mask", "keep"]) == 0
+    assert "(disputed)" in capsys.readouterr().out and _exported(tmp_path) == set()
+    assert main([*accept, "--reviewer", "dana"]) == 0  # dana changes her vote
+    assert f"test/crack/inbox-{item}.png" in capsys.readouterr().out
+    (entry,) = read_provenance(tmp_path / "incoming")
+    assert entry["identity"] == "local" and entry["met_by"] == "agreement"
+    assert {v["reviewer"] for v in entry["votes"]} == {"ann", "dana"}

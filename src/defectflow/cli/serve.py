@@ -24,8 +24,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     serve.set_defaults(handler=cmd_serve)
     review = sub.add_parser(
         "review",
-        help="review the inbox of uncertain predictions: label them into the "
-        "incoming dataset, or discard them",
+        help="review the inbox of uncertain predictions: vote on their labels (written into "
+        "the incoming dataset once serve.inbox.min_reviews reviewers agree), or discard them",
     )
     review.add_argument(
         "--inbox", type=Path, default=None, help="inbox folder (default: serve.inbox.path)"
@@ -56,7 +56,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     review_show.add_argument("--json", action="store_true")
     review_show.set_defaults(handler=cmd_review_show)
     review_accept = review_sub.add_parser(
-        "accept", help="write an item into the incoming dataset as --label"
+        "accept",
+        help="vote that an item is --label; written into the incoming dataset once the votes "
+        "meet the review policy (serve.inbox.min_reviews, trusted_reviewers of --config)",
     )
     review_accept.add_argument("id")
     review_accept.add_argument(
@@ -68,7 +70,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="keep (the predicted mask), clear, or a PNG file (non-zero = defect)",
     )
     review_accept.add_argument(
-        "--reviewer", default=None, help="who reviewed (default: the login name)"
+        "--reviewer",
+        default=None,
+        help="who reviewed (default: the login name); recorded as given (identity `local`)",
     )
     review_accept.set_defaults(handler=cmd_review_accept)
     review_discard = review_sub.add_parser("discard", help="drop an item")
@@ -124,20 +128,22 @@ def cmd_serve(args) -> int:
 def _with_inbox(command):
     """The review inbox in a terminal: the same `defectflow.serving.inbox.Inbox` the service
     writes. The handler opens the inbox of --inbox and --incoming (default: serve.inbox of
-    --config), then runs command(args, inbox, inbox_path); an InboxError exits 1."""
+    --config) under the review policy of --config, then runs command(args, inbox, inbox_path);
+    an InboxError exits 1."""
 
     @functools.wraps(command)
     def handler(args) -> int:
-        from defectflow.serving.inbox import INDEX_FILE, Inbox, InboxError
+        from defectflow.config import load_config
+        from defectflow.serving.inbox import INDEX_FILE, Inbox, InboxError, ReviewPolicy
 
-        inbox_path, incoming, limits = args.inbox, args.incoming, {}
-        if inbox_path is None or incoming is None:
-            from defectflow.config import load_config
-
-            settings = load_config(args.config).serve.inbox
-            inbox_path = inbox_path or Path(settings.path)
-            incoming = incoming or Path(settings.incoming)
-            limits = {"max_items": int(settings.max_items), "max_bytes": int(settings.max_bytes)}
+        settings = load_config(args.config).serve.inbox
+        inbox_path = args.inbox or Path(settings.path)
+        incoming = args.incoming or Path(settings.incoming)
+        limits = {
+            "max_items": int(settings.max_items),
+            "max_bytes": int(settings.max_bytes),
+            "policy": ReviewPolicy.from_config(settings),
+        }
         if not (inbox_path / INDEX_FILE).exists():
             print(
                 f"defectflow: error: no inbox at {inbox_path} (the service creates it when serve.inbox.enabled=true)",
@@ -164,7 +170,7 @@ def cmd_review_list(args, inbox, inbox_path: Path) -> int:
     else:
         print(
             table(
-                ["id", "time", "predicted", "confidence", "status", "model"],
+                ["id", "time", "predicted", "confidence", "status", "votes", "model"],
                 [
                     [
                         i["id"],
@@ -172,13 +178,21 @@ def cmd_review_list(args, inbox, inbox_path: Path) -> int:
                         i["predicted_class"],
                         f"{i['confidence']:.3f}",
                         i["status"],
+                        _votes(i["votes"], i["disputed"]),
                         i["model"],
                     ]
                     for i in items
                 ],
             )
         )
+        print(f"review policy: {inbox.policy.describe()}")
     return 0
+
+
+def _votes(votes: list[dict], disputed: bool) -> str:
+    """The votes as `ann:crack bob:poke (disputed)`, or `-` without any."""
+    text = " ".join(f"{v['reviewer']}:{v['label']}" for v in votes) or "-"
+    return text + (" (disputed)" if disputed else "")
 
 
 @_with_inbox
@@ -219,7 +233,17 @@ def cmd_review_accept(args, inbox, inbox_path: Path) -> int:
                 file=sys.stderr,
             )
             return 2
-    done = inbox.review(args.id, args.label, mask, args.reviewer or getpass.getuser())
+    from defectflow.serving.inbox import Reviewer
+
+    done = inbox.review(
+        args.id, args.label, mask, Reviewer(args.reviewer or getpass.getuser(), "local")
+    )
+    if done.status == "pending":
+        print(
+            f"{done.id}: vote recorded ({done.reviewer}: {done.label}); still pending with "
+            f"{_votes(list(done.votes), done.disputed)}: {inbox.policy.describe()}"
+        )
+        return 0
     print(
         f"{done.id}: {done.label} -> {Path(done.incoming) / done.image}"
         + (f" (mask {Path(done.incoming) / done.mask})" if done.mask else "")

@@ -22,6 +22,7 @@ import httpx
 import numpy as np
 import pytest
 import test_review_service as review_tests
+import test_review_trust as trust_tests
 from helpers_browser import click, no_page_problems
 from helpers_models import CLASSES
 
@@ -33,6 +34,8 @@ pytestmark = pytest.mark.integration
 # The fixtures are the other modules' (module-scoped ones start again for this module):
 # the review service, and Chromium with a recording tab.
 service = review_tests.service
+# The service with serve.inbox.min_reviews=2, trusted_reviewers=[dana] and reviewer tokens.
+trust_service = trust_tests.service
 
 AUTH = review_tests.AUTH
 REVIEWER = "Zoë Ortiz"  # non-ASCII on purpose: it goes through a multipart form into JSON
@@ -335,3 +338,106 @@ def test_review_page_reviews_an_item_into_the_incoming_dataset(
     ]
     assert not unexpected, unexpected
     assert len(logged) == 2, logged  # the list before the token, the refused review
+
+
+def test_review_page_shows_votes_and_the_policy_and_who_you_are(
+    browser_binary, trust_service, page, tmp_path
+):
+    """With min_reviews=2: a reviewer signed in with their own token is named by it (the name
+    field filled and locked); the page shows the policy, each item's votes so far and a
+    dispute; a vote short of the policy says the item stays pending, the agreeing second one
+    writes it."""
+    url, shared = trust_service["url"], trust_tests._auth(trust_tests.SHARED)
+    agree, dispute = (
+        trust_tests._seed(trust_service, "crack", 60),
+        trust_tests._seed(trust_service, "crack", 61),
+    )
+    drawn = np.zeros((36, 48), np.uint8)
+    drawn[2:8, 2:8] = 255
+    for item, label, files in ((agree, "crack", None), (dispute, "poke", drawn)):
+        voted = httpx.post(
+            f"{url}/review/items/{item}",
+            headers=shared,
+            data={"label": label, "reviewer": "ann"},
+            files={"mask": ("m.png", review_tests._png(files), "image/png")}
+            if files is not None
+            else None,
+            timeout=10,
+        )
+        assert voted.json()["status"] == "pending", voted.text
+
+    navigated = page.call("Page.navigate", url=f"{url}/review/")
+    assert not navigated.get("errorText"), navigated
+    page.wait_for("document.readyState === 'complete'", "the page to load")
+    page.wait_for(
+        "document.getElementById('status').textContent.includes('enter the API token')",
+        "the page to ask for the token",
+        timeout=15,
+    )
+    _type(page, "#token", trust_tests.TOKENS["erin"])
+    click(page, "#refresh")
+    page.wait_for(
+        f"!!document.querySelector(\"#items li[data-id='{agree}']\") && "
+        "document.getElementById('reviewer').disabled",
+        "the list, as erin",
+        timeout=15,
+    )
+    assert page.evaluate("document.getElementById('reviewer').value") == "erin"
+    policy = page.evaluate("document.getElementById('policy').textContent")
+    assert "2 distinct reviewers must agree" in policy and "dana" in policy, policy
+    rows = page.evaluate(
+        "Object.fromEntries([...document.querySelectorAll('#items li')]"
+        ".map((li) => [li.dataset.id, li.textContent]))"
+    )
+    assert "1 vote · 2 needed" in rows[agree] and "disputed" not in rows[agree], rows[agree]
+
+    # Erin's vote against ann's: recorded, the item stays, disputed.
+    click(page, f"#items li[data-id='{dispute}']")
+    page.wait_for(
+        f"document.getElementById('title').textContent.endsWith({json.dumps(dispute)})",
+        "the disputed item",
+        timeout=15,
+    )
+    votes = page.evaluate("document.getElementById('votes').textContent")
+    assert "ann (token-holder): poke, uploaded mask" in votes, votes
+    _choose_class(page, "crack")
+    click(page, "#accept")
+    page.wait_for(
+        "document.getElementById('status').textContent.startsWith('Vote recorded')",
+        "the vote",
+        timeout=15,
+    )
+    said = _status(page)["text"]
+    assert "(erin: crack)" in said and "stays pending" in said and "disagree" in said, said
+    assert page.evaluate("document.getElementById('votes').className") == "disputed"
+    assert "DISPUTED" in page.evaluate("document.getElementById('votes').textContent")
+    page.wait_for(
+        f"document.querySelector(\"#items li[data-id='{dispute}']\").textContent"
+        ".includes('disputed')",
+        "the list to mark the dispute",
+        timeout=15,
+    )
+
+    # Erin agrees with ann on the other item: two distinct reviewers, written.
+    click(page, f"#items li[data-id='{agree}']")
+    page.wait_for(
+        f"document.getElementById('title').textContent.endsWith({json.dumps(agree)})",
+        "the item to agree on",
+        timeout=15,
+    )
+    _choose_class(page, "crack")
+    click(page, "#accept")
+    page.wait_for(
+        "document.getElementById('status').textContent.startsWith('Written: ')",
+        "the item to be written",
+        timeout=15,
+    )
+    assert f"test/crack/inbox-{agree}.png" in _status(page)["text"]
+    entry = {e["inbox_id"]: e for e in read_provenance(trust_service["incoming"])}[agree]
+    assert {(v["reviewer"], v["identity"]) for v in entry["votes"]} == {
+        ("ann", "token-holder"),
+        ("erin", "token"),
+    }
+    assert dispute not in {e["inbox_id"] for e in read_provenance(trust_service["incoming"])}
+    _shot(page, tmp_path / "review-votes.png")
+    no_page_problems(page, url)
