@@ -1,3 +1,5 @@
+import json
+
 import cv2
 import numpy as np
 import pytest
@@ -62,6 +64,10 @@ def test_reviewed_images_join_the_data_when_there_are_any(tmp_path):
     _write(incoming / "test/crack/000.png", 50)  # the same file name as in data.root
     _write(incoming / "ground_truth/crack/000_mask.png", 255, (8, 8))
     _write(incoming / "train/good/007.png", 60)
+    _write(incoming / "train/good/008.png", 70)  # copied in by hand: no provenance line
+    with (incoming / "provenance.jsonl").open("a") as log:  # what the inbox writes on review
+        for image in ("test/crack/000.png", "train/good/007.png"):
+            log.write(json.dumps({"image": image, "label": "x", "reviewer": "Ann"}) + "\n")
     merged = scan_training_data(root, incoming=incoming)
     assert class_counts(merged) == {"crack": 2, "good": 2}
     reviewed = {
