@@ -19,11 +19,17 @@ import sys
 import typing
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import doc_markers  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "configuration.md"
 SCHEMA = REPO / "src" / "defectflow" / "config.py"
 DEFAULTS = REPO / "configs" / "default.yaml"
-BEGIN, END = "<!-- config-keys: begin (scripts/config_reference.py) -->", "<!-- config-keys: end -->"
+BEGIN, END = (
+    "<!-- config-keys: begin (scripts/config_reference.py) -->",
+    "<!-- config-keys: end -->",
+)
 
 
 def schema_comments() -> dict[tuple[str, str], str]:
@@ -107,21 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="fail when the table is not current")
     args = parser.parse_args(argv)
-    text = DOC.read_text()
-    if BEGIN not in text or END not in text:
-        print(f"{DOC}: no {BEGIN} ... {END} markers", file=sys.stderr)
-        return 2
-    head, rest = text.split(BEGIN, 1)
-    updated = head + render() + rest.split(END, 1)[1]
-    if args.check:
-        if updated != text:
-            print(f"{DOC} is not current: run python scripts/config_reference.py", file=sys.stderr)
-            return 1
-        return 0
-    if updated != text:
-        DOC.write_text(updated)
-        print(f"wrote {DOC}")
-    return 0
+    body = render().removeprefix(BEGIN).removesuffix(END)
+    return doc_markers.rewrite(DOC, BEGIN, END, body, args.check, f"python scripts/{Path(__file__).name}")
 
 
 if __name__ == "__main__":

@@ -16,10 +16,16 @@ import re
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import doc_markers  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src" / "defectflow"
 #: The root folders installed as packages (pyproject.toml's package-dir), shown where they live.
-MAPPED = {"defectflow.orchestration.flows": REPO / "flows", "defectflow.orchestration.tasks": REPO / "tasks"}
+MAPPED = {
+    "defectflow.orchestration.flows": REPO / "flows",
+    "defectflow.orchestration.tasks": REPO / "tasks",
+}
 DOC = REPO / "docs" / "architecture.md"
 BEGIN, END = "<!-- package-map: begin (scripts/package_map.py) -->", "<!-- package-map: end -->"
 
@@ -76,22 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="fail when the map is not current")
     args = parser.parse_args(argv)
-    text = DOC.read_text()
-    if BEGIN not in text or END not in text:
-        print(f"{DOC}: no {BEGIN} ... {END} markers", file=sys.stderr)
-        return 2
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    updated = head + render() + tail
-    if args.check:
-        if updated != text:
-            print(f"{DOC} is not current: run python scripts/package_map.py", file=sys.stderr)
-            return 1
-        return 0
-    if updated != text:
-        DOC.write_text(updated)
-        print(f"wrote {DOC}")
-    return 0
+    body = render().removeprefix(BEGIN).removesuffix(END)
+    return doc_markers.rewrite(DOC, BEGIN, END, body, args.check, f"python scripts/{Path(__file__).name}")
 
 
 if __name__ == "__main__":
