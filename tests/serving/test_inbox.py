@@ -18,6 +18,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from helpers_inbox import CLASSES, answer
+from helpers_inbox import image as _image
+from helpers_inbox import png as _png
 from PIL import Image
 
 from defectflow.data.mvtec import scan_dataset
@@ -33,37 +36,11 @@ from defectflow.serving.inbox import (
     read_provenance,
 )
 
-CLASSES = ["good", "crack", "poke"]
 MODEL = "defectflow:test1"
 
 
-def _png(image: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", image)
-    assert ok
-    return buf.tobytes()
-
-
-def _image(seed: int, h: int = 40, w: int = 56) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-
-
-def _answer(label: str = "crack", h: int = 40, w: int = 56, mask: np.ndarray | None = None) -> dict:
-    if mask is None:
-        mask = np.zeros((h, w), np.uint8)
-        if label != "good":
-            mask[5:15, 10:30] = 255
-    probs = {c: 0.2 for c in CLASSES}
-    probs[label] = 0.6
-    return {
-        "class": label,
-        "probabilities": probs,
-        "is_defective": label != "good",
-        "confidence": 0.6,
-        "status": "uncertain",
-        "mask_png_base64": base64.b64encode(_png(mask)).decode(),
-        "mask_size": [w, h],
-        "model": MODEL,
-    }
+def _answer(label: str = "crack", h: int = 40, w: int = 56, mask=None) -> dict:
+    return answer(label, h, w, mask, model=MODEL)
 
 
 def _rows(inbox: Inbox) -> list[sqlite3.Row]:
@@ -219,7 +196,8 @@ def test_retention_refuses_new_items_and_keeps_pending_ones(tmp_path, limit):
 _WRITER = """
 import json, sys, threading, time
 import cv2, numpy as np
-sys.path.insert(0, sys.argv[4])
+from pathlib import Path
+sys.path[:0] = [sys.argv[4], str(Path(sys.argv[4]).parent)]  # the test module and the helpers
 from test_inbox import _answer, _image, MODEL
 from defectflow.serving.inbox import Inbox
 process = int(sys.argv[3])

@@ -5,7 +5,6 @@ incoming images whose provenance meets the policy it records. Real sqlite, real 
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import sqlite3
@@ -14,6 +13,9 @@ import threading
 import cv2
 import numpy as np
 import pytest
+from helpers_inbox import answer as _answer
+from helpers_inbox import image as _image
+from helpers_inbox import png as _png
 
 from defectflow.data.mvtec import scan_dataset, scan_training_data
 from defectflow.inference.preprocessing import read_mask
@@ -28,34 +30,7 @@ from defectflow.serving.inbox import (
     read_provenance,
 )
 
-CLASSES = ["good", "crack", "poke"]
 MODEL = "defectflow:trust1"
-
-
-def _png(image: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", image)
-    assert ok
-    return buf.tobytes()
-
-
-def _image(seed: int, h: int = 40, w: int = 56) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-
-
-def _answer(label: str = "crack", h: int = 40, w: int = 56) -> dict:
-    mask = np.zeros((h, w), np.uint8)
-    if label != "good":
-        mask[5:15, 10:30] = 255
-    probs = {c: 0.2 for c in CLASSES}
-    probs[label] = 0.6
-    return {
-        "class": label,
-        "probabilities": probs,
-        "confidence": 0.6,
-        "status": "uncertain",
-        "mask_png_base64": base64.b64encode(_png(mask)).decode(),
-        "mask_size": [w, h],
-    }
 
 
 def _inbox(tmp_path, min_reviews: int = 2, trusted: tuple[str, ...] = ()) -> Inbox:
