@@ -1,8 +1,10 @@
 """Test-wide setup: every test session keeps its state (Prefect, BentoML, Keras, runs) in a
 temporary project data dir, set before any of those libraries is imported."""
 
+import inspect
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -63,13 +65,61 @@ def pill_root() -> Path:
     return PILL_ROOT
 
 
+# --- made once per session, by the first test that asks, shared by every test after it -------
+# A shared server keeps every test's state apart by names: each test's flows, deployments,
+# models and runs have names or ids of their own. A test that stops, restarts or reconfigures
+# a server starts its own.
+
+
 @pytest.fixture(scope="session")
-def pipeline_model(tmp_path_factory, tiny_dataset):
+def prefect_server(tmp_path_factory) -> Iterator:
+    """One `prefect server start` for the session (helpers_processes.PrefectServer), on a free
+    127.0.0.1 port, its PREFECT_HOME and log in the session's tmp dir, stopped at the end. A
+    subprocess runs its flows there with `prefect_server.client_env(env)`; this process with
+    the `prefect_api` fixture."""
+    from helpers_processes import prefect_server as start
+
+    with start(tmp_path_factory.mktemp("prefect-server")) as server:
+        yield server
+
+
+@pytest.fixture
+def prefect_api(prefect_server) -> Iterator:
+    """The flows this test runs in this process go to the session's Prefect server; the logs and
+    events they queued are sent before the next test (as prefect_test_harness does)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def drain() -> None:
+        try:
+            drained = APILogWorker.instance().drain()
+            if inspect.isawaitable(drained):
+                await drained
+        except RuntimeError:  # no log worker was started
+            pass
+        drained = EventsWorker.drain_all()
+        if inspect.isawaitable(drained):
+            await drained
+
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server.api_url}):
+        try:
+            yield prefect_server
+        finally:
+            run_coro_as_sync(drain())
+
+
+@pytest.fixture(scope="session")
+def pipeline_model(tmp_path_factory, tiny_dataset, prefect_server):
     """A model trained by the real pipeline with its anomaly head, served from TFLite, and its
-    Bento (tests/helpers_pipeline.py): what users serve by default, made once per session."""
+    Bento (tests/helpers_pipeline.py): what users serve by default. Its flow runs on the
+    session's Prefect server."""
     from helpers_pipeline import train_pipeline_model
 
-    return train_pipeline_model(tmp_path_factory.mktemp("pipeline"), tiny_dataset, REPO_ROOT)
+    return train_pipeline_model(
+        tmp_path_factory.mktemp("pipeline"), tiny_dataset, REPO_ROOT, prefect_server.api_url
+    )
 
 
 # --- tests that need something a machine may lack --------------------------------------------

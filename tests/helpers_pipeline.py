@@ -61,11 +61,15 @@ class PipelineModel:
         return json.loads((self.model_dir / "model.json").read_text())
 
 
-def train_pipeline_model(root: Path, dataset: Path, repo: Path) -> PipelineModel:
+def train_pipeline_model(
+    root: Path, dataset: Path, repo: Path, prefect_api_url: str | None = None
+) -> PipelineModel:
     """Run `defectflow train --config tiny` on `dataset` into `root/home`; export.serve=tflite
-    makes the TFLite choice explicit (auto picks it only when it measured it faster)."""
+    makes the TFLite choice explicit (auto picks it only when it measured it faster). With
+    `prefect_api_url` its flow runs on that Prefect server, else on a temporary one of its own."""
     home = root / "home"
     env = isolated_env(home)
+    train_env = {**env, "PREFECT_API_URL": prefect_api_url} if prefect_api_url else env
     command = [
         str(BIN / "defectflow"),
         "train",
@@ -82,7 +86,7 @@ def train_pipeline_model(root: Path, dataset: Path, repo: Path) -> PipelineModel
     log = root / "pipeline-train.log"
     with log.open("wb") as out:
         done = subprocess.run(
-            command, env=env, cwd=root, stdout=out, stderr=subprocess.STDOUT, timeout=900
+            command, env=train_env, cwd=root, stdout=out, stderr=subprocess.STDOUT, timeout=900
         )
     if done.returncode != 0:
         raise RuntimeError(

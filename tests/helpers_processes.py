@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -106,3 +107,42 @@ def serve_bento(
         seconds = wait_http(f"{url}/readyz", proc, timeout, log)
         print(f"\n{target} ready in {seconds:.1f} s")
         yield url
+
+
+@dataclass(frozen=True)
+class PrefectServer:
+    """A `prefect server start` subprocess: its base URL (the UI), API URL, home and log."""
+
+    url: str
+    home: Path
+    log: Path
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.url}/api"
+
+    def client_env(self, env: dict[str, str]) -> dict[str, str]:
+        """`env` for a subprocess that is to run its flows on this server."""
+        return {**env, "PREFECT_API_URL": self.api_url}
+
+
+@contextmanager
+def prefect_server(root: Path, timeout: float = 180) -> Iterator[PrefectServer]:
+    """`prefect server start` on a free 127.0.0.1 port, with its PREFECT_HOME (database, UI
+    build) and log under `root`, until /api/health answers; stopped on exit. The UI is told
+    its own API URL (else it calls 127.0.0.1:4200)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = isolated_env(root / "home")
+    (root / "home" / "prefect").mkdir(parents=True, exist_ok=True)
+    env.update(
+        PREFECT_HOME=str(root / "home" / "prefect"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_UI_API_URL=f"{url}/api",
+    )
+    command = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    log = root / "prefect-server.log"
+    with running(command, env, log) as proc:
+        seconds = wait_http(f"{url}/api/health", proc, timeout, log)
+        print(f"\nprefect server ready in {seconds:.1f} s at {url} (log: {log})")
+        yield PrefectServer(url=url, home=root / "home" / "prefect", log=log)

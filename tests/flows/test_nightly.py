@@ -1,5 +1,5 @@
 """The nightly retrain's decision, the form fields of the training pipeline and the registry
-flows, under Prefect's test harness."""
+flows, on the session's Prefect server (`prefect_api`, tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,6 @@ from helpers_models import make_tiny_model_dir
 from defectflow import registry
 from defectflow.config import form_overrides, load_config
 from defectflow.data.split import dataset_fingerprint, listing_signature
-
-
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def test_form_fields_become_overrides_and_free_overrides_win():
@@ -65,7 +57,7 @@ def test_fingerprint_is_the_split_fingerprint_and_follows_the_bytes(tiny_dataset
 
 
 def test_nightly_skips_when_production_was_trained_on_this_data(
-    prefect_server, tiny_dataset, tmp_path
+    prefect_api, tiny_dataset, tmp_path
 ):
     from defectflow.orchestration.flows.nightly import nightly_retrain
 
@@ -92,7 +84,7 @@ def test_nightly_skips_when_production_was_trained_on_this_data(
     )
 
 
-def test_promote_flow_records_rollback_and_refuses_a_missing_tag(prefect_server, tmp_path):
+def test_promote_flow_records_rollback_and_refuses_a_missing_tag(prefect_api, tmp_path):
     from defectflow.orchestration.flows.models import promote
 
     first, second = (
@@ -114,7 +106,7 @@ def test_promote_flow_records_rollback_and_refuses_a_missing_tag(prefect_server,
     assert failed.is_failed() and registry.production_tag() == first
 
 
-def test_evaluate_flow_publishes_metrics_beside_production(prefect_server, tiny_dataset, tmp_path):
+def test_evaluate_flow_publishes_metrics_beside_production(prefect_api, tiny_dataset, tmp_path):
     from defectflow.orchestration.flows.models import evaluate
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
@@ -152,7 +144,7 @@ def test_evaluate_flow_publishes_metrics_beside_production(prefect_server, tiny_
 
 
 @pytest.mark.integration  # runs flows on a Prefect server
-def test_nightly_publishes_the_drift_of_production_answers(prefect_server, tiny_dataset, tmp_path):
+def test_nightly_publishes_the_drift_of_production_answers(prefect_api, tiny_dataset, tmp_path):
     from pathlib import Path
 
     from defectflow.orchestration.flows.nightly import nightly_retrain

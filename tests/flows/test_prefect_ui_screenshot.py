@@ -1,7 +1,7 @@
-"""scripts/prefect_ui_screenshot.py end to end: a real `prefect server` on 127.0.0.1, a tiny
-flow run against it, the script as a subprocess in headless Chromium; the PNG must show the
-run's page (name, state and first log line found in the rendered text, a non-blank image). Skipped, saying
-why, without a Chromium binary."""
+"""scripts/prefect_ui_screenshot.py end to end: a real `prefect server` on 127.0.0.1 (the
+session's), a tiny flow run against it, the script as a subprocess in headless Chromium; the
+PNG must show the run's page (name, state and first log line found in the rendered text, a
+non-blank image). Skipped, saying why, without a Chromium binary."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import cv2
 import pytest
-from helpers_processes import BIN, REPO_ROOT, free_port, isolated_env, running, wait_http
+from helpers_processes import REPO_ROOT, isolated_env
 from helpers_resources import skip_missing
 
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
@@ -48,26 +48,14 @@ def browser_binary() -> str:
 
 
 @pytest.fixture(scope="module")
-def prefect_ui(browser_binary, tmp_path_factory):
-    """`prefect server start` on a free port, told its own API URL (PREFECT_UI_API_URL, else
-    the UI calls 127.0.0.1:4200); its URL and the environment of a client of it."""
+def prefect_ui(browser_binary, prefect_server, tmp_path_factory):
+    """The session's Prefect server (its UI told its own API URL, else the UI calls
+    127.0.0.1:4200): its URL and the environment of a client of it."""
     root = tmp_path_factory.mktemp("prefect-ui")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     env = isolated_env(root / "home")
     (root / "home" / "prefect").mkdir(parents=True)
-    env.update(
-        PREFECT_HOME=str(root / "home" / "prefect"),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_UI_API_URL=f"{url}/api",
-    )
-    command = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    with running(command, env, root / "server.log") as server:
-        seconds = wait_http(f"{url}/api/health", server, 120, root / "server.log")
-        print(f"\nprefect server ready in {seconds:.1f} s at {url}")
-        client = {k: v for k, v in env.items() if k != "PREFECT_UI_API_URL"}
-        client.update(PREFECT_API_URL=f"{url}/api", PREFECT_LOGGING_LEVEL="WARNING")
-        yield {"url": url, "env": client, "root": root}
+    env.update(PREFECT_HOME=str(root / "home" / "prefect"), PREFECT_LOGGING_LEVEL="WARNING")
+    return {"url": prefect_server.url, "env": prefect_server.client_env(env), "root": root}
 
 
 def test_screenshot_shows_the_flow_run(prefect_ui, tmp_path):

@@ -77,11 +77,11 @@ def _png(image: np.ndarray) -> bytes:
 
 
 def test_uncertain_answers_are_reviewed_and_tomorrows_model_learns_from_them(
-    tiny_dataset, tmp_path
+    prefect_server, tiny_dataset, tmp_path
 ):
     home = tmp_path / "home"
     env = isolated_env(home)
-    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
+    nightly_env = prefect_server.client_env(env)  # the nightly runs on the session's server
     data_root = shutil.copytree(tiny_dataset, tmp_path / "capsule")
     inbox_dir, incoming = tmp_path / "inbox", tmp_path / "incoming"
     nightly_overrides = [
@@ -105,7 +105,7 @@ def test_uncertain_answers_are_reviewed_and_tomorrows_model_learns_from_them(
         check=True,
     ).stdout.split()[-1]
 
-    before = _nightly(env, data_root, nightly_overrides)
+    before = _nightly(nightly_env, data_root, nightly_overrides)
     assert before["type"] == "COMPLETED" and before["message"].startswith("skipped: no new data"), (
         before
     )
@@ -169,7 +169,7 @@ def test_uncertain_answers_are_reviewed_and_tomorrows_model_learns_from_them(
     ]
     assert {p["reviewer"] for p in provenance} == {"qa-anna"} and len(provenance) == 2
 
-    after = _nightly(env, data_root, nightly_overrides)
+    after = _nightly(nightly_env, data_root, nightly_overrides)
     assert after["type"] == "COMPLETED", after
     assert not after["message"].startswith("skipped"), after[
         "message"

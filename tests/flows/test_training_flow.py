@@ -18,20 +18,12 @@ pytestmark = pytest.mark.integration
 TINY = ["tune.max_trials=1", "tune.epochs=1", "train.epochs=1"]
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def _post(url: str, filename: str, data: bytes) -> tuple[int, dict]:
     response = httpx.post(f"{url}/predict", files={"image": (filename, data)}, timeout=60)
     return response.status_code, response.json()
 
 
-def test_flow_trains_packages_and_serves(prefect_server, tiny_dataset, tmp_path):
+def test_flow_trains_packages_and_serves(prefect_api, tiny_dataset, tmp_path):
     from defectflow.orchestration.flows.training import training_pipeline
 
     summary = training_pipeline(
@@ -120,7 +112,7 @@ def test_flow_trains_packages_and_serves(prefect_server, tiny_dataset, tmp_path)
         probe.bind(("127.0.0.1", port))  # free again: no orphaned server
 
 
-def test_champion_and_challenger_on_the_same_split(prefect_server, tiny_dataset):
+def test_champion_and_challenger_on_the_same_split(prefect_api, tiny_dataset):
     import bentoml
     from defectflow.orchestration.flows.training import training_pipeline
 
@@ -178,7 +170,7 @@ def test_champion_and_challenger_on_the_same_split(prefect_server, tiny_dataset)
     }
 
 
-def test_flow_stops_on_invalid_data(prefect_server, tiny_dataset, tmp_path):
+def test_flow_stops_on_invalid_data(prefect_api, tiny_dataset, tmp_path):
     from defectflow.orchestration.flows.training import training_pipeline
 
     from defectflow.data.validation import DataValidationError
@@ -190,7 +182,7 @@ def test_flow_stops_on_invalid_data(prefect_server, tiny_dataset, tmp_path):
         training_pipeline(config="tiny", overrides=[f"data.root={broken}", *TINY])
 
 
-def test_reproduce_tunes_once_and_summarizes_every_seed(prefect_server, tiny_dataset, tmp_path):
+def test_reproduce_tunes_once_and_summarizes_every_seed(prefect_api, tiny_dataset, tmp_path):
     import json
 
     from defectflow.orchestration.flows.reproduce import reproduce
@@ -213,7 +205,7 @@ def test_reproduce_tunes_once_and_summarizes_every_seed(prefect_server, tiny_dat
     assert "mean ± std (n=2)" in (out / "results.md").read_text()
 
 
-def test_a_run_id_resumes_and_refuses_another_config(prefect_server, tiny_dataset):
+def test_a_run_id_resumes_and_refuses_another_config(prefect_api, tiny_dataset):
     from defectflow.orchestration.flows.training import training_pipeline
 
     from defectflow.orchestration.runs import RunConflict
@@ -233,7 +225,7 @@ def test_a_run_id_resumes_and_refuses_another_config(prefect_server, tiny_datase
         )
 
 
-def test_cli_evaluates_a_finished_run_again(prefect_server, tiny_dataset, tmp_path, capsys):
+def test_cli_evaluates_a_finished_run_again(prefect_api, tiny_dataset, tmp_path, capsys):
     from defectflow.orchestration.flows.training import training_pipeline
 
     from defectflow.artifacts import ModelInfo
@@ -264,7 +256,7 @@ def test_cli_evaluates_a_finished_run_again(prefect_server, tiny_dataset, tmp_pa
 
 
 def test_cli_evaluates_a_stored_model_without_touching_the_registry(
-    prefect_server, tiny_dataset, tmp_path, capsys
+    prefect_api, tiny_dataset, tmp_path, capsys
 ):
     from defectflow.orchestration.flows.training import training_pipeline
 

@@ -135,14 +135,6 @@ def test_a_tuner_process_refuses_a_planted_pickle(tiny_dataset, tmp_path):
     assert not marker.exists()
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def _data(dataset: Path) -> PreparedData:
     samples = scan_dataset(dataset)
     rows = stratified_split(samples, 0.5, 0.25, 0.25, seed=0)
@@ -165,7 +157,7 @@ def _search_flow():
 
 @pytest.mark.integration
 def test_chief_and_two_workers_give_the_single_process_result_shape(
-    prefect_server, tiny_dataset, tmp_path
+    prefect_api, tiny_dataset, tmp_path
 ):
     run_dir = tmp_path / "distributed"
     started = time.monotonic()
@@ -207,9 +199,7 @@ def test_chief_and_two_workers_give_the_single_process_result_shape(
 
 
 @pytest.mark.integration
-def test_a_failing_chief_fails_the_task_and_stops_the_workers(
-    prefect_server, tiny_dataset, tmp_path
-):
+def test_a_failing_chief_fails_the_task_and_stops_the_workers(prefect_api, tiny_dataset, tmp_path):
     # The oracle's port is taken (without SO_REUSEPORT, so gRPC cannot share it): the chief
     # fails to serve, and the workers, waiting for it, must be stopped rather than hang.
     with socket.socket() as taken:
