@@ -122,6 +122,31 @@ def pipeline_model(tmp_path_factory, tiny_dataset, prefect_server):
     )
 
 
+@pytest.fixture(scope="session")
+def pipeline_server(pipeline_model, tmp_path_factory) -> Iterator:
+    """`bentoml serve` of the pipeline model's Bento as users run it (the shipped serve config:
+    TFLite in the HTTP process, `serve.threads`, no token, inbox off), one process for the
+    session (helpers_processes.ServedBento: url, pid, log), for tests that only send it
+    requests. A test that needs other settings, a token or the inbox serves its own.
+
+    It serves from a copy of the pipeline's store: every `bentoml serve` empties the Prometheus
+    folder of its BENTOML_HOME, so servers the tests start on the pipeline's store beside it
+    would otherwise reset its metrics, and it would add to theirs."""
+    import shutil
+
+    from helpers_processes import isolated_env, served_bento
+
+    root = tmp_path_factory.mktemp("pipeline-serve")
+    shutil.copytree(
+        pipeline_model.home / "bentoml",
+        root / "home" / "bentoml",
+        ignore=shutil.ignore_patterns("prometheus_multiproc_dir"),  # another server's
+    )
+    env = isolated_env(root / "home")
+    with served_bento(pipeline_model.bento_tag, env, root / "serve.log") as served:
+        yield served
+
+
 # --- tests that need something a machine may lack --------------------------------------------
 # CI has all of it: there a test that cannot run fails the run. A laptop without Docker, say,
 # allows that skip explicitly: DEFECTFLOW_ALLOW_MISSING=container (comma-separated kinds, or

@@ -88,6 +88,36 @@ def running(
         stop(proc)
 
 
+@dataclass(frozen=True)
+class ServedBento:
+    """A running `bentoml serve`: its URL, the pid of its process tree's root, its log."""
+
+    url: str
+    pid: int
+    log: Path
+
+
+@contextmanager
+def served_bento(
+    target: str,
+    env: dict[str, str],
+    log: Path,
+    timeout: float = 120,
+    python: Path | None = None,
+    cwd: Path = REPO_ROOT,
+) -> Iterator[ServedBento]:
+    """`bentoml serve target` on a free port until /readyz answers. With `python`, BentoML
+    runs in that interpreter (`python -m bentoml`)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    bentoml = [str(python), "-m", "bentoml"] if python else [str(BIN / "bentoml")]
+    command = [*bentoml, "serve", str(target), "--host", "127.0.0.1", "--port", str(port)]
+    with running(command, env, log, cwd=cwd) as proc:
+        seconds = wait_http(f"{url}/readyz", proc, timeout, log)
+        print(f"\n{target} ready in {seconds:.1f} s")
+        yield ServedBento(url=url, pid=proc.pid, log=log)
+
+
 @contextmanager
 def serve_bento(
     target: str,
@@ -97,16 +127,9 @@ def serve_bento(
     python: Path | None = None,
     cwd: Path = REPO_ROOT,
 ) -> Iterator[str]:
-    """`bentoml serve target` on a free port until /readyz answers; yields its URL. With
-    `python`, BentoML runs in that interpreter (`python -m bentoml`)."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    bentoml = [str(python), "-m", "bentoml"] if python else [str(BIN / "bentoml")]
-    command = [*bentoml, "serve", str(target), "--host", "127.0.0.1", "--port", str(port)]
-    with running(command, env, log, cwd=cwd) as proc:
-        seconds = wait_http(f"{url}/readyz", proc, timeout, log)
-        print(f"\n{target} ready in {seconds:.1f} s")
-        yield url
+    """served_bento, yielding only its URL."""
+    with served_bento(target, env, log, timeout, python, cwd) as served:
+        yield served.url
 
 
 @dataclass(frozen=True)

@@ -185,19 +185,12 @@ def test_predict_batch_refuses_bad_calls_whole(server):
     assert response.status_code == 413 and "between 1 and 32" in response.json()["error"]
 
 
-@pytest.fixture(scope="module")
-def default_server(pipeline_model, tmp_path_factory) -> Iterator[str]:
-    """The pipeline model's Bento as users run it: anomaly head, TFLite in process, default threads."""
-    log = tmp_path_factory.mktemp("default") / "serve.log"
-    with serve_bento(pipeline_model.bento_tag, pipeline_model.env, log) as url:
-        yield url
-
-
 def test_concurrent_answers_equal_the_sequential_answers_of_the_same_images(
-    default_server, tiny_dataset
+    pipeline_server, tiny_dataset
 ):
-    """The default setup: TFLite in process, requests on `serve.threads` threads."""
-    _check_concurrent_answers(default_server, tiny_dataset)
+    """The default setup (the session's served pipeline Bento, tests/conftest.py): anomaly head,
+    TFLite in process, requests on `serve.threads` threads."""
+    _check_concurrent_answers(pipeline_server.url, tiny_dataset)
 
 
 def test_concurrent_answers_from_the_batched_keras_model_are_each_their_own(server, tiny_dataset):

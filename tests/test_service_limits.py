@@ -1,5 +1,6 @@
-"""The HTTP surface is safe by default, over real HTTP on 127.0.0.1 (`bentoml serve` of service.py
-in a subprocess, a tiny TFLite model in a temporary DEFECTFLOW_HOME):
+"""The HTTP surface is safe by default, over real HTTP on 127.0.0.1 (`bentoml serve` in a
+subprocess, the session's pipeline-trained TFLite model: its served Bento for the shipped
+config, service.py with overrides for the others; tests/conftest.py):
 
 - decoded pixels are budgeted before decoding: 32 valid PNGs of just under 40 M pixels each
   (117 kB each, 3.8 GB once decoded) get a JSON 413 from the default config while the server's
@@ -17,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import struct
 import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -28,8 +28,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from helpers_models import make_tiny_model_dir
-from helpers_processes import BIN, free_port, isolated_env, running, wait_http
+from helpers_processes import BIN, free_port, running, wait_http
 
 pytestmark = pytest.mark.integration
 
@@ -46,15 +45,6 @@ MAX_REFUSAL_GROWTH = 100_000_000
 #: The tight server's pixel budgets: one 6.76 M pixel image fits, two do not.
 TIGHT_PIXELS = 8_000_000
 TIGHT_SIDE = 2600
-
-_SAVE = """
-import sys
-from pathlib import Path
-from defectflow.environment import configure_environment
-configure_environment()
-from defectflow import registry
-print(registry.save_model(Path(sys.argv[1]), "defectflow", {"metrics": {"accuracy": 0.5}}))
-"""
 
 
 def _chunk(kind: bytes, payload: bytes) -> bytes:
@@ -142,37 +132,18 @@ def serve(env: dict[str, str], log: Path) -> Iterator[tuple[str, subprocess.Pope
 
 
 @pytest.fixture(scope="module")
-def model_env(tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    """A tiny model exported to TFLite (served in the HTTP process), saved into a fresh store."""
-    from defectflow.artifacts import ModelInfo
-    from defectflow.training.export import export_tflite
-
-    root = tmp_path_factory.mktemp("limits")
-    model_dir = make_tiny_model_dir(root / "model")
-    export_tflite(model_dir, "none")
-    info = ModelInfo.load(model_dir)
-    info.serving_format = "tflite"
-    info.save(model_dir)
-    env = isolated_env(root / "home")
-    done = subprocess.run(
-        [sys.executable, "-c", _SAVE, str(model_dir)],
-        env=env,
-        cwd=root,
-        check=True,
-        timeout=300,
-        capture_output=True,
-        text=True,
-    )
-    env["DEFECTFLOW_MODEL_TAG"] = done.stdout.split()[-1]
-    return root, env
+def model_env(pipeline_model, tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """The pipeline's model (TFLite, served in the HTTP process), pinned with
+    DEFECTFLOW_MODEL_TAG; logs and inboxes in a folder of the module."""
+    env = {**pipeline_model.env, "DEFECTFLOW_MODEL_TAG": pipeline_model.model_tag}
+    return tmp_path_factory.mktemp("limits"), env
 
 
 @pytest.fixture(scope="module")
-def default_server(model_env) -> Iterator[dict]:
-    """The shipped serve config, no token, inbox off."""
-    root, env = model_env
-    with serve(env, root / "default-serve.log") as (url, proc):
-        yield {"url": url, "pid": proc.pid, "log": root / "default-serve.log"}
+def default_server(pipeline_server) -> dict:
+    """The shipped serve config, no token, inbox off: the session's served pipeline Bento (this
+    module only sends it requests and reads its log)."""
+    return {"url": pipeline_server.url, "pid": pipeline_server.pid, "log": pipeline_server.log}
 
 
 @pytest.fixture(scope="module")
