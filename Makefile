@@ -92,12 +92,13 @@ test: install host-packages
 	$(BIN)/lint-imports --no-logo --cache-dir $(DEFECTFLOW_HOME)/import-linter
 	$(BIN)/python -m pytest --durations=25 --cov=defectflow --cov-report=term --cov-report=xml:$(DEFECTFLOW_HOME)/coverage.xml
 
-# The quick tier for iterating (about 6 min on 2 cores): every test not marked `integration`
-# (no Prefect server, Bento, HTTP server, container or browser). `make test` runs everything.
+# The quick tier for iterating: every test marked neither `integration` (no Prefect server,
+# Bento, HTTP server, container or browser) nor `slow` (training for about half a minute or
+# more). `make test` runs everything.
 test-fast: install
 	$(BIN)/ruff check src tasks flows tests service.py benchmarks scripts examples
 	$(BIN)/lint-imports --no-logo --cache-dir $(DEFECTFLOW_HOME)/import-linter
-	$(BIN)/python -m pytest -m "not integration" --durations=10
+	$(BIN)/python -m pytest -m "not integration and not slow" --durations=10
 
 lint: install
 	$(BIN)/ruff check src tasks flows tests service.py benchmarks scripts examples

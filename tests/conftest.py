@@ -4,6 +4,7 @@ temporary project data dir, set before any of those libraries is imported."""
 import inspect
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -161,7 +162,37 @@ def _kinds_of(item) -> set[str]:
     }
 
 
+# --- the slow tier ------------------------------------------------------------------------
+# `slow`: trains for about half a minute or more on 2 cores; `make test-fast` leaves it out
+# (with `integration`), `make test` runs it. A test says @pytest.mark.slow itself; these were
+# marked here because their files were being changed by others when the tier was made (move the
+# mark into the file when you next edit it). Beside them: seconds measured on 2 idle cores.
+SLOW_TESTS = {
+    "tests/training/test_train.py::test_tuner_algorithms_write_a_trials_table[hyperband]",  # 44
+    "tests/training/test_train.py::test_gpu_code_path_mixed_precision_and_xla_on_cpu",  # 28
+    "tests/training/test_train.py::test_lite0_trains_in_two_phases",  # 35
+    "tests/training/test_train_resume.py::test_sigkilled_training_resumes_from_its_last_checkpoint",  # 71
+    "tests/training/test_train_resume.py::test_a_resumed_first_phase_does_not_shift_the_second",  # 48
+}
+
+
+def _mark_slow(items) -> None:
+    collected = {item.nodeid for item in items}
+    for item in items:
+        if item.nodeid in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
+    files = {nodeid.split("::")[0] for nodeid in collected}
+    gone = sorted(n for n in SLOW_TESTS if n.split("::")[0] in files and n not in collected)
+    if gone:  # renamed or removed: say so rather than let it slip back into the quick tier
+        warnings.warn(
+            pytest.PytestWarning(f"conftest.SLOW_TESTS names tests not collected: {gone}"),
+            stacklevel=1,
+        )
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
 def pytest_collection_modifyitems(config, items):
+    _mark_slow(items)
     config.stash[_RESOURCE_ITEMS] = {
         item.nodeid: _kinds_of(item) for item in items if _kinds_of(item)
     }

@@ -56,6 +56,7 @@ def test_fingerprint_is_the_split_fingerprint_and_follows_the_bytes(tiny_dataset
     assert dataset_fingerprint(copy, "good", cfg.data.split) != split.fingerprint
 
 
+@pytest.mark.integration  # runs flows on a Prefect server
 def test_nightly_skips_when_production_was_trained_on_this_data(
     prefect_api, tiny_dataset, tmp_path
 ):
@@ -84,6 +85,7 @@ def test_nightly_skips_when_production_was_trained_on_this_data(
     )
 
 
+@pytest.mark.integration  # runs flows on a Prefect server
 def test_promote_flow_records_rollback_and_refuses_a_missing_tag(prefect_api, tmp_path):
     from defectflow.orchestration.flows.models import promote
 
@@ -106,6 +108,7 @@ def test_promote_flow_records_rollback_and_refuses_a_missing_tag(prefect_api, tm
     assert failed.is_failed() and registry.production_tag() == first
 
 
+@pytest.mark.integration  # runs flows on a Prefect server
 def test_evaluate_flow_publishes_metrics_beside_production(prefect_api, tiny_dataset, tmp_path):
     from defectflow.orchestration.flows.models import evaluate
     from prefect.client.orchestration import get_client
