@@ -47,6 +47,9 @@ def test_fingerprint_is_the_split_fingerprint_and_follows_the_bytes(tiny_dataset
     incoming = tmp_path / "incoming" / "test" / "crack"
     incoming.mkdir(parents=True)
     shutil.copy(next((copy / "test" / "crack").glob("*.png")), incoming / "reviewed.png")
+    (incoming.parents[1] / "provenance.jsonl").write_text(
+        '{"image": "test/crack/reviewed.png", "label": "crack", "reviewer": "Ann"}\n'
+    )
     assert (
         dataset_fingerprint(copy, "good", cfg.data.split, incoming.parents[1]) != split.fingerprint
     )
