@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 # CPU TensorFlow by default; `make install EXTRA=gpu` installs the CUDA build instead.
 EXTRA ?= cpu
 PORT ?= 3000
+# pytest-xdist workers of `make test`: the 2 cores of CI; each worker runs its own Prefect server.
+TEST_WORKERS ?= 2
 
 # All state stays in the project data dir, telemetry off (see src/defectflow/environment.py).
 export DEFECTFLOW_HOME ?= $(CURDIR)/.defectflow
@@ -90,7 +92,7 @@ down:
 test: install host-packages
 	$(BIN)/ruff check src tasks flows tests service.py benchmarks scripts examples
 	$(BIN)/lint-imports --no-logo --cache-dir $(DEFECTFLOW_HOME)/import-linter
-	$(BIN)/python -m pytest --durations=25 --cov=defectflow --cov-report=term --cov-report=xml:$(DEFECTFLOW_HOME)/coverage.xml
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=25 --cov=defectflow --cov-report=term --cov-report=xml:$(DEFECTFLOW_HOME)/coverage.xml
 
 # The quick tier for iterating: every test marked neither `integration` (no Prefect server,
 # Bento, HTTP server, container or browser) nor `slow` (training for about half a minute or
@@ -98,7 +100,7 @@ test: install host-packages
 test-fast: install
 	$(BIN)/ruff check src tasks flows tests service.py benchmarks scripts examples
 	$(BIN)/lint-imports --no-logo --cache-dir $(DEFECTFLOW_HOME)/import-linter
-	$(BIN)/python -m pytest -m "not integration and not slow" --durations=10
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not integration and not slow" --durations=10
 
 lint: install
 	$(BIN)/ruff check src tasks flows tests service.py benchmarks scripts examples

@@ -15,7 +15,11 @@ if "DEFECTFLOW_TEST_HOME" not in os.environ:
     os.environ["DEFECTFLOW_TEST_HOME"] = tempfile.mkdtemp(prefix="defectflow-test-")
 for _key in ("DEFECTFLOW_HOME", "PREFECT_HOME", "BENTOML_HOME", "KERAS_HOME", "PREFECT_API_URL"):
     os.environ.pop(_key, None)
-os.environ["DEFECTFLOW_HOME"] = os.environ["DEFECTFLOW_TEST_HOME"]
+# Under pytest-xdist (make test) each worker process gets a data dir of its own: its own Prefect
+# server, BentoML store and runs, so no test sees another worker's models or flow runs.
+os.environ["DEFECTFLOW_HOME"] = str(
+    Path(os.environ["DEFECTFLOW_TEST_HOME"]) / os.environ.get("PYTEST_XDIST_WORKER", "")
+)
 # Flow and task logs would interleave with pytest's own progress output.
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
@@ -28,7 +32,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CAPSULE_ROOT = REPO_ROOT.parent / "shared" / "data" / "mvtec_capsule" / "capsule"
 PILL_ROOT = REPO_ROOT.parent / "shared" / "data" / "mvtec_pill" / "pill"
 
-_RESOURCE_ITEMS = pytest.StashKey[dict]()
 _RESOURCE_OUTCOMES = pytest.StashKey[dict]()
 _SESSION_CONFIG: list = []
 
@@ -190,19 +193,25 @@ def _mark_slow(items) -> None:
         )
 
 
+#: Tests that share the session's pipeline model (one training, one Bento, one container image)
+#: run on one xdist worker, so that model is trained once per run rather than once per worker.
+PIPELINE_FIXTURES = {"pipeline_model", "pipeline_server", "container_engine"}
+
+
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
 def pytest_collection_modifyitems(config, items):
     _mark_slow(items)
-    config.stash[_RESOURCE_ITEMS] = {
-        item.nodeid: _kinds_of(item) for item in items if _kinds_of(item)
-    }
+    for item in items:
+        kinds = _kinds_of(item)
+        if kinds:  # reaches the reports, also those an xdist worker sends back
+            item.user_properties.append(("resource_kinds", sorted(kinds)))
+        if PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("pipeline"))
 
 
 def pytest_runtest_logreport(report):
-    kinds = (
-        _SESSION_CONFIG[0].stash[_RESOURCE_ITEMS].get(report.nodeid) if _SESSION_CONFIG else None
-    )
-    if not kinds:
+    kinds = dict(report.user_properties).get("resource_kinds")
+    if not kinds or not _SESSION_CONFIG:
         return
     outcome = None
     if report.skipped:
@@ -221,13 +230,12 @@ def pytest_runtest_logreport(report):
 
 def pytest_configure(config):
     _SESSION_CONFIG[:] = [config]
-    config.stash[_RESOURCE_ITEMS] = {}
     config.stash[_RESOURCE_OUTCOMES] = {}
 
 
 def pytest_terminal_summary(terminalreporter, config):
     outcomes = config.stash.get(_RESOURCE_OUTCOMES, {})
-    if not config.stash.get(_RESOURCE_ITEMS, {}):
+    if not outcomes or os.environ.get("PYTEST_XDIST_WORKER"):
         return
     terminalreporter.section("tests that need Docker, Chromium or the real data")
     terminalreporter.write_line(
