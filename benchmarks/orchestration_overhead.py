@@ -123,6 +123,7 @@ def without_prefect(watch: Stopwatch):
             "defectflow.orchestration.tasks.evaluation",
             "defectflow.orchestration.tasks.export",
             "defectflow.orchestration.tasks.packaging",
+            "defectflow.orchestration.tasks.runs",
         )
     ]
     saved = []

@@ -1,5 +1,6 @@
 """The training pipeline: scan, split, validate, augment, tune, train, fit the anomaly score,
-calibrate, export, evaluate challenger and champion, gate, register, promote, package, report."""
+calibrate, export, evaluate challenger and champion, gate, register, promote, package, report,
+and the wall time of each of those stages."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from defectflow.orchestration.tasks.evaluation import (
 )
 from defectflow.orchestration.tasks.export import export_compact_model
 from defectflow.orchestration.tasks.packaging import promote_model, register_model
+from defectflow.orchestration.tasks.runs import record_stage_times
 from defectflow.orchestration.tasks.training import (
     fit_anomaly_model,
     train_model,
@@ -76,6 +78,7 @@ def training_pipeline(
     model_tag = register_model(cfg, model_dir, evaluation, decision, split.fingerprint, run_dir)
     package = promote_model(cfg, model_tag, decision, run_dir)
     report = write_evaluation_report(cfg, evaluation, champion, decision, model_tag, run_dir)
+    times = record_stage_times(run_dir)
     summary = {
         "run_dir": str(run_dir),
         "data_fingerprint": split.fingerprint,
@@ -86,6 +89,7 @@ def training_pipeline(
         "champion": decision.champion,
         "report": report["html"],
         **package,
+        **times,
     }
     return Completed(message=decision.message, data=summary)
 

@@ -35,12 +35,13 @@ from defectflow.data.validation import (
 )
 from defectflow.evaluation.plots import augmentation_preview, save_rgb
 from defectflow.orchestration.runs import open_run_dir
+from defectflow.orchestration.stage_times import TIMED
 from defectflow.training.train import PreparedData
 
 CACHE_FOR = timedelta(days=30)
 
 
-@task(name="load-config", cache_policy=NONE)
+@task(name="load-config", cache_policy=NONE, **TIMED)
 def load_run_config(config: str, overrides: list[str], run_id: str | None = None):
     """The merged config and the run folder; an existing run id resumes that run."""
     cfg = load_config(config, overrides)
@@ -76,6 +77,7 @@ def _listing(cfg) -> str:
 # $PREFECT_HOME/storage), so a retrain of unchanged data, or a re-run after a crash, skips them.
 @task(
     name="fingerprint-data",
+    **TIMED,
     persist_result=True,
     cache_expiration=CACHE_FOR,
     cache_key_fn=lambda _, p: (
@@ -100,6 +102,7 @@ def fingerprint_data(cfg) -> str:
 
 @task(
     name="scan-data",
+    **TIMED,
     persist_result=True,
     cache_expiration=CACHE_FOR,
     cache_key_fn=lambda _, p: "scan:" + hash_objects(p["data_version"], _data_key(p["cfg"])),
@@ -120,7 +123,7 @@ def scan_data(cfg, data_version: str):
     return samples, facts
 
 
-@task(name="split-data", cache_policy=NONE)
+@task(name="split-data", cache_policy=NONE, **TIMED)
 def split_data(cfg, samples, facts, run_dir: Path) -> SplitOutcome:
     """The split of this data version (reused when the same data was split before)."""
     sha256 = sha256_by_path(facts)
@@ -179,7 +182,7 @@ def check_data(cfg, samples, facts, split: SplitOutcome, data_version: str) -> V
     )
 
 
-@task(name="validate-data", cache_policy=NONE)
+@task(name="validate-data", cache_policy=NONE, **TIMED)
 def validate_data(
     cfg, samples, facts, split: SplitOutcome, data_version: str, run_dir: Path
 ) -> None:
@@ -206,7 +209,7 @@ def validate_data(
     get_run_logger().info("data valid: %d images; Data Docs %s", len(samples), docs)
 
 
-@task(name="augment-data", cache_policy=NONE)
+@task(name="augment-data", cache_policy=NONE, **TIMED)
 def augment_data(cfg, samples, split: SplitOutcome, run_dir: Path) -> PreparedData:
     rows = split.rows
     classes = list(cfg.data.classes) or class_names(samples, cfg.data.good_class)

@@ -24,10 +24,11 @@ from defectflow.evaluation.report import (
     write_report,
 )
 from defectflow.inference.predictor import Predictor
+from defectflow.orchestration.stage_times import TIMED
 from defectflow.registry import RegistryError, production_tag, verify_model
 
 
-@task(name="calibrate-thresholds", cache_policy=NONE)
+@task(name="calibrate-thresholds", cache_policy=NONE, **TIMED)
 def calibrate_thresholds(
     cfg, model_dir: Path, rows: list[SplitSample], run_dir: Path
 ) -> dict | None:
@@ -71,7 +72,7 @@ def calibrate_thresholds(
     return thresholds.__dict__
 
 
-@task(name="guard-test-set", cache_policy=NONE)
+@task(name="guard-test-set", cache_policy=NONE, **TIMED)
 def guard_test_set(cfg, rows: list[SplitSample], run_dir: Path) -> GuardedTestSet:
     """The golden test split the gate compares on: any test file the production model or this
     run's model trained or validated on (by content) is left out for both, and named."""
@@ -96,7 +97,7 @@ def guard_test_set(cfg, rows: list[SplitSample], run_dir: Path) -> GuardedTestSe
     return guarded
 
 
-@task(name="evaluate-model", cache_policy=NONE)
+@task(name="evaluate-model", cache_policy=NONE, **TIMED)
 def evaluate_model(cfg, model_dir: Path, rows: list[SplitSample], run_dir: Path) -> Evaluation:
     """The new model (challenger) on the test split, through the serving code path."""
     result = evaluate_model_dir(
@@ -113,7 +114,7 @@ def evaluate_model(cfg, model_dir: Path, rows: list[SplitSample], run_dir: Path)
     return result
 
 
-@task(name="evaluate-champion", cache_policy=NONE)
+@task(name="evaluate-champion", cache_policy=NONE, **TIMED)
 def evaluate_champion(cfg, challenger_dir: Path, rows: list[SplitSample], run_dir: Path) -> dict:
     """The production model re-evaluated on the challenger's test split, in this run.
 
@@ -156,7 +157,7 @@ def evaluate_champion(cfg, challenger_dir: Path, rows: list[SplitSample], run_di
     return {"tag": tag, "evaluation": result, "note": None}
 
 
-@task(name="gate", cache_policy=NONE)
+@task(name="gate", cache_policy=NONE, **TIMED)
 def apply_gate(
     cfg,
     evaluation: Evaluation,
@@ -187,7 +188,7 @@ def apply_gate(
     return decision
 
 
-@task(name="write-report", cache_policy=NONE)
+@task(name="write-report", cache_policy=NONE, **TIMED)
 def write_evaluation_report(
     cfg,
     evaluation: Evaluation,

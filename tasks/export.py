@@ -10,10 +10,11 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
 from defectflow.data.split import SplitSample, select
+from defectflow.orchestration.stage_times import TIMED
 from defectflow.training.export import export_compact, markdown
 
 
-@task(name="export-compact-model", cache_policy=NONE)
+@task(name="export-compact-model", cache_policy=NONE, **TIMED)
 def export_compact_model(cfg, model_dir: Path, rows: list[SplitSample], run_dir: Path) -> dict:
     """Export `model_dir` to TFLite, check parity with Keras on the test split and record the
     serving format in its model.json (see `defectflow.training.export`); run_dir/export.json keeps the

@@ -16,10 +16,11 @@ from defectflow.artifacts import MANIFEST_FILE, ModelInfo
 from defectflow.config import REPO_ROOT, resolve_path, to_yaml
 from defectflow.evaluation.evaluate import Evaluation
 from defectflow.evaluation.gate import GateDecision
+from defectflow.orchestration.stage_times import TIMED
 from defectflow.registry import build_bento, code_revision, promote, save_model, sha256_file
 
 
-@task(name="register-model", cache_policy=NONE, retries=1, retry_delay_seconds=5)
+@task(name="register-model", cache_policy=NONE, retries=1, retry_delay_seconds=5, **TIMED)
 def register_model(
     cfg,
     model_dir: Path,
@@ -64,7 +65,7 @@ def register_model(
 
 
 @task(
-    name="promote-model", cache_policy=NONE, retries=2, retry_delay_seconds=10
+    name="promote-model", cache_policy=NONE, retries=2, retry_delay_seconds=10, **TIMED
 )  # promotion is idempotent
 def promote_model(cfg, model_tag: str, decision: GateDecision, run_dir: Path) -> dict:
     """Promote a challenger the gate passed; build the Bento that serves it."""

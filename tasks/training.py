@@ -18,6 +18,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from defectflow.config import save_config
 from defectflow.evaluation.plots import curves_image, save_rgb
+from defectflow.orchestration.stage_times import TIMED
 from defectflow.training import distributed_tuning as tuning
 from defectflow.training.anomaly_fitting import fit_anomaly_head
 from defectflow.training.train import PreparedData, save_artifact, train
@@ -30,7 +31,7 @@ WORKER_GRACE_SECONDS = 60
 LOG_TAIL_LINES = 40
 
 
-@task(name="tune-hyperparameters", cache_policy=NONE)
+@task(name="tune-hyperparameters", cache_policy=NONE, **TIMED)
 def tune_hyperparameters(cfg, data: PreparedData, run_dir: Path, resume: bool = False) -> dict:
     """KerasTuner search; the best values, as {hyper-parameter: value}.
 
@@ -186,7 +187,7 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-@task(name="train-model", cache_policy=NONE)
+@task(name="train-model", cache_policy=NONE, **TIMED)
 def train_model(cfg, data: PreparedData, hyperparameters: dict, run_dir: Path) -> Path:
     """Two-phase training with the tuned values; resumes from the run's checkpoints."""
     tuned = apply_hyperparameters(cfg, hyperparameters)
@@ -221,7 +222,7 @@ def _dims(record: dict) -> str:
     return f"{record['feature_dims']} dims"
 
 
-@task(name="fit-anomaly-head", cache_policy=NONE)
+@task(name="fit-anomaly-head", cache_policy=NONE, **TIMED)
 def fit_anomaly_model(cfg, model_dir: Path, data: PreparedData) -> dict | None:
     """The anomaly score's memory bank, from the good training images, added to the model
     (its threshold is chosen with the others on the validation split)."""
