@@ -41,7 +41,15 @@ def reproduce(
             ]
         summary = training_pipeline(config=config, overrides=[*base, *extra])
         tuned = summary["hyperparameters"] if tuned is None else tuned
-        runs.append({"seed": seed, "metrics": summary["metrics"], "run_dir": summary["run_dir"]})
+        runs.append(
+            {
+                "seed": seed,
+                "metrics": summary["metrics"],
+                "run_dir": summary["run_dir"],
+                "stage_seconds": summary["stage_seconds"],
+                "wall_seconds": summary["wall_seconds"],
+            }
+        )
     target = (
         Path(out_dir)
         if out_dir

@@ -273,12 +273,12 @@ def assess_stored_model(tag: str | None, overrides: list[str]) -> dict:
 
 @task(name="summarize-results", cache_policy=NONE)
 def summarize_results(runs: list[dict], out_dir: Path) -> dict:
-    for run in runs:  # the full figures of each run's test split, for the pooled confusion matrix
-        metrics = json.loads((Path(run["run_dir"]) / "evaluation" / "metrics.json").read_text())
-        run.update(confusion_matrix=metrics["confusion_matrix"], classes=metrics["classes"])
+    """Mean ± std over the runs, with their coverage and confusion matrices from their run
+    folders and their stage times, into out_dir/results.{md,csv,json}."""
+    runs = results.with_test_figures(runs)
     summary = results.write(runs, out_dir)
     create_markdown_artifact(
-        markdown=results.markdown(runs, summary),
+        markdown=results.full_markdown(runs, summary),
         key="reproduce-results",
         description=f"mean ± std over split seeds; files in {out_dir}",
     )
