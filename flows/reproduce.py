@@ -14,7 +14,7 @@ from defectflow.training.train import HYPERPARAMETER_KEYS
 
 @flow(name="reproduce", log_prints=True)
 def reproduce(
-    config: str = "capsule",
+    config: str = "default",
     seeds: list[int] | None = None,
     overrides: list[str] | None = None,
     out_dir: str | None = None,
@@ -23,7 +23,7 @@ def reproduce(
     validation split, never on test data); the others train with the values it chose.
 
     Args:
-        config: name of a file in configs/.
+        config: name of a file in configs/; the default recipe unless a study needs another.
         seeds: values of data.split.seed, one run each.
         overrides: `key=value` pairs for every run.
         out_dir: where results.{md,csv,json} go (default: <paths.home>/results/<config>-<time>).

@@ -112,3 +112,10 @@ def test_clear_errors_for_bad_config_and_missing_data(tmp_path, capsys):
 def test_usage_error_exits_nonzero():
     with pytest.raises(SystemExit):
         main(["bogus"])
+
+
+@pytest.mark.parametrize("command", ["train", "reproduce", "validate"])
+def test_every_pipeline_command_defaults_to_the_default_recipe(command):
+    """No command picks a category's config: the data comes from data.root alone."""
+    args = build_parser().parse_args([command, "data.root=/some/category"])
+    assert args.config == "default" and args.overrides == ["data.root=/some/category"]

@@ -182,27 +182,58 @@ def test_flow_stops_on_invalid_data(prefect_api, tiny_dataset, tmp_path):
         training_pipeline(config="tiny", overrides=[f"data.root={broken}", *TINY])
 
 
+def _as_overrides(node, prefix=""):
+    """A config file's values as `key=value` overrides."""
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _as_overrides(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}={str(value).lower() if isinstance(value, bool) else value}"
+
+
 def test_reproduce_tunes_once_and_summarizes_every_seed(prefect_api, tiny_dataset, tmp_path):
-    import json
+    import inspect
 
     from defectflow.orchestration.flows.reproduce import reproduce
+    from omegaconf import OmegaConf
 
+    from defectflow.config import config_dir, from_yaml
+
+    # No named config: the default recipe every category gets, with the data from data.root
+    # alone; tiny's budget comes as overrides so that this stays a seconds-long run.
+    assert inspect.signature(reproduce.fn).parameters["config"].default == "default"
+    tiny = OmegaConf.to_container(OmegaConf.load(config_dir() / "tiny.yaml"))
     out = tmp_path / "results"
     summary = reproduce(
-        config="tiny", seeds=[1, 2], overrides=[f"data.root={tiny_dataset}"], out_dir=str(out)
+        seeds=[1, 2],
+        overrides=[f"data.root={tiny_dataset}", *_as_overrides(tiny)],
+        out_dir=str(out),
     )
     assert [run["seed"] for run in summary["runs"]] == [1, 2]
     assert summary["tuned"] == {"base_filters": 4}  # configs/tuner/tiny.yaml's one value
     first, second = (Path(run["run_dir"]) for run in summary["runs"])
     assert (first / "trials.csv").exists() and not (second / "trials.csv").exists()  # tuned once
-    from defectflow.config import from_yaml
-
     assert from_yaml((second / "config.yaml").read_text()).tune.enabled is False
     saved = json.loads((out / "results.json").read_text())
     assert saved["summary"]["accuracy"]["values"] == [
         r["metrics"]["accuracy"] for r in summary["runs"]
     ]
-    assert "mean ± std (n=2)" in (out / "results.md").read_text()
+    assert len(saved["summary"]["coverage"]["values"]) == 2
+    # The wall time of every stage, per seed, as each run folder's stage_times.json has it.
+    pipeline = ["load-config", "fingerprint-data", "scan-data", "split-data", "validate-data"]
+    pipeline += ["augment-data", "tune-hyperparameters", "train-model", "fit-anomaly-head"]
+    pipeline += ["calibrate-thresholds", "export-compact-model", "guard-test-set"]
+    pipeline += ["evaluate-model", "evaluate-champion", "gate", "register-model"]
+    pipeline += ["promote-model", "write-report"]
+    for run, run_dir in zip(saved["runs"], (first, second), strict=True):
+        assert list(run["stage_seconds"]) == pipeline
+        times = json.loads((run_dir / "stage_times.json").read_text())
+        assert times["stage_seconds"] == run["stage_seconds"]
+        assert 0 < sum(run["stage_seconds"].values()) <= run["wall_seconds"] + 0.01  # rounding
+        assert run["stage_seconds"]["train-model"] > 0
+    table = (out / "results.md").read_text()
+    assert "mean ± std (n=2)" in table and "| train-model |" in table
+    assert "answers accepted without review (coverage)" in table
 
 
 def test_a_run_id_resumes_and_refuses_another_config(prefect_api, tiny_dataset):

@@ -24,7 +24,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
             help="tune once, then train and evaluate on several split seeds; mean ± std table",
         )
     )
-    reproduce.set_defaults(config="capsule", handler=cmd_reproduce)
+    reproduce.set_defaults(handler=cmd_reproduce)
     reproduce.add_argument(
         "--seeds", type=int, nargs="+", default=[42, 43, 44], help="data.split.seed values"
     )
