@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -199,6 +200,63 @@ def test_a_results_page_shows_what_the_run_measured(tmp_path):
     page = results_docs.render("demo", data)
     assert "| overall class accuracy | 0.123 ± 0.000 | 0.123 |" in page
     assert data["commit"] in page and data["machine"] in page and data["measured"] in page
+
+
+def _reproduce_results(folder, seeds=(42, 43, 44)):
+    """A `defectflow reproduce` results folder as the flow writes it, from demo.json's run."""
+    run = json.loads((REPO_ROOT / "docs" / "results" / "demo.json").read_text())["runs"][0]
+    runs = [
+        {
+            **run,
+            "seed": seed,
+            "run_dir": str(folder / f"run{seed}"),
+            "stage_seconds": {"tune-hyperparameters": 60.0 if i == 0 else 0.1, "train-model": 90.0},
+            "wall_seconds": 200.0,
+        }
+        for i, seed in enumerate(seeds)
+    ]
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({"runs": runs, "summary": {}}))
+    return runs
+
+
+def test_a_category_page_sets_its_runs_beside_the_published_figures_and_targets(
+    tmp_path, monkeypatch
+):
+    results_docs = _script("results_docs")
+    pages = tmp_path / "results"
+    pages.mkdir()
+    shutil.copy(REPO_ROOT / "docs" / "results" / "anchors.yaml", pages)
+    monkeypatch.setattr(results_docs, "RESULTS", pages)
+    monkeypatch.setattr(results_docs, "ANCHORS", pages / "anchors.yaml")
+    monkeypatch.setattr(results_docs, "REPO", tmp_path)  # where it says it wrote
+    _reproduce_results(tmp_path / "capsule-run")
+    assert results_docs.main(["add", "capsule", str(tmp_path / "capsule-run")]) == 0
+    recorded = json.loads((pages / "capsule.json").read_text())
+    assert recorded["category"] == "capsule" and recorded["kind"] == "reproduce"
+    page = (pages / "capsule.md").read_text()
+    # demo's figures three times: accuracy 0.923 against the seed project's 0.83 and target 0.95
+    assert "| overall class accuracy | 0.830 | — | ≥ 0.950 | **0.923 ± 0.000** | no |" in page
+    assert "| image AUROC, defect vs good | — | 0.981 | ≥ 0.995 | **0.964 ± 0.000** | no |" in page
+    assert "| answers accepted without review (coverage) | — | — | ≥ 0.900 | **0.538" in page
+    assert "accepted answers on test: 0.929 ± 0.000 (the threshold was chosen for 0.99" in page
+    assert "| tune-hyperparameters | 60.0 | 0.1 | 0.1 | 60.2 |" in page
+    # pill has no run yet: its page has the published figure and the targets, and says so
+    pill = (pages / "pill.md").read_text()
+    assert "Not measured yet: `make reproduce CATEGORY=pill`" in pill
+    assert "| image AUROC, defect vs good | 0.966 | ≥ 0.970 | not measured | — |" in pill
+    assert results_docs.main(["--check"]) == 0
+
+
+def test_the_anchors_name_only_metrics_the_results_have():
+    from defectflow.evaluation import results
+
+    anchors = _script("results_docs").load_anchors()
+    for category, figures in anchors["categories"].items():
+        for source, values in figures.items():
+            assert source in anchors["sources"], (category, source)
+            assert set(values) <= set(results.LABELS), (category, source)
+            assert all(0 < v <= 1 for v in values.values()), (category, source)
 
 
 def test_the_configuration_reference_is_generated_from_the_schema(capsys):
