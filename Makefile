@@ -20,7 +20,7 @@ export DO_NOT_TRACK := 1
 export BENTOML_DO_NOT_TRACK := true
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: install demo test test-fast lint clean reproduce-capsule host-packages up down
+.PHONY: install demo test test-fast lint clean reproduce host-packages up down
 
 $(VENV)/.installed-$(EXTRA): pyproject.toml
 	@[ -x "$(BIN)/python" ] || $(PYTHON) -m venv $(VENV)
@@ -59,11 +59,21 @@ demo: install
 	echo "full answer: $(DEFECTFLOW_HOME)/demo-prediction.json"; \
 	echo "demo finished in $$(( $$(date +%s) - start )) s"
 
-# Tune once, then train and evaluate on 3 split seeds of the real MVTec capsule copy in
-# ../shared (about 90 minutes on 2 CPU cores); prints and writes the mean ± std table.
-reproduce-capsule: install
-	@[ -d ../shared/data/mvtec_capsule/capsule ] || { echo "no ../shared/data/mvtec_capsule/capsule: nothing to reproduce"; exit 1; }
-	/usr/bin/time -v $(BIN)/defectflow reproduce --config capsule --seeds 42 43 44
+# `make reproduce CATEGORY=capsule` (or pill): the default recipe (configs/default.yaml, the
+# one every category gets) tuned once, then trained and evaluated on 3 split seeds of the MVTec
+# AD copy in ../shared; prints the mean ± std table with each stage's wall time and records it
+# as docs/results/$(CATEGORY).json and .md, beside the published figures (docs/results.md).
+# DATA_ROOT=/path/to/folder runs another folder in MVTec AD layout under the name CATEGORY.
+CATEGORY ?=
+DATA_ROOT ?= ../shared/data/mvtec_$(CATEGORY)/$(CATEGORY)
+SEEDS ?= 42 43 44
+reproduce: install
+	@[ -n "$(CATEGORY)" ] || { echo "usage: make reproduce CATEGORY=capsule|pill (data: ../shared/data/mvtec_<category>/<category>)"; exit 2; }
+	@[ -d "$(DATA_ROOT)" ] || { echo "no $(DATA_ROOT): nothing to reproduce for $(CATEGORY) (the MVTec AD copy is not on this machine)"; exit 1; }
+	out=$(DEFECTFLOW_HOME)/results/$(CATEGORY)-$$(date +%Y%m%d-%H%M%S); \
+	/usr/bin/time -v $(BIN)/defectflow reproduce --seeds $(SEEDS) --out $$out data.root=$(abspath $(DATA_ROOT)); \
+	$(BIN)/python scripts/results_docs.py add $(CATEGORY) $$out --category $(CATEGORY) \
+	  --command "make reproduce CATEGORY=$(CATEGORY)$(if $(filter command line,$(origin SEEDS)), SEEDS='$(SEEDS)')$(if $(filter command line,$(origin DATA_ROOT)), DATA_ROOT=$(DATA_ROOT))"
 
 # What the container, browser and real-data tests need from Debian, installed when missing:
 # docker.io and debootstrap (tests/test_container.py starts and stops its own dockerd), chromium
