@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -275,6 +276,14 @@ def test_score_equals_defectflow_evaluate_on_the_same_images(folder, model_dir, 
     assert main(["predict", str(folder / "extra"), "--model", str(model_dir), "--score"]) == 2
 
 
+def _sigint_as_from_a_terminal() -> None:
+    """A shell gives a foreground command SIGINT at its default, unblocked. A test process may
+    hold it otherwise (a pytest-xdist worker once did), and a child inherits an ignored or
+    blocked signal across exec: this CLI would then rightly not stop on Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 @pytest.mark.parametrize("thread", ["main", "another"])
 def test_ctrl_c_leaves_a_valid_report_of_what_was_done(model_dir, tmp_path, thread):
     """The last PATH is a named pipe nobody writes to: reading it blocks, so SIGINT always
@@ -307,6 +316,7 @@ def test_ctrl_c_leaves_a_valid_report_of_what_was_done(model_dir, tmp_path, thre
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_sigint_as_from_a_terminal,
     )
     report = out / "report.csv"
     deadline = time.monotonic() + 120
@@ -323,7 +333,13 @@ def test_ctrl_c_leaves_a_valid_report_of_what_was_done(model_dir, tmp_path, thre
         )
         assert others, "the process has one thread"
         assert ctypes.CDLL(None, use_errno=True).tgkill(proc.pid, others[-1], signal.SIGINT) == 0
-    stdout, stderr = proc.communicate(timeout=60)
+    try:
+        stdout, stderr = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        proc.kill()
+        signals = [line for line in status.splitlines() if line.startswith("Sig")]
+        pytest.fail(f"no exit 60 s after SIGINT; the process's signal state: {signals}")
     assert proc.returncode == 130, stderr[-2000:]
     rows = _rows(report)
     assert len(rows) == 40 and all(r["class"] not in ("", "error") for r in rows)
