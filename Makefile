@@ -25,7 +25,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 $(VENV)/.installed-$(EXTRA): pyproject.toml
 	@[ -x "$(BIN)/python" ] || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[$(EXTRA),dev]"
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRA),docker,dev]"
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -131,3 +131,11 @@ container-test: install
 
 container-clean:
 	$(PYTHON) scripts/container.py clean
+
+# Beyond one machine (docs/deployment-stack.md). The training image: the project, its pinned
+# training dependencies and the Docker worker on the local Debian base (no registry);
+# `make image-train VARIANT=gpu` builds the CUDA one for a GPU machine.
+.PHONY: image-train
+VARIANT ?= cpu
+image-train: install host-packages
+	$(BIN)/python scripts/container.py train-image --variant $(VARIANT)

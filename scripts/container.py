@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""The defectflow serving container: built with `bentoml containerize`, run and checked for real.
+"""The defectflow containers: the serving image (`bentoml containerize`, run and checked for
+real) and the training image the Docker work pool runs flows in.
 
     python scripts/container.py base-image  # the local Debian base image (debootstrap + docker import)
     python scripts/container.py build       # Bento of the production model -> defectflow:<version>, :latest
     python scripts/container.py test        # run it on 127.0.0.1, call /readyz and /predict, check the user
+    python scripts/container.py train-image # the project + training deps -> defectflow-train:<version>, :latest
     python scripts/container.py clean       # remove the images this script made
 
 No container registry is needed, only the Debian and Python package mirrors this machine uses:
@@ -26,6 +28,13 @@ No container registry is needed, only the Debian and Python package mirrors this
   keeping its user (bentoml, uid 1034),
   entrypoint, environment and ports. BuildKit's layer cache makes a rebuild of the same
   requirements take seconds.
+
+* Training image (`train-image`): `docker build --network host` of a generated Dockerfile on
+  the same base: a venv with the pinned dependencies of pyproject.toml and the `cpu` (or
+  `gpu`: tensorflow[and-cuda]) and `docker` (prefect-docker) extras, then the project
+  installed editable in /opt/defectflow, user `defectflow` (uid 1000). The Docker work pool
+  of `defectflow up --pool docker` starts flow runs from it; the compose stack runs its
+  Prefect server and worker from it too.
 
 Every wait is bounded. When no engine can be used, `EngineUnavailable` says why (the tests
 skip with that reason).
@@ -790,6 +799,273 @@ def _bento_model(bento_tag: str, env: dict[str, str] | None) -> str:
     return (info.get("args") or {}).get("model_tag") or (models[0] if models else "")
 
 
+# --------------------------------------------------------------------------- training image
+
+#: The training image: the project and its pinned training dependencies on the same base.
+TRAIN_REPOSITORY = "defectflow-train"
+#: Where the project lies in the training image (installed editable: the Bento build of a
+#: promotion uses its bentofile.yaml and service.py, as a checkout's).
+TRAIN_PROJECT_DIR = "/opt/defectflow"
+TRAIN_VENV = "/opt/venv"
+#: The image's default user (flow-run containers run as the data dir's owner, see stack.py).
+TRAIN_USER, TRAIN_UID = "defectflow", 1000
+#: Extras per variant: `cpu` (tensorflow-cpu) is built here; `gpu` (tensorflow[and-cuda]) is
+#: the same recipe with the CUDA wheels, for a machine with an NVIDIA driver and the NVIDIA
+#: container toolkit (docs/deployment-stack.md).
+TRAIN_EXTRAS = {"cpu": ("cpu", "docker"), "gpu": ("gpu", "docker")}
+#: What the image holds of the checkout (nothing else: no tests, no data, no .defectflow).
+TRAIN_CONTEXT = (
+    "pyproject.toml",
+    "README.md",
+    "LICENSE",
+    "src",
+    "flows",
+    "tasks",
+    "configs",
+    "expectations",
+    "service.py",
+    "bentofile.yaml",
+    "prefect.yaml",
+)
+
+TRAIN_DOCKERFILE = """\
+FROM {base}
+USER root
+RUN useradd --create-home --uid {uid} --shell /bin/bash {user} \\
+ && python3 -m venv {venv}
+ENV PATH={venv}/bin:$PATH \\
+    VIRTUAL_ENV={venv} \\
+    PYTHONDONTWRITEBYTECODE=1 \\
+    TF_CPP_MIN_LOG_LEVEL=2 \\
+    KERAS_BACKEND=tensorflow \\
+    DO_NOT_TRACK=1 \\
+    BENTOML_DO_NOT_TRACK=true \\
+    PREFECT_SERVER_ANALYTICS_ENABLED=false
+# The pinned dependencies first: a change of the code alone reuses this layer.
+COPY requirements.txt /tmp/requirements.txt
+RUN pip install --no-cache-dir --upgrade pip \\
+ && pip install --no-cache-dir -r /tmp/requirements.txt \\
+ && rm /tmp/requirements.txt
+COPY project {project}
+RUN pip install --no-cache-dir --no-deps --no-build-isolation -e {project} \\
+ && python -m compileall -q {project}/src {project}/flows {project}/tasks > /dev/null \\
+ && python -c "import defectflow.orchestration.flows.training, defectflow.orchestration.flows.nightly, prefect_docker, tensorflow" \\
+ && rm -rf /root/.cache /root/.prefect /root/.keras /root/.config /tmp/*
+WORKDIR {project}
+USER {user}
+CMD ["defectflow", "--help"]
+"""
+
+
+def _pyproject() -> dict:
+    import tomllib
+
+    return tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+
+
+def train_requirements(variant: str = "cpu") -> list[str]:
+    """The pinned requirements of the training image: the project's dependencies and the
+    extras of `variant`, as pyproject.toml pins them (the build resolves nothing else)."""
+    if variant not in TRAIN_EXTRAS:
+        raise ValueError(f"variant {variant!r}: choose one of {sorted(TRAIN_EXTRAS)}")
+    project = _pyproject()["project"]
+    extras = project.get("optional-dependencies", {})
+    missing = [name for name in TRAIN_EXTRAS[variant] if name not in extras]
+    if missing:
+        raise ValueError(f"pyproject.toml has no extra {', '.join(missing)}")
+    requirements = list(project["dependencies"])
+    for name in TRAIN_EXTRAS[variant]:
+        requirements += extras[name]
+    # Build requirements of the editable install (--no-build-isolation), pinned by the build system.
+    requirements += _pyproject()["build-system"]["requires"]
+    return list(dict.fromkeys(requirements))
+
+
+def train_image_tag(variant: str = "cpu") -> str:
+    from defectflow import __version__
+
+    return f"{TRAIN_REPOSITORY}:{__version__}" + ("" if variant == "cpu" else f"-{variant}")
+
+
+def _train_context(target: Path, variant: str, base: str) -> None:
+    """The build context: Dockerfile, requirements.txt and project/ (TRAIN_CONTEXT and the Data
+    Docs' vendored files that `make install` fetched with npm, which data validation copies)."""
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "Dockerfile").write_text(
+        TRAIN_DOCKERFILE.format(
+            base=base,
+            uid=TRAIN_UID,
+            user=TRAIN_USER,
+            venv=TRAIN_VENV,
+            project=TRAIN_PROJECT_DIR,
+        )
+    )
+    (target / "requirements.txt").write_text("\n".join(train_requirements(variant)) + "\n")
+    project = target / "project"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    for name in TRAIN_CONTEXT:
+        source = REPO_ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, project / name, ignore=ignore)
+        else:
+            project.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, project / name)
+    from defectflow.data.data_docs_assets import CDN_ASSETS, NODE_MODULES
+
+    for package, path in set(CDN_ASSETS.values()):
+        source = NODE_MODULES / package / path
+        if not source.is_file():
+            raise RuntimeError(
+                f"{source} is missing: run `make install` (npm ci in data-docs-assets/) first"
+            )
+        copy = project / "data-docs-assets" / "node_modules" / package / path
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, copy)
+        license_file = NODE_MODULES / package / "LICENSE"
+        if license_file.is_file():
+            shutil.copy2(license_file, project / "data-docs-assets" / "node_modules" / package)
+
+
+def _tree_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:16]
+
+
+def train_source_digest(variant: str = "cpu", base: str | None = None) -> str:
+    """A digest of what the training image of `variant` is built from (Dockerfile,
+    requirements, the project's files): its label `org.defectflow.source`."""
+    with tempfile.TemporaryDirectory(prefix="defectflow-train-") as tmp:
+        _train_context(Path(tmp), variant, base or bentofile_base_image())
+        return _tree_digest(Path(tmp))
+
+
+def build_train_image(
+    docker: Docker, variant: str = "cpu", log_file: Path | None = None, latest: bool = True
+) -> dict:
+    """The training image of `variant` on the local base image (built first when missing):
+    `defectflow-train:<version>` and, for cpu, `defectflow-train:latest`. Returns the figures."""
+    base = ensure_base_image(docker, bentofile_base_image())
+    image = train_image_tag(variant)
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="defectflow-train-") as tmp:
+        context = Path(tmp)
+        _train_context(context, variant, base["image"])
+        labels = {
+            f"{LABEL}.built-by": "scripts/container.py",
+            f"{LABEL}.source": _tree_digest(context),
+            f"{LABEL}.variant": variant,
+            "org.opencontainers.image.title": "defectflow training",
+            "org.opencontainers.image.description": "defectflow pipeline, flows and Prefect worker (prefect-docker)",
+        }
+        tags = [image]
+        if latest and variant == "cpu":
+            tags.append(f"{TRAIN_REPOSITORY}:latest")
+        _docker_build(docker, context, tags, labels, log_file)
+    seconds = time.monotonic() - start
+    size = docker.image_size(image)
+    log(f"training image {image}: {size / 1e6:.0f} MB, built in {seconds:.0f} s")
+    return {"image": image, "size": size, "seconds": seconds, "base": base, "variant": variant}
+
+
+# --------------------------------------------------------------------------- postgres image
+
+#: PostgreSQL of the compose stack: Debian's postgresql on the same local base (no registry).
+POSTGRES_IMAGE = "defectflow-postgres:15"
+POSTGRES_DOCKERFILE = """\
+FROM {base}
+USER root
+RUN apt-get update -q \\
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql-15 \\
+ && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/log/apt /var/log/dpkg.log \\
+ && mkdir -p /var/lib/postgresql/data /run/postgresql \\
+ && chown -R postgres:postgres /var/lib/postgresql /run/postgresql
+COPY entrypoint.sh /usr/local/bin/defectflow-postgres
+ENV PATH=/usr/lib/postgresql/15/bin:$PATH PGDATA=/var/lib/postgresql/data
+USER postgres
+EXPOSE 5432
+ENTRYPOINT ["/bin/sh", "/usr/local/bin/defectflow-postgres"]
+"""
+#: First start: initdb with POSTGRES_USER / POSTGRES_PASSWORD (scram-sha-256) and the database
+#: POSTGRES_DB; then postgres in the foreground, listening on the container's network.
+POSTGRES_ENTRYPOINT = """\
+set -eu
+: "${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD}"
+user="${POSTGRES_USER:-prefect}"
+db="${POSTGRES_DB:-prefect}"
+if [ ! -s "$PGDATA/PG_VERSION" ]; then
+  umask 077
+  printf '%s\\n' "$POSTGRES_PASSWORD" > /tmp/pwfile
+  initdb -D "$PGDATA" --username "$user" --pwfile /tmp/pwfile --auth scram-sha-256 \\
+    --encoding UTF8 --locale C > /dev/null
+  rm -f /tmp/pwfile
+  echo "host all all 0.0.0.0/0 scram-sha-256" >> "$PGDATA/pg_hba.conf"
+  pg_ctl -D "$PGDATA" -o "-c listen_addresses=''" -w start > /dev/null
+  PGPASSWORD="$POSTGRES_PASSWORD" psql -v ON_ERROR_STOP=1 -h /run/postgresql -U "$user" -d postgres \\
+    -c "CREATE DATABASE \\"$db\\"" > /dev/null
+  pg_ctl -D "$PGDATA" -m fast -w stop > /dev/null
+  echo "initialised $PGDATA (user $user, database $db)"
+fi
+exec postgres -D "$PGDATA" -c listen_addresses='*' -c unix_socket_directories=/run/postgresql
+"""
+
+
+def build_postgres_image(docker: Docker, log_file: Path | None = None) -> dict:
+    """The compose stack's PostgreSQL image on the local base (built first when missing)."""
+    base = ensure_base_image(docker, bentofile_base_image())
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="defectflow-postgres-") as tmp:
+        (Path(tmp) / "Dockerfile").write_text(POSTGRES_DOCKERFILE.format(base=base["image"]))
+        (Path(tmp) / "entrypoint.sh").write_text(POSTGRES_ENTRYPOINT)
+        _docker_build(
+            docker,
+            Path(tmp),
+            [POSTGRES_IMAGE],
+            {f"{LABEL}.built-by": "scripts/container.py", f"{LABEL}.base-key": base["key"]},
+            log_file,
+        )
+    size = docker.image_size(POSTGRES_IMAGE)
+    seconds = time.monotonic() - start
+    log(f"PostgreSQL image {POSTGRES_IMAGE}: {size / 1e6:.0f} MB, built in {seconds:.0f} s")
+    return {"image": POSTGRES_IMAGE, "size": size, "seconds": seconds}
+
+
+def _docker_build(
+    docker: Docker, context: Path, tags: list[str], labels: dict[str, str], log_file: Path | None
+) -> None:
+    """`docker build --network host` of `context` (RUN steps reach the host's mirrors)."""
+    cmd = ["build", "--network", "host"]
+    for tag in tags:
+        cmd += ["--tag", tag]
+    for key, value in labels.items():
+        cmd += ["--label", f"{key}={value}"]
+    cmd.append(str(context))
+    log(f"docker {shlex.join(cmd)}" + (f" (log {log_file})" if log_file else ""))
+    out = log_file.open("wb") if log_file else None
+    try:
+        done = subprocess.run(
+            [docker.binary, *cmd],
+            env=docker.env(),
+            stdout=out or subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            timeout=3600,
+        )
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"docker build of {tags[0]} took over 3600 s") from None
+    finally:
+        if out:
+            out.close()
+    if done.returncode != 0:
+        text = (
+            log_file.read_text(errors="replace")
+            if log_file
+            else done.stdout.decode(errors="replace")
+        )
+        raise RuntimeError(f"docker build of {tags[0]} failed:\n{text[-6000:]}")
+
+
 # --------------------------------------------------------------------------- running it
 
 
@@ -1128,6 +1404,26 @@ def cmd_test(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_train_image(args: argparse.Namespace) -> None:
+    ensure_host_packages()
+    state = _state_dir()
+    state.mkdir(parents=True, exist_ok=True)
+    with engine(state) as docker:
+        figures = build_train_image(
+            docker, args.variant, log_file=state / f"train-image-{args.variant}.log"
+        )
+        user = docker.out("run", "--rm", "--network", "none", figures["image"], "id", "-un")
+        if user != TRAIN_USER:
+            raise RuntimeError(f"{figures['image']} runs as {user!r}, not {TRAIN_USER}")
+    (state / f"train-image-{args.variant}.json").write_text(
+        json.dumps(figures, indent=2, default=str)
+    )
+    print(
+        f"\nimage {figures['image']}: {figures['size'] / 1e6:.0f} MB (base "
+        f"{figures['base']['size'] / 1e6:.0f} MB), built in {figures['seconds']:.0f} s; user {user}"
+    )
+
+
 def cmd_clean(args: argparse.Namespace) -> None:
     with engine(_state_dir()) as docker:
         removed: set[str] = set()
@@ -1158,6 +1454,16 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("test", help="run the image, call /readyz and /predict").set_defaults(
         func=cmd_test
     )
+    train = sub.add_parser(
+        "train-image", help="the training image (project, training dependencies, worker)"
+    )
+    train.add_argument(
+        "--variant",
+        choices=sorted(TRAIN_EXTRAS),
+        default="cpu",
+        help="cpu: tensorflow-cpu (default); gpu: tensorflow[and-cuda], for a GPU machine",
+    )
+    train.set_defaults(func=cmd_train_image)
     sub.add_parser("clean", help="remove the images this script made").set_defaults(func=cmd_clean)
     args = parser.parse_args(argv)
     try:

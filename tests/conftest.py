@@ -36,8 +36,9 @@ _RESOURCE_OUTCOMES = pytest.StashKey[dict]()
 _SESSION_CONFIG: list = []
 
 
-# Chromium for the page tests (browser_binary, browser, page): tests/helpers_browser.py.
-pytest_plugins = ("helpers_browser",)
+# Chromium for the page tests (browser_binary, browser, page): tests/helpers_browser.py; the
+# container engine for the tests that build or run images (container_engine): helpers_container.py.
+pytest_plugins = ("helpers_browser", "helpers_container")
 
 
 @pytest.fixture(scope="session")

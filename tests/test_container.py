@@ -7,37 +7,27 @@ with debootstrap on first use, then reused while its recipe's hash is unchanged;
 layer cache makes a rebuild of unchanged requirements take seconds), run on 127.0.0.1 and
 asked /readyz and /predict; the whole answer is checked and compared with the same model's
 answer in this process, then the user, the image's contents and its size; the image is
-removed. Needs a container engine: dockerd is started for the module when none answers;
-where none can be (no docker.io, not root) the test fails unless DEFECTFLOW_ALLOW_MISSING
-allows `container` (tests/helpers_resources.py).
+removed. Needs a container engine (`container_engine`, tests/helpers_container.py): dockerd is
+started for the module when none answers; where none can be (no docker.io, not root) the test
+fails unless DEFECTFLOW_ALLOW_MISSING allows `container` (tests/helpers_resources.py).
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
 import json
-import sys
 import time
 
 import cv2
 import numpy as np
 import pytest
+from helpers_container import container
 from helpers_pipeline import derive_bento
 from helpers_processes import REPO_ROOT
-from helpers_resources import skip_missing
 
 from defectflow.inference.predictor import Predictor
 from defectflow.inference.preprocessing import read_image
 
 pytestmark = pytest.mark.integration
-
-_spec = importlib.util.spec_from_file_location(
-    "defectflow_container", REPO_ROOT / "scripts" / "container.py"
-)
-container = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = container  # dataclasses look their module up there
-_spec.loader.exec_module(container)
 
 #: Image size ceilings: the documented 600 MB goal for a TFLite model's image; a Keras model's
 #: carries TensorFlow (762 MB of it even stripped), measured at 1439 MB.
@@ -48,23 +38,6 @@ def _png(rgb: np.ndarray) -> bytes:
     ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     assert ok
     return buf.tobytes()
-
-
-@pytest.fixture(scope="module")
-def container_engine(tmp_path_factory):
-    """The engine for the module (dockerd started here is stopped after it) and the base image."""
-    with contextlib.ExitStack() as stack:
-        try:
-            engine = stack.enter_context(
-                container.engine(tmp_path_factory.mktemp("engine"), lock_timeout=600)
-            )
-            base = container.ensure_base_image(engine, container.bentofile_base_image())
-        except container.EngineUnavailable as exc:
-            skip_missing("container", str(exc))
-        print(
-            f"\nbase image {base['size'] / 1e6:.0f} MB ({'built' if base['built'] else 'reused'})"
-        )
-        yield engine
 
 
 @pytest.mark.parametrize("serving_format", ["tflite", "keras"])
