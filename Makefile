@@ -77,9 +77,10 @@ reproduce: install
 
 # What the container, browser and real-data tests need from Debian, installed when missing:
 # docker.io and debootstrap (tests/test_container.py starts and stops its own dockerd), chromium
-# (the page tests). Where they cannot be installed those tests fail, unless
+# (the page tests), postgresql (`defectflow up --database postgres`) and docker-compose (compose.yaml). Where they cannot be installed those tests fail, unless
 # DEFECTFLOW_ALLOW_MISSING=container,browser,real_data (or all) lets them skip (docs/development.md, "Tests").
-HOST_PACKAGES := docker.io:dockerd debootstrap:debootstrap chromium:chromium
+HOST_PACKAGES := docker.io:dockerd debootstrap:debootstrap chromium:chromium \
+  postgresql:/usr/lib/postgresql/15/bin/pg_ctl docker-compose:docker-compose
 host-packages:
 	@missing=; for pair in $(HOST_PACKAGES); do package=$${pair%%:*}; binary=$${pair##*:}; \
 	  command -v $$binary > /dev/null || [ -x /usr/sbin/$$binary ] || missing="$$missing $$package"; done; \
@@ -135,7 +136,12 @@ container-clean:
 # Beyond one machine (docs/deployment-stack.md). The training image: the project, its pinned
 # training dependencies and the Docker worker on the local Debian base (no registry);
 # `make image-train VARIANT=gpu` builds the CUDA one for a GPU machine.
-.PHONY: image-train
+.PHONY: image-train test-postgres
 VARIANT ?= cpu
 image-train: install host-packages
 	$(BIN)/python scripts/container.py train-image --variant $(VARIANT)
+
+# The orchestration tests once more, with the Prefect servers they start on PostgreSQL
+# (Debian's postgresql, a cluster per server under its data dir) instead of SQLite.
+test-postgres: install host-packages
+	DEFECTFLOW_TEST_DATABASE=postgres $(BIN)/python -m pytest -p no:xdist tests/flows/test_orchestration.py tests/orchestration/test_postgres.py

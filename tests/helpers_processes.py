@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -150,10 +151,33 @@ class PrefectServer:
 
 
 @contextmanager
+def postgres_cluster() -> Iterator[str]:
+    """A PostgreSQL cluster of Debian's postgresql for one Prefect server, in a fresh folder
+    of /var/tmp (as root it runs as `postgres`, which cannot enter pytest's private tmp
+    dirs); yields its connection URL; stopped and removed on exit."""
+    import shutil
+    import tempfile
+
+    from defectflow.orchestration import postgres
+
+    folder = Path(tempfile.mkdtemp(prefix="defectflow-pg-", dir="/var/tmp"))
+    folder.chmod(0o711)
+    try:
+        cluster = postgres.start(folder / "cluster")
+        try:
+            yield cluster.url()
+        finally:
+            postgres.stop(cluster.directory)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
 def prefect_server(root: Path, timeout: float = 180) -> Iterator[PrefectServer]:
     """`prefect server start` on a free 127.0.0.1 port, with its PREFECT_HOME (database, UI
     build) and log under `root`, until /api/health answers; stopped on exit. The UI is told
-    its own API URL (else it calls 127.0.0.1:4200)."""
+    its own API URL (else it calls 127.0.0.1:4200). With DEFECTFLOW_TEST_DATABASE=postgres its
+    database is a PostgreSQL cluster of its own (postgres_cluster), else SQLite."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = isolated_env(root / "home")
@@ -165,7 +189,10 @@ def prefect_server(root: Path, timeout: float = 180) -> Iterator[PrefectServer]:
     )
     command = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     log = root / "prefect-server.log"
-    with running(command, env, log) as proc:
+    with contextlib.ExitStack() as stack:
+        if os.environ.get("DEFECTFLOW_TEST_DATABASE") == "postgres":
+            env["PREFECT_API_DATABASE_CONNECTION_URL"] = stack.enter_context(postgres_cluster())
+        proc = stack.enter_context(running(command, env, log))
         seconds = wait_http(f"{url}/api/health", proc, timeout, log)
         print(f"\nprefect server ready in {seconds:.1f} s at {url} (log: {log})")
         yield PrefectServer(url=url, home=root / "home" / "prefect", log=log)

@@ -32,6 +32,9 @@ def configure_environment(home: str | Path | None = None) -> Path:
         "KERAS_BACKEND": "tensorflow",
         # defectflow's own log lines (src/defectflow uses `logging`) go to the Prefect run log too.
         "PREFECT_LOGGING_EXTRA_LOGGERS": "defectflow",
+        # A flow run's heartbeat every 30 s (Prefect's minimum; its default is 180 s): the stack's
+        # zombie automation marks a run without one for 90 s Crashed (orchestration/stack.py).
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)

@@ -4,6 +4,7 @@ deployments of prefect.yaml and a process worker on 127.0.0.1; runs are triggere
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -11,128 +12,28 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import httpx
 import pytest
-from helpers_processes import BIN, REPO_ROOT, free_port, isolated_env
+from helpers_processes import REPO_ROOT, free_port
+from helpers_stack import FINAL, TINY, Stack, database_kind, reachable_dir
 
 pytestmark = pytest.mark.integration
-
-# run_deployment is what the UI's "Run" button amounts to: a flow run of the deployment,
-# with these parameters, for a worker of its pool to pick up.
-RUN_DEPLOYMENT = """
-import json, sys
-from prefect.deployments import run_deployment
-run = run_deployment(sys.argv[1], parameters=json.loads(sys.argv[2]), timeout=0)
-print(run.id)
-"""
-FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-TINY = ["tune.epochs=1", "train.epochs=1", "package.build_bento=false"]
-
-
-class Stack:
-    def __init__(self, home: Path, port: int):
-        self.home, self.port = home, port
-        self.env = isolated_env(home)
-        self.api = f"http://127.0.0.1:{port}/api"
-
-    def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [str(BIN / "defectflow"), *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=REPO_ROOT,
-        )
-
-    def up(self, *extra: str) -> subprocess.CompletedProcess:
-        result = self.cli("up", "--port", str(self.port), *extra)
-        assert result.returncode == 0, result.stdout + result.stderr + self.logs()
-        return result
-
-    def state(self) -> dict:
-        return json.loads((self.home / "stack" / "stack.json").read_text())
-
-    def logs(self) -> str:
-        return "".join(
-            f"\n--- {p.name}\n{p.read_text(errors='replace')[-4000:]}"
-            for p in sorted((self.home / "stack").glob("*.log"))
-        )
-
-    def get(self, path: str) -> dict:
-        response = httpx.get(f"{self.api}{path}", timeout=30)
-        response.raise_for_status()
-        return response.json()
-
-    def post(self, path: str, body: dict) -> dict | list:
-        response = httpx.post(f"{self.api}{path}", json=body, timeout=30)
-        response.raise_for_status()
-        return response.json()
-
-    def trigger(self, deployment: str, parameters: dict) -> str:
-        result = subprocess.run(
-            [sys.executable, "-c", RUN_DEPLOYMENT, deployment, json.dumps(parameters)],
-            env={**self.env, "PREFECT_API_URL": self.api},
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
-        return result.stdout.strip().splitlines()[-1]
-
-    def wait(self, run_id: str, states: set[str] = FINAL, timeout: float = 600) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            run = self.get(f"/flow_runs/{run_id}")
-            if run["state_type"] in states:
-                return run
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"flow run {run_id} still {run['state_type']} after {timeout} s" + self.logs()
-                )
-            time.sleep(1)
-
-    def run(self, deployment: str, parameters: dict, timeout: float = 600) -> dict:
-        run = self.wait(self.trigger(deployment, parameters), timeout=timeout)
-        return run
-
-    def artifacts(self, run_id: str) -> dict[str, dict]:
-        found = self.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}})
-        return {a["key"]: a for a in found if a.get("key")}
-
-    def models(self) -> list[dict]:
-        result = self.cli("models", "list", "--json")
-        assert result.returncode == 0, result.stderr
-        return json.loads(result.stdout)
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    stack = Stack(tmp_path_factory.mktemp("stack-home"), free_port())
-    try:
-        yield stack
-    finally:
-        stack.cli("down", timeout=120)
-        leftover = (
-            [
-                name
-                for name, record in stack.state().get("processes", {}).items()
-                if _alive(record["pid"])
-            ]
-            if (stack.home / "stack" / "stack.json").exists()
-            else []
+    with contextlib.ExitStack() as cleanup:
+        # On PostgreSQL (make test-postgres) the cluster in the data dir runs as `postgres`.
+        home = (
+            cleanup.enter_context(reachable_dir("defectflow-stack-"))
+            if database_kind() == "postgres"
+            else tmp_path_factory.mktemp("stack-home")
         )
-        assert not leftover, f"still running after `defectflow down`: {leftover}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
+        stack = Stack(home, free_port())
+        try:
+            yield stack
+        finally:
+            stack.down()
 
 
 def test_up_is_idempotent_and_applies_the_deployments(stack):
@@ -259,17 +160,6 @@ def test_failing_nightly_never_changes_production(stack, tiny_dataset, tmp_path)
     assert [m["tag"] for m in stack.models() if m["stage"] == "production"] == production
 
 
-def _train_model_run(stack: Stack, run_id: str) -> dict | None:
-    """The flow run's `train-model` task run, as the API has it (None before it starts)."""
-    tasks = stack.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})
-    found = [
-        t
-        for t in tasks
-        if t["task_key"].startswith("train_model") or t["name"].startswith("train-model")
-    ]
-    return found[-1] if found else None
-
-
 def test_killed_worker_crashes_the_run_and_a_retry_completes(stack, tiny_dataset):
     """The worker is SIGKILLed while the run's `train-model` task is Running (polled from the
     API, not guessed with a sleep): the flow run ends Crashed, that task never completes, and a
@@ -287,7 +177,7 @@ def test_killed_worker_crashes_the_run_and_a_retry_completes(stack, tiny_dataset
     )
     deadline = time.monotonic() + 300
     while True:  # the training task is short (one tiny epoch): poll often
-        task = _train_model_run(stack, run_id)
+        task = stack.task_run(run_id, "train-model")
         if task is not None and task["state_type"] == "RUNNING":
             break
         flow_run = stack.get(f"/flow_runs/{run_id}")
@@ -303,20 +193,13 @@ def test_killed_worker_crashes_the_run_and_a_retry_completes(stack, tiny_dataset
     os.kill(stack.state()["processes"]["worker"]["pid"], signal.SIGKILL)
     crashed = stack.wait(run_id, timeout=120)
     assert crashed["state_type"] == "CRASHED", crashed["state"]
-    killed_task = _train_model_run(stack, run_id)
+    killed_task = stack.task_run(run_id, "train-model")
     assert killed_task["id"] == task["id"] and killed_task["state_type"] != "COMPLETED", (
         killed_task["state"]
     )
 
     stack.up()  # starts only what is missing: a new worker
-    # The UI's "Retry" on the crashed run: the same flow run, scheduled again.
-    stack.post(
-        f"/flow_runs/{run_id}/set_state",
-        {
-            "state": {"type": "SCHEDULED", "name": "AwaitingRetry", "message": "retried (test)"},
-            "force": True,
-        },
-    )
+    stack.retry(run_id)  # the UI's "Retry" on the crashed run
     retried = stack.wait(run_id)
     assert retried["state_type"] == "COMPLETED", retried["state"]["message"] + stack.logs()
     assert retried["run_count"] >= 2
@@ -334,9 +217,10 @@ def test_deployments_and_schedules_survive_a_server_restart(stack):
             "import sys; from pathlib import Path; "
             "from defectflow.environment import configure_environment; configure_environment(); "
             "from defectflow.orchestration import stack; stack.up(Path(sys.argv[1]), port=int(sys.argv[2]), "
-            "deploy=False, worker=False)",
+            "deploy=False, worker=False, database=sys.argv[3])",
             str(stack.home),
             str(stack.port),
+            database_kind(),
         ],
         env=stack.env,
         capture_output=True,

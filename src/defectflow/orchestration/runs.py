@@ -25,8 +25,21 @@ def new_run_id() -> str:
 
 
 def open_run_dir(cfg, run_id: str | None = None) -> tuple[Path, bool]:
-    """The run folder and whether it already existed (a resumed run)."""
-    run_id = run_id or new_run_id()
+    """The run folder and whether it already existed (a resumed run).
+
+    A new run (no `run_id`) claims a folder nobody has: runs started at once by several
+    workers on one data dir each get their own, never a resumed one of another run."""
+    if run_id is None:
+        runs = Path(cfg.paths.runs).expanduser().resolve()
+        runs.mkdir(parents=True, exist_ok=True)
+        while True:
+            run_dir = runs / new_run_id()
+            try:
+                run_dir.mkdir()
+            except FileExistsError:  # another run took this id in the same second
+                continue
+            save_config(cfg, run_dir / "config.yaml")
+            return run_dir, False
     if not _RUN_ID.match(run_id):
         raise ValueError(f"run id {run_id!r}: use letters, digits, '.', '_' and '-' (at most 100)")
     run_dir = Path(cfg.paths.runs).expanduser().resolve() / run_id

@@ -1,23 +1,40 @@
-"""The local orchestration stack: a Prefect server, the work pools, the deployments of
-prefect.yaml and a process worker, started and stopped as processes.
+"""The local orchestration stack: a Prefect server (SQLite, or PostgreSQL), the work pools, the
+deployments of prefect.yaml and workers (a process worker, or Docker workers), started and
+stopped as processes.
 
 `up` records what it started (PIDs, commands, address) in <home>/stack/stack.json and `down`
-stops exactly those processes, each with its process group (a worker's flow runs go with it),
-after checking the PID still runs the command it started. Both are idempotent: `up` starts only
-what is missing, `down` with nothing running does nothing. The server keeps its SQLite database
-under PREFECT_HOME; set PREFECT_API_DATABASE_CONNECTION_URL for PostgreSQL.
+stops exactly those processes, each with its process group (a process worker's flow runs go
+with it), after checking the PID still runs the command it started; then the flow-run
+containers of this stack's Docker workers (by their label) and the PostgreSQL cluster it
+started. Both are idempotent: `up` starts only what is missing, `down` with nothing running
+does nothing.
 
-This module drives the `prefect` command line; it imports nothing of Prefect.
+Database: SQLite under PREFECT_HOME by default; `database="postgres"` starts a cluster of
+Debian's postgresql under <home>/postgres (`defectflow.orchestration.postgres`), or
+`database_url` points the server at a PostgreSQL someone else runs.
+
+Pools: `pool="process"` runs `training-pipeline` and `nightly-retrain` on the process pool
+`defectflow` (prefect.yaml as it is); `pool="docker"` creates the Docker pool
+`defectflow-docker` (prefect-docker) whose flow runs are containers of the local training
+image (never pulled), with the data dir mounted at the same path, runs as its owner, and
+re-applies those two deployments to it (the others stay on the process pool). Flow runs send
+heartbeats every HEARTBEAT_SECONDS and an automation marks a run Crashed when ZOMBIE_AFTER
+seconds pass without one (a machine, worker or container that vanished).
+
+This module drives the `prefect` and `docker` command lines and the server's REST API; it
+imports nothing of Prefect.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -26,9 +43,25 @@ from pathlib import Path
 
 from defectflow.config import REPO_ROOT
 from defectflow.files import atomic_write
+from defectflow.orchestration import postgres
 
 WORK_POOLS = ("defectflow", "defectflow-gpu")  # the names prefect.yaml's deployments use
 LOCAL_POOL = "defectflow"
+DOCKER_POOL = "defectflow-docker"
+POOLS = ("process", "docker")
+DATABASES = ("sqlite", "postgres")
+#: The deployments `pool="docker"` moves to the Docker pool (the others stay on the process
+#: pool: they read and write the registry only).
+DOCKER_DEPLOYMENTS = ("training-pipeline", "nightly-retrain")
+#: The training image of `make image-train` (scripts/container.py).
+DEFAULT_IMAGE = "defectflow-train:latest"
+#: Seconds between a flow run's heartbeats (Prefect's minimum is 30) ...
+HEARTBEAT_SECONDS = 30
+#: ... and without one after which the zombie automation marks the run Crashed.
+ZOMBIE_AFTER = 90
+ZOMBIE_AUTOMATION = "defectflow: crash flow runs without heartbeat"
+#: The label of the flow-run containers of one stack (value: stack_id(home)).
+STACK_LABEL = "org.defectflow.stack"
 
 
 class StackError(RuntimeError):
@@ -39,6 +72,10 @@ class StackError(RuntimeError):
 class StackState:
     api_url: str
     processes: dict[str, dict] = field(default_factory=dict)  # name -> {"pid", "command", "log"}
+    pool: str = "process"
+    database: dict = field(
+        default_factory=lambda: {"kind": "sqlite"}
+    )  # kind, url (no password), cluster
 
     @property
     def ui_url(self) -> str:
@@ -58,7 +95,12 @@ def read_state(home: Path) -> StackState | None:
     if not path.exists():
         return None
     data = json.loads(path.read_text())
-    return StackState(api_url=data["api_url"], processes=data.get("processes", {}))
+    return StackState(
+        api_url=data["api_url"],
+        processes=data.get("processes", {}),
+        pool=data.get("pool", "process"),
+        database=data.get("database", {"kind": "sqlite"}),
+    )
 
 
 def _write_state(home: Path, state: StackState) -> None:
@@ -150,8 +192,300 @@ def stack_env(api_url: str) -> dict:
         PREFECT_UI_API_URL=api_url,
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         DO_NOT_TRACK="1",
+        # Flow runs (the process worker's, which inherit this) send heartbeats.
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY=str(HEARTBEAT_SECONDS),
     )
     return env
+
+
+def stack_id(home: Path) -> str:
+    """A short name of the stack of `home`: the label value of its flow-run containers."""
+    return hashlib.sha256(str(Path(home).resolve()).encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------- docker
+
+
+def _docker_client(timeout: float = 60):
+    """A client of the Docker daemon (DOCKER_HOST or the local socket), through the `docker`
+    package prefect-docker brings; StackError when none answers."""
+    try:
+        import docker
+    except ImportError:
+        raise StackError(
+            "the Docker pool needs prefect-docker: pip install -e '.[docker]' (`make install` does)"
+        ) from None
+    try:
+        client = docker.from_env(timeout=timeout)
+        client.ping()
+    except docker.errors.DockerException as exc:
+        raise StackError(f"no Docker daemon answers ({exc}): start dockerd") from None
+    return client
+
+
+def check_docker(image: str) -> None:
+    """The daemon answers and `image` is there (the Docker pool never pulls); else a clear error."""
+    import docker
+
+    client = _docker_client()
+    try:
+        client.images.get(image)
+    except docker.errors.ImageNotFound:
+        raise StackError(
+            f"no image {image} here, and the Docker pool never pulls one: "
+            "build it with `make image-train`"
+        ) from None
+    finally:
+        client.close()
+
+
+def data_owner(home: Path) -> str:
+    """uid:gid of the data dir: flow-run containers run as it, so what they write there has
+    the same owner as what this machine's processes write."""
+    st = Path(home).stat()
+    return f"{st.st_uid}:{st.st_gid}"
+
+
+def flow_run_env(home: Path) -> dict[str, str]:
+    """The environment of a flow-run container: every state folder in the shared data dir, at
+    the same path as on this machine, heartbeats on, telemetry off."""
+    home = Path(home).resolve()
+    return {
+        "DEFECTFLOW_HOME": str(home),
+        "PREFECT_HOME": str(home / "prefect"),
+        "BENTOML_HOME": str(home / "bentoml"),
+        "KERAS_HOME": str(home / "keras"),
+        "MPLCONFIGDIR": str(home / "matplotlib"),
+        "HOME": "/tmp",  # the data dir's owner may have no home in the image
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_SECONDS),
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "defectflow",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "BENTOML_DO_NOT_TRACK": "true",
+    }
+
+
+def docker_job_defaults(home: Path, image: str = DEFAULT_IMAGE, network: str | None = None) -> dict:
+    """The defaults of the Docker pool's job variables: the local training image, never pulled;
+    the data dir mounted at its own path; the host's network (the server on 127.0.0.1), or
+    `network` (a compose stack's); the data dir's owner as user; labelled with the stack."""
+    home = Path(home).resolve()
+    return {
+        "image": image,
+        "image_pull_policy": "Never",
+        "volumes": [f"{home}:{home}"],
+        "env": flow_run_env(home),
+        "labels": {STACK_LABEL: stack_id(home)},
+        "network_mode": None if network else "host",
+        "networks": [network] if network else [],
+        "auto_remove": True,
+        "stream_output": True,
+        "container_create_kwargs": {"user": data_owner(home)},
+    }
+
+
+def docker_base_job_template(env: dict, defaults: dict) -> dict:
+    """prefect-docker's default base job template with `defaults` as the variables' defaults."""
+    with tempfile.TemporaryDirectory(prefix="defectflow-pool-") as tmp:
+        path = Path(tmp) / "docker.json"
+        _run(
+            [
+                _prefect(),
+                "--no-prompt",
+                "work-pool",
+                "get-default-base-job-template",
+                "--type",
+                "docker",
+                "--file",
+                str(path),
+            ],
+            env,
+            "reading the Docker pool's default job template (is prefect-docker installed?)",
+        )
+        template = json.loads(path.read_text())
+    properties = template["variables"]["properties"]
+    unknown = sorted(set(defaults) - set(properties))
+    if unknown:
+        raise StackError(f"prefect-docker's job template has no variable(s) {unknown}")
+    for key, value in defaults.items():
+        properties[key]["default"] = value
+    return template
+
+
+def _ensure_pool(
+    api_url: str, env: dict, name: str, kind: str, template: dict | None = None
+) -> str:
+    """Create the pool, or (with a template) update the job template of an existing one."""
+    exists = _pool_exists(api_url, name)
+    if exists and template is None:
+        return "exists"
+    command = [_prefect(), "--no-prompt", "work-pool", "update" if exists else "create", name]
+    if not exists:
+        command += ["--type", kind]
+    with tempfile.TemporaryDirectory(prefix="defectflow-pool-") as tmp:
+        if template is not None:
+            path = Path(tmp) / "template.json"
+            path.write_text(json.dumps(template))
+            command += ["--base-job-template", str(path)]
+        _run(command, env, f"{'updating' if exists else 'creating'} work pool {name}")
+    return "updated" if exists else "created"
+
+
+def docker_prefect_file(home: Path, pool: str = DOCKER_POOL) -> Path:
+    """prefect.yaml's DOCKER_DEPLOYMENTS moved to `pool`: entrypoints as module paths of the
+    installed package and no pull step (a container has no checkout of this machine's)."""
+    import yaml
+
+    spec = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
+    chosen = []
+    for deployment in spec["deployments"]:
+        if deployment["name"] not in DOCKER_DEPLOYMENTS:
+            continue
+        path, function = deployment["entrypoint"].split(":")
+        module = "defectflow.orchestration." + path.removesuffix(".py").replace("/", ".")
+        chosen.append(
+            {
+                **deployment,
+                "entrypoint": f"{module}.{function}",
+                "pull": [],
+                "work_pool": {"name": pool, "work_queue_name": "default", "job_variables": {}},
+            }
+        )
+    missing = set(DOCKER_DEPLOYMENTS) - {d["name"] for d in chosen}
+    if missing:
+        raise StackError(f"prefect.yaml has no deployment(s) {sorted(missing)}")
+    out = stack_dir(home) / "prefect-docker.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    header = "# Generated by `defectflow up --pool docker` from prefect.yaml: do not edit.\n"
+    out.write_text(
+        header
+        + yaml.safe_dump(
+            {
+                "name": spec["name"],
+                "prefect-version": spec["prefect-version"],
+                "deployments": chosen,
+            },
+            sort_keys=False,
+        )
+    )
+    return out
+
+
+def stack_containers(home: Path, remove: bool = False) -> list[str]:
+    """Names of the flow-run containers of this stack (running or not), removed with
+    `remove`; empty when no Docker daemon answers (nothing of ours can run then)."""
+    try:
+        client = _docker_client(timeout=30)
+    except StackError:
+        return []
+    try:
+        found = client.containers.list(
+            all=True, filters={"label": f"{STACK_LABEL}={stack_id(home)}"}
+        )
+        for container in found if remove else ():
+            with contextlib.suppress(Exception):  # gone meanwhile (auto_remove)
+                container.remove(force=True)
+        return [c.name for c in found]
+    finally:
+        client.close()
+
+
+# --------------------------------------------------------------------------- zombies
+
+
+def _api(api_url: str, method: str, path: str, body: dict | None = None) -> dict | list:
+    request = urllib.request.Request(
+        f"{api_url}{path}",
+        data=None if body is None else json.dumps(body).encode(),
+        method=method,
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            text = response.read()
+    except urllib.error.HTTPError as exc:
+        raise StackError(
+            f"{method} {path} answered HTTP {exc.code}: {exc.read()[:1000]!r}"
+        ) from exc
+    return json.loads(text) if text else {}
+
+
+def zombie_automation(within: int = ZOMBIE_AFTER) -> dict:
+    """Prefect's "detect zombie flows" automation: a flow run that sent a heartbeat and then,
+    for `within` seconds, neither another one nor a final state is set Crashed."""
+    return {
+        "name": ZOMBIE_AUTOMATION,
+        "description": (
+            f"A flow run without a heartbeat for {within} s (its machine, worker or container "
+            "vanished) is Crashed; Retry runs it again on a worker that lives."
+        ),
+        "enabled": True,
+        "trigger": {
+            "type": "event",
+            "posture": "Proactive",
+            "after": ["prefect.flow-run.heartbeat"],
+            "expect": [
+                "prefect.flow-run.heartbeat",
+                "prefect.flow-run.Completed",
+                "prefect.flow-run.Failed",
+                "prefect.flow-run.Cancelled",
+                "prefect.flow-run.Crashed",
+            ],
+            "match": {"prefect.resource.id": ["prefect.flow-run.*"]},
+            "for_each": ["prefect.resource.id"],
+            "threshold": 1,
+            "within": within,
+        },
+        "actions": [
+            {
+                "type": "change-flow-run-state",
+                "state": "CRASHED",
+                "name": "Crashed",
+                "message": f"no heartbeat for {within} s: the flow run's machine, worker or container vanished",
+            }
+        ],
+    }
+
+
+def ensure_zombie_automation(api_url: str, within: int = ZOMBIE_AFTER) -> str:
+    wanted = zombie_automation(within)
+    existing = [
+        a
+        for a in _api(api_url, "POST", "/automations/filter", {})
+        if a.get("name") == ZOMBIE_AUTOMATION
+    ]
+    if existing:
+        have = existing[0]
+        if have["trigger"].get("within") == within and have.get("enabled"):
+            return "exists"
+        _api(api_url, "PUT", f"/automations/{have['id']}", wanted)
+        return "updated"
+    _api(api_url, "POST", "/automations/", wanted)
+    return "created"
+
+
+def _database(
+    home: Path, state: StackState, database: str, database_url: str | None, say
+) -> dict[str, str]:
+    """The server's database settings (environment), starting the cluster when asked."""
+    if database_url:
+        url = postgres.connection_url(database_url)
+        postgres.ensure_database(url)
+        state.database = {"kind": "postgres", "url": postgres.redact(url)}
+        return {"PREFECT_API_DATABASE_CONNECTION_URL": url}
+    if database == "postgres":
+        cluster = postgres.start(home / "postgres")
+        say(f"PostgreSQL running on 127.0.0.1:{cluster.port} (cluster {cluster.directory})")
+        state.database = {
+            "kind": "postgres",
+            "url": postgres.redact(cluster.url()),
+            "cluster": str(cluster.directory),
+        }
+        return {"PREFECT_API_DATABASE_CONNECTION_URL": cluster.url()}
+    if database != "sqlite":
+        raise StackError(f"database {database!r}: choose one of {', '.join(DATABASES)}")
+    state.database = {"kind": "sqlite"}
+    return {}
 
 
 def up(
@@ -162,29 +496,64 @@ def up(
     worker: bool = True,
     startup_timeout: float = 180.0,
     say=print,
+    pool: str = "process",
+    docker_workers: int = 1,
+    database: str = "sqlite",
+    database_url: str | None = None,
+    image: str = DEFAULT_IMAGE,
+    server_url: str | None = None,
+    docker_network: str | None = None,
 ) -> StackState:
-    """Start what is not running yet: server, work pools and deployments, worker."""
+    """Start what is not running yet: database, server, work pools and deployments, workers.
+
+    `pool`: "process" (a process worker on `defectflow`) or "docker" (`docker_workers` Docker
+    workers on `defectflow-docker`, each one flow run at a time). `server_url`: configure a
+    server someone else runs (no server, no database here). `docker_network`: the network of
+    the flow-run containers instead of the host's (a compose stack)."""
+    if pool not in POOLS:
+        raise StackError(f"pool {pool!r}: choose one of {', '.join(POOLS)}")
+    if database not in DATABASES:
+        raise StackError(f"database {database!r}: choose one of {', '.join(DATABASES)}")
+    if docker_workers < 1:
+        raise StackError(f"docker workers: {docker_workers}, at least 1")
+    if pool == "docker":
+        check_docker(image)
+    home = Path(home).resolve()
     state = read_state(home)
-    api_url = f"http://{host}:{port}/api"
-    if state is not None and is_running(state.processes.get("server", {})):
-        api_url = state.api_url  # keep talking to the server that runs
+    if server_url:
+        api_url = server_url.rstrip("/").removesuffix("/api") + "/api"
+        if not healthy(api_url, timeout=10):
+            raise StackError(f"no Prefect server answers on {api_url}")
+        if state is None or state.api_url != api_url:
+            state = StackState(api_url=api_url)
     else:
-        if healthy(api_url):
-            raise StackError(
-                f"something else already answers on {api_url}: stop it, or choose another --port"
-            )
-        state = StackState(api_url=api_url)
+        api_url = f"http://{host}:{port}/api"
+        if state is not None and is_running(state.processes.get("server", {})):
+            api_url = state.api_url  # keep talking to the server that runs
+        else:
+            if healthy(api_url):
+                raise StackError(
+                    f"something else already answers on {api_url}: stop it, or choose another --port"
+                )
+            state = StackState(api_url=api_url)
+    state.pool = pool
     env = stack_env(api_url)
     server = state.processes.get("server", {})
-    if is_running(server):
+    if server_url:
+        say(f"using the Prefect server at {api_url}")
+    elif is_running(server):
         say(f"server already running (pid {server['pid']})")
     else:
+        try:
+            server_env = {**env, **_database(home, state, database, database_url, say)}
+        except postgres.PostgresError as exc:
+            raise StackError(str(exc)) from exc
         host_port = api_url.removeprefix("http://").removesuffix("/api")
         server_host, server_port = host_port.rsplit(":", 1)
         server, process = _start(
             "server",
             [_prefect(), "server", "start", "--host", server_host, "--port", server_port],
-            env,
+            server_env,
             home,
         )
         state.processes["server"] = server
@@ -206,32 +575,73 @@ def up(
                     f"the Prefect server {problem}; log {server['log']}:\n{_tail(server['log'])}"
                 )
             time.sleep(0.5)
-        say(f"server started (pid {server['pid']}, log {server['log']})")
+        say(
+            f"server started on {state.database['kind']} (pid {server['pid']}, log {server['log']})"
+        )
     if deploy:
-        for pool in WORK_POOLS:
-            if not _pool_exists(api_url, pool):
-                _run(
-                    [_prefect(), "--no-prompt", "work-pool", "create", pool, "--type", "process"],
-                    env,
-                    f"creating work pool {pool}",
-                )
-                say(f"work pool {pool} created")
+        for name in WORK_POOLS:
+            if _ensure_pool(api_url, env, name, "process") == "created":
+                say(f"work pool {name} created")
         _run([_prefect(), "--no-prompt", "deploy", "--all"], env, "applying prefect.yaml")
         say("deployments applied from prefect.yaml")
-    if worker:
-        record = state.processes.get("worker", {})
-        if is_running(record):
-            say(f"worker already running (pid {record['pid']})")
-        else:
-            record, _ = _start(
-                "worker",
-                [_prefect(), "worker", "start", "--pool", LOCAL_POOL, "--type", "process"],
-                env,
-                home,
+        if pool == "docker":
+            template = docker_base_job_template(
+                env, docker_job_defaults(home, image, docker_network)
             )
-            state.processes["worker"] = record
-            say(f"worker started on pool {LOCAL_POOL} (pid {record['pid']}, log {record['log']})")
-    _write_state(home, state)
+            done = _ensure_pool(api_url, env, DOCKER_POOL, "docker", template)
+            say(f"work pool {DOCKER_POOL} (docker, image {image}, never pulled) {done}")
+            _run(
+                [
+                    _prefect(),
+                    "--no-prompt",
+                    "deploy",
+                    "--all",
+                    "--prefect-file",
+                    str(docker_prefect_file(home)),
+                ],
+                env,
+                "applying the Docker pool's deployments",
+            )
+            say(f"deployments {', '.join(DOCKER_DEPLOYMENTS)} on the Docker pool {DOCKER_POOL}")
+        say(
+            f"zombie detection (no heartbeat for {ZOMBIE_AFTER} s: Crashed) "
+            f"{ensure_zombie_automation(api_url)}"
+        )
+    if worker:
+        # The process worker runs what stays on the process pool (evaluate, promote); with
+        # pool="docker" the Docker workers run the training flows.
+        wanted = {
+            "worker": [_prefect(), "worker", "start", "--pool", LOCAL_POOL, "--type", "process"]
+        }
+        if pool == "docker":
+            wanted.update(
+                {
+                    f"docker-worker-{i}": [
+                        _prefect(),
+                        "worker",
+                        "start",
+                        "--pool",
+                        DOCKER_POOL,
+                        "--type",
+                        "docker",
+                        "--name",
+                        f"{DOCKER_POOL}-{stack_id(home)}-{i}",
+                        "--limit",
+                        "1",
+                    ]
+                    for i in range(1, docker_workers + 1)
+                }
+            )
+        for name, command in wanted.items():
+            record = state.processes.get(name, {})
+            if is_running(record):
+                say(f"{name} already running (pid {record['pid']})")
+                continue
+            record, _ = _start(name, command, env, home)
+            state.processes[name] = record
+            say(f"{name} started on pool {command[4]} (pid {record['pid']}, log {record['log']})")
+    if not server_url:  # a server someone else runs is theirs to record (a compose stack)
+        _write_state(home, state)
     return state
 
 
@@ -253,19 +663,39 @@ def _stop(record: dict, grace: float) -> bool:
 
 
 def down(home: Path, grace: float = 20.0, say=print) -> list[str]:
-    """Stop what `up` started (worker first, then server); returns the names stopped."""
+    """Stop what `up` started: workers, this stack's flow-run containers, the server, the
+    PostgreSQL cluster; returns the names stopped."""
+    home = Path(home).resolve()
     state = read_state(home)
     if state is None:
         say("nothing to stop: the stack is not running")
         return []
     stopped = []
-    for name in ("worker", "server"):
-        record = state.processes.get(name)
-        if record and _stop(record, grace):
+
+    def stop(name: str) -> None:
+        record = state.processes[name]
+        if _stop(record, grace):
             stopped.append(name)
             say(f"{name} stopped (pid {record['pid']})")
-        elif record:
+        else:
             say(f"{name} was not running (pid {record['pid']})")
+
+    for name in [n for n in state.processes if n != "server"]:  # workers first
+        stop(name)
+    containers = stack_containers(home, remove=True)
+    if containers:
+        stopped.append("flow-run containers")
+        say(f"{len(containers)} flow-run container(s) of this stack removed")
+    if "server" in state.processes:
+        stop("server")
+    cluster = state.database.get("cluster")
+    if cluster:
+        try:
+            if postgres.stop(Path(cluster)):
+                stopped.append("postgres")
+                say(f"PostgreSQL stopped (cluster {cluster})")
+        except postgres.PostgresError as exc:
+            say(f"PostgreSQL could not be stopped: {exc}")
     _state_file(home).unlink(missing_ok=True)
     return stopped
 
@@ -278,6 +708,9 @@ def status(home: Path) -> dict:
         "running": True,
         "api_url": state.api_url,
         "ui_url": state.ui_url,
+        "pool": state.pool,
+        "database": state.database,
+        "containers": len(stack_containers(home)),
         "healthy": healthy(state.api_url),
         "processes": {
             name: {**record, "running": is_running(record)}
