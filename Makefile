@@ -7,7 +7,9 @@ BIN := $(VENV)/bin
 # CPU TensorFlow by default; `make install EXTRA=gpu` installs the CUDA build instead.
 EXTRA ?= cpu
 PORT ?= 3000
-# pytest-xdist workers of `make test`: the 2 cores of CI; each worker runs its own Prefect server.
+# pytest-xdist workers of `make test`: the 2 cores of CI. Each worker has its own data dir and
+# Prefect server; a test file runs whole on one worker, in order (--dist loadfile), so its
+# module-scoped fixtures are shared as in a plain run.
 TEST_WORKERS ?= 2
 
 # All state stays in the project data dir, telemetry off (see src/defectflow/environment.py).
@@ -103,7 +105,7 @@ down:
 test: install host-packages
 	$(BIN)/ruff check src tasks flows tests service.py benchmarks scripts examples
 	$(BIN)/lint-imports --no-logo --cache-dir $(DEFECTFLOW_HOME)/import-linter
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=25 --cov=defectflow --cov-report=term --cov-report=xml:$(DEFECTFLOW_HOME)/coverage.xml
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=25 --cov=defectflow --cov-report=term --cov-report=xml:$(DEFECTFLOW_HOME)/coverage.xml
 
 # The quick tier for iterating: every test marked neither `integration` (no Prefect server,
 # Bento, HTTP server, container or browser) nor `slow` (training for about half a minute or
@@ -111,7 +113,7 @@ test: install host-packages
 test-fast: install
 	$(BIN)/ruff check src tasks flows tests service.py benchmarks scripts examples
 	$(BIN)/lint-imports --no-logo --cache-dir $(DEFECTFLOW_HOME)/import-linter
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not integration and not slow" --durations=10
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not integration and not slow" --durations=10
 
 lint: install
 	$(BIN)/ruff check src tasks flows tests service.py benchmarks scripts examples

@@ -194,23 +194,6 @@ def _mark_slow(items) -> None:
         )
 
 
-#: Tests that share the session's pipeline model (one training, one Bento, one container image)
-#: run on one xdist worker, so that model is trained once per run rather than once per worker.
-PIPELINE_FIXTURES = {"pipeline_model", "pipeline_server", "container_engine"}
-
-
-def _xdist_group(item) -> str | None:
-    """The pipeline group, else the module when a test shares a module-scoped fixture: a
-    module's tests may build on each other's state there (a stack started by the first)."""
-    if PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ())):
-        return "pipeline"
-    info = getattr(item, "_fixtureinfo", None)
-    for defs in info.name2fixturedefs.values() if info else ():
-        if any(str(d.scope).lower().endswith(("module", "class", "package")) for d in defs):
-            return item.nodeid.split("::")[0]
-    return None
-
-
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
 def pytest_collection_modifyitems(config, items):
     _mark_slow(items)
@@ -218,9 +201,6 @@ def pytest_collection_modifyitems(config, items):
         kinds = _kinds_of(item)
         if kinds:  # reaches the reports, also those an xdist worker sends back
             item.user_properties.append(("resource_kinds", sorted(kinds)))
-        group = _xdist_group(item)
-        if group:
-            item.add_marker(pytest.mark.xdist_group(group))
 
 
 def pytest_runtest_logreport(report):
