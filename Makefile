@@ -138,10 +138,20 @@ container-clean:
 # Beyond one machine (docs/deployment-stack.md). The training image: the project, its pinned
 # training dependencies and the Docker worker on the local Debian base (no registry);
 # `make image-train VARIANT=gpu` builds the CUDA one for a GPU machine.
-.PHONY: image-train test-postgres
+.PHONY: image-train stack-up stack-down test-postgres
 VARIANT ?= cpu
 image-train: install host-packages
 	$(BIN)/python scripts/container.py train-image --variant $(VARIANT)
+
+# The production stack of compose.yaml (PostgreSQL, Prefect server + UI, a Docker worker, the
+# Bento container of the production model) under the project name defectflow, its data in
+# $(DEFECTFLOW_HOME); `make stack-down` stops it and the flow-run containers it started.
+STACK_PROJECT ?= defectflow
+stack-up: install host-packages
+	$(BIN)/python scripts/compose_stack.py up --project $(STACK_PROJECT)
+
+stack-down:
+	$(BIN)/python scripts/compose_stack.py down --project $(STACK_PROJECT)
 
 # The orchestration tests once more, with the Prefect servers they start on PostgreSQL
 # (Debian's postgresql, a cluster per server under its data dir) instead of SQLite.

@@ -117,8 +117,9 @@ def cmd_up(args) -> int:
     print(
         f"\nPrefect UI: {state.ui_url}\nAPI: {state.api_url} (set in the project's Prefect profile)\n"
         f"deployments: training-pipeline, nightly-retrain (02:00 UTC), evaluate, promote, training-pipeline-gpu\n"
-        f"{on_docker}database: {state.database['kind']}\n"
-        "stop with `make down` (defectflow down)"
+        f"{on_docker}"
+        + ("" if args.server_url else f"database: {state.database['kind']}\n")
+        + "stop with `make down` (defectflow down)"
     )
     return 0
 
