@@ -11,6 +11,9 @@ from prefect import flow
 
 from defectflow.training.train import HYPERPARAMETER_KEYS
 
+#: The model name a reproduce study registers its runs under (never promoted: no champion).
+STUDY_MODEL_NAME = "reproduce-study"
+
 
 @flow(name="reproduce", log_prints=True)
 def reproduce(
@@ -29,8 +32,16 @@ def reproduce(
         out_dir: where results.{md,csv,json} go (default: <paths.home>/results/<config>-<time>).
     """
     seeds = list(seeds or [42, 43, 44])
-    # A study of the recipe, not a release: models are registered as candidates, never promoted.
-    base = [*(overrides or []), "package.build_bento=false", "gate.promote=false"]
+    # A study of the recipe, not a release: models are registered as candidates, never promoted,
+    # under a name of their own. Under the production model's name that model, trained on
+    # another split of the same images, would be the champion, and the test images it trained
+    # on would leave every seed's test split (all of them, on a small data set).
+    base = [
+        *(overrides or []),
+        "package.build_bento=false",
+        "gate.promote=false",
+        f"package.model_name={STUDY_MODEL_NAME}",
+    ]
     runs, tuned = [], None
     for seed in seeds:
         extra = [f"data.split.seed={seed}"]

@@ -177,3 +177,15 @@ def test_the_guard_leaves_out_test_files_a_model_trained_on_and_names_them(tmp_p
     assert sum(r.split == "excluded" for r in guarded.rows) == 2
     assert "2 left out: champion X trained or validated on them" in guarded.note
     assert "old's training split is unknown" in guarded.note
+
+
+def test_the_guard_refuses_a_comparison_with_no_test_image_left(tmp_path):
+    from defectflow.data.ledger import guard_test_set
+
+    data = _seed_dataset(np.random.default_rng(6))
+    outcome = split_dataset(data.samples, data.sha256, SPLIT, tmp_path)
+    sha = data.sha256
+    # A champion trained on another split that happened to hold every one of today's test files.
+    champion = {sha[r.sample.path]: "train" for r in outcome.rows if r.split == "test"}
+    with pytest.raises(ValueError, match="no test image is left to compare on: champion X"):
+        guard_test_set(outcome.rows, sha, {"champion X": champion})

@@ -194,7 +194,7 @@ def _as_overrides(node, prefix=""):
 def test_reproduce_tunes_once_and_summarizes_every_seed(prefect_api, tiny_dataset, tmp_path):
     import inspect
 
-    from defectflow.orchestration.flows.reproduce import reproduce
+    from defectflow.orchestration.flows.reproduce import STUDY_MODEL_NAME, reproduce
     from omegaconf import OmegaConf
 
     from defectflow.config import config_dir, from_yaml
@@ -231,6 +231,12 @@ def test_reproduce_tunes_once_and_summarizes_every_seed(prefect_api, tiny_datase
         assert times["stage_seconds"] == run["stage_seconds"]
         assert 0 < sum(run["stage_seconds"].values()) <= run["wall_seconds"] + 0.01  # rounding
         assert run["stage_seconds"]["train-model"] > 0
+        # Graded on its whole test split: a study's models are no production model's challengers.
+        assert json.loads((run_dir / "gate.json").read_text())["champion"] is None
+        assert json.loads((run_dir / "test_set.json").read_text())["leaked"] == {}
+        assert from_yaml((run_dir / "config.yaml").read_text()).package.model_name == (
+            STUDY_MODEL_NAME
+        )
     table = (out / "results.md").read_text()
     assert "mean ± std (n=2)" in table and "| train-model |" in table
     assert "answers accepted without review (coverage)" in table

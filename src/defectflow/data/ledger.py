@@ -262,6 +262,13 @@ def guard_test_set(rows, sha256: dict[Path, str], trained_on: dict[str, dict[str
         if seen:
             leaked[model] = seen
     out_names = {name for names in leaked.values() for name in names}
+    if test and len(out_names) >= len(test):
+        raise ValueError(
+            f"no test image is left to compare on: {', '.join(sorted(leaked))} trained or "
+            "validated on all of them (a model trained on another split of these images, e.g. "
+            "another data.split.seed). Train with the split that model used, or register under "
+            "another package.model_name so it is not the champion"
+        )
     guarded = [
         type(r)(r.sample, "excluded")
         if r.split == "test" and f"{r.sample.label}/{r.sample.path.name}" in out_names
