@@ -64,6 +64,9 @@ def test_the_compose_stack_trains_promotes_serves_and_goes_away(
         }.items():
             info = json.loads(docker.out("inspect", rows[service]["id"]))[0]
             assert info["HostConfig"]["RestartPolicy"]["Name"] == policy, service
+        # The UI answers on the published port.
+        status, page = container._http("GET", f"http://127.0.0.1:{stack.prefect_port}/", 30)
+        assert status == 200 and b"<html" in page.lower(), (status, page[:300])
         # The server keeps its database in the PostgreSQL container.
         server = json.loads(docker.out("inspect", rows["prefect-server"]["id"]))[0]
         assert any(
