@@ -4,11 +4,14 @@ flow runs are containers of the local training image (built for the session when
 changed, never pulled), the data dir mounted at its own path. Two runs at once on two
 workers, the nightly concurrency limit, and a worker machine that vanishes mid-run (worker and
 container killed): the zombie automation marks the run Crashed, Retry completes it on the
-other worker. Needs a container engine (`container_engine`, tests/helpers_container.py)."""
+other worker. And a distributed KerasTuner search inside one flow-run container. Needs a
+container engine (`container_engine`, tests/helpers_container.py)."""
 
 from __future__ import annotations
 
 import contextlib
+import csv
+import json
 import os
 import shutil
 import signal
@@ -216,6 +219,50 @@ def test_the_nightly_concurrency_limit_holds_on_the_docker_pool(docker_stack):
     assert _time(ordered[1]["start_time"]) >= _time(ordered[0]["end_time"])
     waited = [s["name"] for s in stack.states(ordered[1]["id"])]
     assert "AwaitingConcurrencySlot" in waited, waited
+
+
+def test_a_distributed_search_runs_inside_a_flow_run_container(docker_stack, tmp_path):
+    """tune.workers=2 on the Docker pool: the KerasTuner chief and two workers are Prefect tasks
+    of the flow run, processes in its container exchanging trials over the network (the
+    chief's port on 127.0.0.1); both workers run trials, and the trials table has the columns
+    of the single-process search on the same config."""
+    stack = docker_stack
+    search = ["tune.epochs=1", "tune.space.base_filters=[4,8]", "train.verbose=2"]
+    runs_dir = stack.home / "runs"
+    before = set(os.listdir(runs_dir)) if runs_dir.exists() else set()
+    run = stack.run(
+        "training-pipeline/training-pipeline",
+        _params(stack, overrides=[*TINY, *search, "tune.workers=2"], tuner_trials=2, promote=False),
+        timeout=900,
+    )
+    assert run["state_type"] == "COMPLETED", run["state"]["message"] + stack.logs()
+    (name,) = sorted(set(os.listdir(runs_dir)) - before)
+    run_dir = runs_dir / name
+    trials = json.loads((run_dir / "tuning" / "result.json").read_text())["trials"]
+    assert len(trials) == 2 and {t["base_filters"] for t in trials} == {4, 8}
+    reports = [
+        json.loads((run_dir / "tuning" / f"tuner{i}.trials.json").read_text()) for i in (0, 1)
+    ]
+    assert all(report["trials"] for report in reports), reports  # both workers took part
+    with open(run_dir / "trials.csv") as f:
+        columns = csv.DictReader(f).fieldnames
+
+    from defectflow.config import load_config
+    from defectflow.data.mvtec import class_names, scan_dataset
+    from defectflow.data.split import select, stratified_split
+    from defectflow.training.train import PreparedData
+    from defectflow.training.tune import tune
+
+    samples = scan_dataset(stack.data)
+    rows = stratified_split(samples, 0.5, 0.25, 0.25, seed=0)
+    data = PreparedData(select(rows, "train"), select(rows, "val"), class_names(samples))
+    cfg = load_config(
+        "tiny", [f"data.root={stack.data}", *search, "tune.max_trials=2", "tune.workers=0"]
+    )
+    _, single = tune(cfg, data, tmp_path / "single")
+    assert [list(t) for t in trials] == [list(t) for t in single]
+    with open(tmp_path / "single" / "trials.csv") as f:
+        assert csv.DictReader(f).fieldnames == columns
 
 
 def _heartbeats(stack: DockerStack, run_id: str) -> int:
