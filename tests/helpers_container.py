@@ -34,11 +34,13 @@ container = load_script("container")
 
 @pytest.fixture(scope="module")
 def container_engine(tmp_path_factory):
-    """The engine for the module (dockerd started here is stopped after it) and the base image."""
+    """The engine for the module (dockerd started here is stopped after it) and the base image.
+    Modules that use it take turns (scripts/container.py's session lock): under `make test`'s
+    xdist workers one may wait for another's, the Docker pool's takes about 8 minutes."""
     with contextlib.ExitStack() as stack:
         try:
             engine = stack.enter_context(
-                container.engine(tmp_path_factory.mktemp("engine"), lock_timeout=600)
+                container.engine(tmp_path_factory.mktemp("engine"), lock_timeout=2400)
             )
             base = container.ensure_base_image(engine, container.bentofile_base_image())
         except container.EngineUnavailable as exc:
