@@ -67,6 +67,12 @@ class Stack:
         if database_kind() == "postgres" and "--database" not in up_args:
             self.up_args = (*up_args, "--database", "postgres")
 
+    @property
+    def database(self) -> str:
+        """sqlite or postgres: the database `up` gives this stack's Prefect server."""
+        args = list(self.up_args)
+        return args[args.index("--database") + 1] if "--database" in args else "sqlite"
+
     def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         return subprocess.run(
             [str(BIN / "defectflow"), *args],

@@ -20,16 +20,20 @@ from helpers_stack import FINAL, TINY, Stack, database_kind, reachable_dir
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def stack(request, tmp_path_factory):
+    """Every test of this file runs once on SQLite, then once with Prefect on PostgreSQL (`up
+    --database postgres`, also what DEFECTFLOW_TEST_DATABASE=postgres asks for)."""
+    database = "postgres" if database_kind() == "postgres" else request.param
     with contextlib.ExitStack() as cleanup:
-        # On PostgreSQL (make test-postgres) the cluster in the data dir runs as `postgres`.
+        # On PostgreSQL the cluster in the data dir runs as `postgres`: pytest's tmp dirs are
+        # private to their owner.
         home = (
             cleanup.enter_context(reachable_dir("defectflow-stack-"))
-            if database_kind() == "postgres"
+            if database == "postgres"
             else tmp_path_factory.mktemp("stack-home")
         )
-        stack = Stack(home, free_port())
+        stack = Stack(home, free_port(), ("--database", database))
         try:
             yield stack
         finally:
@@ -220,7 +224,7 @@ def test_deployments_and_schedules_survive_a_server_restart(stack):
             "deploy=False, worker=False, database=sys.argv[3])",
             str(stack.home),
             str(stack.port),
-            database_kind(),
+            stack.database,
         ],
         env=stack.env,
         capture_output=True,
