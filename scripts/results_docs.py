@@ -137,7 +137,7 @@ def anchor_table(category: str, anchors: dict, runs: list[dict] | None) -> str:
         ]
         if key in summary:
             row = summary[key]
-            ours = f"**{row['mean']:.3f} ± {row['std']:.3f}**"
+            ours = f"**{results.mean_std(row)}**"
             target = figures.get("target", {}).get(key)
             reached = "—" if target is None else ("yes" if row["mean"] >= target else "no")
         else:
@@ -147,10 +147,10 @@ def anchor_table(category: str, anchors: dict, runs: list[dict] | None) -> str:
     if "coverage" in summary and "accepted_accuracy" in summary:
         accepted = summary["accepted_accuracy"]
         lines += [
-            f"Accuracy of the accepted answers on test: {accepted['mean']:.3f} ± "
-            f"{accepted['std']:.3f} (the threshold was chosen for "
+            f"Accuracy of the accepted answers on test: {results.mean_std(accepted)}; the "
+            "confidence threshold was chosen for "
             + " / ".join(f"{t:.2f}" for t in results.accept_targets(runs))
-            + " on validation).",
+            + " on validation.",
             "",
         ]
     lines += [f"- {anchors['sources'][s]['label']}: {anchors['sources'][s]['about']}" for s in sources]

@@ -103,3 +103,22 @@ def test_stage_times_per_seed_and_over_all_seeds(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["runs"][1]["stage_seconds"]["train-model"] == 280.0
     assert results.stage_markdown([_run(1, 0.5)]) is None  # runs from before stage times
+
+
+def test_a_run_that_accepted_no_answer_leaves_its_accepted_accuracy_out_of_the_mean(tmp_path):
+    runs = [_run(s, 0.5) for s in (1, 2, 3)]
+    for run, (coverage, accepted) in zip(
+        runs, [(0.05, 1.0), (0.4, 0.96), (0.0, float("nan"))], strict=True
+    ):
+        run["metrics"].update(coverage=coverage, accepted_accuracy=accepted)
+    summary = results.write(runs, tmp_path)
+    row = summary["accepted_accuracy"]
+    assert row["n"] == 2 and row["mean"] == pytest.approx(0.98)
+    assert summary["coverage"]["n"] == 3
+    table = (tmp_path / "results.md").read_text()
+    assert (
+        "| accuracy of the accepted answers | 0.980 ± 0.028 (the 2 of 3 runs that have one) "
+        "| 1.000 | 0.960 | — |" in table
+    )
+    nothing = results.summarize([{**runs[2]}])["accepted_accuracy"]
+    assert nothing["n"] == 0 and results.mean_std(nothing) == "— (none of the 1 runs has one)"

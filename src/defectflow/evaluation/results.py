@@ -50,24 +50,46 @@ def with_test_figures(runs: list[dict]) -> list[dict]:
 
 
 def summarize(runs: list[dict]) -> dict:
-    """`runs`: [{"seed": s, "metrics": {...}}, ...] -> {metric: {mean, std, min, max, values}},
+    """`runs`: [{"seed": s, "metrics": {...}}, ...] -> {metric: {mean, std, min, max, values, n}},
     for every metric of `LABELS` that each run has (runs recorded before coverage was kept
-    lack it)."""
+    lack it). A run's figure may be undefined (NaN: the accuracy of the accepted answers of a
+    run that accepted none); mean, std, min and max are over the `n` runs where it is defined,
+    NaN when none is."""
     if not runs:
         raise ValueError("no runs to summarize")
     out = {}
     for key in LABELS:
         if not all(key in run["metrics"] for run in runs):
             continue
-        values = np.array([run["metrics"][key] for run in runs], dtype=np.float64)
+        values = np.array(
+            [np.nan if run["metrics"][key] is None else run["metrics"][key] for run in runs],
+            dtype=np.float64,
+        )
+        defined = values[np.isfinite(values)]
+        nan = float("nan")
         out[key] = {
-            "mean": float(values.mean()),
-            "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-            "min": float(values.min()),
-            "max": float(values.max()),
+            "mean": float(defined.mean()) if defined.size else nan,
+            "std": float(defined.std(ddof=1)) if defined.size > 1 else (0.0 if defined.size else nan),
+            "min": float(defined.min()) if defined.size else nan,
+            "max": float(defined.max()) if defined.size else nan,
             "values": values.tolist(),
+            "n": int(defined.size),
         }
     return out
+
+
+def format_figure(value: float) -> str:
+    """A figure to three places; "—" where it is undefined (NaN)."""
+    return "—" if not math.isfinite(value) else f"{value:.3f}"
+
+
+def mean_std(row: dict) -> str:
+    """"mean ± std" of a `summarize` row, saying over how many runs when some had no figure."""
+    n, total = row.get("n", len(row["values"])), len(row["values"])
+    if n == 0:
+        return f"— (none of the {total} runs has one)"
+    text = f"{row['mean']:.3f} ± {row['std']:.3f}"
+    return text if n == total else f"{text} (the {n} of {total} runs that have one)"
 
 
 def accept_targets(runs: list[dict]) -> list[float]:
@@ -91,8 +113,8 @@ def markdown(runs: list[dict], summary: dict) -> str:
         if key not in summary:
             continue
         row = summary[key]
-        cells = " | ".join(f"{v:.3f}" for v in row["values"])
-        lines.append(f"| {label} | {row['mean']:.3f} ± {row['std']:.3f} | {cells} |")
+        cells = " | ".join(format_figure(v) for v in row["values"])
+        lines.append(f"| {label} | {mean_std(row)} | {cells} |")
     if "coverage" in summary:
         targets = accept_targets(runs)
         lines += [
