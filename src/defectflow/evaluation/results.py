@@ -69,7 +69,9 @@ def summarize(runs: list[dict]) -> dict:
         nan = float("nan")
         out[key] = {
             "mean": float(defined.mean()) if defined.size else nan,
-            "std": float(defined.std(ddof=1)) if defined.size > 1 else (0.0 if defined.size else nan),
+            "std": float(defined.std(ddof=1))
+            if defined.size > 1
+            else (0.0 if defined.size else nan),
             "min": float(defined.min()) if defined.size else nan,
             "max": float(defined.max()) if defined.size else nan,
             "values": values.tolist(),
@@ -84,7 +86,7 @@ def format_figure(value: float) -> str:
 
 
 def mean_std(row: dict) -> str:
-    """"mean ± std" of a `summarize` row, saying over how many runs when some had no figure."""
+    """ "mean ± std" of a `summarize` row, saying over how many runs when some had no figure."""
     n, total = row.get("n", len(row["values"])), len(row["values"])
     if n == 0:
         return f"— (none of the {total} runs has one)"
