@@ -241,12 +241,22 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"summary": f"mean over {len(args.runs)} runs", **summary}), flush=True)
     record.update(runs=per_run, summary=summary)
     rows = [
+        timing.row("shipped policy: test coverage", summary["shipped"]["test_coverage"]),
         timing.row(
-            f"{signal} test coverage at {target}", summary[signal][f"at_{target}"]["test_coverage"]
-        )
-        for signal in SIGNALS
-        for target in args.targets
+            "shipped policy: accuracy of the accepted answers",
+            summary["shipped"]["test_accepted_accuracy"],
+        ),
     ]
+    for signal in SIGNALS:
+        for target in args.targets:
+            point = summary[signal][f"at_{target}"]
+            rows.append(
+                timing.row(
+                    f"{signal} at {target}: test coverage / accuracy of the accepted",
+                    f"{point['test_coverage']} / {point['test_accepted_accuracy']}",
+                )
+            )
+    rows.append(timing.row("runs", ", ".join(Path(run).name for run in args.runs)))
     timing.finish(record, rows, args.out)
     return 0
 
