@@ -60,18 +60,18 @@ def _views(predictor, images, batch_size: int = 8):
 
 
 def _split(run_dir: Path, predictor, name: str):
+    """((probabilities per view, anomaly scores or None), true class indices) of split `name`."""
+    import numpy as np
+
     from defectflow.data.split import read_manifest, select
+    from defectflow.inference.anomaly_score import image_scores
     from defectflow.inference.preprocessing import read_image
 
     samples = select(read_manifest(run_dir / "manifest.csv"), name)
     if not samples:
         raise SystemExit(f"{run_dir}: no {name} images in manifest.csv")
-    import numpy as np
-
     labels = np.array([predictor.classes.index(s.label) for s in samples])
     views, anomaly = _views(predictor, [read_image(s.path) for s in samples])
-    from defectflow.inference.anomaly_score import image_scores
-
     return (views, None if anomaly is None else image_scores(anomaly)), labels
 
 
@@ -93,14 +93,6 @@ def _answers(probs, labels, temperature, defect_threshold, scores, anomaly_thres
         unknown = (answers == 0) & (scores > anomaly_threshold)
         conf, right = np.where(unknown, 0.0, conf), right & ~unknown
     return answers, conf, right
-
-
-def _choose(conf, right, target: float) -> dict:
-    """As calibration chooses: the lowest threshold reaching `target` on what it accepts, else the
-    most accurate one (`defectflow.evaluation.calibration.choose_confidence_threshold`)."""
-    from defectflow.evaluation.calibration import choose_confidence_threshold
-
-    return choose_confidence_threshold(conf, right, target)
 
 
 def _scored(threshold: float, conf, right) -> dict:
@@ -129,7 +121,7 @@ def score_signal(signal: str, val, test, anomaly_threshold, targets) -> dict:
     """Calibrate on the validation outputs as the product does, score the test outputs."""
     import numpy as np
 
-    from defectflow.evaluation.calibration import calibrate_classes
+    from defectflow.evaluation.calibration import calibrate_classes, choose_confidence_threshold
     from defectflow.inference.postprocessing import answer_indices, apply_temperature
 
     flip_mean = signal.startswith("flip_mean")
@@ -180,7 +172,8 @@ def score_signal(signal: str, val, test, anomaly_threshold, targets) -> dict:
         "val_accuracy": float(val_right.mean()),
     }
     for target in targets:
-        point = _choose(val_conf, val_right, target)
+        # As calibration chooses: the lowest threshold reaching the target, else the most accurate.
+        point = choose_confidence_threshold(val_conf, val_right, target)
         out[f"at_{target}"] = {
             "threshold": point["threshold"],
             "val_coverage": point["coverage"],

@@ -61,19 +61,15 @@ def summarize(runs: list[dict]) -> dict:
     for key in LABELS:
         if not all(key in run["metrics"] for run in runs):
             continue
-        values = np.array(
-            [np.nan if run["metrics"][key] is None else run["metrics"][key] for run in runs],
-            dtype=np.float64,
-        )
+        values = np.array([run["metrics"][key] for run in runs], dtype=np.float64)
         defined = values[np.isfinite(values)]
-        nan = float("nan")
+        if defined.size:
+            spread = float(defined.std(ddof=1)) if defined.size > 1 else 0.0
+            stats = (float(defined.mean()), spread, float(defined.min()), float(defined.max()))
+        else:
+            stats = (float("nan"),) * 4
         out[key] = {
-            "mean": float(defined.mean()) if defined.size else nan,
-            "std": float(defined.std(ddof=1))
-            if defined.size > 1
-            else (0.0 if defined.size else nan),
-            "min": float(defined.min()) if defined.size else nan,
-            "max": float(defined.max()) if defined.size else nan,
+            **dict(zip(("mean", "std", "min", "max"), stats, strict=True)),
             "values": values.tolist(),
             "n": int(defined.size),
         }
@@ -87,7 +83,7 @@ def format_figure(value: float) -> str:
 
 def mean_std(row: dict) -> str:
     """ "mean ± std" of a `summarize` row, saying over how many runs when some had no figure."""
-    n, total = row.get("n", len(row["values"])), len(row["values"])
+    n, total = row["n"], len(row["values"])
     if n == 0:
         return f"— (none of the {total} runs has one)"
     text = f"{row['mean']:.3f} ± {row['std']:.3f}"
