@@ -9,7 +9,8 @@ EXTRA ?= cpu
 PORT ?= 3000
 # pytest-xdist workers of `make test`: the 2 cores of CI. Each worker has its own data dir and
 # Prefect server; a test file runs whole on one worker, in order (--dist loadfile), so its
-# module-scoped fixtures are shared as in a plain run.
+# module-scoped fixtures are shared as in a plain run; tests/helpers_schedule.py sends the
+# heaviest files first and keeps the container-engine files together.
 TEST_WORKERS ?= 2
 
 # All state stays in the project data dir, telemetry off (see src/defectflow/environment.py).

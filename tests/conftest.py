@@ -37,8 +37,9 @@ _SESSION_CONFIG: list = []
 
 
 # Chromium for the page tests (browser_binary, browser, page): tests/helpers_browser.py; the
-# container engine for the tests that build or run images (container_engine): helpers_container.py.
-pytest_plugins = ("helpers_browser", "helpers_container")
+# container engine for the tests that build or run images (container_engine): helpers_container.py;
+# how `make test` shares the files between its xdist workers: helpers_schedule.py.
+pytest_plugins = ("helpers_browser", "helpers_container", "helpers_schedule")
 
 
 @pytest.fixture(scope="session")

@@ -35,8 +35,8 @@ container = load_script("container")
 @pytest.fixture(scope="module")
 def container_engine(tmp_path_factory):
     """The engine for the module (dockerd started here is stopped after it) and the base image.
-    Modules that use it take turns (scripts/container.py's session lock): under `make test`'s
-    xdist workers one may wait for another's, the Docker pool's takes about 8 minutes."""
+    Modules that use it take turns (scripts/container.py's session lock); `make test` runs them
+    all on one xdist worker (tests/helpers_schedule.py.CONTAINER_FILES), so none waits."""
     with contextlib.ExitStack() as stack:
         try:
             engine = stack.enter_context(
