@@ -18,8 +18,6 @@ Any other `--dist` mode, or a run without xdist, is left to pytest-xdist.
 
 from __future__ import annotations
 
-from collections import Counter
-
 import pytest
 
 #: The test files that use the `container_engine` fixture (tests/helpers_container.py), one
@@ -69,8 +67,9 @@ def _scheduling_class():
             return unit_of(nodeid)
 
         def _assign_work_unit(self, node) -> None:
-            sizes = Counter(unit_of(nodeid) for nodeid in self.collection or ())
-            heaviest = max(self.workqueue, key=lambda unit: WEIGHTS.get(unit, sizes[unit]))
+            heaviest = max(  # unlisted units: one second per test
+                self.workqueue, key=lambda unit: WEIGHTS.get(unit, len(self.workqueue[unit]))
+            )
             self.workqueue.move_to_end(heaviest, last=False)  # the base class takes the first
             super()._assign_work_unit(node)
 
