@@ -12,12 +12,13 @@ and the test split is scored: coverage (answers accepted), accuracy of the accep
 accuracy of all answers. Nothing is chosen on test.
 
 First the model's own decision policy on test (`shipped`: it must give the coverage its
-evaluation reported). Then the signals (the confidence an answer gets; below the threshold it
+evaluation reported, with or without `eval.anomaly_agreement`). Then the signals (the confidence an answer gets; below the threshold it
 goes to a person; an UNKNOWN_DEFECT answer always goes to a person, as in the product):
   `confidence`   the calibrated probability of the class answered: what the model ships with
   `flip_mean`    the same, from the class probabilities averaged over the four views
   `anomaly_agreement`  `confidence`, but 0 when the anomaly score (above its threshold =
-                 defective) disagrees with the answer's defect presence: free at serving time
+                 defective) disagrees with the answer's defect presence: free at serving time,
+                 and what `eval.anomaly_agreement=true` ships
   `agreement`    as `anomaly_agreement`, and also 0 when the four views do not answer the same
                  class (four forward passes per image)
   `flip_mean_agreement`  both of the above
@@ -105,11 +106,17 @@ def _scored(threshold: float, conf, right) -> dict:
 
 def shipped(info, test) -> dict:
     """The model's own decision policy on the test split: what its evaluation reported."""
+    import numpy as np
+
+    from defectflow.inference.postprocessing import anomaly_disagrees
+
     (views, scores), labels = test
-    _, conf, right = _answers(
+    answers, conf, right = _answers(
         views[0], labels, info.temperature, info.defect_threshold, scores, info.anomaly_threshold
     )
     threshold = info.confidence_threshold if info.confidence_threshold is not None else 0.0
+    if info.anomaly_agreement and scores is not None and info.anomaly_threshold is not None:
+        conf = np.where(anomaly_disagrees(answers, scores, info.anomaly_threshold), -1.0, conf)
     return {
         "signal": "shipped",
         "test_accuracy": float(right.mean()),
@@ -122,7 +129,11 @@ def score_signal(signal: str, val, test, anomaly_threshold, targets) -> dict:
     import numpy as np
 
     from defectflow.evaluation.calibration import calibrate_classes, choose_confidence_threshold
-    from defectflow.inference.postprocessing import answer_indices, apply_temperature
+    from defectflow.inference.postprocessing import (
+        anomaly_disagrees,
+        answer_indices,
+        apply_temperature,
+    )
 
     flip_mean = signal.startswith("flip_mean")
     agreement = signal.endswith("agreement")
@@ -156,7 +167,7 @@ def score_signal(signal: str, val, test, anomaly_threshold, targets) -> dict:
                 )
                 stable &= (per_view == answers).all(axis=0)
             if scores is not None and anomaly_threshold is not None:
-                stable &= (scores > anomaly_threshold) == (answers != 0)
+                stable &= ~anomaly_disagrees(answers, scores, anomaly_threshold)
             conf = np.where(stable, conf, 0.0)
         return conf, right
 

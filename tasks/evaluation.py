@@ -49,6 +49,7 @@ def calibrate_thresholds(
         temperature_scaling=cfg.eval.temperature_scaling,
         accept_target_accuracy=cfg.eval.accept_target_accuracy,
         anomaly_false_alarm_rate=cfg.anomaly.false_alarm_rate,
+        anomaly_agreement=cfg.eval.anomaly_agreement,
     )
     create_markdown_artifact(
         markdown=thresholds.markdown(),

@@ -51,7 +51,8 @@ LISTED_METRICS = ("accuracy", "presence_accuracy", "defect_accuracy", "defect_di
 
 @dataclass(frozen=True)
 class DecisionPolicy:
-    """How a model's outputs become an answer: the temperature and the four thresholds.
+    """How a model's outputs become an answer: the temperature, the four thresholds and whether
+    the anomaly score must agree with an answer for it to be accepted.
 
     Calibration chooses it on the validation split (`defectflow.evaluation.calibration`), the
     model folder stores it (flat in model.json, see `ModelInfo.policy`), and the one
@@ -72,6 +73,10 @@ class DecisionPolicy:
     #: Anomaly score above which an image the classifier calls good is an unknown defect;
     #: None: the classifier alone decides.
     anomaly_threshold: float | None = None
+    #: An answer whose defect presence the anomaly score contradicts (a defect class with the
+    #: score at or below `anomaly_threshold`) is "uncertain" whatever its confidence; no effect
+    #: without an anomaly threshold.
+    anomaly_agreement: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "classes", tuple(self.classes))
@@ -120,6 +125,8 @@ class ModelInfo:
     #: The anomaly head's memory bank and how its threshold was chosen
     #: (`defectflow.training.anomaly_fitting`).
     anomaly: dict | None = None
+    #: A defect answer the anomaly score does not flag is "uncertain" (`DecisionPolicy`).
+    anomaly_agreement: bool = False
 
     @property
     def policy(self) -> DecisionPolicy:
@@ -131,6 +138,7 @@ class ModelInfo:
             temperature=self.temperature,
             confidence_threshold=self.confidence_threshold,
             anomaly_threshold=self.anomaly_threshold,
+            anomaly_agreement=self.anomaly_agreement,
         )
 
     def with_policy(self, policy: DecisionPolicy) -> ModelInfo:
@@ -146,6 +154,7 @@ class ModelInfo:
             temperature=policy.temperature,
             confidence_threshold=policy.confidence_threshold,
             anomaly_threshold=policy.anomaly_threshold,
+            anomaly_agreement=policy.anomaly_agreement,
         )
 
     def save(self, model_dir: Path) -> None:

@@ -238,6 +238,10 @@ class EvalConfig:
     #: The confidence threshold stored with the model is the lowest at which the validation images
     #: answered with at least that confidence reach this accuracy; below it an answer is "uncertain".
     accept_target_accuracy: float = 0.99
+    #: A defect answer the anomaly score does not flag (or a good one it flags) is "uncertain"
+    #: whatever its confidence, and the confidence threshold is chosen on the other answers
+    #: (needs the anomaly head; docs/anomaly.md has what it measured).
+    anomaly_agreement: bool = False
 
 
 @dataclass

@@ -303,3 +303,30 @@ def test_calibration_stores_temperature_and_confidence_threshold_that_prediction
         assert prediction.status == (ACCEPTED if prediction.confidence >= 0.5 else UNCERTAIN)
     meta = metadata("defectflow:x", None, model_dir, info, ServingSettings.for_model(model_dir))
     assert meta["confidence_threshold"] == 0.5 and meta["temperature"] == 0.5
+
+
+def test_with_agreement_the_confidence_threshold_is_chosen_on_the_answers_the_score_agrees_with():
+    """Six right answers and one confidently wrong defect answer (a good part called crack at
+    0.99) that the anomaly score does not flag: on confidence alone no threshold reaches 0.99
+    (the error is the most confident answer); without the answers the score contradicts, the
+    least confident right answer is the threshold, and the coverage counts all seven."""
+    from defectflow.evaluation.calibration import agreeing_confidence_threshold
+
+    labels = np.array([0, 0, 0, 1, 1, 1, 0])
+    probs = np.array([[0.9, 0.1]] * 3 + [[0.1, 0.9]] * 2 + [[0.2, 0.8]] + [[0.01, 0.99]])
+    scores = np.array([1, 1, 1, 5, 5, 5, 1.0])
+    alone = choose_confidence_threshold(probs.max(axis=1), probs.argmax(axis=1) == labels, 0.99)
+    assert not alone["target_reached"]
+    chosen = agreeing_confidence_threshold(probs, labels, 0.5, scores, 3.0, 0.99)
+    assert chosen == {
+        "anomaly_agreement": True,
+        "val_uncertain_by_disagreement": 1,
+        "confidence_threshold": 0.8,
+        "target_reached": True,
+        "val_coverage": pytest.approx(6 / 7),
+        "val_accepted_accuracy": 1.0,
+    }
+    # No answer the score agrees with: nothing is accepted.
+    flipped = np.array([5, 5, 5, 1, 1, 1, 1.0])
+    none = agreeing_confidence_threshold(probs, labels, 0.5, flipped, 3.0, 0.99)
+    assert none["val_coverage"] == 0.0 and none["target_reached"] is False

@@ -272,3 +272,27 @@ def test_fitting_and_calibration_store_the_bank_and_threshold_with_the_model(
     assert paths["anomaly_scores"].stat().st_size > 0
     assert "unknown_defect answers" in paths["markdown"].read_text()
     assert "Anomaly score: defect types never labelled" in paths["html"].read_text()
+
+    # With eval.anomaly_agreement: stored with the model, and no answer the score contradicts
+    # is accepted, whatever its confidence.
+    agreeing = calibrate_model(
+        model_dir,
+        good[6:] + [s for s in samples if s.label != "good"][:6],
+        anomaly_false_alarm_rate=0.0,
+        anomaly_agreement=True,
+    )
+    info = ModelInfo.load(model_dir)
+    assert info.anomaly_agreement and agreeing.anomaly_agreement
+    assert info.confidence_calibration["val_uncertain_by_disagreement"] == (
+        agreeing.val_uncertain_by_disagreement
+    )
+    info.confidence_threshold = 0.0  # every confidence accepted: only the agreement withholds
+    info.save(model_dir)
+    rows = evaluate(Predictor.load(model_dir), samples, batch_size=8).per_image
+    flagged = [r["anomaly_score"] > info.anomaly_threshold for r in rows]
+    contradicted = [f != (r["predicted"] != "good") for r, f in zip(rows, flagged, strict=True)]
+    assert any(contradicted)
+    for row, withheld in zip(rows, contradicted, strict=True):
+        assert row["status"] == (
+            "uncertain" if withheld or row["predicted"] == "unknown_defect" else "accepted"
+        ), row

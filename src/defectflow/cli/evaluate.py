@@ -109,6 +109,7 @@ def _evaluate_run(args, run: Path, overrides: list[str]) -> int:
             cfg.eval.temperature_scaling,
             cfg.eval.accept_target_accuracy,
             cfg.anomaly.false_alarm_rate,
+            cfg.eval.anomaly_agreement,
         )
         if not args.json:
             print(thresholds.markdown() + "\n")

@@ -23,7 +23,10 @@ Last, the **confidence threshold**: an answer's confidence is the calibrated pro
 the class answered (after the P(defect) decision); answers below the threshold are
 "uncertain", for a person to review. It is the lowest threshold at which the validation images
 answered with at least that confidence reach `accept_target_accuracy`; when none does, the
-one with the best accuracy on the images it accepts (`target_reached` false).
+one with the best accuracy on the images it accepts (`target_reached` false). With
+`eval.anomaly_agreement` (and an anomaly head), a defect answer the anomaly score does not flag
+is never accepted (`defectflow.inference.postprocessing.anomaly_disagrees`), so the threshold is
+chosen on the answers the anomaly score agrees with, and the coverage counts all of them.
 
 The temperature, the thresholds and the validation ECE before/after are measured on the same
 validation images: the ECE after is optimistic; the test split says what holds (evaluation).
@@ -41,7 +44,12 @@ from defectflow.artifacts import DecisionPolicy
 from defectflow.data.mvtec import Sample
 from defectflow.evaluation.metrics import dice, expected_calibration_error, reliability_bins
 from defectflow.inference.anomaly_score import image_scores
-from defectflow.inference.postprocessing import answer_indices, apply_temperature, log_probabilities
+from defectflow.inference.postprocessing import (
+    anomaly_disagrees,
+    answer_indices,
+    apply_temperature,
+    log_probabilities,
+)
 from defectflow.inference.preprocessing import read_image, read_mask
 
 DEFECT_GRID = tuple(np.round(np.arange(0.05, 0.951, 0.05), 2))
@@ -87,6 +95,10 @@ class Thresholds:
     val_anomaly_false_alarm_rate: float | None = None
     #: Validation images flagged by the combined decision but not by the classifier alone.
     val_flagged_only_by_anomaly: int | None = None
+    #: Whether answers the anomaly score contradicts are "uncertain" (`DecisionPolicy`), and how
+    #: many validation answers that made uncertain.
+    anomaly_agreement: bool = False
+    val_uncertain_by_disagreement: int | None = None
 
     def policy(self, classes: list[str], has_anomaly_head: bool = True) -> DecisionPolicy:
         """The decision policy these choices make, for a model with `classes`."""
@@ -97,6 +109,9 @@ class Thresholds:
             temperature=self.temperature,
             confidence_threshold=self.confidence_threshold,
             anomaly_threshold=self.anomaly_threshold if has_anomaly_head else None,
+            anomaly_agreement=self.anomaly_agreement
+            and has_anomaly_head
+            and self.anomaly_threshold is not None,
         )
 
     def anomaly_record(self) -> dict:
@@ -122,6 +137,8 @@ class Thresholds:
             "target_reached": self.target_reached,
             "val_coverage": self.val_coverage,
             "val_accepted_accuracy": self.val_accepted_accuracy,
+            "anomaly_agreement": self.anomaly_agreement,
+            "val_uncertain_by_disagreement": self.val_uncertain_by_disagreement,
         }
 
     def markdown(self) -> str:
@@ -137,10 +154,16 @@ class Thresholds:
         ]
         if self.confidence_threshold is not None:
             reached = "reached" if self.target_reached else "NOT reached (best accuracy instead)"
+            agreeing = (
+                f"; {self.val_uncertain_by_disagreement} answers the anomaly score contradicts "
+                "never accepted"
+                if self.anomaly_agreement and self.val_uncertain_by_disagreement is not None
+                else ""
+            )
             lines.append(
                 f"| confidence | {self.confidence_threshold:.4f} | coverage {self.val_coverage:.3f}, "
-                f"accuracy of accepted {self.val_accepted_accuracy:.3f} (target "
-                f"{self.accept_target_accuracy:.3f} {reached}) | coverage 1.000 (accept all) |"
+                f"accuracy of accepted {_figure(self.val_accepted_accuracy)} (target "
+                f"{self.accept_target_accuracy:.3f} {reached}){agreeing} | coverage 1.000 (accept all) |"
             )
         if self.anomaly_threshold is not None:
             lines.append(
@@ -155,6 +178,10 @@ class Thresholds:
             "after the temperature, on the images it was fitted on.",
         ]
         return "\n".join(lines)
+
+
+def _figure(value: float | None) -> str:
+    return "none" if value is None else f"{value:.3f}"
 
 
 def _best(scores: dict[float, float]) -> tuple[float, float]:
@@ -359,6 +386,41 @@ def calibrate_anomaly(
     }
 
 
+def agreeing_confidence_threshold(
+    calibrated_probs: np.ndarray,
+    labels: np.ndarray,
+    defect_threshold: float | None,
+    anomaly_scores: np.ndarray,
+    anomaly_threshold: float,
+    accept_target_accuracy: float,
+) -> dict:
+    """The confidence threshold when answers the anomaly score contradicts are never accepted:
+    chosen as `choose_confidence_threshold` chooses it, on the answers the score agrees with;
+    the coverage is over all the answers. The keyword arguments of `Thresholds` it sets."""
+    confidence, correct = answered_confidence(calibrated_probs, labels, defect_threshold)
+    answers = answer_indices(calibrated_probs, defect_threshold)
+    agrees = ~anomaly_disagrees(answers, anomaly_scores, anomaly_threshold)
+    out = {"anomaly_agreement": True, "val_uncertain_by_disagreement": int((~agrees).sum())}
+    if not agrees.any():  # every answer uncertain: no threshold to choose
+        return {
+            **out,
+            "confidence_threshold": 1.0,
+            "target_reached": False,
+            "val_coverage": 0.0,
+            "val_accepted_accuracy": None,
+        }
+    chosen = choose_confidence_threshold(
+        confidence[agrees], correct[agrees], accept_target_accuracy
+    )
+    return {
+        **out,
+        "confidence_threshold": chosen["threshold"],
+        "target_reached": chosen["target_reached"],
+        "val_coverage": chosen["coverage"] * float(agrees.mean()),
+        "val_accepted_accuracy": chosen["accuracy"],
+    }
+
+
 def choose_thresholds(
     predictor,
     samples: list[Sample],
@@ -366,10 +428,12 @@ def choose_thresholds(
     temperature_scaling: bool = True,
     accept_target_accuracy: float | None = 0.99,
     anomaly_false_alarm_rate: float = 0.02,
+    anomaly_agreement: bool = False,
 ) -> Thresholds:
     """The temperature and thresholds that answer `samples` (the validation split) best;
     `accept_target_accuracy` None: no confidence threshold (every answer accepted). With an
-    anomaly head, also the anomaly threshold for `anomaly_false_alarm_rate`."""
+    anomaly head, also the anomaly threshold for `anomaly_false_alarm_rate`, and with
+    `anomaly_agreement` the confidence threshold of `agreeing_confidence_threshold`."""
     if not samples:
         raise ValueError("no validation samples to choose thresholds on")
     images = [read_image(s.path) for s in samples]
@@ -386,6 +450,21 @@ def choose_thresholds(
                 anomaly_false_alarm_rate,
             )
         )
+        if (
+            anomaly_agreement
+            and accept_target_accuracy is not None
+            and classes.get("anomaly_threshold") is not None
+        ):
+            classes.update(
+                agreeing_confidence_threshold(
+                    apply_temperature(probs, classes["temperature"]),
+                    labels,
+                    classes["defect_threshold"],
+                    image_scores(anomaly_maps),
+                    classes["anomaly_threshold"],
+                    accept_target_accuracy,
+                )
+            )
 
     # Soft masks of the defect images at each image's resolution, once.
     pairs = []
@@ -425,6 +504,7 @@ def calibrate_model(
     temperature_scaling: bool = True,
     accept_target_accuracy: float | None = 0.99,
     anomaly_false_alarm_rate: float = 0.02,
+    anomaly_agreement: bool = False,
 ) -> Thresholds:
     """Choose the temperature and thresholds of the model in `model_dir` on `samples` and store
     them in its model.json, where every prediction (evaluation, serving, command line) reads
@@ -442,6 +522,7 @@ def calibrate_model(
         temperature_scaling,
         accept_target_accuracy,
         anomaly_false_alarm_rate,
+        anomaly_agreement,
     )
     info = ModelInfo.load(model_dir)
     info = info.with_policy(

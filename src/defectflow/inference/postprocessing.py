@@ -109,6 +109,14 @@ def answer_indices(
     return np.where(1.0 - probs[:, 0] > defect_threshold, 1 + probs[:, 1:].argmax(axis=1), 0)
 
 
+def anomaly_disagrees(answers, anomaly_scores, anomaly_threshold: float) -> np.ndarray:
+    """Per answer (class indices, 0 = good): whether the anomaly score contradicts its defect
+    presence, i.e. the score flags the part (above `anomaly_threshold`) and the answer is good,
+    or the answer is a defect and the score does not flag it."""
+    flagged = np.asarray(anomaly_scores, dtype=np.float64) > anomaly_threshold
+    return flagged != (np.asarray(answers) != 0)
+
+
 def postprocess(
     class_probabilities: np.ndarray,
     mask_probability: np.ndarray,
@@ -126,7 +134,9 @@ def postprocess(
     most probable defect class; without, the most probable class (`answer_indices`). The mask
     is cleared when the answer is `good` (class 0), so the two answers never contradict each
     other. Confidence: the calibrated probability of the class answered; the answer is
-    `uncertain` when it is below `confidence_threshold`, else (or without one) `accepted`.
+    `uncertain` when it is below `confidence_threshold`, else (or without one) `accepted`;
+    with `anomaly_agreement`, a defect answer the anomaly score does not flag is `uncertain`
+    too (`anomaly_disagrees`).
 
     Anomaly (`anomaly_map`, the patch distances of `defectflow.inference.anomaly_score`): the mean of its most
     unusual patches is the image's anomaly score (`image_score`). When the classifier says good but the score exceeds
@@ -144,6 +154,8 @@ def postprocess(
     soft = np.asarray(mask_probability, dtype=np.float32).squeeze()
     height, width = original_hw
     score = None if anomaly_map is None else image_score(anomaly_map)
+    if policy.anomaly_agreement and score is not None and anomaly_threshold is not None:
+        accepted = accepted and not bool(anomaly_disagrees([index], [score], anomaly_threshold)[0])
     probabilities = {c: float(p) for c, p in zip(classes, probs, strict=True)}
     anomaly = {"anomaly_score": score, "anomaly_threshold": anomaly_threshold}
     if (

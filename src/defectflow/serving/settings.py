@@ -242,6 +242,8 @@ def metadata(
         "anomaly": info.anomaly,
         # Answers whose calibrated confidence is below the threshold come back "uncertain".
         "confidence_threshold": info.confidence_threshold,
+        # And, when true, answers the anomaly score contradicts, whatever their confidence.
+        "anomaly_agreement": info.anomaly_agreement,
         "temperature": info.temperature,
         "metrics": {k: metrics[k] for k in headline if k in metrics},
         "config_sha256": settings.config_sha256,

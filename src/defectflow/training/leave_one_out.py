@@ -188,6 +188,7 @@ def run_left_out(
         cfg.eval.temperature_scaling,
         cfg.eval.accept_target_accuracy,
         cfg.anomaly.false_alarm_rate,
+        cfg.eval.anomaly_agreement,
     )
     predictor = Predictor.load(model_dir)
     measured = [
