@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -61,8 +59,13 @@ def _commit(source: Path) -> str:
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores ({cpu}), Python {platform.python_version()}"
+    """The machine, with its CPU model: TensorFlow's determinism holds on the same hardware only,
+    so the same seed gives other weights on another CPU."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from timing import machine
+
+    about = machine()
+    return f"{about['platform']}, {about['cores']} CPU cores ({about['cpu_model']}), Python {about['python']}"
 
 
 def record(source: Path, command: str, category: str | None = None) -> dict:
