@@ -239,7 +239,10 @@ def test_a_category_page_sets_its_runs_beside_the_published_figures_and_targets(
     assert "| overall class accuracy | 0.830 | — | ≥ 0.950 | **0.923 ± 0.000** | no |" in page
     assert "| image AUROC, defect vs good | — | 0.981 | ≥ 0.995 | **0.964 ± 0.000** | no |" in page
     assert "| answers accepted without review (coverage) | — | — | ≥ 0.900 | **0.538" in page
-    assert "accepted answers on test: 0.929 ± 0.000; the confidence threshold was chosen for 0.99" in page
+    assert (
+        "accepted answers on test: 0.929 ± 0.000; the confidence threshold was chosen for 0.99"
+        in page
+    )
     assert "| tune-hyperparameters | 60.0 | 0.1 | 0.1 | 60.2 |" in page
     # pill has no run yet: its page has the published figure and the targets, and says so
     pill = (pages / "pill.md").read_text()

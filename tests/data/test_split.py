@@ -78,7 +78,9 @@ def test_fingerprint_and_manifest_reuse(tmp_path):
     assert "unreadable" in split_dataset(samples, {}, split_cfg, tmp_path).problem
     few = _samples({"good": 5, "crack": 2})
     fresh = tmp_path / "fresh"  # a ledger that has seen these files would keep their splits
-    assert "needs at least 3 curated images" in split_dataset(few, _sha(few), split_cfg, fresh).problem
+    assert (
+        "needs at least 3 curated images" in split_dataset(few, _sha(few), split_cfg, fresh).problem
+    )
 
 
 def test_manifest_records_content_hashes(tmp_path):
