@@ -41,6 +41,7 @@ WEIGHTS = {
     "tests/training/test_distributed_tuning.py": 125,
     "tests/flows/test_review_loop.py": 100,
     "tests/test_coverage_signals.py": 85,
+    "tests/test_presence_signals.py": 85,
     "tests/flows/test_deployment.py": 80,
     "tests/serving/web/test_review_page.py": 65,
     "tests/serving/web/test_ui_page.py": 45,
