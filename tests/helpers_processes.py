@@ -1,8 +1,10 @@
-"""Servers the integration tests start as subprocesses, on 127.0.0.1 only, always stopped."""
+"""Servers the integration tests start as subprocesses, on 127.0.0.1 only, always stopped; and
+the repository's stand-alone scripts (scripts/, benchmarks/) loaded as modules."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import signal
 import socket
@@ -19,6 +21,15 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+
+
+def load_file_module(folder: str, name: str):
+    """<folder>/<name>.py of the repository (scripts/ and benchmarks/ are not packages), freshly
+    loaded as module `name`."""
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def isolated_env(home: Path) -> dict[str, str]:

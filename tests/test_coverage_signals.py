@@ -1,20 +1,14 @@
 """benchmarks/coverage_signals.py on a run of the real pipeline: the model's own policy gives
 the coverage its evaluation reported, and every signal is calibrated on validation only."""
 
-import importlib.util
 import json
 
 import pytest
-from helpers_processes import REPO_ROOT
+from helpers_processes import load_file_module
 
 
 def _benchmark():
-    spec = importlib.util.spec_from_file_location(
-        "coverage_signals", REPO_ROOT / "benchmarks" / "coverage_signals.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file_module("benchmarks", "coverage_signals")
 
 
 def test_signals_on_a_pipeline_run_reproduce_its_evaluation(pipeline_model, tmp_path):

@@ -1,18 +1,14 @@
 """benchmarks/doc_tables.py: the benchmarks' JSON result files into the docs' tables, between
 markers; the docs' tables current with benchmarks/results/."""
 
-import importlib.util
 import json
 
 import pytest
-from helpers_processes import REPO_ROOT
+from helpers_processes import REPO_ROOT, load_file_module
 
 
 def _module(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file_module("benchmarks", name)
 
 
 doc_tables = _module("doc_tables")

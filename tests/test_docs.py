@@ -4,7 +4,6 @@ title and a link back to the README, and the README links to every page. Files o
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -12,8 +11,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from helpers_processes import REPO_ROOT, load_file_module
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCS = sorted((REPO_ROOT / "docs").glob("*.md"))
 PAGES = [REPO_ROOT / "README.md", *DOCS]
 
@@ -110,11 +109,7 @@ def test_the_checks_catch_a_broken_link(tmp_path):
 
 
 def test_doc_tables_rewrites_every_page_and_finds_the_container_table():
-    spec = importlib.util.spec_from_file_location(
-        "doc_tables", REPO_ROOT / "benchmarks" / "doc_tables.py"
-    )
-    doc_tables = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(doc_tables)
+    doc_tables = load_file_module("benchmarks", "doc_tables")
     assert doc_tables.default_docs() == PAGES
     blocks = [
         m.group("name") for page in PAGES for m in doc_tables.BLOCK.finditer(page.read_text())
@@ -154,10 +149,7 @@ def test_the_docs_pages_other_files_name_exist():
 
 
 def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file_module("scripts", name)
 
 
 def test_the_package_map_is_generated_from_the_current_docstrings(capsys):

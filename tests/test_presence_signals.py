@@ -2,22 +2,16 @@
 model's own policy on a run of the real pipeline gives the presence accuracy its evaluation
 reported."""
 
-import importlib.util
 import json
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from helpers_processes import REPO_ROOT
+from helpers_processes import load_file_module
 
 
 def _benchmark():
-    spec = importlib.util.spec_from_file_location(
-        "presence_signals", REPO_ROOT / "benchmarks" / "presence_signals.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file_module("benchmarks", "presence_signals")
 
 
 def _split(p_defect, scores):
