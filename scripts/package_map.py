@@ -83,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="fail when the map is not current")
     args = parser.parse_args(argv)
     body = render().removeprefix(BEGIN).removesuffix(END)
-    return doc_markers.rewrite(DOC, BEGIN, END, body, args.check, f"python scripts/{Path(__file__).name}")
+    return doc_markers.rewrite(
+        DOC, BEGIN, END, body, args.check, f"python scripts/{Path(__file__).name}"
+    )
 
 
 if __name__ == "__main__":

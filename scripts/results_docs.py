@@ -50,11 +50,17 @@ def _commit(source: Path) -> str:
 
         configure_environment()
         try:
-            return model_metadata(json.loads(package.read_text())["model_tag"])["code_revision"][:12]
+            return model_metadata(json.loads(package.read_text())["model_tag"])["code_revision"][
+                :12
+            ]
         except Exception as error:  # the model may be gone from this machine's store
             print(f"no registered model for {source.name} ({error}); using the checkout's commit")
-    out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"],
-                         capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     return f"{out.stdout.strip() or 'unknown'} (checkout when recorded)"
 
 
@@ -81,14 +87,16 @@ def record(source: Path, command: str, category: str | None = None) -> dict:
     elif (source / "evaluation" / "metrics.json").is_file():
         metrics = json.loads((source / "evaluation" / "metrics.json").read_text())
         cfg = OmegaConf.load(source / "config.yaml")
-        runs = [{
-            "seed": int(cfg.data.split.seed),
-            "metrics": metrics,
-            "classes": metrics["classes"],
-            "confusion_matrix": metrics["confusion_matrix"],
-            "run_dir": source.name,
-            "config": str(cfg.get("name", "")),
-        }]
+        runs = [
+            {
+                "seed": int(cfg.data.split.seed),
+                "metrics": metrics,
+                "classes": metrics["classes"],
+                "confusion_matrix": metrics["confusion_matrix"],
+                "run_dir": source.name,
+                "config": str(cfg.get("name", "")),
+            }
+        ]
         kind = "run"
     else:
         raise SystemExit(f"{source}: neither results.json nor evaluation/metrics.json is there")
@@ -156,7 +164,9 @@ def anchor_table(category: str, anchors: dict, runs: list[dict] | None) -> str:
             + " on validation.",
             "",
         ]
-    lines += [f"- {anchors['sources'][s]['label']}: {anchors['sources'][s]['about']}" for s in sources]
+    lines += [
+        f"- {anchors['sources'][s]['label']}: {anchors['sources'][s]['about']}" for s in sources
+    ]
     return "\n".join(lines)
 
 
@@ -253,7 +263,9 @@ def main(argv: list[str] | None = None) -> int:
             page.write_text(text)
             print(f"wrote {page.relative_to(REPO)}")
     if stale:
-        print(f"not current: {', '.join(stale)}; run python scripts/results_docs.py", file=sys.stderr)
+        print(
+            f"not current: {', '.join(stale)}; run python scripts/results_docs.py", file=sys.stderr
+        )
         return 1
     return 0
 
