@@ -441,10 +441,11 @@ def choose_thresholds(
     labels = np.array([predictor.classes.index(s.label) for s in samples])
     classes = calibrate_classes(probs, labels, temperature_scaling, accept_target_accuracy)
     if anomaly_maps is not None:
+        calibrated = apply_temperature(probs, classes["temperature"])
         classes.update(
             calibrate_anomaly(
                 anomaly_maps,
-                apply_temperature(probs, classes["temperature"]),
+                calibrated,
                 labels,
                 classes["defect_threshold"],
                 anomaly_false_alarm_rate,
@@ -457,7 +458,7 @@ def choose_thresholds(
         ):
             classes.update(
                 agreeing_confidence_threshold(
-                    apply_temperature(probs, classes["temperature"]),
+                    calibrated,
                     labels,
                     classes["defect_threshold"],
                     image_scores(anomaly_maps),
