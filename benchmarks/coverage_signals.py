@@ -45,13 +45,13 @@ SIGNALS = ("confidence", "anomaly_agreement", "agreement", "flip_mean", "flip_me
 FLIPS = (None, 1, 0, -1)
 
 
-def _views(predictor, images, batch_size: int = 8):
+def _views(predictor, images, flips=FLIPS, batch_size: int = 8):
     """(probabilities per view (V, N, C), anomaly maps of the unflipped view or None)."""
     import cv2
     import numpy as np
 
     probs, anomaly = [], None
-    for flip in FLIPS:
+    for flip in flips:
         shown = images if flip is None else [cv2.flip(img, flip) for img in images]
         outputs = predictor.raw_outputs(shown, batch_size)
         probs.append(outputs.probabilities)
@@ -60,8 +60,9 @@ def _views(predictor, images, batch_size: int = 8):
     return np.stack(probs), anomaly
 
 
-def _split(run_dir: Path, predictor, name: str):
-    """((probabilities per view, anomaly scores or None), true class indices) of split `name`."""
+def split_outputs(run_dir: Path, predictor, name: str, flips=FLIPS):
+    """((probabilities per view of `flips`, anomaly scores or None), true class indices) of split
+    `name` (benchmarks/presence_signals.py reads the unflipped view alone)."""
     import numpy as np
 
     from defectflow.data.split import read_manifest, select
@@ -72,7 +73,7 @@ def _split(run_dir: Path, predictor, name: str):
     if not samples:
         raise SystemExit(f"{run_dir}: no {name} images in manifest.csv")
     labels = np.array([predictor.classes.index(s.label) for s in samples])
-    views, anomaly = _views(predictor, [read_image(s.path) for s in samples])
+    views, anomaly = _views(predictor, [read_image(s.path) for s in samples], flips)
     return (views, None if anomaly is None else image_scores(anomaly)), labels
 
 
@@ -211,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     per_run = []
     for run_dir in map(Path, args.runs):
         predictor = Predictor.load(run_dir / "model")
-        val, test = _split(run_dir, predictor, "val"), _split(run_dir, predictor, "test")
+        val = split_outputs(run_dir, predictor, "val")
+        test = split_outputs(run_dir, predictor, "test")
         threshold = predictor.info.anomaly_threshold
         row = {"run": run_dir.name, **shipped(predictor.info, test)}
         print(json.dumps(row), flush=True)

@@ -41,6 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import timing  # noqa: E402
+from coverage_signals import split_outputs  # noqa: E402
 
 from defectflow.environment import configure_environment  # noqa: E402
 
@@ -57,20 +58,10 @@ DECISIONS = (
 
 def _outputs(run_dir: Path, predictor, name: str):
     """(network class probabilities (N, C), anomaly scores (N,), true class indices) of split `name`."""
-    import numpy as np
-
-    from defectflow.data.split import read_manifest, select
-    from defectflow.inference.anomaly_score import image_scores
-    from defectflow.inference.preprocessing import read_image
-
-    samples = select(read_manifest(run_dir / "manifest.csv"), name)
-    if not samples:
-        raise SystemExit(f"{run_dir}: no {name} images in manifest.csv")
-    outputs = predictor.raw_outputs([read_image(s.path) for s in samples], 8)
-    if outputs.anomaly is None:
+    (views, scores), labels = split_outputs(run_dir, predictor, name, flips=(None,))
+    if scores is None:
         raise SystemExit(f"{run_dir}: the model has no anomaly head; nothing to compare")
-    labels = np.array([predictor.classes.index(s.label) for s in samples])
-    return np.asarray(outputs.probabilities, np.float64), image_scores(outputs.anomaly), labels
+    return views[0].astype("float64"), scores, labels
 
 
 def _features(p_defect, scores):
